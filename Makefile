@@ -1,0 +1,28 @@
+# Two set-up commands (README): `make demo` runs the main job on the embedded default, `make test` the suite.
+# Each creates .venv if missing and installs the project into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision first, pinned to the releases this machine image provides (CPU use; CUDA when present).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m lavis.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-demo:
+	rm -rf output/shapes cache/dataset/shapes

@@ -1,0 +1,177 @@
+"""Strict YAML -> :class:`~lavis.config.schema.Config`, overrides, and the derived DeepSpeed dict.
+
+OmegaConf reads the YAML and applies ``--options key=value`` dot-list overrides; the merged plain dict is then
+converted into the dataclass tree by :func:`from_dict`, which rejects unknown keys (naming the file, the full
+key and the closest valid key) and wrong types. Nothing else in the project reads YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lavis.config.schema import Config, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` strictly, apply ``key=value`` overrides, return the tree.
+
+    Keys are dotted paths (list items by index: ``data.train.0.ann_path=...``); values are parsed as YAML
+    scalars/lists (``yaml.safe_load``, never evaluated as code).
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw = OmegaConf.create({}) if path is None else OmegaConf.load(path)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(text) if text else ""
+            OmegaConf.update(raw, key, value, merge=True)
+        except (yaml.YAMLError, OmegaConfBaseException, IndexError, ValueError) as e:
+            raise ConfigError(f"bad --options item {item!r}: {e}") from e
+    if overrides:
+        source += f" (with --options {' '.join(overrides)})"
+    data = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    return from_dict(Config, data, source=source)
+
+
+def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, recursively; every key must be a field of the dataclass."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key `{prefix}{key}`{hint}")
+        kwargs[key] = _convert(hints[key], value, source=source, key=f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}`: {e}") from e
+    except ValueError as e:  # __post_init__ validation
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: `{key}` must be {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad(" or ".join(_name(a) for a in args))
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, source=source, key=key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise bad(" or ".join(_name(a) for a in args))
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise bad(f"one of {list(args)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad(f"a list of {_name(args[0])}")
+        return [_convert(args[0], v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_convert(a, v, source=source, key=f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    raise TypeError(f"unsupported config type {tp!r} for `{key}`")  # a schema bug, not a user error
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The dataclass tree as plain containers (tuples become lists so YAML/JSON round-trip)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), str(path))
+
+
+def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
+    """Derive the DeepSpeed dict from ``train``. The optimizer and scheduler are built by us, not by DeepSpeed.
+
+    DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
+    (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (DEEPSPEED_PIPE.md 2.5),
+    so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``).
+    """
+    ds_clips = train.precision != "fp32" or train.zero_stage > 0
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * dp_world_size,
+        "gradient_clipping": train.grad_clip if ds_clips else 0.0,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "pipeline": {"use_reentrant": False},
+    }
+    if train.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg

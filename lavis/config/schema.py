@@ -1,0 +1,184 @@
+"""Typed configuration tree: the single source of every option.
+
+A YAML recipe is a strictly loaded instance of :class:`Config` (see ``load.py``): unknown keys are errors,
+values are type-checked, and cross-field rules live in ``__post_init__``. The DeepSpeed JSON is derived from
+``TrainConfig`` so the learning rate, batch sizes and precision each live in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class VisionConfig:
+    """EVA-style ViT (timm ``Eva`` with LAVIS parameter names) followed by ``ln_vision``."""
+
+    image_size: int = 224
+    """Input side in pixels; must be a multiple of ``patch_size``."""
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39
+    """BLIP-2 uses 39 of EVA-CLIP-g's 40 blocks."""
+    num_heads: int = 16
+    mlp_hidden: int = 6144
+    ln_vision_eps: float = 1e-5
+    """LAVIS ``ln_vision`` uses the torch default 1e-5 (HF's port uses 1e-6)."""
+    checkpoint: str | None = None
+    """``eva_vit_g.pth`` (LAVIS layout); None = random init (demo, benchmarks)."""
+    frozen: bool = True
+    """Frozen vision runs under ``torch.no_grad()`` and in eval mode."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.vision.image_size ({self.image_size}) must be a multiple of "
+                f"model.vision.patch_size ({self.patch_size})"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"model.vision.width ({self.width}) must be divisible by num_heads ({self.num_heads})")
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 Q-Former run query-only (transformers ``Blip2QFormerModel``)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    dropout: float = 0.1
+    checkpoint: str | None = None
+    """``blip2_pretrained_flant5xxl.pth``: Q-Former, ``query_tokens`` and ``ln_vision``."""
+    frozen: bool = True
+
+
+@dataclass
+class ProjectionConfig:
+    """Maps Q-Former outputs into the LLM embedding space (``llm_proj`` in MPP-Qwen)."""
+
+    kind: Literal["linear", "mlp"] = "linear"
+    frozen: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """A transformers decoder LLM (Qwen2 / Qwen3 / LLaMA family classes)."""
+
+    path: str | None = None
+    """HF model directory with ``config.json`` and weights. None = random init from ``hf_config``."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """Inline transformers config (must contain ``model_type``); overrides keys of ``path``'s config."""
+    tokenizer: str = "builtin:shapes"
+    """A tokenizer directory / ``tokenizer.json``, or ``builtin:shapes`` (the demo's local BPE)."""
+    template: Literal["chatml"] = "chatml"
+    system_prompt: str = "You are a helpful assistant."
+    image_placeholder: str = "<|extra_0|>"
+    """Token whose positions are overwritten by image embeddings (Qwen v1: ``<|extra_0|>`` = 151646)."""
+    frozen: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.path is None and "model_type" not in self.hf_config:
+            raise ValueError("model.llm needs either `path` (an HF model directory) or `hf_config.model_type`")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(hf_config={"model_type": "qwen2"}))
+    checkpoint: str | None = None
+    """A ``.pth`` loaded on top of the base weights (our converters' output or a predecessor's)."""
+    init_seed: int = 0
+    """Seed of the per-layer random init: layer ``i`` is initialised from ``init_seed + i`` whatever the partition."""
+
+
+@dataclass
+class DatasetConfig:
+    ann_path: str
+    """Annotation JSON (a list of records) or JSONL."""
+    vis_root: str = ""
+    """Directory that image / video paths in the records are relative to."""
+    format: Literal["canonical"] = "canonical"
+    weight: float = 1.0
+    """Sampling weight when several datasets are mixed."""
+
+
+@dataclass
+class TransformConfig:
+    kind: Literal["blip2_train", "eval"] = "blip2_train"
+    """``blip2_train``: RandomResizedCrop(scale=(min_scale, 1)) + flip; ``eval``: bicubic squash (+ flip if set)."""
+    min_scale: float = 0.5
+    hflip: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetConfig] = field(default_factory=list)
+    max_txt_len: int = 512
+    """Maximum tokens per sample, image placeholders included."""
+    num_video_frames: int = 32
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    pad_to_multiple_of: int = 64
+    fixed_length: bool = False
+    """Pad every micro-batch to ``max_txt_len`` (parity with the predecessors) instead of dynamic padding."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank for decoding (0 = in the training process)."""
+    label_mode: Literal["mpp", "assistant"] = "mpp"
+    """``mpp``: MPP-Qwen / QwenLM masking (default, comparable results); ``assistant``: answers + end token only."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "output/run"
+    seed: int = 42
+    max_steps: int = 1000
+    """Optimizer steps (one ``train_batch`` each)."""
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    """Global gradient-norm clip across all stages; 0 disables."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: Literal[0, 1] = 0
+    num_stages: int = 1
+    partition: list[int] | None = None
+    """Explicit stage boundaries, e.g. [0, 3, 5] for 2 stages over 5 layers; None = planned."""
+    activation_checkpoint_interval: int = 0
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    log_every: int = 1
+    num_threads: int = 0
+    """torch intra-op threads per rank (0 = leave torch's default). CPU runs set this to cores / ranks."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1 (got {self.max_steps})")
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("train.micro_batch_size and train.grad_accum_steps must be >= 1")
+        if self.num_stages < 1:
+            raise ValueError(f"train.num_stages must be >= 1 (got {self.num_stages})")
+        if self.partition is not None and len(self.partition) != self.num_stages + 1:
+            raise ValueError(
+                f"train.partition {self.partition} must have num_stages + 1 = {self.num_stages + 1} boundaries"
+            )
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

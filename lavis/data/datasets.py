@@ -1,0 +1,233 @@
+"""Canonical-format datasets: records -> (pixels, input_ids, labels) samples, and the step-indexed sampler.
+
+Data order is a pure function of (seed, global sample position): the sampler for optimizer step ``s`` yields the
+same indices on every run, so the first and last pipeline stages (separate processes) see the same micro-batches
+and a resumed run continues with exactly the data an uninterrupted run would have seen. Random augmentation is
+seeded per sample from the same position, so it is reproducible with any number of loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lavis.config.schema import DataConfig, DatasetConfig
+from lavis.data import media
+from lavis.data.conversation import (
+    IMAGE_MARKER,
+    VIDEO_MARKER,
+    ChatTemplate,
+    Encoded,
+    LabelMode,
+    SampleError,
+    count_markers,
+    encode_chatml,
+    truncate,
+)
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[Path]
+    video: Path | None
+    conversations: list[dict]
+    where: str
+    """``file:index`` of the record, for error messages."""
+
+
+def load_records(ds: DatasetConfig) -> list[Record]:
+    """Read a canonical annotation file (JSON list or JSONL); structural errors name ``file:index``."""
+    path = Path(ds.ann_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        raw = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
+        if not isinstance(raw, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
+    root = Path(ds.vis_root)
+    records = []
+    for i, r in enumerate(raw):
+        where = f"{path}:{i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
+        rid = str(r.get("id", where))
+        convs = r.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise ValueError(f"{where} (id {rid}): `conversations` must be a non-empty list")
+        images = r.get("images", [])
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise ValueError(f"{where} (id {rid}): `images` must be a list of paths")
+        video = r.get("video")
+        if video is not None and not isinstance(video, str):
+            raise ValueError(f"{where} (id {rid}): `video` must be a path string")
+        if images and video:
+            raise ValueError(f"{where} (id {rid}): a record holds `images` or a `video`, not both")
+        try:
+            n_img, n_vid = count_markers(convs, rid)
+        except SampleError as e:
+            raise ValueError(f"{where}: {e}") from e
+        if n_img != len(images) or n_vid != (1 if video else 0):
+            raise ValueError(
+                f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
+                f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
+            )
+        records.append(Record(rid, [root / x for x in images], root / video if video else None, convs, where))
+    return records
+
+
+@dataclass
+class Sample:
+    id: str
+    pixels_NCHW: torch.Tensor
+    """Images then video frames of this sample, in marker order; ``[0, 3, S, S]`` when not loaded."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Indexable by ``(index, seed)``; ``load_media=False`` skips decoding (the last stage needs only labels)."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        tpl: ChatTemplate,
+        data: DataConfig,
+        image_size: int,
+        *,
+        train: bool = True,
+        load_media: bool = True,
+        label_mode: LabelMode = "mpp",
+    ) -> None:
+        self.records = records
+        self.tpl = tpl
+        self.data = data
+        self.image_size = image_size
+        self.load_media = load_media
+        self.label_mode = label_mode
+        t = data.transform
+        kind = t.kind if train else "eval"
+        self.transform = media.image_transform(kind, image_size, min_scale=t.min_scale, hflip=t.hflip and train)
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, index: int) -> Encoded:
+        r = self.records[index]
+        try:
+            enc = encode_chatml(r.conversations, self.tpl, record_id=r.id, label_mode=self.label_mode)
+            return truncate(enc, self.data.max_txt_len, self.tpl.placeholder_id, r.id)
+        except SampleError as e:
+            raise SampleError(f"{r.where}: {e}") from e
+
+    def num_tokens(self, index: int) -> int:
+        """Token count after truncation (cached; tokenisation only, no media decoding)."""
+        if self._lengths is None:
+            self._lengths = [len(self.encode(i).input_ids) for i in range(len(self))]
+        return self._lengths[index]
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        index, seed = key
+        r = self.records[index]
+        enc = self.encode(index)
+        if self.load_media and enc.num_media:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                pixels = self._load_media(r)
+        else:
+            pixels = torch.zeros(0, 3, self.image_size, self.image_size)
+        if self.load_media and pixels.shape[0] != enc.num_media:
+            raise SampleError(f"{r.where} (id {r.id}): {pixels.shape[0]} images decoded, {enc.num_media} expected")
+        return Sample(r.id, pixels, torch.tensor(enc.input_ids), torch.tensor(enc.labels))
+
+    def _load_media(self, r: Record) -> torch.Tensor:
+        # A record holds images (in marker order) or one video (load_records enforces it).
+        tensors = [self.transform(media.load_image(p)).unsqueeze(0) for p in r.images]
+        if r.video is not None:
+            frames = media.load_video_frames(r.video, self.tpl.num_video_frames)
+            tensors.append(media.video_to_tensor(frames, self.transform))
+        return torch.cat(tensors)
+
+
+def _epoch_order(sizes: list[int], weights: list[float], seed: int, epoch: int) -> list[int]:
+    """One epoch of global indices over concatenated datasets: ``round(weight x size)`` draws per dataset."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order: list[int] = []
+    offset = 0
+    for size, w in zip(sizes, weights):
+        want = max(1, round(w * size))
+        picks: list[int] = []
+        while len(picks) < want:
+            picks.extend(torch.randperm(size, generator=g).tolist())
+        order.extend(offset + i for i in picks[:want])
+        offset += size
+    perm = torch.randperm(len(order), generator=g).tolist()
+    return [order[i] for i in perm]
+
+
+class StepSampler:
+    """Batches of ``(index, seed)`` for this data-parallel rank, starting at optimizer step ``start_step``.
+
+    Global sample position ``p = step * G + micro * (m * D) + dp_rank * m + t`` with G = m x GAS x D; the
+    position fixes both the record (through a seeded per-epoch permutation) and the augmentation seed.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        weights: list[float],
+        *,
+        seed: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        dp_rank: int,
+        dp_size: int,
+        start_step: int = 0,
+    ) -> None:
+        self.sizes, self.weights, self.seed = sizes, weights, seed
+        self.m, self.gas, self.dp_rank, self.dp_size = micro_batch_size, grad_accum_steps, dp_rank, dp_size
+        self.start_step = start_step
+        self.epoch_len = len(_epoch_order(sizes, weights, seed, 0))
+        self._cache: dict[int, list[int]] = {}
+
+    def index_at(self, position: int) -> int:
+        epoch, pos = divmod(position, self.epoch_len)
+        if epoch not in self._cache:
+            self._cache = {epoch: _epoch_order(self.sizes, self.weights, self.seed, epoch)}
+        return self._cache[epoch][pos]
+
+    def positions(self, step: int, micro: int, dp_rank: int) -> range:
+        start = step * self.m * self.gas * self.dp_size + micro * self.m * self.dp_size + dp_rank * self.m
+        return range(start, start + self.m)
+
+    def step_indices(self, step: int) -> list[int]:
+        """Every record index of optimizer step ``step`` over all DP ranks (for token accounting on rank 0)."""
+        return [
+            self.index_at(p) for mb in range(self.gas) for r in range(self.dp_size) for p in self.positions(step, mb, r)
+        ]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            for micro in range(self.gas):
+                yield [(self.index_at(p), self.seed * 1_000_003 + p) for p in self.positions(step, micro, self.dp_rank)]
+            step += 1

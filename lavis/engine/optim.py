@@ -1,0 +1,60 @@
+"""Optimizer and LR schedule. One AdamW for all modes; global-norm clipping where DeepSpeed gets it wrong.
+
+DeepSpeed's fp32/no-ZeRO clipping under PP sums only stage 0's gradients (DEEPSPEED_PIPE.md 2.5). In that mode
+:class:`PipeAdamW` computes the norm over every stage itself (an all-reduce over the pipeline group; data-parallel
+replicas already hold identical, averaged gradients) and clips before stepping. In bf16 / ZeRO-1 DeepSpeed's own
+clipping is correct and is used instead (``lavis.config.load.deepspeed_config``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class PipeAdamW(torch.optim.AdamW):
+    def __init__(self, params: list[dict], *, clip: float, norm_group: object | None, **kwargs: object) -> None:
+        super().__init__(params, **kwargs)
+        self.clip = clip
+        self.norm_group = norm_group
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        if self.norm_group is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+            for g in grads:
+                sq += g.double().pow(2).sum()
+            dist.all_reduce(sq, group=self.norm_group)
+            norm = float(sq.sqrt())
+            self.last_grad_norm = norm
+            if self.clip > 0 and norm > self.clip:
+                coef = self.clip / (norm + 1e-6)
+                for g in grads:
+                    g.mul_(coef)
+        return super().step(closure)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; no weight decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup to ``lr``, then cosine down to ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def lr_lambda(*, warmup: int, total: int, lr: float, min_lr: float):  # noqa: ANN201
+    return lambda step: warmup_cosine(step, warmup=warmup, total=total, lr=lr, min_lr=min_lr) / lr

@@ -1,0 +1,70 @@
+"""The DeepSpeed ``PipelineModule`` for our layer list: explicit stage boundaries and frozen-stage handling.
+
+- Boundaries come from ``lavis.pipeline.plan`` (DeepSpeed 0.19.8 has no explicit-parts option, so
+  ``_partition_layers`` is overridden, as DeepSpeed's own ``DualPipeVModule`` does).
+- A stage that owns no trainable parameter gets one zero parameter that its forward uses
+  (``out + 0 * anchor.sum()``): every optimizer wrapper then has a parameter and a real (zero) gradient, and a
+  frozen first stage's output gets a grad_fn. The anchor is not part of any layer, so layer files and converters
+  never see it (DEEPSPEED_PIPE.md section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch import nn
+from transformers import PretrainedConfig
+
+from lavis.config.schema import ModelConfig
+from lavis.model.freezing import is_trainable
+from lavis.model.llm import DecoderParts
+from lavis.model.mllm import lm_loss
+from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe
+from lavis.pipeline.plan import LayerEntry
+from lavis.pipeline.stage_io import StageIO
+
+
+def layer_specs(cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int) -> list[LayerSpec]:
+    seed = cfg.init_seed
+    n = hf.num_hidden_layers
+    specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed)]
+    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j) for j in range(n)]
+    specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n), LayerSpec(LMHeadPipe, hf, seed + 2 + n)]
+    return specs
+
+
+class LavisPipelineModule(PipelineModule):
+    def __init__(self, specs: list[LayerSpec], parts: list[int], **kwargs: object) -> None:
+        object.__setattr__(self, "_planned_parts", list(parts))
+        super().__init__(specs, num_stages=len(parts) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
+        self.stage_anchor: nn.Parameter | None = None
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        self.parts = list(self._planned_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def local_layers(self) -> dict[int, nn.Module]:
+        return {self._local_start + i: f for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)}
+
+    def apply_trainable(self, cfg: ModelConfig, table: list[LayerEntry]) -> int:
+        """Set ``requires_grad`` from the config; add the anchor if nothing on this stage trains. Returns #trainable."""
+        count = 0
+        for idx, layer in self.local_layers().items():
+            for name, p in layer.named_parameters():
+                p.requires_grad_(is_trainable(table[idx].to_plain(name), cfg))
+                count += p.numel() if p.requires_grad else 0
+        if count == 0:
+            self.stage_anchor = nn.Parameter(torch.zeros(1))
+        return count
+
+    def forward(self, forward_input):  # noqa: ANN001 - DeepSpeed's signature
+        out = super().forward(forward_input)
+        if self.stage_anchor is not None:
+            zero = 0.0 * self.stage_anchor.sum()
+            if isinstance(out, tuple):
+                out = StageIO(out[0] + zero.to(out[0].dtype), *out[1:])
+            else:
+                out = out + zero.to(out.dtype)
+        # DeepSpeed sends plain tuples of tensors between stages.
+        return tuple(out) if isinstance(out, tuple) else out

@@ -1,0 +1,266 @@
+"""Pipeline-parallel training: build -> plan -> PipelineModule -> deepspeed.initialize -> one flat loop.
+
+Launch with ``deepspeed --num_gpus W train_pipeline.py ...`` or ``torchrun --nproc_per_node W ...``
+(W = stages x data-parallel replicas). Every rank runs this same function; rank 0 (stage 0, replica 0) logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
+from lavis.config.schema import Config
+from lavis.data.collate import Collator
+from lavis.data.conversation import ChatTemplate
+from lavis.data.datasets import ConversationDataset, StepSampler, load_records
+from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
+from lavis.engine import checkpoint
+from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
+from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
+from lavis.engine.pipe_module import LavisPipelineModule, layer_specs
+from lavis.model.llm import decoder_parts, llm_hf_config
+from lavis.pipeline.plan import Workload, check_partition, format_plan, layer_costs, layer_table, plan_stages
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg-path", required=True, help="YAML recipe (e.g. lavis/projects/demo/shapes.yaml)")
+    p.add_argument("--num-stages", type=int, help="pipeline stages (overrides train.num_stages)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
+    p.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides train.save_every)")
+    p.add_argument("--partition", help="explicit stage boundaries, e.g. 0,3,5 (overrides the planner)")
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint to resume from (a run always resumes from `latest` if present)")
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=1e-4 data.max_txt_len=256")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.cfg_path, args.options)
+    t = cfg.train
+    updates: dict[str, Any] = {}
+    if args.num_stages is not None:
+        updates["num_stages"] = args.num_stages
+    if args.max_steps is not None:
+        updates["max_steps"] = args.max_steps
+    if args.output_dir is not None:
+        updates["output_dir"] = args.output_dir
+    if args.save_every is not None:
+        updates["save_every"] = args.save_every
+    if args.partition is not None:
+        updates["partition"] = [int(x) for x in args.partition.split(",")]
+    elif args.num_stages is not None and t.partition is not None and len(t.partition) != args.num_stages + 1:
+        updates["partition"] = None  # the recipe's partition was for another stage count
+    return replace(cfg, train=replace(t, **updates)) if updates else cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    init_distributed()
+    try:
+        train(cfg, require_resume=args.resume)
+    finally:
+        shutdown()
+
+
+def train(cfg: Config, *, require_resume: bool = False) -> None:
+    import deepspeed
+
+    t = cfg.train
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    if world % t.num_stages:
+        raise ValueError(f"{world} processes cannot form {t.num_stages} pipeline stages (need a multiple)")
+    dp = world // t.num_stages
+    if not torch.cuda.is_available():
+        torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // local_world_size()))
+    elif t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out = Path(t.output_dir)
+
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    hf = llm_hf_config(cfg.model.llm)
+    if tok.vocab_size > hf.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
+        )
+    tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
+                       cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+    placeholder_id = tpl.placeholder_id
+
+    # --- plan ---------------------------------------------------------------------------------------------------
+    table = layer_table(hf.num_hidden_layers)
+    dims = {k: getattr(hf, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
+                    images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
+                    activation_checkpointing=t.activation_checkpoint_interval > 0)
+    costs = layer_costs(cfg.model, dims, work)
+    if t.partition is not None:
+        parts = check_partition(list(t.partition), len(table), t.num_stages)
+    else:
+        parts = plan_stages(costs, t.num_stages, work)
+    print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
+           + format_plan(parts, costs, work))
+
+    # --- model --------------------------------------------------------------------------------------------------
+    pipe = LavisPipelineModule(
+        layer_specs(cfg.model, hf, decoder_parts(hf), placeholder_id),
+        parts,
+        activation_checkpoint_interval=t.activation_checkpoint_interval,
+        checkpointable_layers=["DecoderBlockPipe"],
+        dynamic_shape=not cfg.data.fixed_length,
+    )
+    pipe.apply_trainable(cfg.model, table)
+    stage = pipe.stage_id
+    ds_cfg = deepspeed_config(t, dp)
+    own_clip = "gradient_clipping" in ds_cfg and ds_cfg["gradient_clipping"] == 0 and t.precision == "fp32"
+    optimizer = PipeAdamW(
+        param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+        clip=t.grad_clip if own_clip else 0.0,
+        norm_group=pipe._grid.get_pipe_parallel_group() if own_clip else None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+
+    # --- resume -------------------------------------------------------------------------------------------------
+    start_step = 0
+    tag = checkpoint.read_latest(out)
+    if tag is None and require_resume:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no `latest` file)")
+    if tag is not None:
+        meta = checkpoint.load_meta(out / tag)
+        same_layout = meta["parts"] == parts and meta["dp_size"] == dp
+        engine.load_checkpoint(str(out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
+                               load_lr_scheduler_states=True)
+        start_step = int(meta["step"])
+        print0(f"resumed from {out / tag} at step {start_step}")
+        if not same_layout:
+            print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
+                   f"uses {parts} x dp {dp}: module weights were loaded, optimizer state was reset")
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        tok.save(out / "tokenizer.json")
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+    dist.barrier()
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    first, last = stage == 0, stage == t.num_stages - 1
+    records = [load_records(d) for d in cfg.data.train] if (first or last) else []
+    if (first or last) and not cfg.data.train:
+        raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
+    sizes = [len(r) for r in records]
+    datasets = [ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
+                                    load_media=first)] if (first or last) else []
+    sampler = StepSampler(sizes, [d.weight for d in cfg.data.train], seed=t.seed,
+                          micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
+                          dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp,
+                          start_step=start_step) if (first or last) else None
+    collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+                       cfg.data.fixed_length)
+    data_iter = None
+    if first or last:
+        loader = torch.utils.data.DataLoader(datasets[0], batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers)
+        data_iter = iter(loader)
+
+    meta = {
+        "layers": checkpoint.table_to_json(table),
+        "parts": parts,
+        "dp_size": dp,
+        "config": to_dict(cfg),
+        "tokenizer": "tokenizer.json",
+        "placeholder_id": placeholder_id,
+    }
+
+    # --- loop ---------------------------------------------------------------------------------------------------
+    bar = _progress(start_step, t.max_steps) if rank == 0 else None
+    g = t.micro_batch_size * t.grad_accum_steps * dp
+    for step in range(start_step, t.max_steps):
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss = engine.train_batch(data_iter)
+        dt = time.perf_counter() - t0
+        grad_norm = optimizer.last_grad_norm if own_clip else engine.get_global_grad_norm()
+        if step == start_step:
+            _report_memory(stage)
+        if rank == 0:
+            tokens = sum(datasets[0].num_tokens(i) for i in sampler.step_indices(step))
+            row = {"step": step + 1, "loss": float(loss), "lr": lr,
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "tokens": tokens, "samples": g, "step_time_s": round(dt, 4)}
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.update(row)
+        done = step + 1
+        if done == t.max_steps or (t.save_every and done % t.save_every == 0):
+            tag_dir = checkpoint.save(engine, out, done, meta, t.keep_last)
+            print0(f"saved {tag_dir}")
+    if bar is not None:
+        bar.close()
+
+
+class _progress:
+    """Rank-0 progress: a tqdm bar with loss, lr, tokens/s and ETA."""
+
+    def __init__(self, start: int, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
+                        mininterval=2.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                             tok_s=f"{row['tokens'] / max(row['step_time_s'], 1e-9):.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _report_memory(stage: int) -> None:
+    """Collective: rank 0 prints each stage's peak memory after the first step."""
+    if torch.cuda.is_available():
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        kind = "GPU peak allocated"
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        kind = "host peak RSS"
+    rows: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (dist.get_rank(), stage, mem))
+    if dist.get_rank() == 0:
+        print0(f"memory after the first step ({kind}): "
+               + ", ".join(f"rank {r} (stage {s}) {m:.2f} GiB" for r, s, m in rows))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep metric rows up to ``step`` (a resumed run continues the file without duplicate steps)."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    shutil.move(tmp, path)

@@ -1,0 +1,36 @@
+"""Which parameters train: a pure function of the plain-model parameter name and the config.
+
+Names are the plain model's (``visual_encoder.*``, ``ln_vision.*``, ``qformer.*``, ``query_tokens``,
+``llm_proj.*``, ``llm_model.*``); pipeline layers map their local names through the layer table first.
+"""
+
+from __future__ import annotations
+
+from lavis.config.schema import ModelConfig
+
+_GROUPS = (
+    ("visual_encoder.", "vision"),
+    ("ln_vision.", "vision"),
+    ("qformer.", "qformer"),
+    ("query_tokens", "qformer"),
+    ("llm_proj.", "projection"),
+    ("llm_model.", "llm"),
+)
+
+
+def component_of(name: str) -> str:
+    for prefix, group in _GROUPS:
+        if name.startswith(prefix):
+            return group
+    raise KeyError(f"parameter {name!r} belongs to no known component")
+
+
+def is_trainable(name: str, cfg: ModelConfig) -> bool:
+    group = component_of(name)
+    frozen = {
+        "vision": cfg.vision.frozen,
+        "qformer": cfg.qformer.frozen,
+        "projection": cfg.projection.frozen,
+        "llm": cfg.llm.frozen,
+    }[group]
+    return not frozen

@@ -1,0 +1,148 @@
+"""The plain (non-pipeline) multimodal model: ViT -> ln_vision -> Q-Former -> projection -> LLM.
+
+This is the reference path: training parity tests compare the pipeline against it, and chat runs it. Module names
+follow the predecessors (MiniGPT-4 / MPP-Qwen) so their checkpoints map with few renames: ``visual_encoder``,
+``ln_vision``, ``query_tokens``, ``llm_proj``, ``llm_model``; the Q-Former keeps transformers' names under
+``qformer``. Construction does no I/O; weights come from :meth:`MultimodalLM.init_weights` or a loader.
+
+Shapes: B batch, L tokens, D LLM width, N images (video frames count as images), Q queries per image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavis.config.schema import ModelConfig, ProjectionConfig
+from lavis.model.eva_vit import build_eva_vit, build_ln_vision, vit_features
+from lavis.model.freezing import is_trainable
+from lavis.model.init import init_modules_
+from lavis.model.llm import build_llm, llm_hf_config
+from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
+
+IGNORE_INDEX = -100
+
+
+def build_projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def _trains(module: nn.Module | nn.Parameter) -> bool:
+    params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+    return torch.is_grad_enabled() and any(p.requires_grad for p in params)
+
+
+def encode_media(
+    visual_encoder: nn.Module,
+    ln_vision: nn.Module,
+    qformer: nn.Module,
+    query_tokens: nn.Parameter,
+    llm_proj: nn.Module,
+    pixels_NCHW: torch.Tensor,
+) -> torch.Tensor:
+    """Images (or frames) -> ``[N, Q, D]`` LLM-space embeddings. Frozen parts run without autograd."""
+    with torch.set_grad_enabled(_trains(visual_encoder) or _trains(ln_vision)):
+        w = visual_encoder.patch_embed.proj.weight
+        feats_NPW = ln_vision(vit_features(visual_encoder, pixels_NCHW.to(w.dtype)))
+    with torch.set_grad_enabled(_trains(qformer) or _trains(query_tokens)):
+        queries_NQH = qformer_queries(qformer, query_tokens, feats_NPW.to(query_tokens.dtype))
+    return llm_proj(queries_NQH.to(next(llm_proj.parameters()).dtype))
+
+
+def merge_media(
+    embeds_BLD: torch.Tensor, input_ids_BL: torch.Tensor, media_NQD: torch.Tensor | None, placeholder_id: int
+) -> torch.Tensor:
+    """Write the media embeddings over the placeholder positions, row-major over the batch, in image order."""
+    slots_BL = input_ids_BL == placeholder_id
+    num_slots = int(slots_BL.sum())
+    num_media_tokens = 0 if media_NQD is None else media_NQD.shape[0] * media_NQD.shape[1]
+    if num_slots != num_media_tokens:
+        raise ValueError(
+            f"{num_slots} image placeholder tokens in the batch but {num_media_tokens} image embeddings "
+            "(images x queries); every image needs exactly one placeholder run"
+        )
+    if media_NQD is None or num_slots == 0:
+        return embeds_BLD
+    return embeds_BLD.masked_scatter(slots_BL.unsqueeze(-1), media_NQD.to(embeds_BLD.dtype))
+
+
+def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, mean over trained (label != -100) positions; labels are not pre-shifted."""
+    return F.cross_entropy(
+        logits_BLV[:, :-1].flatten(0, 1).float(), labels_BL[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, placeholder_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.placeholder_id = placeholder_id
+        self.visual_encoder = build_eva_vit(cfg.vision)
+        self.ln_vision = build_ln_vision(cfg.vision)
+        self.qformer = build_qformer(cfg.qformer, cfg.vision.width)
+        self.query_tokens = build_query_tokens(cfg.qformer)
+        hf = llm_hf_config(cfg.llm)
+        self.llm_proj = build_projection(cfg.projection, cfg.qformer.hidden_size, hf.hidden_size)
+        self.llm_model = build_llm(hf)
+
+    def embed_components(self) -> list[nn.Module | nn.Parameter]:
+        """Layer 0 of the pipeline, in init order (see ``lavis.pipeline.layers.VisionEmbedPipe``)."""
+        return [
+            self.visual_encoder,
+            self.ln_vision,
+            self.qformer,
+            self.query_tokens,
+            self.llm_proj,
+            self.llm_model.model.embed_tokens,
+        ]
+
+    def init_weights(self, seed: int) -> None:
+        """Per-layer seeded init, identical to what the pipeline layers do (``lavis.model.init``)."""
+        init_modules_(self.embed_components(), seed)
+        layers = self.llm_model.model.layers
+        for j, block in enumerate(layers):
+            init_modules_([block], seed + 1 + j)
+        init_modules_([self.llm_model.model.norm], seed + 1 + len(layers))
+        init_modules_([self.llm_model.lm_head], seed + 2 + len(layers))
+
+    def apply_trainable(self) -> None:
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_trainable(name, self.cfg))
+
+    def train(self, mode: bool = True) -> MultimodalLM:
+        super().train(mode)
+        # Frozen encoders stay in eval mode (no dropout), as in LAVIS, without monkeypatching.
+        if self.cfg.vision.frozen:
+            self.visual_encoder.eval()
+        if self.cfg.qformer.frozen:
+            self.qformer.eval()
+        return self
+
+    def embed(self, pixels_NCHW: torch.Tensor, input_ids_BL: torch.Tensor) -> torch.Tensor:
+        embeds_BLD = self.llm_model.get_input_embeddings()(input_ids_BL)
+        media = None
+        if pixels_NCHW.shape[0] > 0:
+            media = encode_media(
+                self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj, pixels_NCHW
+            )
+        return merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id)
+
+    def forward(
+        self, pixels_NCHW: torch.Tensor, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[B, L, V]`` through the transformers model's own forward (the independent reference)."""
+        embeds = self.embed(pixels_NCHW, input_ids_BL)
+        return self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask_BL).logits
+
+    def loss(
+        self,
+        pixels_NCHW: torch.Tensor,
+        input_ids_BL: torch.Tensor,
+        attention_mask_BL: torch.Tensor,
+        labels_BL: torch.Tensor,
+    ) -> torch.Tensor:
+        return lm_loss(self.forward(pixels_NCHW, input_ids_BL, attention_mask_BL), labels_BL)

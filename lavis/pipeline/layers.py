@@ -1,0 +1,122 @@
+"""The pipeline's layer modules: ``[VisionEmbedPipe] [DecoderBlockPipe] x L [FinalNormPipe] [LMHeadPipe]``.
+
+Each layer builds only its own piece (DeepSpeed's ``LayerSpec`` builds only the layers a stage owns) and
+initialises it from its own seed (``lavis.model.init``), so every partition starts from the same weights. Local
+parameter names map to the plain model's names through ``lavis.pipeline.plan.layer_table``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from lavis.config.schema import ModelConfig
+from lavis.model.eva_vit import build_eva_vit, build_ln_vision
+from lavis.model.init import init_modules_
+from lavis.model.llm import DecoderParts
+from lavis.model.mllm import build_projection, encode_media, merge_media
+from lavis.model.qformer import build_qformer, build_query_tokens
+from lavis.pipeline.stage_io import StageIO
+
+
+class VisionEmbedPipe(nn.Module):
+    """Layer 0: images -> ViT -> ln_vision -> Q-Former -> projection, written over the token embeddings.
+
+    Input (the data iterator's ``batch[0]``): ``(pixels [N,3,S,S] float, input_ids [B,L] int64, mask [B,L] int64)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, hf: PretrainedConfig, placeholder_id: int, seed: int | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.placeholder_id = placeholder_id
+        self.visual_encoder = build_eva_vit(cfg.vision)
+        self.ln_vision = build_ln_vision(cfg.vision)
+        self.qformer = build_qformer(cfg.qformer, cfg.vision.width)
+        self.query_tokens = build_query_tokens(cfg.qformer)
+        self.llm_proj = build_projection(cfg.projection, cfg.qformer.hidden_size, hf.hidden_size)
+        self.embed_tokens = nn.Embedding(hf.vocab_size, hf.hidden_size)
+        if seed is not None:
+            init_modules_(
+                [self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj,
+                 self.embed_tokens],
+                seed,
+            )
+
+    def train(self, mode: bool = True) -> VisionEmbedPipe:
+        super().train(mode)
+        if self.cfg.vision.frozen:
+            self.visual_encoder.eval()
+        if self.cfg.qformer.frozen:
+            self.qformer.eval()
+        return self
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StageIO:
+        pixels_NCHW, input_ids_BL, mask_BL = inputs
+        embeds_BLD = self.embed_tokens(input_ids_BL)
+        media = None
+        if pixels_NCHW.shape[0] > 0:
+            media = encode_media(
+                self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj, pixels_NCHW
+            )
+        return StageIO(merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id), mask_BL)
+
+
+class DecoderBlockPipe(nn.Module):
+    """One transformers decoder block; builds its causal/padding mask and rotary table from the stage input."""
+
+    def __init__(self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None) -> None:
+        super().__init__()
+        self.hf = hf
+        self.block_index = block_index
+        self.layer = parts.block(hf, layer_idx=block_index)
+        # Held outside the module tree so precision casts (DeepSpeed's bf16) never round inv_freq.
+        self._rotary = [parts.rotary(config=hf)]
+        layer_types = getattr(hf, "layer_types", None)
+        self.sliding = bool(layer_types) and layer_types[block_index] == "sliding_attention"
+        if seed is not None:
+            init_modules_([self.layer], seed)
+
+    def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> StageIO:
+        hidden_BLD, mask_BL = io
+        rotary = self._rotary[0]
+        if rotary.inv_freq.device != hidden_BLD.device:
+            self._rotary[0] = rotary = rotary.to(hidden_BLD.device)
+        pos_1L = torch.arange(hidden_BLD.shape[1], device=hidden_BLD.device).unsqueeze(0)
+        make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
+        attn_mask = make_mask(
+            config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
+            position_ids=pos_1L,
+        )
+        cos_sin = rotary(hidden_BLD, pos_1L)
+        out = self.layer(hidden_BLD, attention_mask=attn_mask, position_ids=pos_1L, position_embeddings=cos_sin)
+        if isinstance(out, tuple):  # older block classes return (hidden, ...)
+            out = out[0]
+        return StageIO(out, mask_BL)
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, hf: PretrainedConfig, parts: DecoderParts, seed: int | None) -> None:
+        super().__init__()
+        self.norm = parts.norm(hf.hidden_size, eps=hf.rms_norm_eps)
+        if seed is not None:
+            init_modules_([self.norm], seed)
+
+    def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> StageIO:
+        hidden_BLD, mask_BL = io  # DeepSpeed delivers a plain tuple across stages
+        return StageIO(self.norm(hidden_BLD), mask_BL)
+
+
+class LMHeadPipe(nn.Module):
+    """Last layer: hidden states -> logits ``[B, L, V]``; the engine's ``loss_fn`` turns them into the loss."""
+
+    def __init__(self, hf: PretrainedConfig, seed: int | None) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(hf.hidden_size, hf.vocab_size, bias=False)
+        if seed is not None:
+            init_modules_([self.lm_head], seed)
+
+    def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden_BLD, _ = io
+        return self.lm_head(hidden_BLD)

