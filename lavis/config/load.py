@@ -122,6 +122,11 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad("a number")
     if tp is str:
         if isinstance(value, str):

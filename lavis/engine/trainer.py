@@ -130,7 +130,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
     pipe.apply_trainable(cfg.model, table)
     stage = pipe.stage_id
     ds_cfg = deepspeed_config(t, dp)
-    own_clip = "gradient_clipping" in ds_cfg and ds_cfg["gradient_clipping"] == 0 and t.precision == "fp32"
+    own_clip = t.precision == "fp32" and t.zero_stage == 0  # DeepSpeed's norm is wrong here (see engine.optim)
     optimizer = PipeAdamW(
         param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
@@ -157,9 +157,12 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
             print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
                    f"uses {parts} x dp {dp}: module weights were loaded, optimizer state was reset")
 
+    # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
+    llm = replace(cfg.model.llm, tokenizer=str(out / "tokenizer.json"))
+    saved_cfg = replace(cfg, model=replace(cfg.model, llm=llm))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(saved_cfg, out / "config.yaml")
         tok.save(out / "tokenizer.json")
         _truncate_metrics(out / "metrics.jsonl", start_step)
     dist.barrier()
@@ -188,7 +191,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
         "layers": checkpoint.table_to_json(table),
         "parts": parts,
         "dp_size": dp,
-        "config": to_dict(cfg),
+        "config": to_dict(saved_cfg),
         "tokenizer": "tokenizer.json",
         "placeholder_id": placeholder_id,
     }

@@ -1,0 +1,83 @@
+"""Fold a pipeline checkpoint into one ``.pth`` of plain-model weights (back end of the two converter scripts).
+
+Everything is derived from the checkpoint's ``lavis_meta.json`` (layer table, model config), never from
+hard-coded layer indices, so any model size and any partition converts. Layer files hold only the weights that
+trained (frozen ones are excluded at save time). The result is checked strictly against a model built from the
+saved config on the meta device: every key must exist there with the same shape, and the keys not in the file
+must be exactly the frozen ones (they come from the base weights when the ``.pth`` is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lavis.config.load import from_dict
+from lavis.config.schema import ModelConfig
+from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
+from lavis.model.freezing import is_trainable
+from lavis.model.mllm import MultimodalLM
+from lavis.pipeline.plan import layers_to_plain
+
+Kind = Literal["proj", "model"]
+OUTPUT_NAME = {"proj": "model.pth", "model": "unfreeze_llm_model.pth"}
+
+
+def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
+    """``ckpt_dir`` may be a run directory (its ``latest`` is used) or one ``global_step*`` directory."""
+    d = Path(ckpt_dir)
+    if (d / META_FILE).is_file():
+        return d
+    tag = read_latest(d)
+    if tag is None:
+        raise FileNotFoundError(f"{d} is neither a checkpoint directory ({META_FILE}) nor a run directory (latest)")
+    return d / tag
+
+
+def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = load_meta(tag_dir)
+    table = table_from_json(meta["layers"])
+    states = {}
+    for entry in table:
+        f = tag_dir / f"layer_{entry.index:02d}-model_states.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing: the checkpoint in {tag_dir} is incomplete")
+        states[entry.index] = torch.load(f, map_location="cpu", weights_only=True)
+    return layers_to_plain(table, states), meta
+
+
+def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int) -> list[str]:
+    """Strict shape check against a meta-device model; returns the model keys the file does not hold."""
+    with torch.device("meta"):
+        model = MultimodalLM(cfg, placeholder_id)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k]]
+    if unexpected or mismatched:
+        raise ValueError(f"converted weights do not fit the model: unexpected {unexpected[:5]}, "
+                         f"shape mismatches {mismatched[:5]}")
+    return sorted(set(expected) - set(state))
+
+
+def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None) -> Path:
+    tag_dir = resolve_tag_dir(ckpt_dir)
+    state, meta = load_plain_state(tag_dir)
+    cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
+    if kind == "proj":
+        state = {k: v for k, v in state.items() if k.startswith("llm_proj.")}
+        if not state:
+            raise ValueError(f"{tag_dir} holds no llm_proj weights (was model.projection.frozen true?)")
+    missing = check_against_model(state, cfg, meta["placeholder_id"])
+    if kind == "model":
+        trainable_missing = [k for k in missing if is_trainable(k, cfg)]
+        if trainable_missing:
+            raise ValueError(f"{tag_dir}: trained weights missing from the layer files: {trainable_missing[:5]}")
+    dest = Path(out) if out is not None else Path(ckpt_dir) / OUTPUT_NAME[kind]
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, dest)
+    return dest

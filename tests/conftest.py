@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny generated dataset and the demo config pointed at it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lavis.config.load import load_config
+from lavis.config.schema import Config
+from lavis.data import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CFG = REPO / "lavis/projects/demo/shapes.yaml"
+PRETRAIN_CFG = REPO / "lavis/projects/demo/shapes_pretrain.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.generate_dataset(out, num_single=48, num_multi_turn=8, num_pairs=8, num_videos=4, seed=0)
+    return out
+
+
+def data_options(data: Path) -> list[str]:
+    return [f"data.train.0.ann_path={data / 'train.json'}", f"data.train.0.vis_root={data}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_data: Path) -> Config:
+    return load_config(DEMO_CFG, data_options(tiny_data))
+
+
+def launch(nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train_pipeline.py under torchrun with ``nproc`` CPU ranks (gloo)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(REPO / "train_pipeline.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+STEPS = 5
+COMMON = ["train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=1e-3", "train.grad_clip=1.0",
+          "train.precision=fp32", "train.save_every=0"]
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+def train(tmp: Path, name: str, nproc: int, stages: int, gas: int, data: Path, steps: int = STEPS,
+          cfg: Path = DEMO_CFG, extra: tuple[str, ...] = ()) -> Path:
+    out = tmp / name
+    launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps),
+                   "--output-dir", str(out), "--options", *COMMON, f"train.grad_accum_steps={gas}",
+                   *data_options(data), *extra])
+    return out
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("runs")
+    return {
+        "pp2": train(tmp, "pp2", 2, 2, gas=4, data=tiny_data, steps=6),
+        "pp1dp2": train(tmp, "pp1dp2", 2, 1, gas=2, data=tiny_data),
+    }
+
+

@@ -1,0 +1,83 @@
+"""Strict config loading, overrides and the derived DeepSpeed dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lavis.config.load import ConfigError, deepspeed_config, load_config, save_config
+from lavis.config.schema import TrainConfig
+
+from .conftest import DEMO_CFG, PRETRAIN_CFG
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_recipes_load() -> None:
+    cfg = load_config(DEMO_CFG)
+    assert cfg.model.qformer.num_query_tokens == 8 and cfg.train.num_stages == 2
+    pre = load_config(PRETRAIN_CFG)
+    assert pre.model.llm.frozen and pre.model.vision.frozen and not pre.model.projection.frozen
+
+
+def test_unknown_key_names_file_key_and_closest(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  learning_rate: 0.1\n  max_step: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "train.learning_rate" in msg
+
+
+def test_misspelled_key_suggests_closest(tmp_path: Path) -> None:
+    p = write(tmp_path, "model:\n  qformer:\n    num_query_token: 16\n")
+    with pytest.raises(ConfigError, match=r"model\.qformer\.num_query_token.*did you mean `model\.qformer\.num_query_tokens`"):
+        load_config(p)
+
+
+def test_wrong_types_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.max_steps.*integer"):
+        load_config(write(tmp_path, "train:\n  max_steps: ten\n"))
+    with pytest.raises(ConfigError, match=r"train\.precision.*one of"):
+        load_config(write(tmp_path, "train:\n  precision: fp8\n"))
+    with pytest.raises(ConfigError, match=r"frozen.*true or false"):
+        load_config(write(tmp_path, "model:\n  vision:\n    frozen: 1\n"))
+
+
+def test_post_init_validation_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_config(write(tmp_path, "model:\n  vision:\n    image_size: 65\n    patch_size: 8\n"))
+
+
+def test_overrides_and_list_index(tmp_path: Path) -> None:
+    cfg = load_config(DEMO_CFG, ["train.lr=1e-3", "data.train.0.ann_path=x.json", "train.partition=[0,2,5]"])
+    assert cfg.train.lr == 1e-3 and cfg.data.train[0].ann_path == "x.json" and cfg.train.partition == [0, 2, 5]
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_config(DEMO_CFG, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(DEMO_CFG, ["train.lr"])
+
+
+def test_override_values_are_never_evaluated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(DEMO_CFG, ["train.lr=__import__('os').system('echo pwned')"])
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(DEMO_CFG)
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_deepspeed_dict_is_derived() -> None:
+    t = TrainConfig(micro_batch_size=4, grad_accum_steps=8, precision="bf16", zero_stage=1, grad_clip=0.5)
+    ds = deepspeed_config(t, dp_world_size=2)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 8 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    assert ds["gradient_clipping"] == 0.5
+    # fp32 without ZeRO: DeepSpeed's PP norm is wrong, so its clipping is off and ours is used.
+    assert deepspeed_config(TrainConfig(precision="fp32", grad_clip=1.0), 1)["gradient_clipping"] == 0.0
