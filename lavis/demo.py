@@ -28,6 +28,7 @@ DATA_DIR = Path("cache/dataset/shapes")
 EVAL_DIR = Path("cache/dataset/shapes_eval")
 DATA_SPEC = {"num_single": 6000, "num_multi_turn": 1000, "num_pairs": 1000, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
+DATA_VERSION = 2  # bump when the generator's output changes, so `make demo` regenerates
 QUESTION = "What is in the image?"
 
 
@@ -39,12 +40,13 @@ def generate_data() -> None:
     from lavis.data import shapes
 
     stamp = DATA_DIR / "spec.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == DATA_SPEC and (DATA_DIR / "train.json").is_file():
+    spec = {**DATA_SPEC, "version": DATA_VERSION}
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec and (DATA_DIR / "train.json").is_file():
         print(f"{DATA_DIR}/train.json already generated", file=sys.stderr)
         return
     t0 = time.perf_counter()
     ann = shapes.generate_dataset(DATA_DIR, progress=True, **DATA_SPEC)
-    stamp.write_text(json.dumps(DATA_SPEC))
+    stamp.write_text(json.dumps(spec))
     print(f"wrote {ann} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 

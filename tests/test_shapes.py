@@ -172,14 +172,16 @@ def test_generate_dataset_records(dataset: tuple[Path, list[dict]]) -> None:
         first = conv[0]["content"]
         if "video" in record:
             assert "images" not in record
-            assert first.count("<video>") == 1 and "<image>" not in first and first.startswith("<video>\n")
+            assert first.count("<video>") == 1 and "<image>" not in first and first.startswith("<video>")
             assert (out / record["video"]).is_file()
             assert record["video"] == f"videos/train/{record['id'][-6:]}.mp4"
             kinds["video"] += 1
             continue
         images = record["images"]
         assert first.count("<image>") == len(images) and "<video>" not in first
-        assert first.startswith("<image>" * len(images) + "\n")
+        rest = first[len("<image>" * len(images)):]
+        assert first.startswith("<image>" * len(images)) and "<image>" not in rest
+        assert rest[:1] in ("\n", " ") or rest[:1].isupper()
         assert images[0] == f"images/train/{record['id'][-6:]}.jpg"
         for rel in images:
             image = Image.open(out / rel)

@@ -9,6 +9,7 @@ separator (MPP-Qwen-Next's ``cli_demo.py`` layout); a video becomes one ``<video
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -71,7 +72,11 @@ def load_model(
         if unexpected or mismatched:
             raise ValueError(f"{checkpoint} does not fit the model built from the config: unexpected keys "
                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; shape mismatches {mismatched[:5]}")
+        # Keys the file lacks keep the base weights (a stage-1 model.pth holds only llm_proj.*); unknown keys and
+        # shape mismatches were refused above, so nothing in the file is silently dropped.
         model.load_state_dict(state, strict=False)
+        print(f"loaded {len(state)} tensors from {checkpoint}; {len(own) - len(state)} come from the base weights",
+              file=sys.stderr)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -149,6 +149,8 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
     if tag is not None:
         meta = checkpoint.load_meta(out / tag)
         same_layout = meta["parts"] == parts and meta["dp_size"] == dp
+        # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here;
+        # the frozen ones were just built from the config's base weights.
         engine.load_checkpoint(str(out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
         start_step = int(meta["step"])
@@ -168,23 +170,23 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
     dist.barrier()
 
     # --- data ---------------------------------------------------------------------------------------------------
+    # Only the first stage (inputs) and the last stage (labels) read data; the last one never decodes media.
     first, last = stage == 0, stage == t.num_stages - 1
-    records = [load_records(d) for d in cfg.data.train] if (first or last) else []
-    if (first or last) and not cfg.data.train:
-        raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
-    sizes = [len(r) for r in records]
-    datasets = [ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
-                                    load_media=first)] if (first or last) else []
-    sampler = StepSampler(sizes, [d.weight for d in cfg.data.train], seed=t.seed,
-                          micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-                          dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp,
-                          start_step=start_step) if (first or last) else None
-    collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
-                       cfg.data.fixed_length)
-    data_iter = None
+    dataset = sampler = data_iter = None
     if first or last:
-        loader = torch.utils.data.DataLoader(datasets[0], batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.data.num_workers)
+        if not cfg.data.train:
+            raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
+        records = [load_records(d) for d in cfg.data.train]
+        dataset = ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
+                                      load_media=first, label_mode=cfg.data.label_mode)
+        sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
+                              micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
+                              dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp, start_step=start_step)
+        collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+                           cfg.data.fixed_length)
+        workers = cfg.data.num_workers if first else 0  # the label-only last stage decodes nothing
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=workers, persistent_workers=workers > 0)
         data_iter = iter(loader)
 
     meta = {
@@ -208,7 +210,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
         if step == start_step:
             _report_memory(stage)
         if rank == 0:
-            tokens = sum(datasets[0].num_tokens(i) for i in sampler.step_indices(step))
+            tokens = sum(dataset.num_tokens(i) for i in sampler.step_indices(step))
             row = {"step": step + 1, "loss": float(loss), "lr": lr,
                    "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens": tokens, "samples": g, "step_time_s": round(dt, 4)}

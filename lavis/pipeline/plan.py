@@ -111,11 +111,11 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     head_dim = d // heads
 
     num_patches = (v.image_size // v.patch_size) ** 2
-    vit_block = 4 * v.width * v.width + 2 * v.width * v.mlp_hidden + 9 * v.width + v.mlp_hidden
-    vit = v.depth * vit_block + 3 * v.patch_size**2 * v.width + (num_patches + 2) * v.width
+    vit_block = 4 * v.width * v.width + 2 * v.width * v.mlp_hidden + 8 * v.width + v.mlp_hidden
+    vit = v.depth * vit_block + 3 * v.patch_size**2 * v.width + (num_patches + 3) * v.width
     ln_vision = 2 * v.width
     n_cross = len(range(0, q.num_layers, q.cross_attention_freq))
-    qf_layer = 4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size + 9 * q.hidden_size
+    qf_layer = 4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size + 9 * q.hidden_size + q.intermediate_size
     qf_cross = 2 * q.hidden_size**2 + 2 * q.hidden_size * v.width + 6 * q.hidden_size
     qformer = q.num_layers * qf_layer + n_cross * qf_cross + 2 * q.hidden_size + q.num_query_tokens * q.hidden_size
     proj = q.hidden_size * d + d if cfg.projection.kind == "linear" else q.hidden_size * d + d * d + 2 * d
