@@ -26,9 +26,9 @@ from lavis.config.load import load_config
 CFG = Path("lavis/projects/demo/shapes.yaml")
 DATA_DIR = Path("cache/dataset/shapes")
 EVAL_DIR = Path("cache/dataset/shapes_eval")
-DATA_SPEC = {"num_single": 6000, "num_multi_turn": 1000, "num_pairs": 1000, "num_videos": 300,
+DATA_SPEC = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
-DATA_VERSION = 2  # bump when the generator's output changes, so `make demo` regenerates
+DATA_VERSION = 3  # bump when the generator's output changes, so `make demo` regenerates
 QUESTION = "What is in the image?"
 
 

@@ -62,9 +62,9 @@ def test_merge_media_writes_rows_in_order() -> None:
 
 def _pipe_layers(m, hf, ph):
     parts = decoder_parts(hf)
-    s, n = m.init_seed, hf.num_hidden_layers
-    return ([VisionEmbedPipe(m, hf, ph, s)] + [DecoderBlockPipe(hf, parts, j, s + 1 + j) for j in range(n)]
-            + [FinalNormPipe(hf, parts, s + 1 + n), LMHeadPipe(hf, s + 2 + n)])
+    s, n, std = m.init_seed, hf.num_hidden_layers, m.init_std
+    return ([VisionEmbedPipe(m, hf, ph, s)] + [DecoderBlockPipe(hf, parts, j, s + 1 + j, std) for j in range(n)]
+            + [FinalNormPipe(hf, parts, s + 1 + n, std), LMHeadPipe(hf, s + 2 + n, std)])
 
 
 def test_layer_init_matches_plain_init_and_table_covers_every_key(setup) -> None:

@@ -81,3 +81,14 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None) -> 
     torch.save(state, tmp)
     os.replace(tmp, dest)
     return dest
+
+
+def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
+    """The shared command line of ``pipe_proj2pth.py`` and ``pipemodel2pth.py``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt-dir", "--ckpt_dir", required=True, help="run directory or one global_step* directory")
+    p.add_argument("--out", help=f"output file (default: CKPT_DIR/{OUTPUT_NAME[kind]})")
+    args = p.parse_args(argv)
+    print(convert(args.ckpt_dir, kind, args.out))

@@ -338,9 +338,10 @@ def _turns(*texts: str) -> list[dict[str, str]]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(texts)]
 
 
-SINGLE_MIX = (("describe", 0.6), ("shape", 0.3), ("colour", 0.1))
-"""Question kinds of single-image samples. Shape-first answers ("A circle.") give the vision tower a direct shape
-signal; with describe-only data the tiny model from scratch sat at chance on shape for hundreds of steps."""
+SINGLE_MIX = (("describe", 0.35), ("shape", 0.5), ("colour", 0.15))
+"""Question kinds of single-image samples. Shape-only answers ("A circle.") give the vision tower a direct shape
+signal: trained from scratch on mostly "A red circle." answers, the tiny model learned colour within 100 steps but
+sat at chance on shape for 1,000+ steps (measured, batch 32); on shape-only answers it broke out after ~500-650."""
 
 
 def _single_exchange(rng: random.Random, spec: ShapeSpec) -> tuple[str, str]:

@@ -25,11 +25,11 @@ from lavis.pipeline.stage_io import StageIO
 
 
 def layer_specs(cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int) -> list[LayerSpec]:
-    seed = cfg.init_seed
+    seed, std = cfg.init_seed, cfg.init_std
     n = hf.num_hidden_layers
     specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed)]
-    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j) for j in range(n)]
-    specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n), LayerSpec(LMHeadPipe, hf, seed + 2 + n)]
+    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std) for j in range(n)]
+    specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]
     return specs
 
 

@@ -199,7 +199,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
     }
 
     # --- loop ---------------------------------------------------------------------------------------------------
-    bar = _progress(start_step, t.max_steps) if rank == 0 else None
+    bar = _Progress(start_step, t.max_steps) if rank == 0 else None
     g = t.micro_batch_size * t.grad_accum_steps * dp
     for step in range(start_step, t.max_steps):
         lr = optimizer.param_groups[0]["lr"]
@@ -225,7 +225,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
         bar.close()
 
 
-class _progress:
+class _Progress:
     """Rank-0 progress: a tqdm bar with loss, lr, tokens/s and ETA."""
 
     def __init__(self, start: int, total: int) -> None:

@@ -102,12 +102,13 @@ class MultimodalLM(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         """Per-layer seeded init, identical to what the pipeline layers do (``lavis.model.init``)."""
-        init_modules_(self.embed_components(), seed)
+        std = self.cfg.init_std
+        init_modules_(self.embed_components(), seed, std)
         layers = self.llm_model.model.layers
         for j, block in enumerate(layers):
-            init_modules_([block], seed + 1 + j)
-        init_modules_([self.llm_model.model.norm], seed + 1 + len(layers))
-        init_modules_([self.llm_model.lm_head], seed + 2 + len(layers))
+            init_modules_([block], seed + 1 + j, std)
+        init_modules_([self.llm_model.model.norm], seed + 1 + len(layers), std)
+        init_modules_([self.llm_model.lm_head], seed + 2 + len(layers), std)
 
     def apply_trainable(self) -> None:
         for name, p in self.named_parameters():

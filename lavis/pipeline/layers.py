@@ -42,6 +42,7 @@ class VisionEmbedPipe(nn.Module):
                 [self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj,
                  self.embed_tokens],
                 seed,
+                cfg.init_std,
             )
 
     def train(self, mode: bool = True) -> VisionEmbedPipe:
@@ -66,7 +67,9 @@ class VisionEmbedPipe(nn.Module):
 class DecoderBlockPipe(nn.Module):
     """One transformers decoder block; builds its causal/padding mask and rotary table from the stage input."""
 
-    def __init__(self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None) -> None:
+    def __init__(
+        self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None, std: float
+    ) -> None:
         super().__init__()
         self.hf = hf
         self.block_index = block_index
@@ -76,7 +79,7 @@ class DecoderBlockPipe(nn.Module):
         layer_types = getattr(hf, "layer_types", None)
         self.sliding = bool(layer_types) and layer_types[block_index] == "sliding_attention"
         if seed is not None:
-            init_modules_([self.layer], seed)
+            init_modules_([self.layer], seed, std)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> StageIO:
         hidden_BLD, mask_BL = io
@@ -97,11 +100,11 @@ class DecoderBlockPipe(nn.Module):
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, hf: PretrainedConfig, parts: DecoderParts, seed: int | None) -> None:
+    def __init__(self, hf: PretrainedConfig, parts: DecoderParts, seed: int | None, std: float) -> None:
         super().__init__()
         self.norm = parts.norm(hf.hidden_size, eps=hf.rms_norm_eps)
         if seed is not None:
-            init_modules_([self.norm], seed)
+            init_modules_([self.norm], seed, std)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> StageIO:
         hidden_BLD, mask_BL = io  # DeepSpeed delivers a plain tuple across stages
@@ -111,11 +114,11 @@ class FinalNormPipe(nn.Module):
 class LMHeadPipe(nn.Module):
     """Last layer: hidden states -> logits ``[B, L, V]``; the engine's ``loss_fn`` turns them into the loss."""
 
-    def __init__(self, hf: PretrainedConfig, seed: int | None) -> None:
+    def __init__(self, hf: PretrainedConfig, seed: int | None, std: float) -> None:
         super().__init__()
         self.lm_head = nn.Linear(hf.hidden_size, hf.vocab_size, bias=False)
         if seed is not None:
-            init_modules_([self.lm_head], seed)
+            init_modules_([self.lm_head], seed, std)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_BLD, _ = io
