@@ -46,7 +46,7 @@ def launch(nproc: int, args: list[str], timeout: int = 600) -> subprocess.Comple
     return proc
 
 
-STEPS = 5
+STEPS = 6
 COMMON = ["train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=1e-3", "train.grad_clip=1.0",
           "train.precision=fp32", "train.save_every=0"]
 
@@ -58,9 +58,10 @@ def losses(run: Path) -> list[float]:
 
 
 def train(tmp: Path, name: str, nproc: int, stages: int, gas: int, data: Path, steps: int = STEPS,
-          cfg: Path = DEMO_CFG, extra: tuple[str, ...] = ()) -> Path:
+          cfg: Path = DEMO_CFG, extra: tuple[str, ...] = (), stop_at: int | None = None) -> Path:
     out = tmp / name
-    launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps),
+    stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
+    launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps), *stop,
                    "--output-dir", str(out), "--options", *COMMON, f"train.grad_accum_steps={gas}",
                    *data_options(data), *extra])
     return out
@@ -71,7 +72,7 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     tmp = tmp_path_factory.mktemp("runs")
     return {
         "pp2": train(tmp, "pp2", 2, 2, gas=4, data=tiny_data, steps=6),
-        "pp1dp2": train(tmp, "pp1dp2", 2, 1, gas=2, data=tiny_data),
+        "pp1dp2": train(tmp, "pp1dp2", 2, 1, gas=2, data=tiny_data, steps=6),
     }
 
 

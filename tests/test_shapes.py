@@ -202,13 +202,15 @@ def test_generate_dataset_records(dataset: tuple[Path, list[dict]]) -> None:
 def test_generated_answers_match_images(dataset: tuple[Path, list[dict]]) -> None:
     out, records = dataset
     singles = [r for r in records if len(r.get("images", [])) == 1 and len(r["conversations"]) == 2]
-    for record in singles[:15]:
+    for record in singles[:30]:
         colour, shape = shapes.parse_answer(record["conversations"][1]["content"])
         pixels = np.asarray(Image.open(out / record["images"][0]).convert("RGB"), dtype=int)
         shape_pixels = pixels[(np.abs(pixels - 255) > 60).any(axis=-1)]
         mean = shape_pixels.mean(axis=0)
         nearest = min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum())
-        assert nearest == colour and shape in shapes.SHAPES
+        # single-image questions ask for the description, the shape only or the colour only (shapes.SINGLE_MIX)
+        assert colour is not None or shape is not None
+        assert colour in (None, nearest) and shape in (None, *shapes.SHAPES)
 
 
 def test_video_records_decode_and_move(dataset: tuple[Path, list[dict]]) -> None:
@@ -276,7 +278,7 @@ def test_corpus_covers_generated_words(tmp_path: Path) -> None:
     texts = {t["content"] for r in json.loads(ann.read_text()) for t in r["conversations"]}
     assert set().union(*(_words(t) for t in texts)) <= vocabulary
     # Whole strings, not only words, come from the corpus.
-    assert {t.split("\n", 1)[-1] for t in texts} <= set(corpus)
+    assert {re.sub(r"^(<image>|<video>)+[\n ]?", "", t) for t in texts} <= set(corpus)
 
 
 def test_write_video_preserves_colour(tmp_path: Path) -> None:

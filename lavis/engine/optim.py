@@ -45,7 +45,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Empty groups are left out: DeepSpeed drops them from the optimizer, and a scheduler built before that would
+    # then hold one LR lambda too many (a frozen stage has only the 1-D anchor parameter).
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:

@@ -68,3 +68,12 @@ class LavisPipelineModule(PipelineModule):
                 out = out + zero.to(out.dtype)
         # DeepSpeed sends plain tuples of tensors between stages.
         return tuple(out) if isinstance(out, tuple) else out
+
+
+def cast_float_buffers_(module: nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 mode casts parameters but not buffers; timm's EVA attention concatenates its float32
+    ``k_bias`` buffer with the bf16 ``q_bias``/``v_bias`` parameters, so buffers follow the parameters here."""
+    for owner in module.modules():
+        for name, buf in owner.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                owner._buffers[name] = buf.to(dtype)

@@ -29,7 +29,7 @@ from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
-from lavis.engine.pipe_module import LavisPipelineModule, layer_specs
+from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import Workload, check_partition, format_plan, layer_costs, layer_table, plan_stages
 
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides train.save_every)")
     p.add_argument("--partition", help="explicit stage boundaries, e.g. 0,3,5 (overrides the planner)")
+    p.add_argument("--stop-at-step", type=int,
+                   help="stop (with a checkpoint) after this optimizer step without changing the LR schedule; "
+                        "run again to continue, e.g. for time-limited cluster jobs")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (a run always resumes from `latest` if present)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -73,13 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = resolve_config(args)
     init_distributed()
-    try:
-        train(cfg, require_resume=args.resume)
-    finally:
-        shutdown()
+    # No `finally`: a rank that fails must not wait in shutdown's barrier while the others wait in a collective;
+    # it exits with its traceback and the launcher stops the rest.
+    train(cfg, require_resume=args.resume, stop_at_step=args.stop_at_step)
+    shutdown()
 
 
-def train(cfg: Config, *, require_resume: bool = False) -> None:
+def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None = None) -> None:
     import deepspeed
 
     t = cfg.train
@@ -140,6 +143,8 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
         optimizer, lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
     )
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if t.precision != "fp32":
+        cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
 
     # --- resume -------------------------------------------------------------------------------------------------
     start_step = 0
@@ -201,7 +206,8 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
     # --- loop ---------------------------------------------------------------------------------------------------
     bar = _Progress(start_step, t.max_steps) if rank == 0 else None
     g = t.micro_batch_size * t.grad_accum_steps * dp
-    for step in range(start_step, t.max_steps):
+    end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
+    for step in range(start_step, end):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         loss = engine.train_batch(data_iter)
@@ -218,7 +224,7 @@ def train(cfg: Config, *, require_resume: bool = False) -> None:
                 fh.write(json.dumps(row) + "\n")
             bar.update(row)
         done = step + 1
-        if done == t.max_steps or (t.save_every and done % t.save_every == 0):
+        if done == end or (t.save_every and done % t.save_every == 0):
             tag_dir = checkpoint.save(engine, out, done, meta, t.keep_last)
             print0(f"saved {tag_dir}")
     if bar is not None:
