@@ -75,7 +75,25 @@ def test_conf_parsing_is_literal_only() -> None:
     assert len(errs) == 3 and s.temperature == 0.5 and s.max_new_tokens == 12
 
 
-@pytest.mark.parametrize("script", ["train_pipeline.py", "pipe_proj2pth.py", "pipemodel2pth.py", "cli_demo.py"])
+@pytest.mark.parametrize("script", ["train_pipeline.py", "pipe_proj2pth.py", "pipemodel2pth.py", "cli_demo.py",
+                                    "webui_demo.py"])
 def test_entry_points_help(script: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Path) -> None:
+    from lavis.chat.engine import ChatEngine
+    from lavis.chat.webui import WebChat, build_app
+
+    engine = ChatEngine.from_files(chat_args[1], chat_args[3])
+    web = WebChat(engine)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    img = str(tiny_data / "images/train/000000.jpg")
+    *_, (history, status) = web.respond("What is in the image?", [], [img, str(bad)], 8, True, 1.0, 1.0)
+    assert "000000.jpg: attached" in status and "notes.png: not usable" in status
+    assert [m["role"] for m in history] == ["user", "assistant"] and isinstance(history[1]["content"], str)
+    assert engine.history[0].media_names == [img]
+    assert web.clear() == ([], "cleared") and engine.history == []
+    build_app(web)  # the gradio layout builds without a server
