@@ -104,3 +104,17 @@ def test_pipeline_chained_equals_plain_model(setup) -> None:
     loss_pipe.backward()
     loss_plain.backward()
     torch.testing.assert_close(layers[0].llm_proj.weight.grad, plain.llm_proj.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_encoders_stay_in_eval_mode() -> None:
+    from lavis.config.load import load_config
+
+    from .conftest import PRETRAIN_CFG
+
+    cfg = load_config(PRETRAIN_CFG)
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    model = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder)).train()
+    assert not model.visual_encoder.training and not model.qformer.training
+    assert model.llm_proj.training and model.llm_model.training
+    model.apply_trainable()
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"llm_proj"}

@@ -69,6 +69,14 @@ def merge_media(
     return embeds_BLD.masked_scatter(slots_BL.unsqueeze(-1), media_NQD.to(embeds_BLD.dtype))
 
 
+def keep_frozen_encoders_in_eval(cfg: ModelConfig, visual_encoder: nn.Module, qformer: nn.Module) -> None:
+    """Frozen encoders stay in eval mode (no dropout), as in LAVIS, without monkeypatching ``train``."""
+    if cfg.vision.frozen:
+        visual_encoder.eval()
+    if cfg.qformer.frozen:
+        qformer.eval()
+
+
 def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy, mean over trained (label != -100) positions; labels are not pre-shifted."""
     return F.cross_entropy(
@@ -116,11 +124,7 @@ class MultimodalLM(nn.Module):
 
     def train(self, mode: bool = True) -> MultimodalLM:
         super().train(mode)
-        # Frozen encoders stay in eval mode (no dropout), as in LAVIS, without monkeypatching.
-        if self.cfg.vision.frozen:
-            self.visual_encoder.eval()
-        if self.cfg.qformer.frozen:
-            self.qformer.eval()
+        keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
         return self
 
     def embed(self, pixels_NCHW: torch.Tensor, input_ids_BL: torch.Tensor) -> torch.Tensor:

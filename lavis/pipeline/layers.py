@@ -16,7 +16,7 @@ from lavis.config.schema import ModelConfig
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
 from lavis.model.llm import DecoderParts
-from lavis.model.mllm import build_projection, encode_media, merge_media
+from lavis.model.mllm import build_projection, encode_media, keep_frozen_encoders_in_eval, merge_media
 from lavis.model.qformer import build_qformer, build_query_tokens
 from lavis.pipeline.stage_io import StageIO
 
@@ -47,10 +47,7 @@ class VisionEmbedPipe(nn.Module):
 
     def train(self, mode: bool = True) -> VisionEmbedPipe:
         super().train(mode)
-        if self.cfg.vision.frozen:
-            self.visual_encoder.eval()
-        if self.cfg.qformer.frozen:
-            self.qformer.eval()
+        keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
         return self
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StageIO:
