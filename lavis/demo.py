@@ -113,8 +113,9 @@ def main() -> None:
     print(f"held-out accuracy (colour and shape both right): {acc:.3f}", flush=True)
 
     step(5, "chat with the result (add --image PATH --query TEXT for one answer, or --batch IN --out OUT)")
-    print(f"{Path(sys.executable).relative_to(Path.cwd()) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable}"
-          f" cli_demo.py --cfg-path {out / 'config.yaml'} -c {ckpt}", flush=True)
+    py = Path(sys.executable)
+    py = py.relative_to(Path.cwd()) if py.is_relative_to(Path.cwd()) else py
+    print(f"{py} cli_demo.py --cfg-path {out / 'config.yaml'} -c {ckpt}", flush=True)
 
 
 if __name__ == "__main__":
