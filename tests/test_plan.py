@@ -107,3 +107,30 @@ def test_user_partition_is_validated() -> None:
     for bad in ([0, 5], [1, 2, 5], [0, 3, 3, 5], [0, 2, 6]):
         with pytest.raises(ValueError, match="partition"):
             check_partition(bad, 5, len(bad) - 1 if len(bad) > 2 else 2)
+
+
+def test_cost_model_counts_full_size_qwen7b_layout_exactly() -> None:
+    """EVA ViT-g (39 blocks) + BLIP-2 Q-Former + Qwen-7B dimensions, built on the meta device (no memory)."""
+    import torch
+
+    from lavis.model.llm import llm_hf_config
+    from lavis.model.mllm import MultimodalLM
+
+    llm = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 11008,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "tie_word_embeddings": False}
+    cfg = load_config(None, [f"model.llm.hf_config={llm}".replace("'", '"'), "model.llm.frozen=true"])
+    assert (cfg.model.vision.depth, cfg.model.vision.width, cfg.model.qformer.num_query_tokens) == (39, 1408, 32)
+    hf = llm_hf_config(cfg.model.llm)
+    dims = {k: getattr(hf, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    costs = layer_costs(cfg.model, dims, WORK)
+    with torch.device("meta"):
+        model = MultimodalLM(cfg.model, placeholder_id=151646)
+    model.apply_trainable()
+    n_vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual_encoder."))
+    # FORMATS.md section 1: 39 x (4*1408^2 + 2*1408*6144 + 8*1408 + 6144) + patch (3*14^2*1408 + 1408)
+    # + pos_embed 257*1408 + cls 1408
+    assert n_vit == 39 * 25_248_768 + 829_312 + 361_856 + 1_408 == 985_894_528
+    assert sum(c.params for c in costs) == sum(p.numel() for p in model.parameters())
+    assert sum(c.trainable_params for c in costs) == 768 * 4096 + 4096  # pretrain: only llm_proj trains
