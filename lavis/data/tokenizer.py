@@ -10,6 +10,8 @@ never rebuilds it.
 
 from __future__ import annotations
 
+import shutil
+import unicodedata
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,10 +59,72 @@ class TextTokenizer:
     def is_special(self, token: str) -> bool:
         return token in self._specials
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
+    def save_to(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` into ``directory``; returns the file."""
+        path = Path(directory) / "tokenizer.json"
         self._tok.save(str(path))
         return path
+
+
+# Qwen v1 (Qwen-7B/14B-Chat) tokenizer facts (FORMATS.md section 5): byte-level BPE ranks in `qwen.tiktoken`,
+# this pre-tokenizer regex, NFC normalisation, and specials defined in code after the 151,643 regular tokens.
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN_NUM_REGULAR = 151643
+QWEN_SPECIALS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))
+
+
+class QwenTokenizer:
+    """Qwen v1's tokenizer from its ``qwen.tiktoken`` file, through tiktoken (no remote code).
+
+    Like Qwen's ``tokenization_qwen.py``: input is NFC-normalised, special-token text becomes its special id
+    (``allowed_special="all"``), no BOS/EOS is added, ``decode(skip_special_tokens=True)`` drops ids >= 151643.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"Qwen tokenizer file {self.path} not found (see WEIGHT.md)")
+        ranks = load_tiktoken_bpe(str(self.path))
+        if len(ranks) != QWEN_NUM_REGULAR:
+            raise ValueError(f"{self.path}: {len(ranks)} ranks, expected Qwen v1's {QWEN_NUM_REGULAR}")
+        self.specials = {tok: QWEN_NUM_REGULAR + i for i, tok in enumerate(QWEN_SPECIALS)}
+        self._enc = tiktoken.Encoding("qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks,
+                                      special_tokens=self.specials)
+        self.source = str(self.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return QWEN_NUM_REGULAR + len(QWEN_SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) >= QWEN_NUM_REGULAR)]
+        return self._enc.decode(ids, errors="replace")
+
+    def token_id(self, token: str) -> int:
+        if token in self.specials:
+            return self.specials[token]
+        ids = self._enc.encode(token, allowed_special=set(), disallowed_special=())
+        if len(ids) != 1:
+            raise KeyError(f"{token!r} is not a single token of {self.source}")
+        return ids[0]
+
+    def is_special(self, token: str) -> bool:
+        return token in self.specials
+
+    def save_to(self, directory: str | Path) -> Path:
+        """Copy ``qwen.tiktoken`` into ``directory``; returns the copy."""
+        dest = Path(directory) / "qwen.tiktoken"
+        if dest.resolve() != self.path.resolve():
+            shutil.copy2(self.path, dest)
+        return dest
 
 
 def build_demo_tokenizer() -> TextTokenizer:
@@ -81,10 +145,16 @@ def build_demo_tokenizer() -> TextTokenizer:
     return TextTokenizer(tok, source="builtin:shapes")
 
 
-def load_tokenizer(ref: str) -> TextTokenizer:
-    """Resolve ``model.llm.tokenizer``: ``builtin:shapes`` or a path to ``tokenizer.json`` / its directory."""
+def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer:
+    """Resolve ``model.llm.tokenizer``: ``builtin:shapes``, a ``qwen.tiktoken`` file (or a directory holding one,
+    such as a Qwen-7B-Chat download), or a ``tokenizer.json`` file / its directory."""
     if ref == "builtin:shapes":
         return build_demo_tokenizer()
     if ref.startswith("builtin:"):
         raise ValueError(f"unknown builtin tokenizer {ref!r}; the only builtin is 'builtin:shapes'")
+    path = Path(ref)
+    if path.suffix == ".tiktoken":
+        return QwenTokenizer(path)
+    if path.is_dir() and (path / "qwen.tiktoken").is_file():
+        return QwenTokenizer(path / "qwen.tiktoken")
     return TextTokenizer.from_file(ref)

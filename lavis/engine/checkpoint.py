@@ -64,9 +64,9 @@ def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_la
     tag_dir = output_dir / tag
     if dist.get_rank() == 0:
         write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag}, indent=1))
-        tok = output_dir / "tokenizer.json"
+        tok = output_dir / meta["tokenizer"]
         if tok.is_file():
-            shutil.copy2(tok, tag_dir / "tokenizer.json")
+            shutil.copy2(tok, tag_dir / tok.name)
         write_atomic(output_dir / "latest", tag)
         _prune(output_dir, keep_last, keep=tag)
     dist.barrier()
