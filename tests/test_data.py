@@ -141,3 +141,29 @@ def test_sampler_is_a_function_of_the_step() -> None:
     epoch = {a.index_at(p) for p in range(50)}
     assert epoch == set(range(50))
     assert StepSampler([10, 20], [2.0, 0.5], dp_rank=0, dp_size=1, **kw).epoch_len == 30
+
+
+def test_mpp_and_llava_formats_become_canonical(tmp_path: Path, tpl: ChatTemplate) -> None:
+    mpp = [{"image": "a.jpg", "instruction": "<Img><ImageHere></Img> What is it?", "output": "A cat."},
+           {"image": "b.jpg", "instruction": ["<Img><ImageHere></Img>Colour?", "Shape?"], "output": ["Red.", "Round."]},
+           {"video": "v.mp4", "instruction": "<Img><ImageHere></Img> What happens?", "output": "It moves."}]
+    llava = [{"id": "000001", "image": "coco/1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Brown."}]}]
+    (tmp_path / "mpp.json").write_text(json.dumps(mpp))
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    recs = load_records(DatasetConfig(ann_path=str(tmp_path / "mpp.json"), vis_root=str(tmp_path), format="mpp"))
+    assert recs[0].conversations == [{"role": "user", "content": "<image> What is it?"},
+                                     {"role": "assistant", "content": "A cat."}]
+    assert recs[0].images == [tmp_path / "a.jpg"] and recs[0].id.endswith("mpp.json:0")
+    assert [t["content"] for t in recs[1].conversations] == ["<image>Colour?", "Red.", "Shape?", "Round."]
+    assert recs[2].video == tmp_path / "v.mp4" and recs[2].conversations[0]["content"] == "<video> What happens?"
+    # MPP's <Img><ImageHere></Img> renders back to exactly the text MPP-Qwen builds
+    enc = encode_chatml(recs[0].conversations, tpl, record_id="m")
+    assert "<Img>" + "<|extra_0|>" * NQ + "</Img> What is it?" in tpl.tokenizer.decode(enc.input_ids, False)
+    (rec,) = load_records(DatasetConfig(ann_path=str(tmp_path / "llava.json"), format="llava"))
+    assert rec.id == "000001" and [t["role"] for t in rec.conversations] == ["user", "assistant"] * 2
+    bad = [{"image": "a.jpg", "instruction": ["q1", "q2"], "output": ["a1"]}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"bad.json:0.*equal-length"):
+        load_records(DatasetConfig(ann_path=str(tmp_path / "bad.json"), format="mpp"))

@@ -107,7 +107,8 @@ class DatasetConfig:
     """Annotation JSON (a list of records) or JSONL."""
     vis_root: str = ""
     """Directory that image / video paths in the records are relative to."""
-    format: Literal["canonical"] = "canonical"
+    format: Literal["canonical", "mpp", "llava"] = "canonical"
+    """``canonical`` (DATA.md), ``mpp`` (MPP-Qwen instruction/output JSON) or ``llava`` (LLaVA conversations)."""
     weight: float = 1.0
     """Sampling weight when several datasets are mixed."""
 

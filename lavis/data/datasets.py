@@ -17,6 +17,7 @@ import torch
 
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data import media
+from lavis.data.formats import CONVERTERS
 from lavis.data.conversation import (
     IMAGE_MARKER,
     VIDEO_MARKER,
@@ -67,6 +68,8 @@ def load_records(ds: DatasetConfig) -> list[Record]:
         where = f"{path}:{i}"
         if not isinstance(r, dict):
             raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
+        if ds.format != "canonical":
+            r = CONVERTERS[ds.format](r, where)
         rid = str(r.get("id", where))
         convs = r.get("conversations")
         if not isinstance(convs, list) or not convs:
