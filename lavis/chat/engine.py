@@ -174,10 +174,8 @@ class ChatEngine:
     def regenerate(self, on_text: Callable[[str], None] | None = None) -> str:
         if not self.history:
             raise ValueError("nothing to regenerate: the history is empty")
-        last = self.history.pop()
-        last = replace(last, answer=None)
-        last.answer = self._generate(self.history + [last], on_text)
-        self.history.append(last)
+        last = self.history[-1]
+        last.answer = self._generate(self.history[:-1] + [replace(last, answer=None)], on_text)
         return last.answer
 
     @torch.inference_mode()

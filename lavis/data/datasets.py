@@ -17,7 +17,6 @@ import torch
 
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data import media
-from lavis.data.formats import CONVERTERS
 from lavis.data.conversation import (
     IMAGE_MARKER,
     VIDEO_MARKER,
@@ -29,6 +28,7 @@ from lavis.data.conversation import (
     encode_chatml,
     truncate,
 )
+from lavis.data.formats import CONVERTERS
 
 
 @dataclass

@@ -59,9 +59,12 @@ class TextTokenizer:
     def is_special(self, token: str) -> bool:
         return token in self._specials
 
+    file_name = "tokenizer.json"
+    """What :meth:`save_to` writes; a run directory keeps its tokenizer under this name."""
+
     def save_to(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``directory``; returns the file."""
-        path = Path(directory) / "tokenizer.json"
+        path = Path(directory) / self.file_name
         self._tok.save(str(path))
         return path
 
@@ -119,9 +122,11 @@ class QwenTokenizer:
     def is_special(self, token: str) -> bool:
         return token in self.specials
 
+    file_name = "qwen.tiktoken"
+
     def save_to(self, directory: str | Path) -> Path:
         """Copy ``qwen.tiktoken`` into ``directory``; returns the copy."""
-        dest = Path(directory) / "qwen.tiktoken"
+        dest = Path(directory) / self.file_name
         if dest.resolve() != self.path.resolve():
             shutil.copy2(self.path, dest)
         return dest

@@ -25,7 +25,7 @@ from lavis.config.schema import Config
 from lavis.data.collate import Collator
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
-from lavis.data.tokenizer import ENDOFTEXT, QwenTokenizer, load_tokenizer
+from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
@@ -165,8 +165,7 @@ def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None
                    f"uses {parts} x dp {dp}: module weights were loaded, optimizer state was reset")
 
     # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
-    tok_name = "qwen.tiktoken" if isinstance(tok, QwenTokenizer) else "tokenizer.json"
-    llm = replace(cfg.model.llm, tokenizer=str(out / tok_name))
+    llm = replace(cfg.model.llm, tokenizer=str(out / tok.file_name))
     saved_cfg = replace(cfg, model=replace(cfg.model, llm=llm))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +199,7 @@ def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None
         "parts": parts,
         "dp_size": dp,
         "config": to_dict(saved_cfg),
-        "tokenizer": tok_name,
+        "tokenizer": tok.file_name,
         "placeholder_id": placeholder_id,
     }
 
