@@ -73,6 +73,8 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return {
         "pp2": train(tmp, "pp2", 2, 2, gas=4, data=tiny_data, steps=6),
         "pp1dp2": train(tmp, "pp1dp2", 2, 1, gas=2, data=tiny_data, steps=6),
+        "pp1": train(tmp, "pp1", 1, 1, gas=4, data=tiny_data, steps=6),
+        "pp2dp2": train(tmp, "pp2dp2", 4, 2, gas=2, data=tiny_data, steps=6),
     }
 
 

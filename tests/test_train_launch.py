@@ -21,7 +21,6 @@ from lavis.model.mllm import MultimodalLM
 from .conftest import COMMON, DEMO_CFG, PRETRAIN_CFG, STEPS, data_options, losses, train
 
 
-
 def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     """The same training in one process with plain torch: MultimodalLM, AdamW, global-norm clip, same data."""
     cfg = load_config(DEMO_CFG, [*COMMON, f"train.grad_accum_steps={gas}", *data_options(data)])
@@ -58,27 +57,19 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     return out
 
 
-def test_pp1_and_pp2_match_each_other_and_plain_torch(runs: dict[str, Path], tiny_data: Path) -> None:
-    pp2, pp1 = losses(runs["pp2"]), losses(runs["pp1dp2"])
+def test_pp1_pp2_pp2xdp2_match_plain_torch(runs: dict[str, Path], tiny_data: Path) -> None:
+    """fp32 with gradient clipping active: every layout gives the reference's losses (same global batch of 16)."""
     ref = reference_losses(tiny_data, gas=4, steps=STEPS)
-    assert len(pp1) == STEPS
-    for a, b, r in zip(pp2, pp1, ref):
-        assert abs(a - b) / abs(b) <= 1e-5, (pp2, pp1)
-        assert abs(a - r) / abs(r) <= 1e-5, (pp2, ref)
+    for name in ("pp1", "pp2", "pp1dp2", "pp2dp2"):
+        got = losses(runs[name])
+        assert len(got) == STEPS, name
+        for a, r in zip(got, ref):
+            assert abs(a - r) / abs(r) <= 1e-5, (name, got, ref)
+    pp2 = losses(runs["pp2"])
     assert pp2[-1] < pp2[0]  # it learns
     rows = [json.loads(ln) for ln in (runs["pp2"] / "metrics.jsonl").read_text().splitlines()]
     assert all(r["samples"] == 16 and r["tokens"] > 0 and r["grad_norm"] > 0 and r["step_time_s"] > 0 for r in rows)
     assert rows[0]["grad_norm"] > 1.0  # clipping was active in the compared steps
-
-
-def test_resume_continues_exactly(runs: dict[str, Path], tiny_data: Path, tmp_path: Path) -> None:
-    out = train(tmp_path, "resumed", 2, 2, gas=4, data=tiny_data, steps=6, stop_at=3)
-    assert (out / "latest").read_text() == "global_step3" and len(losses(out)) == 3
-    train(tmp_path, "resumed", 2, 2, gas=4, data=tiny_data, steps=6)  # auto-resume from `latest`
-    full, resumed = losses(runs["pp2"]), losses(out)
-    assert len(resumed) == 6
-    for a, b in zip(full[3:], resumed[3:]):
-        assert abs(a - b) <= 1e-6 * abs(a), (full, resumed)
 
 
 def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], tiny_data: Path) -> None:
@@ -100,11 +91,12 @@ def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], 
     assert torch.equal(state["llm_model.model.embed_tokens.weight"], layer["embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_pretrain_recipe_frozen_stages(tiny_data: Path, tmp_path: Path, precision: str) -> None:
-    """Only the projection trains: stage 1 owns no trainable parameter (the anchor keeps DeepSpeed happy)."""
-    out = train(tmp_path, "pre", 2, 2, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
-                extra=(f"train.precision={precision}",))
+@pytest.mark.parametrize(("stages", "precision", "zero"),
+                         [(2, "fp32", 0), (3, "fp32", 0), (2, "bf16", 0), (3, "bf16", 1)])
+def test_pretrain_recipe_frozen_stages(tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int) -> None:
+    """Only the projection trains: later stages own no trainable parameter (the anchor keeps DeepSpeed happy)."""
+    out = train(tmp_path, "pre", stages, stages, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
+                extra=(f"train.precision={precision}", f"train.zero_stage={zero}"))
     ls = losses(out)
     assert len(ls) == 3 and all(torch.isfinite(torch.tensor(ls)))
     tag = out / "global_step3"

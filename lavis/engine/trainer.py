@@ -7,10 +7,8 @@ Launch with ``deepspeed --num_gpus W train_pipeline.py ...`` or ``torchrun --npr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -25,11 +23,14 @@ from lavis.config.schema import Config
 from lavis.data.collate import Collator
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
+from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
+from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
+from lavis.engine.profiling import InstructionTimer
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import Workload, check_partition, format_plan, layer_costs, layer_table, plan_stages
 
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     shutdown()
 
 
-def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None = None) -> None:
+def train(
+    cfg: Config, *, require_resume: bool = False, stop_at_step: int | None = None, measure_from: int | None = None
+) -> dict[str, Any] | None:
+    """Train; returns None, or with ``measure_from`` (``python -m lavis.bench``) per-rank measurements of the steps
+    from that one on, and then neither resumes nor saves checkpoints."""
     import deepspeed
 
     t = cfg.train
@@ -148,7 +153,7 @@ def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None
 
     # --- resume -------------------------------------------------------------------------------------------------
     start_step = 0
-    tag = checkpoint.read_latest(out)
+    tag = checkpoint.read_latest(out) if measure_from is None else None
     if tag is None and require_resume:
         raise FileNotFoundError(f"--resume: no checkpoint in {out} (no `latest` file)")
     if tag is not None:
@@ -171,28 +176,37 @@ def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None
         out.mkdir(parents=True, exist_ok=True)
         save_config(saved_cfg, out / "config.yaml")
         tok.save_to(out)
-        _truncate_metrics(out / "metrics.jsonl", start_step)
     dist.barrier()
 
     # --- data ---------------------------------------------------------------------------------------------------
-    # Only the first stage (inputs) and the last stage (labels) read data; the last one never decodes media.
+    # Only the first stage (inputs) and the last stage (labels) read data; the last one never decodes media. Every
+    # rank joins StepLoader.next_step's collective, which keeps both stages on the same samples (on_bad_sample).
     first, last = stage == 0, stage == t.num_stages - 1
-    dataset = sampler = data_iter = None
+    if cfg.data.on_bad_sample == "skip" and cfg.data.fixed_length:
+        raise ValueError("data.on_bad_sample=skip shrinks micro-batches, which needs data.fixed_length=false")
+    data_tpl = replace(tpl, name=cfg.model.llm.template)
+    dataset = sampler = collate = None
     if first or last:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
         records = [load_records(d) for d in cfg.data.train]
-        dataset = ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
+        dataset = ConversationDataset(sum(records, []), data_tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=first, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-                              dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp, start_step=start_step)
+                              dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp, start_step=start_step,
+                              length_of=dataset.num_tokens if cfg.data.group_by_length else None)
         collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
                            cfg.data.fixed_length)
-        workers = cfg.data.num_workers if first else 0  # the label-only last stage decodes nothing
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=workers, persistent_workers=workers > 0)
-        data_iter = iter(loader)
+    steps = StepLoader(dataset, sampler, collate, grad_accum_steps=t.grad_accum_steps,
+                       micro_batch_size=t.micro_batch_size, dp_rank=engine.grid.get_data_parallel_rank(),
+                       dp_size=dp, on_bad_sample=cfg.data.on_bad_sample,
+                       num_workers=cfg.data.num_workers if first else 0,  # the label-only last stage decodes nothing
+                       device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+
+    counter = None
+    if rank == 0:  # padding efficiency, measured on the batches stage 0 of replica 0 really runs
+        counter = _PadCounter(None)
 
     meta = {
         "layers": checkpoint.table_to_json(table),
@@ -205,30 +219,76 @@ def train(cfg: Config, *, require_resume: bool = False, stop_at_step: int | None
 
     # --- loop ---------------------------------------------------------------------------------------------------
     bar = _Progress(start_step, t.max_steps) if rank == 0 else None
+    logger = MetricsLogger(out, t, to_dict(saved_cfg), start_step) if rank == 0 else None
     g = t.micro_batch_size * t.grad_accum_steps * dp
     end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
+    timer = InstructionTimer(engine) if measure_from is not None else None
     for step in range(start_step, end):
+        if timer is not None and step == measure_from:
+            timer.enabled = True
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
+        batches = steps.next_step(step)  # a collective on every rank, outside train_batch
+        data_iter = iter(batches) if batches is not None else None
+        if counter is not None:
+            counter.it, data_iter = data_iter, counter
         loss = engine.train_batch(data_iter)
         dt = time.perf_counter() - t0
         grad_norm = optimizer.last_grad_norm if own_clip else engine.get_global_grad_norm()
         if step == start_step:
             _report_memory(stage)
         if rank == 0:
-            tokens = sum(dataset.num_tokens(i) for i in sampler.step_indices(step))
+            tokens = steps.step_tokens(step)
+            skipped = steps.step_skips(step)
             row = {"step": step + 1, "loss": float(loss), "lr": lr,
                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens": tokens, "samples": g, "step_time_s": round(dt, 4)}
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                   "tokens": tokens, "samples": g - skipped, "skipped": skipped, "step_time_s": round(dt, 4),
+                   **counter.take()}
+            logger.log(row)
             bar.update(row)
         done = step + 1
-        if done == end or (t.save_every and done % t.save_every == 0):
+        if measure_from is None and (done == end or (t.save_every and done % t.save_every == 0)):
             tag_dir = checkpoint.save(engine, out, done, meta, t.keep_last)
             print0(f"saved {tag_dir}")
-    if bar is not None:
+    if rank == 0:
         bar.close()
+        logger.close()
+    if steps.summary():
+        print0(steps.summary())
+    if timer is None:
+        return None
+    mine = {"rank": rank, "stage": stage, "dp_rank": engine.grid.get_data_parallel_rank(),
+            "instruction_seconds": dict(timer.seconds), "compute_seconds": timer.compute_seconds(),
+            "peak_memory_gib": _peak_memory_gib(), "memory_kind": "gpu" if torch.cuda.is_available() else "host_rss"}
+    ranks: list[Any] = [None] * world
+    dist.all_gather_object(ranks, mine)
+    return {"ranks": ranks, "parts": parts, "plan": [c.__dict__ for c in costs], "rows_path": str(out / "metrics.jsonl")}
+
+
+class _PadCounter:
+    """Passes batches through, counting real (mask 1) and padded (mask numel) token slots and images (video frames)
+    since the last take()."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.real, self.padded, self.images = it, 0, 0, 0
+
+    def __iter__(self) -> _PadCounter:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.it)
+        pixels_NCHW, _, mask_BL = batch[0]
+        self.images += pixels_NCHW.shape[0]
+        self.real += int(mask_BL.sum())
+        self.padded += mask_BL.numel()
+        return batch
+
+    def take(self) -> dict[str, int]:
+        out = {"real_tokens_r0": self.real, "padded_tokens_r0": self.padded, "images_r0": self.images}
+        self.real = self.padded = self.images = 0
+        return out
 
 
 class _Progress:
@@ -249,29 +309,18 @@ class _Progress:
         self.bar.close()
 
 
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _report_memory(stage: int) -> None:
     """Collective: rank 0 prints each stage's peak memory after the first step."""
-    if torch.cuda.is_available():
-        mem = torch.cuda.max_memory_allocated() / 2**30
-        kind = "GPU peak allocated"
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        kind = "host peak RSS"
+    mem = _peak_memory_gib()
+    kind = "GPU peak allocated" if torch.cuda.is_available() else "host peak RSS"
     rows: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(rows, (dist.get_rank(), stage, mem))
     if dist.get_rank() == 0:
         print0(f"memory after the first step ({kind}): "
                + ", ".join(f"rank {r} (stage {s}) {m:.2f} GiB" for r, s, m in rows))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric rows up to ``step`` (a resumed run continues the file without duplicate steps)."""
-    if not path.is_file():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    shutil.move(tmp, path)

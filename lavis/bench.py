@@ -1,0 +1,260 @@
+"""Measure real training steps: ``python -m lavis.bench --cfg-path CFG [--random-init] [--steps N] [--num-stages N]``.
+
+It runs the trainer itself (same engine, data pipeline and schedule) for ``--warmup`` + ``--steps`` optimizer steps
+without saving checkpoints, and reports over the measured steps, printed and as JSON (``--out``):
+
+- non-pad tokens/s and samples/s (all replicas), padding efficiency (real / padded token slots, replica 0's batches);
+- MFU = model FLOPs per second / (GPUs x peak). Model FLOPs per step are the planner's per-layer estimates
+  (``lavis.pipeline.plan.layer_costs``) at the measured padded batch shape: 2 x params x tokens per forward matmul
+  (+ 4 x L^2 x D attention per sequence per block), backward 2x forward for trained layers, 1x for frozen layers that
+  gradients pass through, 0 for frozen layers with nothing trainable upstream (the frozen ViT runs forward only).
+  The peak is ``--peak-tflops`` or, on known GPUs, their dense bf16 tensor-core peak (table ``PEAK_TFLOPS``);
+  no MFU on CPU;
+- peak memory per stage (GPU: ``max_memory_allocated``; CPU: host peak RSS) and stage time balance: seconds each
+  rank spent in forward / backward / optimizer instructions (``lavis.engine.profiling``), and max / mean over stages.
+
+``--random-init`` skips every weight file (full-size shapes need no download). ``--synthetic-data`` writes a
+dataset of one-image samples whose token lengths are uniform in [seq_len / 2, seq_len] (``--seq-len``), so
+long-sequence throughput can be measured without real data; ``--tokenizer builtin:shapes`` lets a full-size LLM run
+without its tokenizer files (the LLM's vocabulary may be larger than the tokenizer's).
+
+Without a launcher it starts ``torch.distributed.run`` itself with ``--num-stages`` x ``--dp`` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lavis.config.load import load_config
+from lavis.config.schema import Config, DatasetConfig, LLMConfig
+from lavis.engine.distributed import init_distributed, print0, shutdown
+
+PEAK_TFLOPS = {  # dense bf16 tensor-core peak (fp32 accumulate), vendor datasheets
+    "H100 80GB HBM3": 989.0,  # SXM
+    "H100 PCIe": 756.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+    "RTX A6000": 154.8,
+    "L40S": 362.0,
+}
+
+DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg-path", required=True)
+    p.add_argument("--random-init", action="store_true", help="ignore every weight file; random weights, real shapes")
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--num-stages", type=int, help="pipeline stages (default: the recipe's)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--synthetic-data", action="store_true", help="generate one-image samples of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=512, help="--synthetic-data: longest sample (tokens)")
+    p.add_argument("--tokenizer", help="override model.llm.tokenizer (e.g. builtin:shapes with --random-init)")
+    p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: known GPUs' bf16 peak)")
+    p.add_argument("--output-dir", default="output/bench", help="scratch run directory (no checkpoints are written)")
+    p.add_argument("--out", help="write the report as JSON here (default <output-dir>/bench.json)")
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.cfg_path, args.options)
+    m = cfg.model
+    if args.random_init:
+        from lavis.model.llm import llm_hf_config
+
+        hf = llm_hf_config(m.llm).to_dict()
+        keep = {k: v for k, v in hf.items() if not k.startswith("_") and k not in
+                ("architectures", "transformers_version", "auto_map", "torch_dtype", "dtype")}
+        llm = replace(m.llm, path=None, hf_config=keep)
+        m = replace(m, vision=replace(m.vision, checkpoint=None), qformer=replace(m.qformer, checkpoint=None),
+                    llm=llm, checkpoint=None)
+    if args.tokenizer:
+        if args.tokenizer == "builtin:shapes":
+            llm = replace(m.llm, tokenizer=args.tokenizer, template=DEMO_LLM.template,
+                          image_placeholder=DEMO_LLM.image_placeholder)
+        else:
+            llm = replace(m.llm, tokenizer=args.tokenizer)
+        m = replace(m, llm=llm)
+    t = cfg.train
+    t = replace(t, output_dir=args.output_dir, max_steps=args.warmup + args.steps, save_every=0, tensorboard=False,
+                wandb_project=None, num_stages=args.num_stages or t.num_stages,
+                partition=t.partition if not args.num_stages or args.num_stages == t.num_stages else None)
+    data = cfg.data
+    if args.synthetic_data:
+        ann = Path(args.output_dir) / "synthetic" / "train.json"
+        data = replace(data, train=[DatasetConfig(ann_path=str(ann), vis_root=str(ann.parent))],
+                       max_txt_len=max(data.max_txt_len, args.seq_len))
+    return replace(cfg, model=m, train=t, data=data)
+
+
+def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int = 0) -> None:
+    """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L]."""
+    from lavis.data import shapes
+    from lavis.data.conversation import ChatTemplate
+    from lavis.data.tokenizer import load_tokenizer
+
+    ds = cfg.data.train[0]
+    root = Path(ds.vis_root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
+                       cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+    rng = random.Random(seed)
+    words = " ".join(shapes.corpus()).split()
+    # Fixed overhead (template, system prompt, question, image run) measured once on a one-word answer.
+    probe = {"images": ["x"], "conversations": [{"role": "user", "content": "<image>\nDescribe the image."},
+                                                  {"role": "assistant", "content": "a"}]}
+    overhead = _num_tokens(tpl, probe) - 1
+    per_word = max(1e-3, len(tok.encode(" ".join(words[:200]))) / 200)
+    records = []
+    for i in range(8):
+        shapes.draw(shapes.sample_spec(rng)).save(root / "images" / f"{i}.jpg")
+    for i in range(num_records):
+        target = rng.randint(seq_len // 2, seq_len) - overhead
+        if target < 1:
+            raise ValueError(f"--seq-len {seq_len} is too short for the image run and template ({overhead} tokens)")
+        n = max(1, int(target / per_word))
+        answer = " ".join(rng.choice(words) for _ in range(n))
+        records.append({"id": f"bench-{i}", "images": [f"images/{i % 8}.jpg"],
+                        "conversations": [{"role": "user", "content": "<image>\nDescribe the image."},
+                                          {"role": "assistant", "content": answer}]})
+    Path(ds.ann_path).write_text(json.dumps(records))
+
+
+def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
+    from lavis.data.conversation import encode_conversation
+
+    return len(encode_conversation(record["conversations"], tpl, record_id="probe", label_mode="mpp").input_ids)
+
+
+def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from lavis.model.llm import llm_hf_config
+    from lavis.pipeline.plan import Workload, layer_costs
+
+    rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if r["step"] > args.warmup]
+    t = cfg.train
+    dp = len(result["ranks"]) // t.num_stages
+    secs = sum(r["step_time_s"] for r in rows)
+    real = sum(r["real_tokens_r0"] for r in rows)
+    padded = sum(r["padded_tokens_r0"] for r in rows)
+    micro = t.grad_accum_steps * len(rows)
+    # FLOPs at the measured mean padded micro-batch shape of replica 0, times all micro-batches of all replicas.
+    hf = llm_hf_config(cfg.model.llm)
+    dims = {k: getattr(hf, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    tokens_per_micro = padded / max(1, micro)
+    seq = tokens_per_micro / t.micro_batch_size
+    images = round(sum(r["images_r0"] for r in rows) / max(1, micro))
+    work = Workload(tokens=round(tokens_per_micro), seq_len=max(1, round(seq)), images=images)
+    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work)) * t.grad_accum_steps * dp
+    achieved = flops_step * len(rows) / max(secs, 1e-9)
+    devices = len(result["ranks"])
+    peak = args.peak_tflops or _known_peak()
+    stages = []
+    for s in range(t.num_stages):
+        rs = [r for r in result["ranks"] if r["stage"] == s]
+        stages.append({
+            "stage": s,
+            "layers": [result["parts"][s], result["parts"][s + 1]],
+            "peak_memory_gib": round(max(r["peak_memory_gib"] for r in rs), 3),
+            "memory_kind": rs[0]["memory_kind"],
+            "compute_seconds": round(statistics.mean(r["compute_seconds"] for r in rs), 4),
+            "instruction_seconds": {k: round(v, 4) for k, v in rs[0]["instruction_seconds"].items()},
+        })
+    compute = [s["compute_seconds"] for s in stages]
+    return {
+        "config": str(args.cfg_path),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "num_stages": t.num_stages,
+        "dp": dp,
+        "precision": t.precision,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "measured_steps": len(rows),
+        "step_time_s": round(secs / max(1, len(rows)), 4),
+        "non_pad_tokens_per_s": round(real * dp / max(secs, 1e-9), 1),
+        "samples_per_s": round(sum(r["samples"] for r in rows) / max(secs, 1e-9), 3),
+        "padding_efficiency": round(real / max(1, padded), 4),
+        "model_tflops_per_step": round(flops_step / 1e12, 3),
+        "achieved_tflops_per_device": round(achieved / devices / 1e12, 3),
+        "peak_tflops_per_device": peak,
+        "mfu": None if peak is None else round(achieved / devices / (peak * 1e12), 4),
+        "stage_time_balance": round(max(compute) / max(1e-9, statistics.mean(compute)), 3),
+        "stages": stages,
+    }
+
+
+def _known_peak() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = [f"bench: {rep['config']} on {rep['device']}: {rep['num_stages']} stage(s) x {rep['dp']} replica(s), "
+             f"{rep['precision']}, micro {rep['micro_batch_size']} x GAS {rep['grad_accum_steps']}, "
+             f"{rep['measured_steps']} measured steps",
+             f"  step time {rep['step_time_s']:.3f} s | {rep['non_pad_tokens_per_s']:.0f} non-pad tokens/s | "
+             f"{rep['samples_per_s']:.2f} samples/s | padding efficiency {rep['padding_efficiency']:.1%}",
+             f"  model {rep['model_tflops_per_step']:.2f} TFLOP/step, {rep['achieved_tflops_per_device']:.2f} "
+             f"TFLOP/s per device, MFU "
+             + ("n/a (no peak known; pass --peak-tflops)" if rep["mfu"] is None else f"{rep['mfu']:.1%}"
+                + f" of {rep['peak_tflops_per_device']} TFLOP/s"),
+             f"  stage time balance (max/mean compute) {rep['stage_time_balance']:.2f}"]
+    for s in rep["stages"]:
+        lines.append(f"  stage {s['stage']} layers {s['layers'][0]}-{s['layers'][1] - 1}: compute "
+                     f"{s['compute_seconds']:.3f} s, peak memory {s['peak_memory_gib']:.2f} GiB ({s['memory_kind']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = bench_config(args)
+    world = cfg.train.num_stages * args.dp
+    if "RANK" not in os.environ and world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               "-m", "lavis.bench", *(argv if argv is not None else sys.argv[1:])]
+        sys.exit(subprocess.call(cmd))
+    from lavis.engine.trainer import train
+
+    init_distributed()
+    if dist.get_rank() == 0 and args.synthetic_data:
+        num = max(64, cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.dp * cfg.train.max_steps)
+        write_synthetic_data(cfg, args.seq_len, num)
+    dist.barrier()
+    result = train(cfg, measure_from=args.warmup)
+    if dist.get_rank() == 0:
+        rep = summarize(cfg, result, args)
+        print(format_report(rep), flush=True)
+        out = Path(args.out or Path(cfg.train.output_dir) / "bench.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rep, indent=1))
+        print0(f"wrote {out}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
