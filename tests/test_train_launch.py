@@ -113,3 +113,32 @@ def test_pretrain_recipe_frozen_stages(tiny_data: Path, tmp_path: Path, stages: 
     before = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder))
     before.init_weights(cfg.model.init_seed)
     assert not torch.equal(before.llm_proj.weight, state["llm_proj.weight"].float())  # it trained
+
+
+def test_hf_out_directory_loads_with_automodel_and_matches(runs: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lavis.convert.pipe_to_pth import cli
+
+    run = runs["pp2"]
+    pth, hf_dir = tmp_path / "m.pth", tmp_path / "hf"
+    cli("model", "", ["--ckpt-dir", str(run), "--out", str(pth), "--hf-out", str(hf_dir), "--hf-dtype", "fp32"])
+    assert {"config.json", "projector.pth", "mm_config.yaml", "tokenizer.json"} <= {p.name for p in hf_dir.iterdir()}
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    cfg = load_config(hf_dir / "mm_config.yaml")
+    tok = load_tokenizer(str(hf_dir / "tokenizer.json"))
+    ours = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder))
+    ours.load_state_dict(torch.load(pth, weights_only=True), strict=True)
+    ours.eval()
+    assert torch.equal(torch.load(hf_dir / "projector.pth", weights_only=True)["llm_proj.weight"],
+                       ours.llm_proj.weight)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size, generator=g)
+    ids[0, 2:2 + cfg.model.qformer.num_query_tokens] = ours.placeholder_id
+    with torch.no_grad():
+        want = ours(pixels, ids, mask)
+        embeds = ours.embed(pixels, ids)  # our vision side + projector, then the exported LLM alone
+        got = hf(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

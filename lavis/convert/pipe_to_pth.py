@@ -90,5 +90,15 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", "--ckpt_dir", required=True, help="run directory or one global_step* directory")
     p.add_argument("--out", help=f"output file (default: CKPT_DIR/{OUTPUT_NAME[kind]})")
+    p.add_argument("--hf-out", metavar="DIR",
+                   help="also write the LLM as a transformers directory (AutoModelForCausalLM.from_pretrained), "
+                        "with projector.pth, mm_config.yaml and the tokenizer beside it")
+    p.add_argument("--hf-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="--hf-out weight dtype")
     args = p.parse_args(argv)
-    print(convert(args.ckpt_dir, kind, args.out))
+    pth = convert(args.ckpt_dir, kind, args.out)
+    print(pth)
+    if args.hf_out:
+        from lavis.convert.hf_export import export_hf
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
+        print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
