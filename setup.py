@@ -26,6 +26,7 @@ setup(
         "av",  # video decoding fallback and the demo's mp4 writer
         "numpy",
         "tqdm",  # progress bars
+        "tensorboard",  # training curves (<output_dir>/tensorboard)
     ],
     extras_require={
         "demo": ["gradio>=5"],  # web UI

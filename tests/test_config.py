@@ -81,3 +81,26 @@ def test_deepspeed_dict_is_derived() -> None:
     assert ds["gradient_clipping"] == 0.5
     # fp32 without ZeRO: DeepSpeed's PP norm is wrong, so its clipping is off and ours is used.
     assert deepspeed_config(TrainConfig(precision="fp32", grad_clip=1.0), 1)["gradient_clipping"] == 0.0
+
+
+def test_base_recipe_is_merged_under_the_recipe(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text(
+        "model:\n  llm: {hf_config: {model_type: qwen2, hidden_size: 64}, system_prompt: base prompt}\n"
+        "train: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
+    (tmp_path / "mid.yaml").write_text("base: models/m.yaml\ntrain: {max_steps: 7}\n")
+    (tmp_path / "run.yaml").write_text("base: mid.yaml\ntrain: {lr: 2.0e-5, betas: [0.9, 0.99]}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.model.llm.hf_config == {"model_type": "qwen2", "hidden_size": 64}
+    assert cfg.model.llm.system_prompt == "base prompt"
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (2e-5, 7, (0.9, 0.99))  # lists replace
+
+
+def test_base_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml not found \(named by `base:` in"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "b.yaml")

@@ -127,7 +127,7 @@ def _take(sampler: StepSampler, n: int) -> list:
 
 
 def test_sampler_is_a_function_of_the_step() -> None:
-    kw = dict(seed=3, micro_batch_size=4, grad_accum_steps=2)
+    kw = {"seed": 3, "micro_batch_size": 4, "grad_accum_steps": 2}
     a = StepSampler([50], [1.0], dp_rank=0, dp_size=1, **kw)
     assert _take(a, 12) == _take(StepSampler([50], [1.0], dp_rank=0, dp_size=1, **kw), 12)  # first == last stage
     resumed = StepSampler([50], [1.0], dp_rank=0, dp_size=1, start_step=3, **kw)
@@ -167,3 +167,191 @@ def test_mpp_and_llava_formats_become_canonical(tmp_path: Path, tpl: ChatTemplat
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"bad.json:0.*equal-length"):
         load_records(DatasetConfig(ann_path=str(tmp_path / "bad.json"), format="mpp"))
+
+
+# --------------------------------------------------------------------------------------- LLaMA-family templates
+
+LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<|extra_0|>"]
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    """A byte-level tokenizer without merges (one id per byte) plus LLaMA-style specials: ids are easy to predict."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lavis.data.tokenizer import TextTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(LLAMA_SPECIALS)
+    return TextTokenizer(tok, source="test:bytes")
+
+
+def _T(tok, text: str) -> list[int]:
+    """Expected ids of plain text: one id per byte (the byte-level alphabet's id for it)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    table = {c: i for i, c in enumerate(alphabet)}
+    mapped = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)[0][0]
+    return [table[c] for c in mapped]
+
+
+CONV2 = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
+         {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Grey."}]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v0", "vicuna_v1_1", "llama2"])
+def test_llama_family_templates_golden(byte_tok, name: str) -> None:
+    from lavis.data.conversation import SYSTEM_PROMPTS, encode_conversation
+
+    tpl = ChatTemplate(byte_tok, SYSTEM_PROMPTS[name], "<|extra_0|>", 4, 2, name=name)
+    S, E, P = byte_tok.token_id("<s>"), byte_tok.token_id("</s>"), byte_tok.token_id("<|extra_0|>")
+    T = lambda s: _T(byte_tok, s)
+    sys_ = SYSTEM_PROMPTS[name]
+    img = [P] * 4
+    if name == "vicuna_v0":  # MiniGPT-4: {sys}###Human: <Img><ImageHere></Img> q###Assistant: a###
+        pieces = [([S], 0), (T(sys_ + "###Human: <Img>") + img + T("</Img>\nWhat is it?###Assistant: "), 0),
+                  (T("A cat.###"), 1), (T("Human: Colour?###Assistant: "), 0), (T("Grey.###"), 1)]
+    elif name == "vicuna_v1_1":  # FastChat: {sys} USER: q ASSISTANT: a</s>USER: ...
+        pieces = [([S], 0), (T(sys_ + " USER: <Img>") + img + T("</Img>\nWhat is it? ASSISTANT:"), 0),
+                  (T(" A cat."), 1), ([E], 1), (T("USER: Colour? ASSISTANT:"), 0), (T(" Grey."), 1), ([E], 1)]
+    else:  # Meta: <s>[INST] q [/INST] a </s><s>[INST] ...
+        assert sys_ == ""
+        pieces = [([S], 0), (T("[INST] <Img>") + img + T("</Img>\nWhat is it? [/INST]"), 0), (T(" A cat. "), 1),
+                  ([E], 1), ([S], 0), (T("[INST] Colour? [/INST]"), 0), (T(" Grey. "), 1), ([E], 1)]
+    ids = [i for p, _ in pieces for i in p]
+    labels = [i if trained else IGNORE_INDEX for p, trained in pieces for i in p]
+    for mode in ("mpp", "assistant"):  # both modes train answer + end token in these templates
+        enc = encode_conversation(CONV2, tpl, record_id="g", label_mode=mode)
+        assert enc.input_ids == ids and enc.labels == labels and enc.num_media == 1
+    # the chat prompt is the training sequence up to where the last answer starts
+    prompt = encode_prompt([("<image>\nWhat is it?", "A cat."), ("Colour?", None)], tpl)
+    assert prompt == ids[: len(ids) - len(pieces[-1][0]) - (len(pieces[-2][0]) if name != "vicuna_v0" else 0)]
+    assert tpl.stop_token_ids()[0] == (T("###")[-1] if name == "vicuna_v0" else E)
+
+
+def test_llama2_system_prompt_block(byte_tok) -> None:
+    from lavis.data.conversation import encode_conversation
+
+    tpl = ChatTemplate(byte_tok, "Be brief.", "<|extra_0|>", 4, 2, name="llama2")
+    enc = encode_conversation(CONV[:1] + [{"role": "assistant", "content": "Red."}], tpl, record_id="s")
+    text = byte_tok.decode(enc.input_ids, skip_special_tokens=False)
+    assert text.startswith("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<Img>") and text.endswith(" [/INST] Red. </s>")
+    with pytest.raises(ValueError, match="unknown chat template"):
+        ChatTemplate(byte_tok, "", "<|extra_0|>", 4, 2, name="alpaca")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ formats and the converter
+
+LLAVA_PRETRAIN = [{"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+    {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]}]
+VCG = [{"video": "v_k_ZXmr8pmrs.mp4", "instruction": "<Img><ImageHere></Img> What is the man doing?",
+        "output": "He is skiing down a slope."}]
+
+
+def test_llava_pretrain_and_videochatgpt_formats(tmp_path: Path) -> None:
+    (tmp_path / "lp.json").write_text(json.dumps(LLAVA_PRETRAIN))
+    (tmp_path / "vcg.json").write_text(json.dumps(VCG))
+    (rec,) = load_records(DatasetConfig(ann_path=str(tmp_path / "lp.json"), vis_root="root", format="llava_pretrain"))
+    assert rec.id == "004539375" and rec.images == [Path("root/00453/004539375.jpg")] and rec.video is None
+    assert rec.conversations == [
+        {"role": "user", "content": "Render a clear and concise summary of the photo.\n<image>"},
+        {"role": "assistant", "content": "select luxury furniture 3 - inch gel memory foam mattress topper"}]
+    (rec,) = load_records(DatasetConfig(ann_path=str(tmp_path / "vcg.json"), vis_root="v", format="videochatgpt"))
+    assert rec.video == Path("v/v_k_ZXmr8pmrs.mp4") and rec.images == []
+    assert rec.conversations[0] == {"role": "user", "content": "<video> What is the man doing?"}
+    two = [dict(LLAVA_PRETRAIN[0], conversations=LLAVA_PRETRAIN[0]["conversations"] * 2)]
+    (tmp_path / "lp2.json").write_text(json.dumps(two))
+    with pytest.raises(ValueError, match=r"lp2.json:0: a LLaVA-Pretrain record"):
+        load_records(DatasetConfig(ann_path=str(tmp_path / "lp2.json"), format="llava_pretrain"))
+    (tmp_path / "img.json").write_text(json.dumps([{"image": "a.jpg", "instruction": "q", "output": "a"}]))
+    with pytest.raises(ValueError, match=r"img.json:0: a VideoChatGPT record needs a `video`"):
+        load_records(DatasetConfig(ann_path=str(tmp_path / "img.json"), format="videochatgpt"))
+
+
+def test_convert_cli_writes_canonical_jsonl(tmp_path: Path, tpl: ChatTemplate) -> None:
+    from lavis.data import convert
+
+    (tmp_path / "lp.json").write_text(json.dumps(LLAVA_PRETRAIN))
+    out = tmp_path / "out" / "lp.jsonl"
+    assert convert.main(["--format", "llava_pretrain", "--ann", str(tmp_path / "lp.json"), "--out", str(out)]) == 0
+    (line,) = out.read_text().splitlines()
+    assert json.loads(line) == {"id": "004539375", "images": ["00453/004539375.jpg"], "conversations": [
+        {"role": "user", "content": "Render a clear and concise summary of the photo.\n<image>"},
+        {"role": "assistant", "content": "select luxury furniture 3 - inch gel memory foam mattress topper"}]}
+    # converted once == read directly: same records, same ids and labels
+    direct = load_records(DatasetConfig(ann_path=str(tmp_path / "lp.json"), format="llava_pretrain"))
+    again = load_records(DatasetConfig(ann_path=str(out)))
+    assert [(r.id, r.images, r.conversations) for r in direct] == [(r.id, r.images, r.conversations) for r in again]
+    (tmp_path / "vcg.json").write_text(json.dumps(VCG + [{"video": "x.mp4", "instruction": ["a"], "output": []}]))
+    with pytest.raises(ValueError, match=r"vcg.json:1"):
+        convert.main(["--format", "videochatgpt", "--ann", str(tmp_path / "vcg.json"), "--out", str(out)])
+    assert convert.main(["--format", "videochatgpt", "--ann", str(tmp_path / "vcg.json"), "--out", str(out),
+                         "--skip-bad"]) == 0
+    assert [json.loads(ln)["video"] for ln in out.read_text().splitlines()] == ["v_k_ZXmr8pmrs.mp4"]
+
+
+# ------------------------------------------------------------------------------------------- length handling
+
+
+def test_long_multi_image_sample_truncates_after_the_last_image(tpl: ChatTemplate) -> None:
+    from lavis.data.conversation import TooLongError, encode_conversation, fit_length
+
+    conv = [{"role": "user", "content": "<image> first <image> second"}, {"role": "assistant", "content": "Both."},
+            {"role": "user", "content": "And this? <image>"}, {"role": "assistant", "content": "A red circle. " * 40}]
+    enc = encode_conversation(conv, tpl, record_id="long")
+    ph = tpl.placeholder_id
+    last_ph = max(i for i, t in enumerate(enc.input_ids) if t == ph)
+    limit = last_ph + 20
+    assert len(enc.input_ids) > limit
+    cut = fit_length(enc, limit, ph, "long", "truncate")
+    assert len(cut.input_ids) == len(cut.labels) == limit and cut.num_media == 3
+    assert cut.input_ids.count(ph) == 3 * NQ  # every image run whole, in order
+    assert cut.input_ids == enc.input_ids[:limit] and any(x != IGNORE_INDEX for x in cut.labels[last_ph:])
+    with pytest.raises(TooLongError, match=rf"record long: .* > data.max_txt_len={limit} \(data.length_policy=drop\)"):
+        fit_length(enc, limit, ph, "long", "drop")
+    with pytest.raises(TooLongError, match="do not fit"):  # the third image's run would be cut: never split it
+        fit_length(enc, last_ph - 2, ph, "long", "truncate")
+    assert fit_length(enc, len(enc.input_ids), ph, "long", "drop") is enc
+
+
+# ------------------------------------------------------------------------------ length grouping and padding
+
+
+def test_length_grouped_sampler_is_pure_disjoint_and_grouped() -> None:
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 1500, (200,), generator=rng).tolist()
+    kw = {"seed": 5, "micro_batch_size": 4, "grad_accum_steps": 3, "dp_size": 2, "length_of": lambda i: lengths[i]}
+    r0 = StepSampler([200], [1.0], dp_rank=0, **kw)
+    r1 = StepSampler([200], [1.0], dp_rank=1, **kw)
+    plain = StepSampler([200], [1.0], dp_rank=0, **{**kw, "length_of": None})
+    for step in range(4):
+        keys = r0.step_keys(step)
+        assert keys == r1.step_keys(step) == StepSampler([200], [1.0], dp_rank=0, start_step=step, **kw).step_keys(step)
+        flat = [k for mb in keys for rank in mb for k in rank]
+        # same samples (and augmentation seeds) as without grouping, just regrouped; ranks disjoint
+        assert sorted(flat) == sorted(k for mb in plain.step_keys(step) for rank in mb for k in rank)
+        assert len(set(flat)) == len(flat)
+        lens = [lengths[i] for i, _ in flat]
+        assert lens == sorted(lens, reverse=True)  # micro-batch k of rank r = sorted chunk k * D + r
+    resumed = StepSampler([200], [1.0], dp_rank=1, start_step=2, **kw)
+    assert _take(resumed, 3) == _take(r1, 9)[6:9]
+
+
+def test_padding_efficiency() -> None:
+    from lavis.data.padding import microbatches, padding_efficiency
+
+    assert padding_efficiency([[64, 64], [128]], 64, None) == 1.0
+    assert padding_efficiency([[10, 70]], 64, None) == pytest.approx(80 / 256)
+    assert padding_efficiency([[10, 70]], 64, 1536) == pytest.approx(80 / 3072)
+    lengths = torch.randint(50, 1000, (512,), generator=torch.Generator().manual_seed(1)).tolist()
+    kw = {"micro_batch_size": 4, "grad_accum_steps": 8, "dp_size": 2, "steps": 8}
+    plain, grouped = microbatches(lengths, group_by_length=False, **kw), microbatches(lengths, group_by_length=True, **kw)
+    assert sorted(x for mb in plain for x in mb) == sorted(x for mb in grouped for x in mb)
+    fixed, dyn, grp = (padding_efficiency(plain, 1, 1536), padding_efficiency(plain, 64, None),
+                       padding_efficiency(grouped, 64, None))
+    assert fixed < dyn < grp <= 1.0

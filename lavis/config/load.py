@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lavis.config.schema import Config, TrainConfig
@@ -32,7 +32,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     scalars/lists (``yaml.safe_load``, never evaluated as code).
     """
     source = str(path) if path is not None else "<defaults>"
-    raw = OmegaConf.create({}) if path is None else OmegaConf.load(path)
+    raw = OmegaConf.create({}) if path is None else _load_with_base(Path(path), ())
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -48,6 +48,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     return from_dict(Config, data, source=source)
+
+
+def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
+    """A recipe may start from another with ``base: other.yaml`` (relative to the recipe's own directory); its keys
+    are merged over the base's, recursively (lists are replaced, not concatenated)."""
+    if not path.is_file():
+        via = f" (named by `base:` in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} not found{via}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base:` chain loops: {' -> '.join(str(p) for p in (*chain, path.resolve()))}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig) or "base" not in raw:
+        return raw
+    base_ref = raw.pop("base")
+    if not isinstance(base_ref, str):
+        raise ConfigError(f"{path}: `base` must be a path string, got {base_ref!r}")
+    base = _load_with_base(path.parent / base_ref, (*chain, path.resolve()))
+    return OmegaConf.merge(base, raw)
 
 
 def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "") -> Any:
@@ -175,6 +193,11 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "pipeline": {"use_reentrant": False},
     }
+    if train.offload_optimizer:
+        import torch
+
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        cfg["zero_force_ds_cpu_optimizer"] = False  # our AdamW steps the CPU-resident fp32 state
     if train.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":

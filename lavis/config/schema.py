@@ -29,6 +29,9 @@ class VisionConfig:
     """``eva_vit_g.pth`` (LAVIS layout); None = random init (demo, benchmarks)."""
     frozen: bool = True
     """Frozen vision runs under ``torch.no_grad()`` and in eval mode."""
+    precision: Literal["fp32", "fp16"] = "fp32"
+    """``fp16``: LAVIS ``convert_weights_to_fp16`` (Conv/Linear weights fp16; LayerNorms, ``cls_token``,
+    ``pos_embed``, ``q_bias``/``v_bias`` fp32; forward under fp16 autocast). A whole-model bf16 cast overrides it."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -38,6 +41,9 @@ class VisionConfig:
             )
         if self.width % self.num_heads:
             raise ValueError(f"model.vision.width ({self.width}) must be divisible by num_heads ({self.num_heads})")
+        if self.precision == "fp16" and not self.frozen:
+            raise ValueError("model.vision.precision: fp16 needs model.vision.frozen: true (fp16 weights do not train; "
+                             "MiniGPT-4 also forces fp32 for a trainable ViT); set precision: fp32")
 
 
 @dataclass
@@ -74,7 +80,9 @@ class LLMConfig:
     """Inline transformers config (must contain ``model_type``); overrides keys of ``path``'s config."""
     tokenizer: str = "builtin:shapes"
     """A tokenizer directory / ``tokenizer.json``, or ``builtin:shapes`` (the demo's local BPE)."""
-    template: Literal["chatml"] = "chatml"
+    template: Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2"] = "chatml"
+    """Chat layout (``lavis/data/conversation.py``). Set ``system_prompt`` to the template's own prompt
+    (``conversation.SYSTEM_PROMPTS``) for Vicuna / LLaMA-2."""
     system_prompt: str = "You are a helpful assistant."
     image_placeholder: str = "<|extra_0|>"
     """Token whose positions are overwritten by image embeddings (Qwen v1: ``<|extra_0|>`` = 151646)."""
@@ -107,8 +115,10 @@ class DatasetConfig:
     """Annotation JSON (a list of records) or JSONL."""
     vis_root: str = ""
     """Directory that image / video paths in the records are relative to."""
-    format: Literal["canonical", "mpp", "llava"] = "canonical"
-    """``canonical`` (DATA.md), ``mpp`` (MPP-Qwen instruction/output JSON) or ``llava`` (LLaVA conversations)."""
+    format: Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt"] = "canonical"
+    """``canonical`` (DATA.md), ``mpp`` (MPP-Qwen instruction/output JSON), ``llava`` (LLaVA conversations),
+    ``llava_pretrain`` (LLaVA-Pretrain ``blip_laion_cc_sbu_558k.json``), ``videochatgpt`` (MPP-Qwen-Next's
+    VideoChatGPT-100k file); see ``lavis/data/formats.py``."""
     weight: float = 1.0
     """Sampling weight when several datasets are mixed."""
 
@@ -135,6 +145,20 @@ class DataConfig:
     """DataLoader worker processes per rank for decoding (0 = in the training process)."""
     label_mode: Literal["mpp", "assistant"] = "mpp"
     """``mpp``: MPP-Qwen / QwenLM masking (default, comparable results); ``assistant``: answers + end token only."""
+    length_policy: Literal["truncate", "drop"] = "truncate"
+    """Over-long samples: ``truncate`` text after the last image run, or ``drop`` the sample (counted through
+    ``on_bad_sample``). A sample whose image runs do not fit is a bad sample under both policies."""
+    on_bad_sample: Literal["raise", "skip"] = "raise"
+    """A sample that cannot be built (missing/corrupt media, too long, malformed) stops training naming the record
+    (``raise``), or is left out of its micro-batch, logged with its id and counted (``skip``); never replaced."""
+    group_by_length: bool = False
+    """Sort each optimizer step's samples by token length before cutting them into micro-batches (less padding;
+    data order stays a pure function of the step)."""
+    video_fps: float | None = None
+    """None: ``num_video_frames`` frames uniformly over the whole clip (MPP parity). A rate: frames every
+    ``1/video_fps`` s from the start, at most ``num_video_frames`` (short clips repeat frames to fill)."""
+    video_same_augment: bool = True
+    """The same random crop/flip for every frame of a clip (MPP-Qwen-Next augments each frame on its own)."""
 
 
 @dataclass
@@ -155,8 +179,17 @@ class TrainConfig:
     """Global gradient-norm clip across all stages; 0 disables."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: Literal[0, 1] = 0
+    offload_optimizer: bool = False
+    """ZeRO-1 only: keep fp32 master weights and Adam state in host RAM and step them on the CPU (DeepSpeed
+    ZeRO-Offload with our AdamW). Frees about 12 bytes per trainable parameter of GPU memory; costs PCIe traffic and
+    CPU time per step."""
+    eps: float = 1e-8
+    """AdamW epsilon (MPP-Qwen uses 1e-7)."""
     num_stages: int = 1
     partition: list[int] | None = None
+    gpu_memory_gib: float | None = None
+    """Per-GPU memory the planner must stay within (e.g. 22 for a 24 GB card, leaving room for the CUDA context and
+    fragmentation); None = balance compute only. Ignored when ``partition`` is given."""
     """Explicit stage boundaries, e.g. [0, 3, 5] for 2 stages over 5 layers; None = planned."""
     activation_checkpoint_interval: int = 0
     save_every: int = 0
@@ -165,6 +198,10 @@ class TrainConfig:
     log_every: int = 1
     num_threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default). CPU runs set this to cores / ranks."""
+    tensorboard: bool = True
+    """Write TensorBoard events to ``<output_dir>/tensorboard`` (rank 0)."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (needs ``pip install wandb``); None = off."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -177,6 +214,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.partition {self.partition} must have num_stages + 1 = {self.num_stages + 1} boundaries"
             )
+        if self.offload_optimizer and self.zero_stage != 1:
+            raise ValueError("train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
 

@@ -4,14 +4,20 @@ Data order is a pure function of (seed, global sample position): the sampler for
 same indices on every run, so the first and last pipeline stages (separate processes) see the same micro-batches
 and a resumed run continues with exactly the data an uninterrupted run would have seen. Random augmentation is
 seeded per sample from the same position, so it is reproducible with any number of loader workers.
+
+With ``group_by_length`` the sampler sorts each optimizer step's samples by token length before cutting them into
+micro-batches (micro-batch ``k`` of data-parallel rank ``r`` takes sorted chunk ``k x D + r``), so micro-batches
+hold samples of similar length and dynamic padding wastes less; the window is one step, so order is still a pure
+function of (seed, step), DP ranks get disjoint samples, and the step's sample set is unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,8 +31,8 @@ from lavis.data.conversation import (
     LabelMode,
     SampleError,
     count_markers,
-    encode_chatml,
-    truncate,
+    encode_conversation,
+    fit_length,
 )
 from lavis.data.formats import CONVERTERS
 
@@ -41,9 +47,8 @@ class Record:
     """``file:index`` of the record, for error messages."""
 
 
-def load_records(ds: DatasetConfig) -> list[Record]:
-    """Read a canonical annotation file (JSON list or JSONL); structural errors name ``file:index``."""
-    path = Path(ds.ann_path)
+def read_raw(path: Path) -> list[tuple[str, Any]]:
+    """``(where, raw record)`` pairs of a JSON list (``file:index``) or JSONL file (``file:line``, 1-based)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
     text = path.read_text(encoding="utf-8")
@@ -52,48 +57,67 @@ def load_records(ds: DatasetConfig) -> list[Record]:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    raw.append(json.loads(line))
+                    raw.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
-        if not isinstance(raw, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
+        return raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"{path}:{i}", r) for i, r in enumerate(data)]
+
+
+def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
+    """One raw record (any format) -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
+    if fmt != "canonical":
+        r = CONVERTERS[fmt](r, where)
+    rid = str(r.get("id", where))
+    convs = r.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise ValueError(f"{where} (id {rid}): `conversations` must be a non-empty list")
+    images = r.get("images", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise ValueError(f"{where} (id {rid}): `images` must be a list of paths")
+    video = r.get("video")
+    if video is not None and not isinstance(video, str):
+        raise ValueError(f"{where} (id {rid}): `video` must be a path string")
+    if images and video:
+        raise ValueError(f"{where} (id {rid}): a record holds `images` or a `video`, not both")
+    try:
+        n_img, n_vid = count_markers(convs, rid)
+    except SampleError as e:
+        raise ValueError(f"{where} (id {rid}): {str(e).removeprefix(f'record {rid}: ')}") from e
+    if n_img != len(images) or n_vid != (1 if video else 0):
+        raise ValueError(
+            f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
+            f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
+        )
+    return Record(rid, [root / x for x in images], root / video if video else None, convs, where)
+
+
+def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> list[Record]:
+    """Read an annotation file (JSON list or JSONL) in ``ds.format``; structural errors name ``file:index``.
+
+    With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
+    raising (the checker reports them all); training passes none, so the first malformed record stops it.
+    """
+    path = Path(ds.ann_path)
     root = Path(ds.vis_root)
     records = []
-    for i, r in enumerate(raw):
-        where = f"{path}:{i}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
-        if ds.format != "canonical":
-            r = CONVERTERS[ds.format](r, where)
-        rid = str(r.get("id", where))
-        convs = r.get("conversations")
-        if not isinstance(convs, list) or not convs:
-            raise ValueError(f"{where} (id {rid}): `conversations` must be a non-empty list")
-        images = r.get("images", [])
-        if isinstance(images, str):
-            images = [images]
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise ValueError(f"{where} (id {rid}): `images` must be a list of paths")
-        video = r.get("video")
-        if video is not None and not isinstance(video, str):
-            raise ValueError(f"{where} (id {rid}): `video` must be a path string")
-        if images and video:
-            raise ValueError(f"{where} (id {rid}): a record holds `images` or a `video`, not both")
+    for where, r in read_raw(path):
         try:
-            n_img, n_vid = count_markers(convs, rid)
-        except SampleError as e:
-            raise ValueError(f"{where}: {e}") from e
-        if n_img != len(images) or n_vid != (1 if video else 0):
-            raise ValueError(
-                f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
-                f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
-            )
-        records.append(Record(rid, [root / x for x in images], root / video if video else None, convs, where))
+            records.append(parse_record(r, where, ds.format, root))
+        except ValueError as e:
+            if errors is None:
+                raise
+            errors.append((where, str(e)))
     return records
 
 
@@ -129,23 +153,28 @@ class ConversationDataset(torch.utils.data.Dataset):
         t = data.transform
         kind = t.kind if train else "eval"
         self.transform = media.image_transform(kind, image_size, min_scale=t.min_scale, hflip=t.hflip and train)
-        self._lengths: list[int] | None = None
+        self._lengths: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def encode(self, index: int) -> Encoded:
+        """Ids and labels after ``data.length_policy``; :class:`SampleError` names ``file:index`` and the id."""
         r = self.records[index]
         try:
-            enc = encode_chatml(r.conversations, self.tpl, record_id=r.id, label_mode=self.label_mode)
-            return truncate(enc, self.data.max_txt_len, self.tpl.placeholder_id, r.id)
+            enc = encode_conversation(r.conversations, self.tpl, record_id=r.id, label_mode=self.label_mode)
+            return fit_length(enc, self.data.max_txt_len, self.tpl.placeholder_id, r.id, self.data.length_policy)
         except SampleError as e:
-            raise SampleError(f"{r.where}: {e}") from e
+            raise type(e)(f"{r.where}: {e}") from e
 
     def num_tokens(self, index: int) -> int:
-        """Token count after truncation (cached; tokenisation only, no media decoding)."""
-        if self._lengths is None:
-            self._lengths = [len(self.encode(i).input_ids) for i in range(len(self))]
+        """Token count after the length policy (cached; tokenisation only). A sample that cannot be encoded
+        counts as 0 (it is reported when fetched)."""
+        if index not in self._lengths:
+            try:
+                self._lengths[index] = len(self.encode(index).input_ids)
+            except SampleError:
+                self._lengths[index] = 0
         return self._lengths[index]
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
@@ -155,7 +184,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         if self.load_media and enc.num_media:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                pixels = self._load_media(r)
+                try:
+                    pixels = self._load_media(r)
+                except media.MediaError as e:
+                    raise media.MediaError(f"{r.where} (id {r.id}): {e}") from e
         else:
             pixels = torch.zeros(0, 3, self.image_size, self.image_size)
         if self.load_media and pixels.shape[0] != enc.num_media:
@@ -166,8 +198,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         # A record holds images (in marker order) or one video (load_records enforces it).
         tensors = [self.transform(media.load_image(p)).unsqueeze(0) for p in r.images]
         if r.video is not None:
-            frames = media.load_video_frames(r.video, self.tpl.num_video_frames)
-            tensors.append(media.video_to_tensor(frames, self.transform))
+            frames = media.load_video_frames(r.video, self.tpl.num_video_frames, fps=self.data.video_fps)
+            tensors.append(media.video_to_tensor(frames, self.transform, same_augment=self.data.video_same_augment))
         return torch.cat(tensors)
 
 
@@ -187,11 +219,17 @@ def _epoch_order(sizes: list[int], weights: list[float], seed: int, epoch: int) 
     return [order[i] for i in perm]
 
 
+Key = tuple[int, int]
+"""``(record index, augmentation seed)``."""
+
+
 class StepSampler:
-    """Batches of ``(index, seed)`` for this data-parallel rank, starting at optimizer step ``start_step``.
+    """Micro-batches of ``(index, seed)`` keys for this data-parallel rank, starting at optimizer step ``start_step``.
 
     Global sample position ``p = step * G + micro * (m * D) + dp_rank * m + t`` with G = m x GAS x D; the
-    position fixes both the record (through a seeded per-epoch permutation) and the augmentation seed.
+    position fixes both the record (through a seeded per-epoch permutation) and the augmentation seed. With
+    ``length_of`` (record index -> token count) the step's G samples are sorted by length (longest first, ties by
+    position) and cut into micro-batches of similar length; see the module docstring.
     """
 
     def __init__(
@@ -205,10 +243,12 @@ class StepSampler:
         dp_rank: int,
         dp_size: int,
         start_step: int = 0,
+        length_of: Callable[[int], int] | None = None,
     ) -> None:
         self.sizes, self.weights, self.seed = sizes, weights, seed
         self.m, self.gas, self.dp_rank, self.dp_size = micro_batch_size, grad_accum_steps, dp_rank, dp_size
         self.start_step = start_step
+        self.length_of = length_of
         self.epoch_len = len(_epoch_order(sizes, weights, seed, 0))
         self._cache: dict[int, list[int]] = {}
 
@@ -222,15 +262,24 @@ class StepSampler:
         start = step * self.m * self.gas * self.dp_size + micro * self.m * self.dp_size + dp_rank * self.m
         return range(start, start + self.m)
 
+    def step_keys(self, step: int) -> list[list[list[Key]]]:
+        """Keys of optimizer step ``step`` as ``[micro][dp_rank][slot]``."""
+        keys = [[[(self.index_at(p), self.seed * 1_000_003 + p) for p in self.positions(step, mb, r)]
+                 for r in range(self.dp_size)] for mb in range(self.gas)]
+        if self.length_of is None:
+            return keys
+        flat = [k for mb in keys for rank in mb for k in rank]
+        flat.sort(key=lambda k: (-self.length_of(k[0]), k[1]))
+        chunks = [flat[c * self.m:(c + 1) * self.m] for c in range(self.gas * self.dp_size)]
+        return [[chunks[mb * self.dp_size + r] for r in range(self.dp_size)] for mb in range(self.gas)]
+
     def step_indices(self, step: int) -> list[int]:
         """Every record index of optimizer step ``step`` over all DP ranks (for token accounting on rank 0)."""
-        return [
-            self.index_at(p) for mb in range(self.gas) for r in range(self.dp_size) for p in self.positions(step, mb, r)
-        ]
+        return [i for mb in self.step_keys(step) for rank in mb for i, _ in rank]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[Key]]:
         step = self.start_step
         while True:
-            for micro in range(self.gas):
-                yield [(self.index_at(p), self.seed * 1_000_003 + p) for p in self.positions(step, micro, self.dp_rank)]
+            for mb in self.step_keys(step):
+                yield mb[self.dp_rank]
             step += 1

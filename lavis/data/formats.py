@@ -5,6 +5,11 @@
   image marker ``<Img><ImageHere></Img>`` in the instruction; list-valued fields are turns of one conversation.
 - ``llava`` (LLaVA-Instruct-150k, LLaVA-Pretrain ``blip_laion_cc_sbu_558k.json``):
   ``{"id", "image", "conversations": [{"from": "human" | "gpt", "value": "<image>\\n..."}]}``.
+- ``llava_pretrain`` (``blip_laion_cc_sbu_558k.json``): the ``llava`` layout, checked to be one image and one
+  human/gpt exchange, e.g. ``{"id": "004539375", "image": "00453/004539375.jpg", "conversations": [{"from":
+  "human", "value": "Render a clear and concise summary of the photo.\\n<image>"}, {"from": "gpt", "value": "..."}]}``.
+- ``videochatgpt`` (VideoChatGPT-100k as MPP-Qwen-Next ships it, read by its ``video_instructions.py``): the ``mpp``
+  layout with a ``video`` key, ``{"video": "v_xxx.mp4", "instruction": "<Img><ImageHere></Img> ...", "output": ...}``.
 
 Errors name the record (``file:index``) and what is wrong; nothing is skipped silently.
 """
@@ -56,4 +61,20 @@ def from_llava(r: dict[str, Any], where: str) -> dict[str, Any]:
     return rec
 
 
-CONVERTERS = {"mpp": from_mpp, "llava": from_llava}
+def from_llava_pretrain(r: dict[str, Any], where: str) -> dict[str, Any]:
+    rec = from_llava(r, where)
+    roles = [t["role"] for t in rec["conversations"]]
+    if roles != ["user", "assistant"] or len(rec.get("images", [])) != 1:
+        raise ValueError(f"{where}: a LLaVA-Pretrain record has one `image` and one human/gpt exchange "
+                         f"(got {len(rec.get('images', []))} image(s), turns {roles})")
+    return rec
+
+
+def from_videochatgpt(r: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(r.get("video"), str):
+        raise ValueError(f"{where}: a VideoChatGPT record needs a `video` path string (got {r.get('video')!r})")
+    return from_mpp(r, where)
+
+
+CONVERTERS = {"mpp": from_mpp, "llava": from_llava, "llava_pretrain": from_llava_pretrain,
+              "videochatgpt": from_videochatgpt}

@@ -148,14 +148,37 @@ def sample_frame_indices(total: int, num_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, total - 1, num_frames).round()]
 
 
-def _decode_decord(path: Path, num_frames: int) -> list[Image.Image]:
+def sample_frame_indices_fps(total: int, native_fps: float, fps: float, num_frames: int) -> list[int]:
+    """``num_frames`` indices taken every ``1/fps`` seconds from the start (frame ``round(k * native_fps / fps)``).
+
+    A clip longer than ``num_frames / fps`` seconds contributes only its beginning; a shorter one has fewer distinct
+    frames, which are repeated in order (each spread evenly) so the result always has ``num_frames`` entries.
+    """
+    if fps <= 0 or native_fps <= 0:
+        raise ValueError(f"frame rates must be > 0 (video_fps={fps}, clip {native_fps} fps)")
+    step = native_fps / fps
+    picks = [i for i in (round(k * step) for k in range(num_frames)) if i < total] or [0]
+    if len(picks) == num_frames:
+        return picks
+    return [picks[int(j)] for j in np.linspace(0, len(picks) - 1, num_frames).round()]
+
+
+def _indices(total: int, native_fps: float | None, num_frames: int, fps: float | None) -> list[int]:
+    if fps is None:
+        return sample_frame_indices(total, num_frames)
+    if not native_fps:
+        raise ValueError("the clip has no frame rate; sample uniformly (data.video_fps: null)")
+    return sample_frame_indices_fps(total, native_fps, fps, num_frames)
+
+
+def _decode_decord(path: Path, num_frames: int, fps: float | None = None) -> list[Image.Image]:
     import decord  # deferred: optional native dependency
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     total = len(reader)
     if total < 1:
         raise ValueError("decord found no frames")
-    batch = reader.get_batch(sample_frame_indices(total, num_frames)).asnumpy()
+    batch = reader.get_batch(_indices(total, reader.get_avg_fps(), num_frames, fps)).asnumpy()
     return [Image.fromarray(frame).convert("RGB") for frame in batch]
 
 
@@ -180,23 +203,24 @@ def _decode_pyav_pass(path: Path, indices: Sequence[int] | None) -> tuple[int, d
     return count, kept
 
 
-def _decode_pyav(path: Path, num_frames: int) -> list[Image.Image]:
+def _decode_pyav(path: Path, num_frames: int, fps: float | None = None) -> list[Image.Image]:
     import av
 
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("the file has no video stream")
         stream = container.streams.video[0]
+        native_fps = float(stream.average_rate) if stream.average_rate else None
         total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     if total < 1:
         raise ValueError("PyAV found no frames")
-    indices = sample_frame_indices(total, num_frames)
+    indices = _indices(total, native_fps, num_frames, fps)
     decoded, kept = _decode_pyav_pass(path, indices)
     if len(kept) < len(set(indices)):
         # The container's frame count was wrong: count for real, then sample again.
         if decoded < 1:
             raise ValueError("PyAV decoded no frames")
-        indices = sample_frame_indices(decoded, num_frames)
+        indices = _indices(decoded, native_fps, num_frames, fps)
         _, kept = _decode_pyav_pass(path, indices)
     return [kept[i] for i in indices]
 
@@ -219,12 +243,14 @@ def _decoder_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_video_frames(
-    path: str | Path, num_frames: int, *, backend: Literal["auto", "decord", "pyav"] = "auto"
+    path: str | Path, num_frames: int, *, backend: Literal["auto", "decord", "pyav"] = "auto",
+    fps: float | None = None,
 ) -> list[Image.Image]:
-    """Decodes ``num_frames`` RGB frames sampled uniformly over the whole clip.
+    """Decodes ``num_frames`` RGB frames sampled uniformly over the whole clip, or at ``fps`` from its start.
 
-    Indices are ``linspace(0, total - 1, num_frames).round()``; a clip shorter than ``num_frames`` yields repeated
-    frames. ``"auto"`` tries decord and, if it fails, logs a warning and decodes with PyAV (sequentially, keeping only
+    Uniform indices are ``linspace(0, total - 1, num_frames).round()``; a clip shorter than ``num_frames`` yields
+    repeated frames. With ``fps`` see :func:`sample_frame_indices_fps`. ``"auto"`` tries decord and, if it fails,
+    logs a warning and decodes with PyAV (sequentially, keeping only
     the sampled frames).
 
     Args:
@@ -252,7 +278,7 @@ def load_video_frames(
     reasons: list[str] = []
     for name in names:
         try:
-            return decoders[name](path, num_frames)
+            return decoders[name](path, num_frames, fps)
         except errors as error:
             reason = f"{name}: {type(error).__name__}: {error}".strip()
             reasons.append(reason)

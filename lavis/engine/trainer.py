@@ -32,7 +32,15 @@ from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
 from lavis.engine.profiling import InstructionTimer
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import Workload, check_partition, format_plan, layer_costs, layer_table, plan_stages
+from lavis.pipeline.plan import (
+    Workload,
+    check_partition,
+    format_plan,
+    layer_costs,
+    layer_table,
+    optimizer_bytes_per_param,
+    plan_stages,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,12 +128,14 @@ def train(
                     images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
                     activation_checkpointing=t.activation_checkpoint_interval > 0)
     costs = layer_costs(cfg.model, dims, work)
+    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
     if t.partition is not None:
         parts = check_partition(list(t.partition), len(table), t.num_stages)
     else:
-        parts = plan_stages(costs, t.num_stages, work)
+        limit = None if t.gpu_memory_gib is None else t.gpu_memory_gib * 2**30
+        parts = plan_stages(costs, t.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
     print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
-           + format_plan(parts, costs, work))
+           + format_plan(parts, costs, work, optim_bytes))
 
     # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(
@@ -140,7 +150,7 @@ def train(
     ds_cfg = deepspeed_config(t, dp)
     own_clip = t.precision == "fp32" and t.zero_stage == 0  # DeepSpeed's norm is wrong here (see engine.optim)
     optimizer = PipeAdamW(
-        param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+        param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
         norm_group=pipe._grid.get_pipe_parallel_group() if own_clip else None,
     )
@@ -150,6 +160,8 @@ def train(
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     if t.precision != "fp32":
         cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
+    print0(f"optimizer: {type(engine.optimizer).__name__} ({t.precision}, ZeRO stage {engine.zero_optimization_stage()}"
+           f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
 
     # --- resume -------------------------------------------------------------------------------------------------
     start_step = 0

@@ -159,7 +159,22 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     return costs
 
 
-def stage_memory_bytes(costs: list[LayerCost], stage: int, num_stages: int, work: Workload, optim_bytes: int) -> float:
+def optimizer_bytes_per_param(precision: str, zero_stage: int, offload: bool, dp: int) -> float:
+    """GPU bytes per trainable parameter beyond its weight and gradient (``Workload.param_bytes`` each).
+
+    fp32: Adam's two moments (8). bf16/fp16 (DeepSpeed's BF16/FP16 optimizers): fp32 master weight, two fp32
+    moments and an fp32 gradient buffer (16). ZeRO-1 shards the fp32 state over the ``dp`` replicas; offload moves it
+    to host RAM (0 on the GPU).
+    """
+    if offload:
+        return 0.0
+    per = 8.0 if precision == "fp32" else 16.0
+    return per / dp if zero_stage >= 1 else per
+
+
+def stage_memory_bytes(
+    costs: list[LayerCost], stage: int, num_stages: int, work: Workload, optim_bytes: float
+) -> float:
     """Weights + grads + optimizer state of the layers, plus activations of the micro-batches in flight (1F1B)."""
     weights = sum(c.params for c in costs) * work.param_bytes
     grads = sum(c.trainable_params for c in costs) * work.param_bytes
@@ -174,7 +189,7 @@ def plan_stages(
     work: Workload,
     *,
     memory_limit_bytes: float | None = None,
-    optim_bytes: int = 12,
+    optim_bytes: float = 12,
 ) -> list[int]:
     """Contiguous boundaries ``[0, b1, ..., n]`` minimising the slowest stage's FLOPs within the memory limit.
 
@@ -239,7 +254,7 @@ def check_partition(parts: list[int], num_layers: int, num_stages: int) -> list[
 
 
 def format_plan(
-    parts: list[int], costs: list[LayerCost], work: Workload, optim_bytes: int = 12
+    parts: list[int], costs: list[LayerCost], work: Workload, optim_bytes: float = 12
 ) -> str:
     """A table of the plan: layers, parameters, trainable parameters, estimated memory and compute share."""
     total = sum(c.flops for c in costs) or 1.0

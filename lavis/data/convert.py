@@ -1,0 +1,67 @@
+"""Convert an annotation file to the canonical JSONL form (DATA.md), for users who prefer to preprocess once.
+
+    python -m lavis.data.convert --format mpp|llava|llava_pretrain|videochatgpt --ann IN.json --out OUT.jsonl
+
+Each output line is one canonical record ``{"id", "images" | "video", "conversations"}``; media paths are kept as
+they are (relative to the same ``vis_root``). Records are validated exactly as training reads them (marker and file
+counts, turn order); the first malformed record stops the conversion with its ``file:index`` unless
+``--skip-bad`` is given, which leaves such records out and lists them. The output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lavis.data.datasets import parse_record, read_raw
+from lavis.data.formats import CONVERTERS
+
+
+def convert(ann: Path, fmt: str, out: Path, *, skip_bad: bool = False) -> tuple[int, list[str]]:
+    """Write ``out``; returns (records written, messages of the records left out)."""
+    bad: list[str] = []
+    lines: list[str] = []
+    for where, raw in read_raw(ann):
+        try:
+            parse_record(raw, where, fmt, Path(""))  # the same validation as training
+            rec = CONVERTERS[fmt](raw, where) if fmt != "canonical" else raw
+        except ValueError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+            continue
+        keep = {"id": rec.get("id", where)}
+        if rec.get("images"):
+            keep["images"] = rec["images"] if isinstance(rec["images"], list) else [rec["images"]]
+        if rec.get("video") is not None:
+            keep["video"] = rec["video"]
+        keep["conversations"] = rec["conversations"]
+        lines.append(json.dumps(keep, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return len(lines), bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=["canonical", *CONVERTERS], help="format of --ann")
+    p.add_argument("--ann", required=True, type=Path, help="input annotation file (JSON list or JSONL)")
+    p.add_argument("--out", required=True, type=Path, help="output .jsonl")
+    p.add_argument("--skip-bad", action="store_true", help="leave malformed records out (listed) instead of failing")
+    args = p.parse_args(argv)
+    if args.out.suffix != ".jsonl":
+        p.error(f"--out {args.out} must end in .jsonl")
+    n, bad = convert(args.ann, args.format, args.out, skip_bad=args.skip_bad)
+    for msg in bad:
+        print(f"left out: {msg}", file=sys.stderr)
+    print(f"wrote {n} record(s) to {args.out}" + (f"; left out {len(bad)}" if bad else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""One optimizer step of micro-batches for the pipeline engine, with ``data.on_bad_sample`` handled in lock-step.
+
+Only the first pipeline stage decodes media; the last stage builds labels only. Both must feed ``train_batch``
+exactly the same samples, so a bad sample is decided for the whole step before ``train_batch``:
+
+1. The first and last stages fetch all GAS micro-batches of the step (decoding happens here, in DataLoader workers
+   if ``data.num_workers`` > 0). A sample that raises :class:`SampleError` or :class:`MediaError` is kept as an
+   error string instead of a sample; nothing is substituted.
+2. Every rank (middle stages too) calls one ``all_reduce(MAX)`` over the world group on a ``[D, GAS, m]`` flag
+   tensor, at the same point of the loop (outside ``train_batch``, never inside the data iterator, which the two
+   stages call at different times). If any flag is set, one ``all_gather_object`` shares the reasons.
+3. ``raise``: every rank raises :class:`BadSampleError` naming the record(s). ``skip``: the flagged samples are left
+   out of their micro-batch on both stages, logged with record id and reason, and counted; a micro-batch whose
+   samples are all bad raises (an empty micro-batch cannot run through the pipeline).
+
+Skipping changes a micro-batch's size, which needs DeepSpeed's ``dynamic_shape`` (``data.fixed_length: false``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from lavis.data.collate import PipeBatch
+from lavis.data.conversation import SampleError, TooLongError
+from lavis.data.datasets import ConversationDataset, Key, Sample
+from lavis.data.media import MediaError
+
+logger = logging.getLogger(__name__)
+
+
+class BadSampleError(RuntimeError):
+    """A training sample could not be built (``data.on_bad_sample: raise``); the message names the record."""
+
+
+@dataclass
+class Fetched:
+    key: Key
+    sample: Sample | None
+    error: str | None
+
+
+def reason_of(error: Exception) -> str:
+    """Short reason category for counts."""
+    if isinstance(error, TooLongError):
+        return "too_long"
+    if isinstance(error, MediaError):
+        return "media"
+    return "malformed"
+
+
+class SafeDataset(torch.utils.data.Dataset):
+    """Wraps a :class:`ConversationDataset`: ``__getitem__`` returns a :class:`Fetched` instead of raising."""
+
+    def __init__(self, dataset: ConversationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Key) -> Fetched:
+        try:
+            return Fetched(key, self.dataset[key], None)
+        except (SampleError, MediaError) as e:
+            return Fetched(key, None, f"{reason_of(e)}: {e}")
+
+
+def _as_list(batch: list[Fetched]) -> list[Fetched]:
+    return batch
+
+
+class StepLoader:
+    """Per-step micro-batches; :meth:`next_step` is a collective that every rank calls once per optimizer step.
+
+    ``dataset``/``sampler``/``collate`` are None on middle stages (they read no data but join the collective).
+    """
+
+    def __init__(
+        self,
+        dataset: ConversationDataset | None,
+        sampler: Iterator[list[Key]] | None,
+        collate: Callable[[list[Sample]], PipeBatch] | None,
+        *,
+        grad_accum_steps: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        on_bad_sample: Literal["raise", "skip"],
+        num_workers: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
+        self.dataset, self.collate = dataset, collate
+        self.gas, self.m, self.dp_rank, self.dp_size = grad_accum_steps, micro_batch_size, dp_rank, dp_size
+        self.on_bad_sample = on_bad_sample
+        self.device = device or torch.device("cpu")
+        self.skipped: list[tuple[int, str, str]] = []
+        """``(step, record id, reason)`` of every skipped sample (all DP ranks; identical on every rank)."""
+        self.sampler = sampler
+        self._flags = torch.zeros(dp_size, grad_accum_steps, micro_batch_size, dtype=torch.int32)
+        self._iter = None
+        if dataset is not None:
+            loader = torch.utils.data.DataLoader(
+                SafeDataset(dataset), batch_sampler=sampler, collate_fn=_as_list,
+                num_workers=num_workers, persistent_workers=num_workers > 0,
+            )
+            self._iter = iter(loader)
+
+    def next_step(self, step: int) -> list[PipeBatch] | None:
+        """Fetch, agree on bad samples across all ranks, drop (skip) or raise; return this rank's micro-batches."""
+        flags = torch.zeros(self.dp_size, self.gas, self.m, dtype=torch.int32)
+        fetched: list[list[Fetched]] = []
+        if self._iter is not None:
+            for mb in range(self.gas):
+                batch = next(self._iter)
+                fetched.append(batch)
+                for slot, f in enumerate(batch):
+                    if f.error is not None:
+                        flags[self.dp_rank, mb, slot] = 1
+        flags = flags.to(self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = self._flags = flags.cpu()
+        if bool(flags.any()):
+            mine = [(self.dp_rank, mb, slot, self.dataset.records[f.key[0]].id, f.error)
+                    for mb, batch in enumerate(fetched) for slot, f in enumerate(batch) if f.error is not None]
+            gathered: list[list | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            reasons: dict[tuple[int, int, int], tuple[str, str]] = {}
+            for rows in gathered:
+                for r, mb, slot, rid, err in rows or []:
+                    # The first stage's reason (media) is more complete than the label-only stage's; keep the longer.
+                    if len(err) > len(reasons.get((r, mb, slot), ("", ""))[1]):
+                        reasons[(r, mb, slot)] = (rid, err)
+            lines = [f"step {step + 1}, dp rank {r}, micro-batch {mb}: record {rid}: {err}"
+                     for (r, mb, slot), (rid, err) in sorted(reasons.items())]
+            if self.on_bad_sample == "raise":
+                raise BadSampleError(
+                    "bad training sample(s) (data.on_bad_sample=raise; fix the data, run `python -m lavis.data.check`"
+                    ", or set data.on_bad_sample=skip):\n  " + "\n  ".join(lines))
+            for (r, mb, slot), (rid, err) in sorted(reasons.items()):
+                self.skipped.append((step + 1, rid, err.split(":", 1)[0]))
+            for r in range(self.dp_size):
+                for mb in range(self.gas):
+                    if bool(flags[r, mb].all()):
+                        raise BadSampleError(
+                            f"every sample of micro-batch {mb} of step {step + 1} on dp rank {r} is bad; a "
+                            "micro-batch cannot be empty:\n  " + "\n  ".join(lines))
+            if dist.get_rank() == 0:
+                for line in lines:
+                    logger.warning("skipped %s", line)
+        if self._iter is None:
+            return None
+        out = []
+        for mb, batch in enumerate(fetched):
+            keep = [f.sample for slot, f in enumerate(batch) if not flags[self.dp_rank, mb, slot]]
+            out.append(self.collate(keep))
+        return out
+
+    def step_tokens(self, step: int) -> int:
+        """Non-pad tokens of the samples the last :meth:`next_step` kept, over all DP ranks (needs the sampler)."""
+        keys = self.sampler.step_keys(step)
+        return sum(self.dataset.num_tokens(i) for mb, ranks in enumerate(keys) for r, rank in enumerate(ranks)
+                   for slot, (i, _) in enumerate(rank) if not self._flags[r, mb, slot])
+
+    def step_skips(self, step: int) -> int:
+        return sum(1 for s, _, _ in self.skipped if s == step + 1)
+
+    def summary(self) -> str:
+        """One line: skipped samples by reason, or empty when none."""
+        if not self.skipped:
+            return ""
+        counts = Counter(reason for _, _, reason in self.skipped)
+        ids = ", ".join(rid for _, rid, _ in self.skipped[:20]) + (" ..." if len(self.skipped) > 20 else "")
+        return (f"skipped {len(self.skipped)} bad sample(s) (data.on_bad_sample=skip): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; records: {ids}")

