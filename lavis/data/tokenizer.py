@@ -10,6 +10,8 @@ never rebuilds it.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -132,6 +134,98 @@ class QwenTokenizer:
         return dest
 
 
+LLAMA_IMAGE_PLACEHOLDER = "<unk>"
+"""Image placeholder for the LLaMA / Vicuna family: ``<unk>`` (id 0). LLaMA's SentencePiece model has byte fallback,
+so no text ever encodes to ``<unk>``; the id only appears where the template puts it, and the 32000-row vocabulary
+stays as it is (no added token, no resized embedding)."""
+
+
+class SentencePieceTokenizer:
+    """LLaMA / Vicuna tokenizer from ``tokenizer.model`` (sentencepiece), plus ``added_tokens.json`` if present.
+
+    Like transformers' (legacy) ``LlamaTokenizer`` without BOS/EOS: the text is split at special-token text
+    (``<s>``, ``</s>``, ``<unk>`` and added tokens), each special becomes its id, each piece between is encoded by
+    sentencepiece (which adds its dummy-prefix space to each piece). ``decode(skip_special_tokens=True)`` drops them.
+    """
+
+    file_name = "tokenizer.model"
+
+    def __init__(self, path: str | Path) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"SentencePiece model {self.path} not found (see WEIGHT.md)")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.specials: dict[str, int] = {}
+        for i in range(self._sp.get_piece_size()):
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                self.specials[self._sp.id_to_piece(i)] = i
+        added = self.path.parent / "added_tokens.json"
+        self.added: dict[str, int] = {}
+        if added.is_file():
+            self.added = {str(k): int(v) for k, v in json.loads(added.read_text()).items()}
+            base = self._sp.get_piece_size()
+            for tok, idx in self.added.items():
+                if idx < base:
+                    raise ValueError(f"{added}: {tok!r} has id {idx}, inside the SentencePiece vocabulary ({base})")
+            self.specials.update(self.added)
+        alternatives = sorted(self.specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
+        self.source = str(self.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size() + len(self.added)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._split.split(text):
+            if not piece:
+                continue
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+            else:
+                ids += self._sp.encode(piece)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        inv = {v: k for k, v in self.specials.items()}
+        out, run = [], []
+        for i in (int(x) for x in ids):
+            if i in inv:
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                if not skip_special_tokens:
+                    out.append(inv[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def token_id(self, token: str) -> int:
+        if token in self.specials:
+            return self.specials[token]
+        idx = self._sp.piece_to_id(token)
+        if self._sp.is_unknown(idx):
+            raise KeyError(f"{token!r} is not a piece of {self.source}")
+        return idx
+
+    def is_special(self, token: str) -> bool:
+        return token in self.specials
+
+    def save_to(self, directory: str | Path) -> Path:
+        """Copy ``tokenizer.model`` (and ``added_tokens.json``) into ``directory``; returns the model file."""
+        dest = Path(directory) / self.file_name
+        if dest.resolve() != self.path.resolve():
+            shutil.copy2(self.path, dest)
+            if self.added:
+                (Path(directory) / "added_tokens.json").write_text(json.dumps(self.added))
+        return dest
+
+
 def build_demo_tokenizer() -> TextTokenizer:
     """Train the demo's byte-level BPE on the shapes generator's fixed corpus (deterministic, < 1 s)."""
     from lavis.data import shapes
@@ -150,9 +244,10 @@ def build_demo_tokenizer() -> TextTokenizer:
     return TextTokenizer(tok, source="builtin:shapes")
 
 
-def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer:
-    """Resolve ``model.llm.tokenizer``: ``builtin:shapes``, a ``qwen.tiktoken`` file (or a directory holding one,
-    such as a Qwen-7B-Chat download), or a ``tokenizer.json`` file / its directory."""
+def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer | SentencePieceTokenizer:
+    """Resolve ``model.llm.tokenizer``: ``builtin:shapes``; a ``qwen.tiktoken`` file or a directory holding one
+    (Qwen-7B/14B-Chat); a ``tokenizer.model`` (sentencepiece) file or a directory holding one (LLaMA / Vicuna); a
+    ``tokenizer.json`` file or its directory (Qwen2.5 / Qwen3)."""
     if ref == "builtin:shapes":
         return build_demo_tokenizer()
     if ref.startswith("builtin:"):
@@ -162,4 +257,8 @@ def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer:
         return QwenTokenizer(path)
     if path.is_dir() and (path / "qwen.tiktoken").is_file():
         return QwenTokenizer(path / "qwen.tiktoken")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.is_dir() and (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(path / "tokenizer.model")
     return TextTokenizer.from_file(ref)

@@ -47,7 +47,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Empty groups are left out: DeepSpeed drops them from the optimizer, and a scheduler built before that would
-    # then hold one LR lambda too many (a frozen stage has only the 1-D anchor parameter).
+    # then hold one LR lambda too many. (Pipeline stages never have an empty group: see engine.pipe_module.)
     return [g for g in groups if g["params"]]
 
 

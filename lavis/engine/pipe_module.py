@@ -2,10 +2,13 @@
 
 - Boundaries come from ``lavis.pipeline.plan`` (DeepSpeed 0.19.8 has no explicit-parts option, so
   ``_partition_layers`` is overridden, as DeepSpeed's own ``DualPipeVModule`` does).
-- A stage that owns no trainable parameter gets one zero parameter that its forward uses
-  (``out + 0 * anchor.sum()``): every optimizer wrapper then has a parameter and a real (zero) gradient, and a
-  frozen first stage's output gets a grad_fn. The anchor is not part of any layer, so layer files and converters
-  never see it (DEEPSPEED_PIPE.md section 3).
+- Every stage gets the same optimizer parameter groups (weight-decay and no-decay): a group this stage has no
+  trainable parameter for gets one zero "anchor" parameter that the forward uses (``out + 0 * anchor.sum()``).
+  So a fully frozen stage still has a parameter with a real (zero) gradient and a frozen first stage's output has a
+  grad_fn (DEEPSPEED_PIPE.md section 3), and ZeRO-1, which runs one gradient-norm all-reduce across stages per group,
+  issues the same number of collectives on every stage (a frozen stage with one group hung the others). Zero
+  anchors stay exactly zero under AdamW. They are not part of any layer, so layer files and converters never see
+  them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from lavis.config.schema import ModelConfig
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts
 from lavis.model.mllm import lm_loss
-from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe
+from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
 from lavis.pipeline.plan import LayerEntry
 from lavis.pipeline.stage_io import StageIO
+from lavis.weights.report import FileReport
 
 
 def layer_specs(cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int) -> list[LayerSpec]:
@@ -37,7 +41,7 @@ class LavisPipelineModule(PipelineModule):
     def __init__(self, specs: list[LayerSpec], parts: list[int], **kwargs: object) -> None:
         object.__setattr__(self, "_planned_parts", list(parts))
         super().__init__(specs, num_stages=len(parts) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
-        self.stage_anchor: nn.Parameter | None = None
+        self.group_anchors = nn.ParameterList()
 
     def _partition_layers(self, method: str = "uniform") -> None:
         self.parts = list(self._planned_parts)
@@ -47,21 +51,34 @@ class LavisPipelineModule(PipelineModule):
     def local_layers(self) -> dict[int, nn.Module]:
         return {self._local_start + i: f for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)}
 
+    def load_weights(self, cfg: ModelConfig, table: list[LayerEntry]) -> list[FileReport]:
+        """This rank reads only its own layers' tensors from the configured files (``lavis.weights.base``); raises
+        if a file does not fit. Frozen weights come from here on every start, resumes included (checkpoints
+        exclude them)."""
+        return load_layer_weights(cfg, self.local_layers(), table)
+
     def apply_trainable(self, cfg: ModelConfig, table: list[LayerEntry]) -> int:
-        """Set ``requires_grad`` from the config; add the anchor if nothing on this stage trains. Returns #trainable."""
+        """Set ``requires_grad`` from the config; add anchors for the optimizer groups this stage lacks. Returns
+        the number of trainable parameters."""
         count = 0
+        has_matrix = has_vector = False  # the optimizer's weight-decay / no-decay groups (engine.optim)
         for idx, layer in self.local_layers().items():
             for name, p in layer.named_parameters():
                 p.requires_grad_(is_trainable(table[idx].to_plain(name), cfg))
-                count += p.numel() if p.requires_grad else 0
-        if count == 0:
-            self.stage_anchor = nn.Parameter(torch.zeros(1))
+                if p.requires_grad:
+                    count += p.numel()
+                    has_matrix |= p.ndim >= 2
+                    has_vector |= p.ndim < 2
+        if not has_matrix:
+            self.group_anchors.append(nn.Parameter(torch.zeros(1, 1)))
+        if not has_vector:
+            self.group_anchors.append(nn.Parameter(torch.zeros(1)))
         return count
 
     def forward(self, forward_input):  # noqa: ANN001 - DeepSpeed's signature
         out = super().forward(forward_input)
-        if self.stage_anchor is not None:
-            zero = 0.0 * self.stage_anchor.sum()
+        if len(self.group_anchors):
+            zero = sum(0.0 * a.sum() for a in self.group_anchors)
             if isinstance(out, tuple):
                 out = StageIO(out[0] + zero.to(out[0].dtype), *out[1:])
             else:

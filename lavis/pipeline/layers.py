@@ -18,7 +18,9 @@ from lavis.model.init import init_modules_
 from lavis.model.llm import DecoderParts
 from lavis.model.mllm import build_projection, encode_media, keep_frozen_encoders_in_eval, merge_media
 from lavis.model.qformer import build_qformer, build_query_tokens
+from lavis.pipeline.plan import LayerEntry
 from lavis.pipeline.stage_io import StageIO
+from lavis.weights.report import FileReport
 
 
 class VisionEmbedPipe(nn.Module):
@@ -120,3 +122,40 @@ class LMHeadPipe(nn.Module):
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_BLD, _ = io
         return self.lm_head(hidden_BLD)
+
+
+def load_layer_weights(
+    cfg: ModelConfig, layers: dict[int, nn.Module], table: list[LayerEntry], known: set[str] | None = None,
+    checkpoint: str | None = None,
+) -> list[FileReport]:
+    """Read from disk only the tensors of ``layers`` (``{layer index: module}``, one stage's layers) from every file
+    the config names, copy them in, and return the per-file reports (raises on any missing / unexpected /
+    shape-mismatched key). Files are checked (headers) before any tensor is read; each tensor is copied in as it is
+    read, so host RAM is the stage's parameters plus one tensor. Keys no configured file provides keep their seeded
+    init."""
+    from lavis.weights.base import load_weights, model_shapes, raise_if_bad
+
+    want: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, int] = {}
+    for idx, layer in layers.items():
+        for name, t in layer.state_dict().items():
+            plain = table[idx].to_plain(name)
+            want[plain] = tuple(t.shape)
+            owner[plain] = idx
+    if known is None:
+        known = set(model_shapes(cfg))
+    _, reports = load_weights(cfg, want, known, checkpoint, read=False)
+    raise_if_bad(reports)
+    params = {idx: {**dict(layer.named_parameters()), **dict(layer.named_buffers())} for idx, layer in layers.items()}
+
+    def sink(plain: str, t: torch.Tensor) -> None:
+        idx = owner[plain]
+        dst = params[idx][table[idx].from_plain(plain)]
+        if dst.shape != t.shape:
+            raise ValueError(f"{plain}: file tensor {list(t.shape)} vs layer {list(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(t)
+
+    _, reports = load_weights(cfg, want, known, checkpoint, sink=sink)
+    raise_if_bad(reports)
+    return reports

@@ -1,0 +1,115 @@
+"""``python -m lavis.inspect``: account for every weight a config names, optionally run one forward.
+
+    python -m lavis.inspect (--model-type NAME | --cfg-path CFG) [-c CKPT] [--forward] [--options k=v ...]
+
+Per file: how many tensors were loaded / missing / unexpected / ignored (and why) / shape-mismatched; a mismatch names
+the key, both shapes and the likely cause. Without ``--forward`` nothing is allocated: the model is built on the meta
+device and the LLM directory is checked from its headers. ``--forward`` builds the model, loads everything and runs
+one forward on a generated image (``lavis.data.shapes``). Exit status 1 on any missing / unexpected / mismatched key
+(or a failed forward), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    from lavis.config.presets import model_types
+
+    ap = argparse.ArgumentParser(prog="python -m lavis.inspect", description=__doc__.split("\n\n")[0])
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-type", help=f"a shipped model config: {', '.join(model_types())}")
+    which.add_argument("--cfg-path", help="a recipe YAML")
+    ap.add_argument("-c", "--checkpoint", help="a .pth on top of the base weights (ours or a predecessor's)")
+    ap.add_argument("--forward", action="store_true", help="load everything and run one forward on a generated image")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype for --forward")
+    ap.add_argument("--options", nargs="*", default=[], help="config overrides key=value")
+    return ap.parse_args(argv)
+
+
+def _forward(cfg, tok, checkpoint: str | None, dtype: torch.dtype) -> bool:  # noqa: ANN001
+    from lavis.data import shapes
+    from lavis.data.conversation import encode_prompt, template_from_config
+    from lavis.data.media import image_transform
+    from lavis.model.mllm import MultimodalLM
+    from lavis.weights.base import copy_into, load_weights, raise_if_bad
+
+    t0 = time.perf_counter()
+    torch.set_default_dtype(dtype)
+    try:
+        model = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.init_weights(cfg.model.init_seed)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors, reports = load_weights(cfg.model, want, checkpoint=checkpoint)
+    raise_if_bad(reports)
+    copy_into(model, tensors, lambda k: k)
+    del tensors
+    model.eval()
+    spec = shapes.sample_spec(random.Random(0))
+    pixels = image_transform("eval", cfg.model.vision.image_size, hflip=False)(shapes.draw(spec)).unsqueeze(0)
+    tpl = template_from_config(tok, cfg)
+    ids = encode_prompt([("<image>What is in the image?", None)], tpl)
+    ids_BL = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(pixels.to(dtype), ids_BL, torch.ones_like(ids_BL))
+    finite = bool(torch.isfinite(logits).all())
+    top = int(logits[0, -1].float().argmax())
+    word = repr(tok.decode([top], skip_special_tokens=False)) if top < tok.vocab_size else "(beyond the tokenizer)"
+    print(f"forward: image of a {spec.colour} {spec.shape}, {len(ids)} prompt tokens "
+          f"({ids.count(tpl.placeholder_id)} image slots) -> logits {list(logits.shape)} {logits.dtype}, "
+          f"finite={finite}, next token {top} {word} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return finite
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lavis.config.load import load_config
+    from lavis.config.presets import preset_path
+    from lavis.data.tokenizer import load_tokenizer
+    from lavis.model.llm import llm_hf_config
+    from lavis.weights.base import load_weights, model_shapes
+
+    a = _args(argv)
+    path = preset_path(a.model_type) if a.model_type else a.cfg_path
+    cfg = load_config(path, a.options)
+    print(f"config: {path}")
+    hf = llm_hf_config(cfg.model.llm)
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    placeholder = tok.token_id(cfg.model.llm.image_placeholder)
+    print(f"LLM: {type(hf).__name__} hidden {hf.hidden_size}, {hf.num_hidden_layers} layers, vocab {hf.vocab_size}; "
+          f"tokenizer {tok.source} ({tok.vocab_size} tokens), image placeholder "
+          f"{cfg.model.llm.image_placeholder!r} = {placeholder}")
+    ok = True
+    if placeholder >= hf.vocab_size or tok.vocab_size > hf.vocab_size:
+        print(f"ERROR: tokenizer ids reach {max(placeholder, tok.vocab_size - 1)} but the embedding has "
+              f"{hf.vocab_size} rows: another model family's tokenizer?")
+        ok = False
+    want = model_shapes(cfg.model)
+    _, reports = load_weights(cfg.model, want, checkpoint=a.checkpoint, read=False)
+    if not reports:
+        print("no weight file configured: every tensor keeps the seeded random init")
+    provided: set[str] = set()
+    for rep in reports:
+        print(rep.format(limit=20))
+        provided |= set(rep.loaded)
+        ok &= rep.ok
+    rest = [k for k in want if k not in provided]
+    groups = sorted({k.split(".")[0] for k in rest})
+    print(f"model: {len(want)} tensors, {len(provided)} from files, {len(rest)} keep the seeded init"
+          + (f" ({', '.join(groups)})" if rest else ""))
+    if ok and a.forward:
+        ok = _forward(cfg, tok, a.checkpoint, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

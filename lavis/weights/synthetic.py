@@ -1,0 +1,332 @@
+"""Synthetic weight files for a ``--model-type`` preset: real key names, real widths, fewer layers, random values.
+
+No real weights can be downloaded here, so ``lavis.inspect`` and the tests run on these. For a preset this writes,
+under ``ROOT`` in the predecessors' ``cache/ckpt/`` layout (WEIGHT.md): ``eva/eva_vit_g.pth`` (with the 40th block),
+``blip2/blip2_pretrained_flant5xxl.pth``, the LLM directory (``config.json`` with the real dimensions and
+``num_hidden_layers`` reduced, weights in two shards with an index, the family's tokenizer file) and the
+predecessors' checkpoints for that family under ``predecessors/``.
+
+    python -m lavis.weights.synthetic --model-type qwen7b_chat --root /tmp/w --num-layers 2 --vision-depth 2
+    cd /tmp/w && python -m lavis.inspect --model-type qwen7b_chat --options model.vision.depth=2 --forward
+
+Tokenizer files are synthetic too except ``qwen.tiktoken``, which is copied from ``../shared/data`` when present
+(a generated stand-in with the same 151,643 ranks otherwise): a small SentencePiece model (LLaMA's special ids
+0/1/2, byte fallback) and a small byte-level BPE ``tokenizer.json`` with Qwen2.5's special tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lavis.config.schema import ModelConfig
+from lavis.weights.synthetic_vision import random_tensor, write_synthetic_blip2, write_synthetic_eva_vit
+
+Shape = tuple[int, ...]
+REPO = Path(__file__).resolve().parents[2]
+SHARED_TIKTOKEN = REPO.parent / "shared" / "data" / "qwen.tiktoken"
+
+_QWEN_V1_COMMON = {
+    "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "kv_channels": 128, "rotary_emb_base": 10000,
+    "rotary_pct": 1.0, "layer_norm_epsilon": 1e-6, "use_dynamic_ntk": True, "use_logn_attn": True, "no_bias": True,
+    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                 "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+}
+_LLAMA_COMMON = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "vocab_size": 32000,
+}
+LLM_CONFIGS: dict[str, dict[str, Any]] = {
+    # FORMATS.md section 5 (Sep-2023 layout)
+    "qwen7b_chat": {**_QWEN_V1_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "intermediate_size": 22016, "vocab_size": 151936, "seq_length": 8192,
+                    "max_position_embeddings": 8192},
+    # FORMATS.md section 6
+    "qwen14b_chat": {**_QWEN_V1_COMMON, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+                     "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048,
+                     "max_position_embeddings": 8192},
+    "vicuna0_7b": {**_LLAMA_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "intermediate_size": 11008},
+    "vicuna0_13b": {**_LLAMA_COMMON, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+                    "num_key_value_heads": 40, "intermediate_size": 13824},
+    "qwen2.5_7b_instruct": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "hidden_act": "silu",
+        "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+        "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645},
+}
+"""The LLM directory's ``config.json`` for each preset (real dimensions)."""
+
+TINY_LLM = {"hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "num_key_value_heads": 4}
+TINY_OPTIONS = ["model.vision.width=64", "model.vision.num_heads=4", "model.vision.mlp_hidden=128",
+                "model.vision.patch_size=14", "model.qformer.hidden_size=64", "model.qformer.num_heads=4",
+                "model.qformer.intermediate_size=128", "model.qformer.num_layers=2"]
+"""``--tiny``: reduced widths for a fast real forward (vocabulary kept so the real tokenizer ids fit); pass the same
+``--options`` to ``lavis.inspect``."""
+
+
+def llm_config_json(model_type: str, num_layers: int | None = None, tiny: bool = False) -> dict[str, Any]:
+    if model_type not in LLM_CONFIGS:
+        raise ValueError(f"no synthetic LLM layout for {model_type!r}; known: {', '.join(LLM_CONFIGS)}")
+    raw = copy.deepcopy(LLM_CONFIGS[model_type])
+    if num_layers is not None:
+        raw["num_hidden_layers"] = num_layers
+    if tiny:
+        for k, v in TINY_LLM.items():
+            if k in raw or k == "num_key_value_heads" and raw["model_type"] != "qwen":
+                raw[k] = v
+        if raw["model_type"] == "qwen2":
+            raw["num_key_value_heads"] = 2
+        raw["intermediate_size"] = 256 if raw["model_type"] == "qwen" else 128
+    return raw
+
+
+def llm_file_shapes(raw: dict[str, Any]) -> dict[str, Shape]:
+    """Tensor name -> shape of the LLM directory's weights for ``raw`` (Qwen v1 names for ``model_type: qwen``),
+    computed on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lavis.model.llm import is_qwen_v1, qwen_v1_to_qwen2_config, to_qwen_v1_names
+
+    if is_qwen_v1(raw):
+        hf = qwen_v1_to_qwen2_config(raw)
+    else:
+        fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
+        hf = AutoConfig.for_model(raw["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    state = model.state_dict()
+    if is_qwen_v1(raw):
+        state = to_qwen_v1_names(state, prefix="")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _shards(keys: list[str], n: int) -> list[list[str]]:
+    per = -(-len(keys) // n)
+    return [keys[i:i + per] for i in range(0, len(keys), per)]
+
+
+def write_llm_dir(
+    directory: str | Path, raw: dict[str, Any], *, fmt: str = "safetensors", num_shards: int = 2,
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> dict[str, Shape]:
+    """``config.json`` + sharded weights (``safetensors`` or ``bin``) with an index; returns name -> shape."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(raw, indent=2))
+    shapes = llm_file_shapes(raw)
+    gen = torch.Generator().manual_seed(seed)
+    groups = _shards(list(shapes), num_shards)
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(groups):
+        tensors = {k: random_tensor(k, shapes[k], dtype, gen).contiguous() for k in keys}
+        if fmt == "safetensors":
+            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(d / name), metadata={"format": "pt"})
+        elif fmt == "bin":
+            name = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
+            torch.save(tensors, d / name)
+        else:
+            raise ValueError(f"fmt must be safetensors or bin, not {fmt!r}")
+        weight_map |= {k: name for k in keys}
+        del tensors
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (d / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return shapes
+
+
+# --- tokenizer files ------------------------------------------------------------------------------------------------
+
+
+def write_qwen_tiktoken(path: str | Path) -> Path:
+    """The real ``qwen.tiktoken`` when ``../shared/data`` has it; else 151,643 generated ranks (bytes, then byte
+    pairs, then printable triples), which ``QwenTokenizer`` accepts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if SHARED_TIKTOKEN.is_file():
+        shutil.copy2(SHARED_TIKTOKEN, path)
+        return path
+    from lavis.data.tokenizer import QWEN_NUM_REGULAR
+
+    toks: list[bytes] = [bytes([b]) for b in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
+    printable = range(32, 127)
+    for a in printable:
+        for b in printable:
+            for c in printable:
+                if len(toks) >= QWEN_NUM_REGULAR:
+                    break
+                toks.append(bytes([a, b, c]))
+    lines = [f"{base64.b64encode(t).decode()} {i}" for i, t in enumerate(toks[:QWEN_NUM_REGULAR])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_sentencepiece(directory: str | Path) -> Path:
+    """A small LLaMA-style SentencePiece model: ``<unk>``=0, ``<s>``=1, ``</s>``=2, byte fallback, no normalisation."""
+    import io
+
+    import sentencepiece as spm
+
+    from lavis.data import shapes
+
+    corpus = shapes.corpus() + ["Describe this image in detail.", "What is in the image?", "###Human: ###Assistant:"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 4), model_writer=buf, vocab_size=400, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,  # as LLaMA
+    )
+    path = Path(directory) / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+QWEN25_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|vision_start|>",
+                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def write_bpe_tokenizer_json(directory: str | Path) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` carrying Qwen2.5's ChatML and vision special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lavis.data import shapes
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(QWEN25_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(shapes.corpus() + ["You are Qwen, created by Alibaba Cloud."], trainer)
+    path = Path(directory) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+# --- predecessors' checkpoints --------------------------------------------------------------------------------------
+
+
+def write_mpp_pretrain(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0) -> Path:
+    """MPP-Qwen ``pipe_proj2pth.py`` output: a plain bf16 dict ``{llm_proj.weight, llm_proj.bias}``."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: random_tensor(k, s, torch.bfloat16, gen) for k, s in
+             {"llm_proj.weight": (llm_hidden, qformer_hidden), "llm_proj.bias": (llm_hidden,)}.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return Path(path)
+
+
+def write_mpp_sft(path: str | Path, raw: dict[str, Any], *, mangled_7b: bool, qformer_hidden: int = 768,
+                  seed: int = 0) -> Path:
+    """MPP-Qwen ``pipemodel2pth.py`` output: ``llm_proj.*`` + ``llm_model.transformer.*`` (Qwen v1 names) +
+    ``llm_model.lm_head.weight``; with ``mangled_7b`` the final norm and head carry the names its 14B-only indices
+    give a 7B model (``llm_model.transformer.final_h.{L}norm.weight``, ``llm_model.transformer.lm_head.weight``)."""
+    shapes = llm_file_shapes(raw)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = int(raw.get("hidden_size", raw.get("n_embd")))
+    state = {k: random_tensor(k, s, torch.bfloat16, gen) for k, s in
+             {"llm_proj.weight": (hidden, qformer_hidden), "llm_proj.bias": (hidden,)}.items()}
+    n = int(raw.get("num_hidden_layers", raw.get("n_layer")))
+    for k, s in shapes.items():
+        name = "llm_model." + k
+        if mangled_7b and k == "transformer.ln_f.weight":
+            name = f"llm_model.transformer.final_h.{n}norm.weight"
+        elif mangled_7b and k == "lm_head.weight":
+            name = "llm_model.transformer.lm_head.weight"
+        state[name] = random_tensor(k, s, torch.bfloat16, gen)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return Path(path)
+
+
+def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0) -> Path:
+    """MiniGPT-4 stage checkpoint: ``{"model": {llama_proj.*, Qformer position_ids buffer}, "optimizer": ...,
+    "epoch": ...}`` as its LAVIS-style saver writes it (frozen parameters removed, buffers kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = {k: random_tensor(k, s, torch.float32, gen) for k, s in
+             {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,),
+              "Qformer.bert.embeddings.position_ids": (1, 512)}.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, "optimizer": {}, "epoch": 4}, path)
+    return Path(path)
+
+
+# --- a whole preset -------------------------------------------------------------------------------------------------
+
+
+def write_preset(
+    model_type: str, root: str | Path, *, num_layers: int = 2, vision_depth: int = 2, tiny: bool = False,
+    options: list[str] | None = None, llm_format: str = "safetensors",
+) -> dict[str, Path]:
+    """Every file ``model_type`` names, under ``root`` (the directory ``lavis.inspect`` then runs in)."""
+    from dataclasses import replace
+
+    from lavis.config.load import load_config
+    from lavis.config.presets import preset_path
+
+    root = Path(root)
+    opts = list(options or []) + (TINY_OPTIONS if tiny else []) + [f"model.vision.depth={vision_depth}"]
+    cfg: ModelConfig = load_config(preset_path(model_type), opts).model
+    raw = llm_config_json(model_type, num_layers, tiny)
+    out: dict[str, Path] = {}
+    vpath, qpath = root / cfg.vision.checkpoint, root / cfg.qformer.checkpoint
+    write_synthetic_eva_vit(vpath, cfg.vision, extra_block=True)
+    write_synthetic_blip2(qpath, replace(cfg, vision=cfg.vision))
+    out["eva"], out["blip2"] = vpath, qpath
+    llm_dir = root / cfg.llm.path
+    write_llm_dir(llm_dir, raw, fmt=llm_format)
+    out["llm"] = llm_dir
+    hidden = int(raw["hidden_size"])
+    qh = cfg.qformer.hidden_size
+    pred = root / "cache/ckpt/predecessors" / model_type
+    if raw["model_type"] == "qwen":
+        write_qwen_tiktoken(llm_dir / "qwen.tiktoken")
+        out["mpp_pretrain"] = write_mpp_pretrain(pred / "model.pth", hidden, qh)
+        out["mpp_sft"] = write_mpp_sft(pred / "unfreeze_llm_model.pth", raw, qformer_hidden=qh,
+                                       mangled_7b=model_type == "qwen7b_chat")
+    elif raw["model_type"] == "llama":
+        write_sentencepiece(llm_dir)
+        name = "prerained_minigpt4_7b.pth" if model_type == "vicuna0_7b" else "pretrained_minigpt4.pth"
+        out["minigpt4"] = write_minigpt4(pred / name, hidden, qh)
+    else:
+        write_bpe_tokenizer_json(llm_dir)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lavis.config.presets import model_types
+
+    ap = argparse.ArgumentParser(prog="python -m lavis.weights.synthetic", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-type", required=True, help=", ".join(model_types()))
+    ap.add_argument("--root", required=True, help="directory to write cache/ckpt/... under (run inspect there)")
+    ap.add_argument("--num-layers", type=int, default=2, help="LLM decoder blocks (real: 28-40)")
+    ap.add_argument("--vision-depth", type=int, default=2, help="ViT blocks (real: 39; one extra block is written)")
+    ap.add_argument("--tiny", action="store_true", help="reduced widths too (see TINY_OPTIONS)")
+    ap.add_argument("--llm-format", choices=["safetensors", "bin"], default="safetensors")
+    ap.add_argument("--options", nargs="*", default=[], help="config overrides, as for lavis.inspect")
+    a = ap.parse_args(argv)
+    files = write_preset(a.model_type, a.root, num_layers=a.num_layers, vision_depth=a.vision_depth, tiny=a.tiny,
+                         options=a.options, llm_format=a.llm_format)
+    for k, p in files.items():
+        print(f"{k}: {p}")
+    opts = [*a.options, *(TINY_OPTIONS if a.tiny else []), f"model.vision.depth={a.vision_depth}"]
+    print(f"\ncd {a.root} && {Path(sys.executable).name} -m lavis.inspect --model-type {a.model_type} --forward "
+          f"--options {' '.join(opts)}")
+
+
+if __name__ == "__main__":
+    main()
