@@ -108,15 +108,14 @@ def bench_config(args: argparse.Namespace) -> Config:
 def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int = 0) -> None:
     """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L]."""
     from lavis.data import shapes
-    from lavis.data.conversation import ChatTemplate
+    from lavis.data.conversation import template_from_config
     from lavis.data.tokenizer import load_tokenizer
 
     ds = cfg.data.train[0]
     root = Path(ds.vis_root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model.llm.tokenizer)
-    tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
-                       cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+    tpl = template_from_config(tok, cfg)
     rng = random.Random(seed)
     words = " ".join(shapes.corpus()).split()
     # Fixed overhead (template, system prompt, question, image run) measured once on a one-word answer.
@@ -147,7 +146,7 @@ def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
 
 def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from lavis.model.llm import llm_hf_config
-    from lavis.pipeline.plan import Workload, layer_costs
+    from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
 
     rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["step"] > args.warmup]
@@ -159,8 +158,7 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     micro = t.grad_accum_steps * len(rows)
     # FLOPs at the measured mean padded micro-batch shape of replica 0, times all micro-batches of all replicas.
     hf = llm_hf_config(cfg.model.llm)
-    dims = {k: getattr(hf, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    dims = {k: getattr(hf, k) for k in LLM_DIMS}
     tokens_per_micro = padded / max(1, micro)
     seq = tokens_per_micro / t.micro_batch_size
     images = round(sum(r["images_r0"] for r in rows) / max(1, micro))

@@ -12,7 +12,7 @@ import torch
 from lavis.config.load import load_config
 from lavis.convert.pipe_to_pth import convert
 from lavis.data.collate import Collator
-from lavis.data.conversation import ChatTemplate
+from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine.optim import lr_lambda, param_groups
@@ -26,8 +26,7 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     cfg = load_config(DEMO_CFG, [*COMMON, f"train.grad_accum_steps={gas}", *data_options(data)])
     t = cfg.train
     tok = load_tokenizer(cfg.model.llm.tokenizer)
-    tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
-                       cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+    tpl = template_from_config(tok, cfg)
     model = MultimodalLM(cfg.model, tpl.placeholder_id)
     model.init_weights(cfg.model.init_seed)
     model.apply_trainable()
@@ -91,12 +90,18 @@ def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], 
     assert torch.equal(state["llm_model.model.embed_tokens.weight"], layer["embed_tokens.weight"])
 
 
-@pytest.mark.parametrize(("stages", "precision", "zero"),
-                         [(2, "fp32", 0), (3, "fp32", 0), (2, "bf16", 0), (3, "bf16", 1)])
-def test_pretrain_recipe_frozen_stages(tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int) -> None:
+@pytest.mark.parametrize(("stages", "precision", "zero", "offload"),
+                         [(2, "fp32", 0, False), (3, "fp32", 0, False), (2, "bf16", 0, False), (3, "bf16", 1, False),
+                          (2, "bf16", 1, True)])
+def test_pretrain_recipe_frozen_stages(
+    tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int, offload: bool
+) -> None:
     """Only the projection trains: later stages own no trainable parameter (the anchor keeps DeepSpeed happy)."""
     out = train(tmp_path, "pre", stages, stages, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
-                extra=(f"train.precision={precision}", f"train.zero_stage={zero}"))
+                extra=(f"train.precision={precision}", f"train.zero_stage={zero}",
+                       f"train.offload_optimizer={str(offload).lower()}"))
+    log = out.with_suffix(".log").read_text()
+    assert f"ZeRO stage {zero}" in log and ("offloaded to CPU" in log) == offload
     ls = losses(out)
     assert len(ls) == 3 and all(torch.isfinite(torch.tensor(ls)))
     tag = out / "global_step3"

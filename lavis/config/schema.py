@@ -81,9 +81,10 @@ class LLMConfig:
     tokenizer: str = "builtin:shapes"
     """A tokenizer directory / ``tokenizer.json``, or ``builtin:shapes`` (the demo's local BPE)."""
     template: Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2"] = "chatml"
-    """Chat layout (``lavis/data/conversation.py``). Set ``system_prompt`` to the template's own prompt
-    (``conversation.SYSTEM_PROMPTS``) for Vicuna / LLaMA-2."""
-    system_prompt: str = "You are a helpful assistant."
+    """Chat layout (``lavis/data/conversation.py``)."""
+    system_prompt: str | None = None
+    """None = the template's own (``conversation.SYSTEM_PROMPTS``: Qwen's "You are a helpful assistant." for ChatML,
+    MiniGPT-4's image preamble for vicuna_v0, FastChat's for vicuna_v1_1, none for llama2)."""
     image_placeholder: str = "<|extra_0|>"
     """Token whose positions are overwritten by image embeddings (Qwen v1: ``<|extra_0|>`` = 151646)."""
     frozen: bool = False

@@ -19,10 +19,12 @@ from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
 from lavis.model.freezing import is_trainable
+from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
 
 Kind = Literal["proj", "model"]
+Names = Literal["auto", "ours", "qwen_v1"]
 OUTPUT_NAME = {"proj": "model.pth", "model": "unfreeze_llm_model.pth"}
 
 
@@ -63,7 +65,15 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
     return sorted(set(expected) - set(state))
 
 
-def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None) -> Path:
+def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, torch.Tensor]:
+    """``auto``: Qwen v1 names (``llm_model.transformer.h.N.attn.c_attn...``) when the LLM was read from a Qwen v1
+    directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise."""
+    v1 = names == "qwen_v1" or (
+        names == "auto" and cfg.llm.path is not None and is_qwen_v1(read_config_json(cfg.llm.path)))
+    return to_qwen_v1_names(state) if v1 else state
+
+
+def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto") -> Path:
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
@@ -76,6 +86,7 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None) -> 
         trainable_missing = [k for k in missing if is_trainable(k, cfg)]
         if trainable_missing:
             raise ValueError(f"{tag_dir}: trained weights missing from the layer files: {trainable_missing[:5]}")
+    state = release_names(state, cfg, names)
     dest = Path(out) if out is not None else Path(ckpt_dir) / OUTPUT_NAME[kind]
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(state, tmp)
@@ -90,12 +101,15 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", "--ckpt_dir", required=True, help="run directory or one global_step* directory")
     p.add_argument("--out", help=f"output file (default: CKPT_DIR/{OUTPUT_NAME[kind]})")
+    p.add_argument("--names", choices=["auto", "ours", "qwen_v1"], default="auto",
+                   help="key names of the .pth: auto = Qwen v1 names (llm_model.transformer.*, as MPP-Qwen) for "
+                        "models read from a Qwen v1 directory, our transformers names otherwise")
     p.add_argument("--hf-out", metavar="DIR",
                    help="also write the LLM as a transformers directory (AutoModelForCausalLM.from_pretrained), "
                         "with projector.pth, mm_config.yaml and the tokenizer beside it")
     p.add_argument("--hf-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="--hf-out weight dtype")
     args = p.parse_args(argv)
-    pth = convert(args.ckpt_dir, kind, args.out)
+    pth = convert(args.ckpt_dir, kind, args.out, args.names)
     print(pth)
     if args.hf_out:
         from lavis.convert.hf_export import export_hf

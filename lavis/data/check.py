@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         if not datasets:
             raise SystemExit(f"{args.cfg_path}: data.train is empty")
         tok_ref = args.tokenizer or llm.tokenizer
-        tpl_args = (llm.system_prompt, llm.image_placeholder, cfg.model.qformer.num_query_tokens)
         template = llm.template
+        system = SYSTEM_PROMPTS[template] if llm.system_prompt is None else llm.system_prompt
+        tpl_args = (system, llm.image_placeholder, cfg.model.qformer.num_query_tokens)
     else:
         data = DataConfig()
         datasets = [DatasetConfig(ann_path=args.ann, vis_root=args.vis_root, format=args.format)]

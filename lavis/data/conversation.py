@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lavis.data.tokenizer import IM_END, IM_START, TextTokenizer
+
+if TYPE_CHECKING:
+    from lavis.config.schema import Config
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -105,6 +108,14 @@ class ChatTemplate:
             return tok.encode("###")[-1:] + [tok.token_id(self.eos_token)]
         return [tok.token_id(self.eos_token)]
 
+
+
+def template_from_config(tok: TextTokenizer, cfg: Config) -> ChatTemplate:
+    """The one place a run's template is built from its config (training, chat, bench, checker)."""
+    llm = cfg.model.llm
+    system = SYSTEM_PROMPTS[llm.template] if llm.system_prompt is None else llm.system_prompt
+    return ChatTemplate(tok, system, llm.image_placeholder, cfg.model.qformer.num_query_tokens,
+                        cfg.data.num_video_frames, name=llm.template)
 
 @dataclass
 class Encoded:

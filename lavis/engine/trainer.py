@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
 from lavis.config.schema import Config
 from lavis.data.collate import Collator
-from lavis.data.conversation import ChatTemplate
+from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
@@ -32,15 +32,7 @@ from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
 from lavis.engine.profiling import InstructionTimer
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import (
-    Workload,
-    check_partition,
-    format_plan,
-    layer_costs,
-    layer_table,
-    optimizer_bytes_per_param,
-    plan_stages,
-)
+from lavis.pipeline.plan import LLM_DIMS, format_plan, layer_table, plan_for_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,26 +108,16 @@ def train(
         raise ValueError(
             f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
         )
-    tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
-                       cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+    tpl = template_from_config(tok, cfg)
     placeholder_id = tpl.placeholder_id
 
     # --- plan ---------------------------------------------------------------------------------------------------
     table = layer_table(hf.num_hidden_layers)
-    dims = {k: getattr(hf, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
-    work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
-                    images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
-                    activation_checkpointing=t.activation_checkpoint_interval > 0)
-    costs = layer_costs(cfg.model, dims, work)
-    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
-    if t.partition is not None:
-        parts = check_partition(list(t.partition), len(table), t.num_stages)
-    else:
-        limit = None if t.gpu_memory_gib is None else t.gpu_memory_gib * 2**30
-        parts = plan_stages(costs, t.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
+    dims = {k: getattr(hf, k) for k in LLM_DIMS}
+    plan = plan_for_config(cfg, dims, dp)
+    parts = plan.parts
     print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
-           + format_plan(parts, costs, work, optim_bytes))
+           + format_plan(parts, plan.costs, plan.work, plan.optim_bytes))
 
     # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(
@@ -145,6 +127,8 @@ def train(
         checkpointable_layers=["DecoderBlockPipe"],
         dynamic_shape=not cfg.data.fixed_length,
     )
+    for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
+        print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     pipe.apply_trainable(cfg.model, table)
     stage = pipe.stage_id
     ds_cfg = deepspeed_config(t, dp)
@@ -196,13 +180,12 @@ def train(
     first, last = stage == 0, stage == t.num_stages - 1
     if cfg.data.on_bad_sample == "skip" and cfg.data.fixed_length:
         raise ValueError("data.on_bad_sample=skip shrinks micro-batches, which needs data.fixed_length=false")
-    data_tpl = replace(tpl, name=cfg.model.llm.template)
     dataset = sampler = collate = None
     if first or last:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
         records = [load_records(d) for d in cfg.data.train]
-        dataset = ConversationDataset(sum(records, []), data_tpl, cfg.data, cfg.model.vision.image_size,
+        dataset = ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=first, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
@@ -276,7 +259,7 @@ def train(
             "peak_memory_gib": _peak_memory_gib(), "memory_kind": "gpu" if torch.cuda.is_available() else "host_rss"}
     ranks: list[Any] = [None] * world
     dist.all_gather_object(ranks, mine)
-    return {"ranks": ranks, "parts": parts, "plan": [c.__dict__ for c in costs], "rows_path": str(out / "metrics.jsonl")}
+    return {"ranks": ranks, "parts": parts, "rows_path": str(out / "metrics.jsonl")}
 
 
 class _PadCounter:

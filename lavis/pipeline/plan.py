@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lavis.config.schema import ModelConfig
+from lavis.config.schema import Config, ModelConfig
 
 LayerKind = Literal["embed", "block", "norm", "head"]
 
@@ -270,6 +270,37 @@ def format_plan(
             f"{mem:>11.2f} {share:>7.1%}"
         )
     return "\n".join(rows)
+
+
+LLM_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size")
+"""The transformers config fields the cost model reads."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    parts: list[int]
+    costs: list[LayerCost]
+    work: Workload
+    optim_bytes: float
+
+
+def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
+    """The run's plan: ``train.partition`` if given (validated), else :func:`plan_stages` within
+    ``train.gpu_memory_gib``; the workload is one micro-batch of ``data.max_txt_len`` tokens and one image per
+    sample."""
+    t = cfg.train
+    work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
+                    images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
+                    activation_checkpointing=t.activation_checkpoint_interval > 0)
+    costs = layer_costs(cfg.model, dims, work)
+    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
+    if t.partition is not None:
+        parts = check_partition(list(t.partition), len(costs), t.num_stages)
+    else:
+        limit = None if t.gpu_memory_gib is None else t.gpu_memory_gib * 2**30
+        parts = plan_stages(costs, t.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
+    return StagePlan(parts, costs, work, optim_bytes)
 
 
 def layers_to_plain(table: list[LayerEntry], layer_states: dict[int, dict]) -> dict:
