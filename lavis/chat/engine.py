@@ -1,21 +1,29 @@
-"""One chat engine for the CLI and the web UI: model loading, history, media, generation and streaming.
+"""One chat engine for the CLI and the web UI: model loading and placement, history, media, generation, streaming.
 
 The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatML rendering as training). Images
 attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image with no
-separator (MPP-Qwen-Next's ``cli_demo.py`` layout); a video becomes one ``<video>`` marker. Generation stops at
-``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``; a reply cut by ``max_new_tokens`` keeps its last token
-(the predecessor drops it).
+separator (MPP-Qwen-Next's ``cli_demo.py`` layout); a video becomes one ``<video>`` marker, its frames sampled as in
+training (``data.num_video_frames``, ``data.video_fps``). Generation stops at ``<|im_end|>`` / ``<|im_start|>`` /
+``<|endoftext|>``; a reply cut by ``max_new_tokens`` keeps its last token (the predecessor drops it).
+
+Placement: one device (bf16 on a GPU that supports it, fp32 on CPU); ``llm_device_map="auto"`` spreads the LLM's
+decoder blocks over all visible GPUs with accelerate (vision, Q-Former, projection and token embeddings on the
+first); ``load_8bit`` swaps the LLM's linear layers for bitsandbytes int8 ones (CUDA only).
+
+Interruption: :attr:`ChatEngine.stop_event` is checked after every generated token; setting it (Ctrl-C in the CLI,
+the stop button in the web UI) ends the answer there, and the partial answer is kept with ``Turn.stopped``.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -26,15 +34,28 @@ from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, en
 from lavis.data.tokenizer import ENDOFTEXT, IM_END, IM_START, TextTokenizer, load_tokenizer
 from lavis.model.mllm import MultimodalLM
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
+
 
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    """Stop tokens are suppressed until this many tokens are generated (0: off)."""
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 1
+    """> 1: beam search (the answer then arrives whole, not streamed)."""
     repetition_penalty: float = 1.0
+
+
+@dataclass
+class Media:
+    marker: str
+    pixels: torch.Tensor
+    """``[N, 3, S, S]``: one image, or the sampled frames of a video."""
+    name: str
 
 
 @dataclass
@@ -44,6 +65,8 @@ class Turn:
     pixels: torch.Tensor | None = None
     """Images/frames attached to this turn, ``[N, 3, S, S]``."""
     media_names: list[str] = field(default_factory=list)
+    stopped: bool = False
+    """The answer was cut short by :attr:`ChatEngine.stop_event`."""
 
 
 def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
@@ -57,27 +80,133 @@ def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
 def load_model(
     cfg: Config, checkpoint: str | Path | None, tok: TextTokenizer, device: torch.device, dtype: torch.dtype
 ) -> MultimodalLM:
-    """Construct, init the base (seeded init; pretrained base weights where the config names them), load the .pth."""
+    """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
+    ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
+    from lavis.weights.base import copy_into, load_weights, raise_if_bad
+
     placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # LAVIS / MiniGPT-4 wrapper
-            state = state["model"]
-        own = model.state_dict()
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                      for k, v in state.items() if k in own and v.shape != own[k].shape]
-        if unexpected or mismatched:
-            raise ValueError(f"{checkpoint} does not fit the model built from the config: unexpected keys "
-                             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; shape mismatches {mismatched[:5]}")
-        # Keys the file lacks keep the base weights (a stage-1 model.pth holds only llm_proj.*); unknown keys and
-        # shape mismatches were refused above, so nothing in the file is silently dropped.
-        model.load_state_dict(state, strict=False)
-        print(f"loaded {len(state)} tensors from {checkpoint}; {len(own) - len(state)} come from the base weights",
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors, reports = load_weights(cfg.model, want, checkpoint=None if checkpoint is None else str(checkpoint))
+    for rep in reports:
+        print(rep.summary(), file=sys.stderr)
+    raise_if_bad(reports)
+    copy_into(model, tensors, lambda k: k)
+    if reports:
+        print(f"{len(tensors)} of {len(want)} tensors loaded from files; the rest keep the seeded init",
               file=sys.stderr)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def vision_modules(model: MultimodalLM) -> list[nn.Module]:
+    return [model.visual_encoder, model.ln_vision, model.qformer, model.llm_proj]
+
+
+def plan_llm_device_map(
+    llm: nn.Module, max_memory: dict[int | str, int], dtype: torch.dtype, reserve_first: int = 0
+) -> dict[str, int]:
+    """accelerate's device map for the LLM over the GPUs in ``max_memory`` (bytes per GPU index).
+
+    ``reserve_first`` bytes of GPU 0 are kept for the vision side; the token embeddings go on GPU 0 beside it (the
+    image embeddings are merged into them there). Raises ``ValueError`` if the LLM does not fit on the GPUs.
+    """
+    from accelerate import infer_auto_device_map
+
+    budget = {k: v - reserve_first if k == 0 else v for k, v in max_memory.items()}
+    if budget.get(0, 0) <= 0:
+        raise ValueError(f"GPU 0 has no room for the LLM beside the vision side ({reserve_first / 2**30:.1f} GiB)")
+    no_split = list(getattr(llm, "_no_split_modules", None) or [])
+    dmap = infer_auto_device_map(llm, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+    off = sorted({str(d) for d in dmap.values() if not isinstance(d, int)})
+    if off:
+        total = sum(v for k, v in max_memory.items() if isinstance(k, int)) / 2**30
+        raise ValueError(f"the LLM does not fit on {len(max_memory)} GPU(s) ({total:.1f} GiB usable); it would "
+                         f"need {', '.join(off)} offload. Use --load-8bit or more GPUs")
+    owner = max((k for k in dmap if k == "" or "model.embed_tokens".startswith(k + ".") or k == "model.embed_tokens"),
+                key=len)
+    if dmap[owner] != 0:
+        raise ValueError(f"accelerate put the token embeddings on GPU {dmap[owner]}, not 0 beside the vision side: "
+                         f"{dmap}")
+    return dmap
+
+
+def dispatch_auto(model: MultimodalLM) -> torch.device:
+    """Vision side and embeddings on cuda:0, decoder blocks spread by accelerate over every visible GPU."""
+    from accelerate import dispatch_model
+    from accelerate.utils import get_balanced_memory
+
+    llm = model.llm_model
+    dtype = next(llm.parameters()).dtype
+    first = torch.device("cuda", 0)
+    for m in vision_modules(model):
+        m.to(first)
+    model.query_tokens.data = model.query_tokens.data.to(first)
+    vision_bytes = sum(p.numel() * p.element_size() for m in vision_modules(model) for p in m.parameters())
+    no_split = list(getattr(llm, "_no_split_modules", None) or [])
+    max_memory = get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split)
+    max_memory = {k: v for k, v in max_memory.items() if isinstance(k, int)}
+    dmap = plan_llm_device_map(llm, max_memory, dtype, reserve_first=vision_bytes + 2**30)
+    dispatch_model(llm, device_map=dmap)
+    llm.hf_device_map = dmap
+    used = sorted({d for d in dmap.values()})
+    print(f"LLM spread over cuda:{', cuda:'.join(map(str, used))}; vision on cuda:0", file=sys.stderr)
+    return first
+
+
+def quantize_llm_8bit(model: MultimodalLM) -> int:
+    """Swap the LLM's decoder ``nn.Linear`` layers for bitsandbytes ``Linear8bitLt`` (weights quantized when moved
+    to CUDA). The LM head, embeddings, norms and the vision side stay in 16-bit. Returns the number swapped."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for block in model.llm_model.model.layers:
+        for name, lin in list(block.named_modules()):
+            if type(lin) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+            q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            setattr(parent, name.rpartition(".")[2], q)
+            count += 1
+    return count
+
+
+def choose_placement(
+    device: str, load_8bit: bool, llm_device_map: str | None
+) -> tuple[torch.device, torch.dtype, str]:
+    """(device to load on, dtype, mode) with mode in {"single", "8bit", "auto"}; clear errors for impossible asks."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if llm_device_map not in (None, "auto"):
+        raise ValueError(f"--llm_device_map {llm_device_map!r}: only 'auto' is supported")
+    if load_8bit and llm_device_map:
+        raise ValueError("--load-8bit and --llm_device_map auto cannot be combined; 8-bit alone fits a 14B LLM "
+                         "on one 24 GB GPU")
+    if load_8bit:
+        if not cuda:
+            raise ValueError("--load-8bit needs a CUDA GPU (bitsandbytes int8 kernels); drop it to run in fp32 on "
+                             "the CPU" + (" (you passed --cpu-only)" if device == "cpu" else ""))
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ValueError("--load-8bit needs bitsandbytes: pip install -e '.[quant]'") from e
+        return torch.device("cpu"), torch.float16, "8bit"
+    if llm_device_map:
+        if not cuda:
+            raise ValueError("--llm_device_map auto spreads the LLM over several CUDA GPUs, and none is "
+                             f"{'used (you passed --cpu-only)' if device == 'cpu' else 'visible'}; drop the flag "
+                             "to run on the CPU")
+        if torch.cuda.device_count() < 2:
+            print("--llm_device_map auto: only one GPU is visible, so everything goes on cuda:0", file=sys.stderr)
+        else:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.device("cpu"), dtype, "auto"
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
+    return dev, dtype, "single"
 
 
 class _Streamer(BaseStreamer):
@@ -117,40 +246,63 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class ChatEngine:
-    def __init__(self, model: MultimodalLM, tpl: ChatTemplate, image_size: int, device: torch.device) -> None:
-        self.model, self.tpl, self.device = model, tpl, device
+    """A model plus one conversation (``history``, ``pending`` media); :meth:`generate` also serves callers that
+    keep their own turns (the web UI keeps one conversation per browser session)."""
+
+    def __init__(
+        self, model: MultimodalLM, tpl: ChatTemplate, image_size: int, device: torch.device,
+        video_fps: float | None = None,
+    ) -> None:
+        self.model, self.tpl, self.device, self.video_fps = model, tpl, device, video_fps
         self.transform = media.image_transform("eval", image_size, hflip=False)
         tok = tpl.tokenizer
         self.stop_ids = [tok.token_id(IM_END), tok.token_id(IM_START), tok.token_id(ENDOFTEXT)]
         self.settings = GenerationSettings()
         self.history: list[Turn] = []
-        self.pending: list[tuple[str, torch.Tensor, str]] = []
-        """Media waiting for the next query: (marker, pixels, name)."""
+        self.pending: list[Media] = []
+        """Media waiting for the next query."""
         self.stop_event = threading.Event()
 
     @classmethod
     def from_files(
-        cls, cfg_path: str | Path, checkpoint: str | Path | None, *, device: str = "auto", options: list[str] = ()
+        cls, cfg_path: str | Path, checkpoint: str | Path | None, *, device: str = "auto", options: Sequence[str] = (),
+        load_8bit: bool = False, llm_device_map: str | None = None,
     ) -> ChatEngine:
+        """Load config, tokenizer and model; ``device`` is "auto" (CUDA when present), "cpu" or "cuda[:i]"."""
+        load_dev, dtype, mode = choose_placement(device, load_8bit, llm_device_map)
+        if device not in ("auto", "cpu") and mode == "single":
+            load_dev = torch.device(device)
         cfg = load_config(cfg_path, list(options))
         tok = load_tokenizer(resolve_tokenizer_ref(cfg.model.llm.tokenizer, Path(cfg_path)))
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        model = load_model(cfg, checkpoint, tok, dev, dtype)
+        model = load_model(cfg, checkpoint, tok, load_dev, dtype)
+        if mode == "8bit":
+            n = quantize_llm_8bit(model)
+            model = model.to(torch.device("cuda", 0)).eval()
+            load_dev = torch.device("cuda", 0)
+            print(f"LLM in 8-bit: {n} linear layers quantized by bitsandbytes", file=sys.stderr)
+        elif mode == "auto":
+            load_dev = dispatch_auto(model)
         tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
                            cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
-        return cls(model, tpl, cfg.model.vision.image_size, dev)
+        return cls(model, tpl, cfg.model.vision.image_size, load_dev, cfg.data.video_fps)
 
     # --- media and history ---------------------------------------------------------------------------------------
+    def load_media(self, path: str | Path, video: bool | None = None) -> Media:
+        """Decode an image or a video (by suffix unless ``video`` says); ``media.MediaError`` names the file."""
+        path = Path(path)
+        if video is None:
+            video = path.suffix.lower() in VIDEO_SUFFIXES
+        if video:
+            frames = media.load_video_frames(path, self.tpl.num_video_frames, fps=self.video_fps)
+            return Media(VIDEO_MARKER, media.video_to_tensor(frames, self.transform), str(path))
+        return Media(IMAGE_MARKER, self.transform(media.load_image(path)).unsqueeze(0), str(path))
+
     def attach_image(self, path: str | Path) -> None:
         """Decode now (errors surface at once, naming the file); the image joins the next query."""
-        pixels = self.transform(media.load_image(path)).unsqueeze(0)
-        self.pending.append((IMAGE_MARKER, pixels, str(path)))
+        self.pending.append(self.load_media(path, video=False))
 
     def attach_video(self, path: str | Path) -> None:
-        frames = media.load_video_frames(path, self.tpl.num_video_frames)
-        self.pending.append((VIDEO_MARKER, media.video_to_tensor(frames, self.transform), str(path)))
+        self.pending.append(self.load_media(path, video=True))
 
     def clear_history(self) -> None:
         self.history.clear()
@@ -160,45 +312,63 @@ class ChatEngine:
         self.pending.clear()
 
     # --- generation ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def make_turn(query: str, attached: Sequence[Media]) -> Turn:
+        markers = "".join(m.marker for m in attached)
+        pixels = torch.cat([m.pixels for m in attached]) if attached else None
+        return Turn(markers + query, None, pixels, [m.name for m in attached])
+
     def ask(self, query: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer ``query`` (with any pending media), append the turn to the history, return the answer."""
-        markers = "".join(m for m, _, _ in self.pending)
-        pixels = torch.cat([p for _, p, _ in self.pending]) if self.pending else None
-        turn = Turn(markers + query, None, pixels, [n for _, _, n in self.pending])
-        answer = self._generate(self.history + [turn], on_text)
-        turn.answer = answer
+        turn = self.make_turn(query, self.pending)
+        turn.answer, turn.stopped = self.generate(self.history + [turn], on_text)
         self.history.append(turn)
         self.pending.clear()
-        return answer
+        return turn.answer
 
     def regenerate(self, on_text: Callable[[str], None] | None = None) -> str:
         if not self.history:
             raise ValueError("nothing to regenerate: the history is empty")
         last = self.history[-1]
-        last.answer = self._generate(self.history[:-1] + [replace(last, answer=None)], on_text)
+        last.answer, last.stopped = self.generate(self.history[:-1] + [replace(last, answer=None)], on_text)
         return last.answer
 
+    def answer(self, paths: Sequence[str | Path], query: str) -> str:
+        """One stateless question about ``paths`` (images or a video): the conversation is left as it is."""
+        return self.generate([self.make_turn(query, [self.load_media(p) for p in paths])], None)[0]
+
     @torch.inference_mode()
-    def _generate(self, turns: list[Turn], on_text: Callable[[str], None] | None) -> str:
+    def generate(self, turns: list[Turn], on_text: Callable[[str], None] | None = None) -> tuple[str, bool]:
+        """The answer to the last of ``turns`` (its ``answer`` is ignored) and whether ``stop_event`` cut it short.
+
+        ``on_text`` receives the answer piece by piece as it is generated (greedy or sampling; beam search calls it
+        once at the end)."""
+        self.stop_event.clear()  # a stop (Ctrl-C) from here on ends this answer
         tok = self.tpl.tokenizer
-        ids = encode_prompt([(t.query, t.answer) for t in turns], self.tpl)
+        ids = encode_prompt([(t.query, t.answer) for t in turns[:-1]] + [(turns[-1].query, None)], self.tpl)
         pix = [t.pixels for t in turns if t.pixels is not None]
         pixels = torch.cat(pix) if pix else torch.zeros(0, 3, 1, 1)
-        input_ids = torch.tensor([ids], device=self.device)
-        embeds = self.model.embed(pixels.to(self.device), input_ids)
+        vision_dev = self.model.visual_encoder.patch_embed.proj.weight.device
+        embed_dev = self.model.llm_model.get_input_embeddings().weight.device
+        input_ids = torch.tensor([ids], device=embed_dev)
+        embeds = self.model.embed(pixels.to(vision_dev), input_ids)
         s = self.settings
         gen = GenerationConfig(
-            max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, num_beams=s.num_beams,
-            temperature=s.temperature if s.do_sample else None, top_p=s.top_p if s.do_sample else None,
-            top_k=None, repetition_penalty=s.repetition_penalty,
+            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None, do_sample=s.do_sample,
+            num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
+            top_p=s.top_p if s.do_sample else None, top_k=None, repetition_penalty=s.repetition_penalty,
             eos_token_id=self.stop_ids, pad_token_id=tok.token_id(ENDOFTEXT),
         )
-        self.stop_event.clear()
         streamer = _Streamer(tok, on_text, set(self.stop_ids)) if on_text is not None and s.num_beams == 1 else None
         out = self.model.llm_model.generate(
             inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), generation_config=gen,
             streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(self.stop_event)]),
         )
+        stopped = self.stop_event.is_set()
+        self.stop_event.clear()
         new = [int(t) for t in out[0]]
         cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
-        return tok.decode(new[:cut]).strip()
+        text = tok.decode(new[:cut]).strip()
+        if on_text is not None and streamer is None:
+            on_text(text)
+        return text, stopped

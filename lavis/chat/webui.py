@@ -1,122 +1,270 @@
 """Browser chat (gradio) over :class:`ChatEngine`: images or a video, streamed answers, history, settings.
 
 The model is loaded once in :func:`main`, never at import. The server binds 127.0.0.1 unless ``--host`` says
-otherwise, and a public share link is made only with ``--share``.
+otherwise; a public share link is made only with ``--share``; no usage analytics are sent.
+
+Each browser session keeps its own conversation (:class:`Session` in a ``gr.State``); one model serves all of them,
+one answer at a time. Uploads are decoded as soon as they arrive: a file that is not a readable image or video, or
+is larger than ``--max-upload-mb``, gets a warning toast and a line in "media status" and is left out. Besides the
+UI, the endpoint ``/answer`` (one file and a question -> the answer, no history) serves ``gradio_client``.
 """
 
 from __future__ import annotations
 
 import argparse
 import queue
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lavis.chat.engine import ChatEngine
+from lavis.chat.engine import VIDEO_SUFFIXES, ChatEngine, GenerationSettings, Media, Turn
+from lavis.config.presets import model_types, preset_path
 from lavis.data.media import MediaError
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
-MAX_UPLOAD_BYTES = 200 * 2**20
+if TYPE_CHECKING:
+    import gradio as gr  # imported lazily at run time: the CLI and tests of the callbacks don't need it loaded
+
+MAX_UPLOAD_MB = 200
+DECODING = ("greedy", "sample", "beam search")
+
+
+@dataclass
+class Session:
+    """One browser session's conversation: engine turns, media for the next question, and what the chat shows."""
+
+    turns: list[Turn] = field(default_factory=list)
+    pending: list[Media] = field(default_factory=list)
+    display: list[dict] = field(default_factory=list)
 
 
 class WebChat:
-    """The UI's callbacks, separate from gradio so they can be called directly."""
+    """The UI's callbacks, separate from gradio's layout so they can be called directly."""
 
-    def __init__(self, engine: ChatEngine) -> None:
+    def __init__(self, engine: ChatEngine, max_upload_mb: int = MAX_UPLOAD_MB) -> None:
         self.engine = engine
-        self.lock = threading.Lock()  # one generation at a time: the engine holds one conversation
+        self.max_upload_bytes = max_upload_mb * 2**20
+        self.lock = threading.Lock()  # one generation at a time: one model, settings set per request
 
-    def attach(self, files: list[str] | None) -> str:
-        """Decode uploads into the next question's media; returns a status line (errors are shown, not raised)."""
-        notes = []
+    # --- uploads -------------------------------------------------------------------------------------------------
+    def load_files(self, files: list[str] | None) -> tuple[list[Media], list[str]]:
+        """Decode ``files``; returns the usable media and one status line per file (problems named, not raised)."""
+        usable, notes = [], []
         for f in files or []:
             path = Path(f)
-            if path.stat().st_size > MAX_UPLOAD_BYTES:
-                notes.append(f"{path.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB, skipped")
+            size = path.stat().st_size if path.is_file() else 0
+            if size > self.max_upload_bytes:
+                notes.append(f"{path.name}: {size / 2**20:.0f} MB is over the {self.max_upload_bytes // 2**20} MB "
+                             "limit, left out")
                 continue
             try:
-                if path.suffix.lower() in VIDEO_SUFFIXES:
-                    self.engine.attach_video(path)
-                else:
-                    self.engine.attach_image(path)
-                notes.append(f"{path.name}: attached")
+                m = self.engine.load_media(path)
             except MediaError as e:
-                notes.append(f"{path.name}: not usable ({e})")
-        return "; ".join(notes) if notes else "no files"
+                kind = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+                notes.append(f"{path.name}: not a readable {kind}, left out ({str(e).removeprefix(str(path) + ': ')})")
+                continue
+            usable.append(m)
+            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != "<image>" else ""))
+        return usable, notes
 
+    def on_files(self, files: list[str] | None, session: Session | None) -> tuple[Session, str]:
+        """The file box changed: its current files become the next question's media."""
+        import gradio as gr
+
+        session = session or Session()
+        session.pending, notes = self.load_files(files)
+        for note in notes:
+            if not note.endswith("attached") and "attached (" not in note:
+                gr.Warning(note)
+        return session, "\n".join(notes)
+
+    # --- chat ----------------------------------------------------------------------------------------------------
     def respond(
-        self, message: str, history: list[dict], files: list[str] | None, max_new_tokens: int, greedy: bool,
-        temperature: float, top_p: float,
-    ) -> Iterator[tuple[list[dict], str]]:
-        status = self.attach(files) if files else ""
-        s = self.engine.settings
-        s.max_new_tokens, s.do_sample, s.temperature, s.top_p = int(max_new_tokens), not greedy, temperature, top_p
-        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        self, message: str, session: Session | None, max_new_tokens: float, decoding: str, temperature: float,
+        top_p: float, num_beams: float,
+    ) -> Iterator[tuple[list[dict], Session, str, object]]:
+        """Answer ``message`` with the uploaded media; the file box empties once its files went with a question."""
+        import gradio as gr
+
+        session = session or Session()
+        message = (message or "").strip()
+        if not message:
+            gr.Warning("Type a question first.")
+            yield session.display, session, "", gr.skip()
+            return
+        attached, session.pending = session.pending, []
+        turn = self.engine.make_turn(message, attached)
+        session.display += [{"role": "user", "content": [*({"path": m.name} for m in attached), message]},
+                            {"role": "assistant", "content": ""}]
+        settings = self.settings(max_new_tokens, decoding, temperature, top_p, num_beams)
+        stream = self._stream(session, [*session.turns, turn], settings)
+        while True:
+            try:
+                yield (*next(stream), None)
+            except StopIteration as done:
+                result = done.value
+                break
+        if result is not None:
+            turn.answer, turn.stopped = result
+            session.turns.append(turn)
+        yield session.display, session, "", None
+
+    def regenerate(
+        self, session: Session | None, max_new_tokens: float, decoding: str, temperature: float, top_p: float,
+        num_beams: float,
+    ) -> Iterator[tuple[list[dict], Session, str]]:
+        import gradio as gr
+
+        session = session or Session()
+        if not session.turns or str(session.display[-1]["content"]).startswith("error: "):
+            gr.Warning("Nothing to regenerate: ask a question first (a failed question must be asked again).")
+            yield session.display, session, ""
+            return
+        last = session.turns[-1]
+        session.display[-1] = {"role": "assistant", "content": ""}
+        settings = self.settings(max_new_tokens, decoding, temperature, top_p, num_beams)
+        result = yield from self._stream(session, [*session.turns[:-1], replace(last, answer=None)], settings)
+        if result is not None:
+            last.answer, last.stopped = result
+        yield session.display, session, ""
+
+    def _stream(
+        self, session: Session, turns: list[Turn], settings: GenerationSettings
+    ) -> Iterator[tuple[list[dict], Session, str]]:
+        """Generate in a worker thread, yielding the growing answer; returns (answer, stopped) or None on error."""
+        import gradio as gr
+
         pieces: queue.Queue[str | None] = queue.Queue()
-        errors: list[Exception] = []
+        outcome: list = []
 
         def run() -> None:
             try:
                 with self.lock:
-                    self.engine.ask(message, on_text=pieces.put)
+                    self.engine.settings = settings
+                    outcome.append(self.engine.generate(turns, on_text=pieces.put))
             except (ValueError, RuntimeError) as e:  # shown in the chat instead of a stack trace
-                errors.append(e)
+                outcome.append(e)
             finally:
                 pieces.put(None)
 
         threading.Thread(target=run, daemon=True).start()
+        shown = ""
         while (piece := pieces.get()) is not None:
-            history[-1]["content"] += piece
-            yield history, status
-        if errors:
-            history[-1]["content"] = f"[error: {errors[0]}]"
-        yield history, status
+            shown += piece
+            session.display[-1] = {"role": "assistant", "content": shown}
+            yield session.display, session, ""
+        result = outcome[0] if outcome else RuntimeError("generation ended without a result")
+        if isinstance(result, Exception):
+            session.display[-1] = {"role": "assistant", "content": f"error: {result}"}
+            gr.Warning(f"error: {result}")
+            return None
+        answer, stopped = result
+        session.display[-1] = {"role": "assistant", "content": answer + (" [stopped]" if stopped else "")}
+        return answer, stopped
 
-    def clear(self) -> tuple[list[dict], str]:
-        self.engine.clear()
-        return [], "cleared"
+    @staticmethod
+    def settings(max_new_tokens: float, decoding: str, temperature: float, top_p: float,
+                 num_beams: float) -> GenerationSettings:
+        if decoding not in DECODING:
+            raise ValueError(f"decoding must be one of {DECODING}, got {decoding!r}")
+        return GenerationSettings(
+            max_new_tokens=int(max_new_tokens), do_sample=decoding == "sample", temperature=float(temperature),
+            top_p=float(top_p), num_beams=int(num_beams) if decoding == "beam search" else 1,
+        )
 
     def stop(self) -> None:
         self.engine.stop_event.set()
 
+    def clear(self) -> tuple[list[dict], Session, None, str]:
+        return [], Session(), None, ""
 
-def build_app(chat: WebChat):  # noqa: ANN201 - gradio is imported lazily
+    def api_answer(self, file: str | None, question: str) -> str:
+        """``/answer``: one image or video and a question -> the answer (greedy, no history)."""
+        import gradio as gr
+
+        if not file:
+            raise gr.Error("send an image or video file")
+        media, notes = self.load_files([file])
+        if not media:
+            raise gr.Error(notes[0].replace(", left out", ""))
+        with self.lock:
+            self.engine.settings = GenerationSettings(max_new_tokens=self.engine.settings.max_new_tokens)
+            return self.engine.generate([self.engine.make_turn(question, media)])[0]
+
+
+def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
     import gradio as gr
 
-    with gr.Blocks(title="mpp-pipe chat") as app:
-        gr.Markdown("## Chat over images or a video\nUpload files, ask a question; answers stream as they are generated.")
+    with gr.Blocks(title="mpp-pipe chat", analytics_enabled=False) as app:
+        session = gr.State(None)
+        gr.Markdown("## Chat over images or a video\nUpload one or several images or a video, then ask; answers "
+                    "stream as they are generated. Files added later join your next question.")
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label="images or a video", file_count="multiple", type="filepath")
-                status = gr.Textbox(label="media status", interactive=False)
-                max_new = gr.Slider(1, 1024, value=chat.engine.settings.max_new_tokens, step=1,
-                                    label="max new tokens")
-                greedy = gr.Checkbox(value=True, label="greedy (off: sample)")
-                temperature = gr.Slider(0.05, 2.0, value=1.0, label="temperature")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, label="top-p")
+                files = gr.File(label="images or a video", file_count="multiple", type="filepath", elem_id="files")
+                status = gr.Textbox(label="media status", interactive=False, lines=2, elem_id="status")
+                with gr.Accordion("generation settings", open=True):
+                    decoding = gr.Radio(list(DECODING), value="greedy", label="decoding")
+                    max_new = gr.Slider(1, 2048, value=max_new_tokens, step=1, label="max new tokens")
+                    temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (sample)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (sample)")
+                    num_beams = gr.Slider(2, 8, value=3, step=1, label="beams (beam search)")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="conversation", height=480)
-                msg = gr.Textbox(label="question", placeholder="What is in the image?")
+                chatbot = gr.Chatbot(label="conversation", height=480, elem_id="chatbot")
+                msg = gr.Textbox(label="question", placeholder="What is in the image?", elem_id="question")
                 with gr.Row():
-                    send = gr.Button("send", variant="primary")
-                    stop = gr.Button("stop")
-                    clear = gr.Button("clear")
-        inputs = [msg, chatbot, files, max_new, greedy, temperature, top_p]
-        send.click(chat.respond, inputs, [chatbot, status]).then(lambda: (None, ""), None, [files, msg])
-        msg.submit(chat.respond, inputs, [chatbot, status]).then(lambda: (None, ""), None, [files, msg])
-        stop.click(chat.stop, None, None)
-        clear.click(chat.clear, None, [chatbot, status])
+                    send = gr.Button("send", variant="primary", elem_id="send")
+                    stop = gr.Button("stop", elem_id="stop")
+                    regen = gr.Button("regenerate", elem_id="regenerate")
+                    clear = gr.Button("clear", elem_id="clear")
+        knobs = [max_new, decoding, temperature, top_p, num_beams]
+        files.change(chat.on_files, [files, session], [session, status], api_visibility="private")
+        for trigger in (send.click, msg.submit):
+            trigger(chat.respond, [msg, session, *knobs], [chatbot, session, msg, files], api_visibility="private")
+        regen.click(chat.regenerate, [session, *knobs], [chatbot, session, msg], api_visibility="private")
+        stop.click(chat.stop, None, None, queue=False, api_visibility="private")
+        clear.click(chat.clear, None, [chatbot, session, files, status], api_visibility="private")
+        with gr.Row(visible=False):  # the /answer endpoint's inputs and output
+            api_file = gr.File(type="filepath")
+            api_question = gr.Textbox()
+            api_out = gr.Textbox()
+        api_btn = gr.Button(visible=False)
+        api_btn.click(chat.api_answer, [api_file, api_question], api_out, api_name="answer")
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Web chat with a trained model.")
-    p.add_argument("--cfg-path", required=True, help="the run's config.yaml (or a model recipe)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Web chat with a trained model (gradio).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
+    which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
+                                            f"{', '.join(model_types()) or 'none yet'}")
     p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
-    p.add_argument("--cpu-only", action="store_true")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
+                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
+    p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the slider's start value")
+    p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
-    args = p.parse_args(argv)
-    engine = ChatEngine.from_files(args.cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto")
-    build_app(WebChat(engine)).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg_path = args.cfg_path or preset_path(args.model_type)
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+                                       load_8bit=args.load_8bit, llm_device_map=args.llm_device_map)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine.settings.max_new_tokens = args.max_new_tokens
+    app = build_app(WebChat(engine, args.max_upload_mb), args.max_new_tokens)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                       max_file_size=f"{args.max_upload_mb}mb", show_error=True)
+    return 0
