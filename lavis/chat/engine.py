@@ -30,8 +30,8 @@ from transformers.generation.streamers import BaseStreamer
 from lavis.config.load import load_config
 from lavis.config.schema import Config
 from lavis.data import media
-from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt
-from lavis.data.tokenizer import ENDOFTEXT, IM_END, IM_START, TextTokenizer, load_tokenizer
+from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
+from lavis.data.tokenizer import ENDOFTEXT, TextTokenizer, load_tokenizer
 from lavis.model.mllm import MultimodalLM
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
@@ -256,7 +256,16 @@ class ChatEngine:
         self.model, self.tpl, self.device, self.video_fps = model, tpl, device, video_fps
         self.transform = media.image_transform("eval", image_size, hflip=False)
         tok = tpl.tokenizer
-        self.stop_ids = [tok.token_id(IM_END), tok.token_id(IM_START), tok.token_id(ENDOFTEXT)]
+        # The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and Qwen's
+        # <|endoftext|> where the vocabulary has it, which is also the pad id (else the first end token).
+        self.stop_ids = list(tpl.stop_token_ids())
+        try:
+            eot = tok.token_id(ENDOFTEXT)
+        except KeyError:
+            eot = None
+        if eot is not None and eot not in self.stop_ids:
+            self.stop_ids.append(eot)
+        self.pad_id = eot if eot is not None else self.stop_ids[0]
         self.settings = GenerationSettings()
         self.history: list[Turn] = []
         self.pending: list[Media] = []
@@ -282,8 +291,7 @@ class ChatEngine:
             print(f"LLM in 8-bit: {n} linear layers quantized by bitsandbytes", file=sys.stderr)
         elif mode == "auto":
             load_dev = dispatch_auto(model)
-        tpl = ChatTemplate(tok, cfg.model.llm.system_prompt, cfg.model.llm.image_placeholder,
-                           cfg.model.qformer.num_query_tokens, cfg.data.num_video_frames)
+        tpl = template_from_config(tok, cfg)
         return cls(model, tpl, cfg.model.vision.image_size, load_dev, cfg.data.video_fps)
 
     # --- media and history ---------------------------------------------------------------------------------------
@@ -357,7 +365,7 @@ class ChatEngine:
             max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None, do_sample=s.do_sample,
             num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
             top_p=s.top_p if s.do_sample else None, top_k=None, repetition_penalty=s.repetition_penalty,
-            eos_token_id=self.stop_ids, pad_token_id=tok.token_id(ENDOFTEXT),
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
         )
         streamer = _Streamer(tok, on_text, set(self.stop_ids)) if on_text is not None and s.num_beams == 1 else None
         out = self.model.llm_model.generate(
