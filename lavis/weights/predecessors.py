@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lavis.model.llm import qwen_v1_targets, take_third
-from lavis.weights.report import FileReport, ShapeMismatch
+from lavis.weights.report import FileReport, ShapeMismatch, unwrap
 from lavis.weights.vision import blip2_rename
 
 Shape = tuple[int, ...]
@@ -79,13 +79,7 @@ def read_checkpoint(
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: a {type(obj).__name__}, not a state dict")
-    for wrapper in ("model", "module", "state_dict"):
-        if isinstance(obj.get(wrapper), Mapping):
-            others = sorted(str(k) for k in obj if k != wrapper)
-            report.notes.append(f"weights read from the {wrapper!r} entry"
-                                + (f"; other top-level entries not read: {', '.join(others)}" if others else ""))
-            obj = obj[wrapper]
-            break
+    obj = unwrap(obj, report)
     known = set(want) if known is None else set(known) | set(want)
     out: dict[str, torch.Tensor] = {}
     notes: dict[str, int] = {}

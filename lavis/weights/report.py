@@ -6,7 +6,9 @@ want is either ``unexpected`` (an error) or ``ignored`` with a stated reason (an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,18 @@ class FileReport:
     def raise_if_bad(self) -> None:
         if not self.ok:
             raise ValueError("weights do not fit the model:\n" + self.format())
+
+
+WRAPPERS = ("model", "module", "state_dict")
+"""Top-level entries that hold the weights: LAVIS / MiniGPT-4 savers (``model``), DeepSpeed (``module``), others."""
+
+
+def unwrap(obj: Mapping[str, Any], report: FileReport) -> Mapping[str, Any]:
+    """The state dict inside a saver's wrapper (noted in ``report``, with the entries not read), else ``obj``."""
+    for wrapper in WRAPPERS:
+        if isinstance(obj.get(wrapper), Mapping):
+            others = sorted(str(k) for k in obj if k != wrapper)
+            report.notes.append(f"weights read from the {wrapper!r} entry"
+                                + (f"; other top-level entries not read: {', '.join(others)}" if others else ""))
+            return obj[wrapper]
+    return obj

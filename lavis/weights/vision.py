@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lavis.config.schema import ModelConfig, VisionConfig
-from lavis.weights.report import FileReport, ShapeMismatch
+from lavis.weights.report import FileReport, ShapeMismatch, unwrap
 
 Shape = tuple[int, ...]
 VIT_PREFIX = "visual_encoder."
@@ -80,13 +80,7 @@ def read_state_dict(path: str | Path, report: FileReport, config_key: str = "") 
     if not isinstance(obj, Mapping):
         report.unexpected.append(f"<top level: {type(obj).__name__}, not a state dict>")
         return {}
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj.get(wrapper), Mapping):
-            others = sorted(str(k) for k in obj if k != wrapper)
-            report.notes.append(f"weights read from the {wrapper!r} entry"
-                                + (f"; other top-level entries not read: {', '.join(others)}" if others else ""))
-            obj = obj[wrapper]
-            break
+    obj = unwrap(obj, report)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
