@@ -118,3 +118,23 @@ def test_frozen_encoders_stay_in_eval_mode() -> None:
     assert model.llm_proj.training and model.llm_model.training
     model.apply_trainable()
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"llm_proj"}
+
+
+def test_checkpointed_decoder_block_gives_same_output_and_gradients(tiny_cfg: Config) -> None:
+    hf = llm_hf_config(tiny_cfg.model.llm)
+    parts = decoder_parts(hf)
+    plain = DecoderBlockPipe(hf, parts, 0, seed=3, std=0.05)
+    ckpt = DecoderBlockPipe(hf, parts, 0, seed=3, std=0.05, checkpoint=True)
+    x = torch.randn(2, 12, hf.hidden_size, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    outs, grads = [], []
+    for block in (plain, ckpt):
+        x.grad = None
+        out = block((x, mask))[0]
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append((x.grad.clone(), block.layer.mlp.up_proj.weight.grad.clone()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

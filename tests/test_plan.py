@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -134,3 +135,16 @@ def test_cost_model_counts_full_size_qwen7b_layout_exactly() -> None:
     assert n_vit == 39 * 25_248_768 + 829_312 + 361_856 + 1_408 == 985_894_528
     assert sum(c.params for c in costs) == sum(p.numel() for p in model.parameters())
     assert sum(c.trainable_params for c in costs) == 768 * 4096 + 4096  # pretrain: only llm_proj trains
+
+
+def test_checkpointed_blocks_keep_only_their_inputs() -> None:
+    cfg = load_config(DEMO_CFG)
+    dims = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "vocab_size": 512}
+    full = layer_costs(cfg.model, dims, WORK)
+    some = layer_costs(cfg.model, dims, replace(WORK, checkpointed_blocks=frozenset({0, 2})))
+    every = layer_costs(cfg.model, dims, replace(WORK, activation_checkpointing=True))
+    blocks = [c.index for c in full if c.kind == "block"]
+    for j, idx in enumerate(blocks):
+        assert some[idx].act_bytes == (every[idx].act_bytes if j in (0, 2) else full[idx].act_bytes)
+    assert every[blocks[0]].act_bytes < full[blocks[0]].act_bytes

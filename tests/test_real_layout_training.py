@@ -54,3 +54,28 @@ def test_sft_recipe_on_qwen_v1_layout_trains_converts_and_inspects(tiny_data: Pa
     assert ins.returncode == 0, ins.stdout[-3000:] + ins.stderr[-3000:]
     line = next(ln for ln in ins.stdout.splitlines() if "unfreeze_llm_model.pth:" in ln)
     assert " 0 missing, 0 unexpected" in line and " 0 shape-mismatched" in line, line
+
+
+def test_chat_loads_base_files_and_mpp_sft_checkpoint_with_mangled_names(tmp_path: Path, monkeypatch) -> None:
+    """cli_demo's loader on MPP-Qwen's 7B SFT release layout: the tuned final norm and LM head, which MPP's own
+    loader drops under their mangled names, land on the model; the base weights come from the files."""
+    from lavis.chat.engine import load_model
+    from lavis.config.load import load_config
+    from lavis.config.presets import preset_path
+    from lavis.data.tokenizer import load_tokenizer
+
+    files = write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=2, tiny=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset_path("qwen7b_chat"), [*TINY_OPTIONS, "model.vision.depth=2"])
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    model = load_model(cfg, files["mpp_sft"], tok, torch.device("cpu"), torch.float32)
+    sft = torch.load(files["mpp_sft"], weights_only=True)
+    assert torch.equal(model.llm_model.model.norm.weight, sft["llm_model.transformer.final_h.2norm.weight"].float())
+    assert torch.equal(model.llm_model.lm_head.weight, sft["llm_model.transformer.lm_head.weight"].float())
+    assert torch.equal(model.llm_proj.weight, sft["llm_proj.weight"].float())
+    q, k, v = sft["llm_model.transformer.h.1.attn.c_attn.weight"].float().chunk(3)
+    attn = model.llm_model.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight, q) and torch.equal(attn.k_proj.weight, k)
+    assert torch.equal(attn.v_proj.weight, v)
+    blip2 = torch.load(files["blip2"], weights_only=True)["model"]
+    assert torch.equal(model.query_tokens, blip2["query_tokens"].float())  # base weights from the BLIP-2 file

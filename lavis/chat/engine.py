@@ -88,13 +88,22 @@ def load_model(
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors, reports = load_weights(cfg.model, want, checkpoint=None if checkpoint is None else str(checkpoint))
+    ckpt = None if checkpoint is None else str(checkpoint)
+    # First every file's report from headers (nothing copied if anything does not fit), then each tensor is copied
+    # in as it is read, so host RAM holds the model plus one file tensor, not the model plus all of them.
+    _, reports = load_weights(cfg.model, want, checkpoint=ckpt, read=False)
     for rep in reports:
         print(rep.summary(), file=sys.stderr)
     raise_if_bad(reports)
-    copy_into(model, tensors, lambda k: k)
+    loaded: set[str] = set()
+
+    def sink(name: str, tensor: torch.Tensor) -> None:
+        copy_into(model, {name: tensor}, lambda k: k)
+        loaded.add(name)
+
+    load_weights(cfg.model, want, checkpoint=ckpt, sink=sink)
     if reports:
-        print(f"{len(tensors)} of {len(want)} tensors loaded from files; the rest keep the seeded init",
+        print(f"{len(loaded)} of {len(want)} tensors loaded from files; the rest keep the seeded init",
               file=sys.stderr)
     return model.to(device=device, dtype=dtype).eval()
 

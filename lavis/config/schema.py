@@ -193,6 +193,11 @@ class TrainConfig:
     fragmentation); None = balance compute only. Ignored when ``partition`` is given."""
     """Explicit stage boundaries, e.g. [0, 3, 5] for 2 stages over 5 layers; None = planned."""
     activation_checkpoint_interval: int = 0
+    """Recompute decoder blocks in backward, in groups of this many (DeepSpeed's pipeline checkpointing,
+    non-reentrant); 0 = off."""
+    activation_checkpoint_blocks: list[int] | None = None
+    """Or recompute only these decoder blocks (0-based; e.g. the early blocks of stage 0, which hold the most
+    micro-batches in flight under 1F1B). Non-reentrant ``torch.utils.checkpoint``."""
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
@@ -215,6 +220,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.partition {self.partition} must have num_stages + 1 = {self.num_stages + 1} boundaries"
             )
+        if self.activation_checkpoint_interval and self.activation_checkpoint_blocks:
+            raise ValueError("set train.activation_checkpoint_interval or train.activation_checkpoint_blocks, not both")
         if self.offload_optimizer and self.zero_stage != 1:
             raise ValueError("train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
         if self.keep_last < 1:

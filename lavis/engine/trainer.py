@@ -32,7 +32,7 @@ from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
 from lavis.engine.profiling import InstructionTimer
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, format_plan, layer_table, plan_for_config
+from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, plan_for_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,7 +121,7 @@ def train(
 
     # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(
-        layer_specs(cfg.model, hf, decoder_parts(hf), placeholder_id),
+        layer_specs(cfg.model, hf, decoder_parts(hf), placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers)),
         parts,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],

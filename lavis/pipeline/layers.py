@@ -8,6 +8,7 @@ parameter names map to the plain model's names through ``lavis.pipeline.plan.lay
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -67,11 +68,14 @@ class DecoderBlockPipe(nn.Module):
     """One transformers decoder block; builds its causal/padding mask and rotary table from the stage input."""
 
     def __init__(
-        self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None, std: float
+        self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None, std: float,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.hf = hf
         self.block_index = block_index
+        self.checkpoint = checkpoint
+        """Recompute this block in backward instead of keeping its activations (non-reentrant)."""
         self.layer = parts.block(hf, layer_idx=block_index)
         # Held outside the module tree so precision casts (DeepSpeed's bf16) never round inv_freq.
         self._rotary = [parts.rotary(config=hf)]
@@ -92,10 +96,19 @@ class DecoderBlockPipe(nn.Module):
             position_ids=pos_1L,
         )
         cos_sin = rotary(hidden_BLD, pos_1L)
-        out = self.layer(hidden_BLD, attention_mask=attn_mask, position_ids=pos_1L, position_embeddings=cos_sin)
-        if isinstance(out, tuple):  # older block classes return (hidden, ...)
-            out = out[0]
+        if self.checkpoint and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._block, hidden_BLD, attn_mask, pos_1L, *cos_sin,
+                                                    use_reentrant=False)
+        else:
+            out = self._block(hidden_BLD, attn_mask, pos_1L, *cos_sin)
         return StageIO(out, mask_BL)
+
+    def _block(
+        self, hidden_BLD: torch.Tensor, attn_mask: torch.Tensor | None, pos_1L: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        out = self.layer(hidden_BLD, attention_mask=attn_mask, position_ids=pos_1L, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out  # older block classes return (hidden, ...)
 
 
 class FinalNormPipe(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lavis.config.schema import Config, ModelConfig
+from lavis.config.schema import Config, ModelConfig, TrainConfig
 
 LayerKind = Literal["embed", "block", "norm", "head"]
 
@@ -94,6 +94,9 @@ class Workload:
     param_bytes: int = 2
     """Bytes per weight (2 for bf16/fp16, 4 for fp32)."""
     activation_checkpointing: bool = False
+    """Every decoder block recomputed in backward (keeps only its input)."""
+    checkpointed_blocks: frozenset[int] = frozenset()
+    """Or only these decoder blocks."""
 
 
 def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> list[LayerCost]:
@@ -140,7 +143,8 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     seqs = max(1, t // max(1, work.seq_len))
     block_f = (2 * block * t + 4 * seqs * work.seq_len**2 * d) * (1 + bwd_factor(llm_tr))
     head_f = 2 * head * t * (1 + bwd_factor(llm_tr))
-    act_per_token = 2 * d if work.activation_checkpointing else 16 * d + 2 * inter
+    def act_per_token(j: int) -> int:
+        return 2 * d if work.activation_checkpointing or j in work.checkpointed_blocks else 16 * d + 2 * inter
 
     costs = [
         LayerCost(
@@ -152,7 +156,7 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     ]
     for j in range(n_blocks):
         costs.append(
-            LayerCost(1 + j, "block", block, block if llm_tr else 0, block_f, float(t * act_per_token * 2))
+            LayerCost(1 + j, "block", block, block if llm_tr else 0, block_f, float(t * act_per_token(j) * 2))
         )
     costs.append(LayerCost(1 + n_blocks, "norm", d, d if llm_tr else 0, 4.0 * t * d, float(t * d * 2)))
     costs.append(LayerCost(2 + n_blocks, "head", head, head if llm_tr else 0, head_f, float(t * vocab * 6)))
@@ -277,6 +281,15 @@ LLM_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 """The transformers config fields the cost model reads."""
 
 
+def checkpoint_blocks(t: TrainConfig, num_blocks: int) -> frozenset[int]:
+    """``train.activation_checkpoint_blocks`` validated against the model's block count."""
+    blocks = frozenset(t.activation_checkpoint_blocks or ())
+    bad = sorted(b for b in blocks if not 0 <= b < num_blocks)
+    if bad:
+        raise ValueError(f"train.activation_checkpoint_blocks {bad}: the LLM has blocks 0..{num_blocks - 1}")
+    return blocks
+
+
 @dataclass(frozen=True)
 class StagePlan:
     parts: list[int]
@@ -292,7 +305,8 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
     t = cfg.train
     work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
                     images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
-                    activation_checkpointing=t.activation_checkpoint_interval > 0)
+                    activation_checkpointing=t.activation_checkpoint_interval > 0,
+                    checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]))
     costs = layer_costs(cfg.model, dims, work)
     optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
     if t.partition is not None:
