@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lavis.chat.cli import main, parse_conf
 from lavis.chat.engine import ChatEngine, GenerationSettings, plan_llm_device_map
@@ -166,3 +167,27 @@ def test_device_map_plan(tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> N
     assert all(isinstance(d, int) for d in dmap.values())
     with pytest.raises(ValueError, match="does not fit on 2 GPU"):
         plan_llm_device_map(llm, {0: layer, 1: layer}, torch.float32, reserve_first=embed // 2)
+
+
+def test_vicuna0_chat_prompt_is_minigpt4s(tmp_path: Path) -> None:
+    """MiniGPT-4's demo (Vicuna v0): ``{sys}###Human: <Img><ImageHere></Img> {q}###Assistant: ``, split at
+    ``<ImageHere>``, each segment tokenised by sentencepiece on its own, BOS first, 32 image slots between."""
+    import types
+
+    import sentencepiece as spm
+
+    from lavis.chat.engine import ChatEngine, Media
+    from lavis.data.conversation import IMAGE_MARKER, SYSTEM_PROMPTS, ChatTemplate, encode_prompt
+    from lavis.data.tokenizer import load_tokenizer
+    from lavis.weights.synthetic import write_sentencepiece
+
+    model_file = write_sentencepiece(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    tpl = ChatTemplate(tok, SYSTEM_PROMPTS["vicuna_v0"], "<unk>", 32, 4, name="vicuna_v0")
+    image = Media(IMAGE_MARKER, torch.zeros(1, 3, 2, 2), "x.png")
+    turn = ChatEngine.make_turn(types.SimpleNamespace(tpl=tpl), "What is this?", [image])
+    ours = encode_prompt([(turn.query, None)], tpl)
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    before, after = (SYSTEM_PROMPTS["vicuna_v0"] + "###Human: <Img><ImageHere></Img> What is this?###Assistant: "
+                     ).split("<ImageHere>")
+    assert ours == [sp.bos_id(), *sp.encode(before), *[tok.token_id("<unk>")] * 32, *sp.encode(after)]

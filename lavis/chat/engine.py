@@ -1,10 +1,12 @@
 """One chat engine for the CLI and the web UI: model loading and placement, history, media, generation, streaming.
 
 The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatML rendering as training). Images
-attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image with no
-separator (MPP-Qwen-Next's ``cli_demo.py`` layout); a video becomes one ``<video>`` marker, its frames sampled as in
-training (``data.num_video_frames``, ``data.video_fps``). Generation stops at ``<|im_end|>`` / ``<|im_start|>`` /
-``<|endoftext|>``; a reply cut by ``max_new_tokens`` keeps its last token (the predecessor drops it).
+attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image (then the
+text directly for ChatML, as MPP-Qwen-Next's ``cli_demo.py``; after a space for the Vicuna / LLaMA-2 templates, as
+MiniGPT-4's demo); a video becomes one ``<video>`` marker, its frames sampled as in training
+(``data.num_video_frames``, ``data.video_fps``). Generation stops at the template's end tokens (ChatML:
+``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``; Vicuna v0: ``###`` / ``</s>``); a reply cut by
+``max_new_tokens`` keeps its last token (the predecessor drops it).
 
 Placement: one device (bf16 on a GPU that supports it, fp32 on CPU); ``llm_device_map="auto"`` spreads the LLM's
 decoder blocks over all visible GPUs with accelerate (vision, Q-Former, projection and token embeddings on the
@@ -329,11 +331,14 @@ class ChatEngine:
         self.pending.clear()
 
     # --- generation ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def make_turn(query: str, attached: Sequence[Media]) -> Turn:
+    def make_turn(self, query: str, attached: Sequence[Media]) -> Turn:
+        """Media markers first, then the text: joined directly for ChatML (MPP-Qwen's cli_demo), with one space for
+        the Vicuna / LLaMA-2 templates (MiniGPT-4's demo joins ``<Img><ImageHere></Img>`` and the question with
+        ``' '``)."""
         markers = "".join(m.marker for m in attached)
+        sep = " " if markers and self.tpl.name != "chatml" else ""
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
-        return Turn(markers + query, None, pixels, [m.name for m in attached])
+        return Turn(markers + sep + query, None, pixels, [m.name for m in attached])
 
     def ask(self, query: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer ``query`` (with any pending media), append the turn to the history, return the answer."""
