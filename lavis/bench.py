@@ -8,7 +8,7 @@ without saving checkpoints, and reports over the measured steps, printed and as 
   (``lavis.pipeline.plan.layer_costs``) at the measured padded batch shape: 2 x params x tokens per forward matmul
   (+ 4 x L^2 x D attention per sequence per block), backward 2x forward for trained layers, 1x for frozen layers that
   gradients pass through, 0 for frozen layers with nothing trainable upstream (the frozen ViT runs forward only).
-  The peak is ``--peak-tflops`` or, on known GPUs, their dense bf16 tensor-core peak (table ``PEAK_TFLOPS``);
+  The peak is ``--peak-tflops`` or, on known GPUs, their dense bf16 tensor-core peak (``engine.hardware``);
   no MFU on CPU;
 - peak memory per stage (GPU: ``max_memory_allocated``; CPU: host peak RSS) and stage time balance: seconds each
   rank spent in forward / backward / optimizer instructions (``lavis.engine.profiling``), and max / mean over stages.
@@ -40,17 +40,7 @@ import torch.distributed as dist
 from lavis.config.load import load_config
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
 from lavis.engine.distributed import init_distributed, print0, shutdown
-
-PEAK_TFLOPS = {  # dense bf16 tensor-core peak (fp32 accumulate), vendor datasheets
-    "H100 80GB HBM3": 989.0,  # SXM
-    "H100 PCIe": 756.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "RTX 4090": 165.2,
-    "RTX 3090": 71.0,
-    "RTX A6000": 154.8,
-    "L40S": 362.0,
-}
+from lavis.engine.hardware import known_peak_tflops
 
 DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
 
@@ -166,7 +156,7 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work)) * t.grad_accum_steps * dp
     achieved = flops_step * len(rows) / max(secs, 1e-9)
     devices = len(result["ranks"])
-    peak = args.peak_tflops or _known_peak()
+    peak = args.peak_tflops or known_peak_tflops()
     stages = []
     for s in range(t.num_stages):
         rs = [r for r in result["ranks"] if r["stage"] == s]
@@ -199,16 +189,6 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
         "stage_time_balance": round(max(compute) / max(1e-9, statistics.mean(compute)), 3),
         "stages": stages,
     }
-
-
-def _known_peak() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops
-    return None
 
 
 def format_report(rep: dict[str, Any]) -> str:

@@ -223,7 +223,8 @@ class TrainConfig:
         if self.activation_checkpoint_interval and self.activation_checkpoint_blocks:
             raise ValueError("set train.activation_checkpoint_interval or train.activation_checkpoint_blocks, not both")
         if self.offload_optimizer and self.zero_stage != 1:
-            raise ValueError("train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
+            raise ValueError(
+                "train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
 

@@ -51,7 +51,15 @@ CATEGORIES = {
     "detail": (23, (6, 12), (80, 200), (1, 1)),
     "complex_reasoning": (77, (10, 30), (60, 180), (1, 1)),
 }
-_WORDS = ["the", "a", "an", "image", "shows", "person", "man", "woman", "people", "car", "street", "table", "dog", "cat", "sitting", "standing", "next", "to", "while", "in", "on", "with", "of", "and", "near", "background", "several", "large", "small", "white", "black", "red", "blue", "green", "wearing", "holding", "looking", "building", "sign", "food", "plate", "bus", "train", "kitchen", "room", "window", "water", "tree", "field", "sky", "road", "because", "likely", "might", "suggests", "indicates", "possible", "scene", "area", "group", "two", "three", "it", "is", "are", "has", "there", "this", "that", "which", "where", "what", "why", "how", "could", "would", "should", "their", "they", "he", "she", "its", "from", "into"]
+_WORDS = [
+    'the', 'a', 'an', 'image', 'shows', 'person', 'man', 'woman', 'people', 'car', 'street', 'table', 'dog',
+    'cat', 'sitting', 'standing', 'next', 'to', 'while', 'in', 'on', 'with', 'of', 'and', 'near', 'background',
+    'several', 'large', 'small', 'white', 'black', 'red', 'blue', 'green', 'wearing', 'holding', 'looking',
+    'building', 'sign', 'food', 'plate', 'bus', 'train', 'kitchen', 'room', 'window', 'water', 'tree', 'field',
+    'sky', 'road', 'because', 'likely', 'might', 'suggests', 'indicates', 'possible', 'scene', 'area', 'group',
+    'two', 'three', 'it', 'is', 'are', 'has', 'there', 'this', 'that', 'which', 'where', 'what', 'why', 'how',
+    'could', 'would', 'should', 'their', 'they', 'he', 'she', 'its', 'from', 'into',
+]
 
 
 def synthetic_llava_instruct(n: int, seed: int = 0) -> list[list[dict]]:

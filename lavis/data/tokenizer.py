@@ -74,7 +74,7 @@ class TextTokenizer:
 # Qwen v1 (Qwen-7B/14B-Chat) tokenizer facts (FORMATS.md section 5): byte-level BPE ranks in `qwen.tiktoken`,
 # this pre-tokenizer regex, NFC normalisation, and specials defined in code after the 151,643 regular tokens.
 QWEN_PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 )
 QWEN_NUM_REGULAR = 151643
 QWEN_SPECIALS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))

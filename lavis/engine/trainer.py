@@ -27,6 +27,7 @@ from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
+from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
@@ -117,7 +118,7 @@ def train(
     plan = plan_for_config(cfg, dims, dp)
     parts = plan.parts
     print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
-           + format_plan(parts, plan.costs, plan.work, plan.optim_bytes))
+           + format_plan(parts, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
     # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(

@@ -120,7 +120,8 @@ def qwen_v1_to_qwen2_config(raw: dict[str, Any], where: str | Path = "config.jso
     if kv_channels * heads != hidden:
         raise ValueError(f"{where}: kv_channels {kv_channels} x heads {heads} != hidden {hidden}")
     if float(raw.get("rotary_pct", 1.0)) != 1.0:
-        raise ValueError(f"{where}: rotary_pct {raw['rotary_pct']} (partial rotary) is not supported; Qwen-7B/14B use 1.0")
+        raise ValueError(
+            f"{where}: rotary_pct {raw['rotary_pct']} (partial rotary) is not supported; Qwen-7B/14B use 1.0")
     if raw.get("tie_word_embeddings", False):
         raise ValueError(f"{where}: tied embeddings; Qwen-7B/14B-Chat are untied")
     return Qwen2Config(

@@ -258,21 +258,27 @@ def check_partition(parts: list[int], num_layers: int, num_stages: int) -> list[
 
 
 def format_plan(
-    parts: list[int], costs: list[LayerCost], work: Workload, optim_bytes: float = 12
+    parts: list[int], costs: list[LayerCost], work: Workload, optim_bytes: float = 12,
+    peak_tflops: float | None = None,
 ) -> str:
-    """A table of the plan: layers, parameters, trainable parameters, estimated memory and compute share."""
+    """A table of the plan: layers, parameters, trainable parameters, estimated memory, estimated TFLOP per
+    micro-batch (forward + backward) and compute share; with ``peak_tflops`` (a known GPU) also the time per
+    micro-batch at that peak, a lower bound."""
     total = sum(c.flops for c in costs) or 1.0
     num_stages = len(parts) - 1
-    rows = [f"{'stage':>5} {'layers':>9} {'params':>12} {'trainable':>12} {'est.mem GiB':>11} {'compute':>8}"]
+    head = (f"{'stage':>5} {'layers':>9} {'params':>14} {'trainable':>14} {'est.mem GiB':>11} {'TFLOP/mb':>9} "
+            f"{'share':>6}")
+    rows = [head + (f" {'ms/mb@peak':>10}" if peak_tflops else "")]
     for s in range(num_stages):
         sl = costs[parts[s]:parts[s + 1]]
         kinds = f"{parts[s]}-{parts[s + 1] - 1}"
         mem = stage_memory_bytes(sl, s, num_stages, work, optim_bytes) / 2**30
-        share = sum(c.flops for c in sl) / total
-        rows.append(
-            f"{s:>5} {kinds:>9} {sum(c.params for c in sl):>12,} {sum(c.trainable_params for c in sl):>12,} "
-            f"{mem:>11.2f} {share:>7.1%}"
-        )
+        flops = sum(c.flops for c in sl)
+        row = (f"{s:>5} {kinds:>9} {sum(c.params for c in sl):>14,} {sum(c.trainable_params for c in sl):>14,} "
+               f"{mem:>11.2f} {flops / 1e12:>9.3f} {flops / total:>6.1%}")
+        if peak_tflops:
+            row += f" {flops / (peak_tflops * 1e12) * 1e3:>10.1f}"
+        rows.append(row)
     return "\n".join(rows)
 
 
