@@ -105,9 +105,12 @@ class StepLoader:
         self._flags = torch.zeros(dp_size, grad_accum_steps, micro_batch_size, dtype=torch.int32)
         self._iter = None
         if dataset is not None:
+            # Workers may run a whole optimizer step ahead (prefetch_factor x workers >= GAS micro-batches), so the
+            # next step decodes while this one trains even though next_step() pulls all GAS micro-batches at once.
+            prefetch = max(2, -(-grad_accum_steps // num_workers)) if num_workers > 0 else None
             loader = torch.utils.data.DataLoader(
                 SafeDataset(dataset), batch_sampler=sampler, collate_fn=_as_list,
-                num_workers=num_workers, persistent_workers=num_workers > 0,
+                num_workers=num_workers, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
             )
             self._iter = iter(loader)
 
