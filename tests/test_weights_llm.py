@@ -25,8 +25,16 @@ from lavis.pipeline.plan import layer_table
 from lavis.weights.base import copy_into, load_weights, model_shapes
 from lavis.weights.llm import LLMFiles, plan_llm, read_llm
 from lavis.weights.predecessors import read_checkpoint
-from lavis.weights.synthetic import (LLM_CONFIGS, TINY_OPTIONS, llm_config_json, llm_file_shapes, write_llm_dir,
-                                     write_minigpt4, write_mpp_pretrain, write_mpp_sft, write_preset)
+from lavis.weights.synthetic import (
+    LLM_CONFIGS,
+    TINY_OPTIONS,
+    llm_config_json,
+    llm_file_shapes,
+    write_minigpt4,
+    write_mpp_pretrain,
+    write_mpp_sft,
+    write_preset,
+)
 from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
 from lavis.weights.vision import plan_blip2, plan_eva_vit
 
@@ -327,7 +335,7 @@ def test_mpp_pretrain_full_width(tmp_path: Path) -> None:
 
 
 def test_llama_sentencepiece_placeholder_is_unk_and_never_from_text(tmp_path: Path) -> None:
-    from lavis.data.conversation import ChatTemplate, SYSTEM_PROMPTS, encode_prompt
+    from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_prompt
     from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer, load_tokenizer
     from lavis.weights.synthetic import write_sentencepiece
 

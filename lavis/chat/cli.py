@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lavis.chat.engine import ChatEngine, GenerationSettings
-from lavis.config.presets import model_types, preset_path
+from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments
+from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 from lavis.data.media import MediaError
 
@@ -45,20 +45,12 @@ Ctrl-C while an answer streams stops that answer."""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chat with a trained model over images or a video.")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
-    which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
-                                            f"{', '.join(model_types()) or 'none yet'}")
-    p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
+    add_model_arguments(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable): one-shot mode with --query")
     p.add_argument("--video", help="video file: one-shot mode with --query")
     p.add_argument("--query", help="question for one-shot mode; the answer is printed on stdout")
     p.add_argument("--batch", help="JSONL input: {\"id\", \"images\": [...] | \"video\": ..., \"query\"} per line")
     p.add_argument("--out", help="JSONL output of --batch: {\"id\", \"answer\"} per line")
-    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
-                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
-    p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")
     p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (matters when sampling)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")

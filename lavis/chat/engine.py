@@ -18,6 +18,7 @@ the stop button in the web UI) ends the answer there, and the partial answer is 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -394,3 +395,18 @@ class ChatEngine:
         if on_text is not None and streamer is None:
             on_text(text)
         return text, stopped
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags both front ends share (the predecessors' names kept)."""
+    from lavis.config.presets import model_types
+
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
+    which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
+                                            f"{', '.join(model_types()) or 'none yet'}")
+    p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
+    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
+                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
+    p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")

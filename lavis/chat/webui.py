@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lavis.chat.engine import VIDEO_SUFFIXES, ChatEngine, GenerationSettings, Media, Turn
-from lavis.config.presets import model_types, preset_path
+from lavis.chat.engine import VIDEO_SUFFIXES, ChatEngine, GenerationSettings, Media, Turn, add_model_arguments
+from lavis.config.presets import preset_path
 from lavis.data.media import MediaError
 
 if TYPE_CHECKING:
@@ -237,15 +237,7 @@ def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Web chat with a trained model (gradio).")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
-    which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
-                                            f"{', '.join(model_types()) or 'none yet'}")
-    p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
-    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
-                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
-    p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")
+    add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=512, help="the slider's start value")
     p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_MB, help="larger uploads are refused")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
