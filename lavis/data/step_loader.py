@@ -1,7 +1,10 @@
 """One optimizer step of micro-batches for the pipeline engine, with ``data.on_bad_sample`` handled in lock-step.
 
-Only the first pipeline stage decodes media; the last stage builds labels only. Both must feed ``train_batch``
-exactly the same samples, so a bad sample is decided for the whole step before ``train_batch``:
+Only the first pipeline stage decodes media; the last stage builds labels only. With ``raise`` (the default) the
+micro-batches stream into ``train_batch`` as the schedule asks for them (decoding overlaps the pipeline's waits) and
+the first bad sample raises :class:`BadSampleError` on the stage that meets it, naming the record; the launcher then
+stops the other ranks. With ``skip`` both stages must feed ``train_batch`` exactly the same samples, so a bad sample
+is decided for the whole step before ``train_batch``:
 
 1. The first and last stages fetch all GAS micro-batches of the step (decoding happens here, in DataLoader workers
    if ``data.num_workers`` > 0). A sample that raises :class:`SampleError` or :class:`MediaError` is kept as an
@@ -114,8 +117,12 @@ class StepLoader:
             )
             self._iter = iter(loader)
 
-    def next_step(self, step: int) -> list[PipeBatch] | None:
-        """Fetch, agree on bad samples across all ranks, drop (skip) or raise; return this rank's micro-batches."""
+    def next_step(self, step: int) -> Iterator[PipeBatch] | list[PipeBatch] | None:
+        """This rank's micro-batches of ``step`` (None on stages that read no data). ``skip``: a collective that
+        fetches the whole step, agrees on bad samples across all ranks and drops them; ``raise``: a lazy stream."""
+        if self.on_bad_sample == "raise":
+            self._flags.zero_()
+            return None if self._iter is None else self._stream(step)
         flags = torch.zeros(self.dp_size, self.gas, self.m, dtype=torch.int32)
         fetched: list[list[Fetched]] = []
         if self._iter is not None:
@@ -163,6 +170,17 @@ class StepLoader:
             keep = [f.sample for slot, f in enumerate(batch) if not flags[self.dp_rank, mb, slot]]
             out.append(self.collate(keep))
         return out
+
+    def _stream(self, step: int) -> Iterator[PipeBatch]:
+        for mb in range(self.gas):
+            batch = next(self._iter)
+            bad = [f"step {step + 1}, dp rank {self.dp_rank}, micro-batch {mb}: record "
+                   f"{self.dataset.records[f.key[0]].id}: {f.error}" for f in batch if f.error is not None]
+            if bad:
+                raise BadSampleError(
+                    "bad training sample(s) (data.on_bad_sample=raise; fix the data, run `python -m lavis.data.check`"
+                    ", or set data.on_bad_sample=skip):\n  " + "\n  ".join(bad))
+            yield self.collate([f.sample for f in batch])
 
     def step_tokens(self, step: int) -> int:
         """Non-pad tokens of the samples the last :meth:`next_step` kept, over all DP ranks (needs the sampler)."""
