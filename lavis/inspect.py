@@ -38,7 +38,7 @@ def _forward(cfg, tok, checkpoint: str | None, dtype: torch.dtype) -> bool:  # n
     from lavis.data.conversation import encode_prompt, template_from_config
     from lavis.data.media import image_transform
     from lavis.model.mllm import MultimodalLM
-    from lavis.weights.base import copy_into, load_weights, raise_if_bad
+    from lavis.weights.base import stream_into
 
     t0 = time.perf_counter()
     torch.set_default_dtype(dtype)
@@ -47,11 +47,7 @@ def _forward(cfg, tok, checkpoint: str | None, dtype: torch.dtype) -> bool:  # n
     finally:
         torch.set_default_dtype(torch.float32)
     model.init_weights(cfg.model.init_seed)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors, reports = load_weights(cfg.model, want, checkpoint=checkpoint)
-    raise_if_bad(reports)
-    copy_into(model, tensors, lambda k: k)
-    del tensors
+    stream_into(cfg.model, model.state_dict(keep_vars=True), checkpoint=checkpoint)
     model.eval()
     spec = shapes.sample_spec(random.Random(0))
     pixels = image_transform("eval", cfg.model.vision.image_size, hflip=False)(shapes.draw(spec)).unsqueeze(0)

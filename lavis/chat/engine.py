@@ -85,28 +85,17 @@ def load_model(
 ) -> MultimodalLM:
     """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
     ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
-    from lavis.weights.base import copy_into, load_weights, raise_if_bad
+    from lavis.weights.base import stream_into
 
     placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ckpt = None if checkpoint is None else str(checkpoint)
-    # First every file's report from headers (nothing copied if anything does not fit), then each tensor is copied
-    # in as it is read, so host RAM holds the model plus one file tensor, not the model plus all of them.
-    _, reports = load_weights(cfg.model, want, checkpoint=ckpt, read=False)
+    targets = model.state_dict(keep_vars=True)  # the live parameters and persistent buffers
+    reports, filled = stream_into(cfg.model, targets, checkpoint=None if checkpoint is None else str(checkpoint))
     for rep in reports:
         print(rep.summary(), file=sys.stderr)
-    raise_if_bad(reports)
-    loaded: set[str] = set()
-
-    def sink(name: str, tensor: torch.Tensor) -> None:
-        copy_into(model, {name: tensor}, lambda k: k)
-        loaded.add(name)
-
-    load_weights(cfg.model, want, checkpoint=ckpt, sink=sink)
     if reports:
-        print(f"{len(loaded)} of {len(want)} tensors loaded from files; the rest keep the seeded init",
+        print(f"{len(filled)} of {len(targets)} tensors loaded from files; the rest keep the seeded init",
               file=sys.stderr)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -146,29 +146,10 @@ def load_layer_weights(
     shape-mismatched key). Files are checked (headers) before any tensor is read; each tensor is copied in as it is
     read, so host RAM is the stage's parameters plus one tensor. Keys no configured file provides keep their seeded
     init."""
-    from lavis.weights.base import load_weights, model_shapes, raise_if_bad
+    from lavis.weights.base import model_shapes, stream_into
 
-    want: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, int] = {}
-    for idx, layer in layers.items():
-        for name, t in layer.state_dict().items():
-            plain = table[idx].to_plain(name)
-            want[plain] = tuple(t.shape)
-            owner[plain] = idx
+    targets = {table[idx].to_plain(name): t for idx, layer in layers.items()
+               for name, t in layer.state_dict(keep_vars=True).items()}
     if known is None:
         known = set(model_shapes(cfg))
-    _, reports = load_weights(cfg, want, known, checkpoint, read=False)
-    raise_if_bad(reports)
-    params = {idx: {**dict(layer.named_parameters()), **dict(layer.named_buffers())} for idx, layer in layers.items()}
-
-    def sink(plain: str, t: torch.Tensor) -> None:
-        idx = owner[plain]
-        dst = params[idx][table[idx].from_plain(plain)]
-        if dst.shape != t.shape:
-            raise ValueError(f"{plain}: file tensor {list(t.shape)} vs layer {list(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(t)
-
-    _, reports = load_weights(cfg, want, known, checkpoint, sink=sink)
-    raise_if_bad(reports)
-    return reports
+    return stream_into(cfg, targets, known, checkpoint)[0]

@@ -93,6 +93,35 @@ def load_weights(
     return tensors, reports
 
 
+def stream_into(
+    cfg: ModelConfig, targets: Mapping[str, torch.Tensor], known: set[str] | None = None,
+    checkpoint: str | None = None,
+) -> tuple[list[FileReport], set[str]]:
+    """Fill ``targets`` (plain name -> the parameter or buffer to write, e.g. ``state_dict(keep_vars=True)``) from
+    every file the config names.
+
+    Every file's report is checked from its headers first (raises before anything is copied); then each tensor is
+    copied in (dtype converted) as it is read, so host RAM holds one file tensor at a time, not all of them. Keys no
+    file provides are left as they are. Returns the reports of the reading pass and the names filled.
+    """
+    want = {k: tuple(t.shape) for k, t in targets.items()}
+    _, reports = load_weights(cfg, want, known, checkpoint, read=False)
+    raise_if_bad(reports)
+    filled: set[str] = set()
+
+    def sink(plain: str, t: torch.Tensor) -> None:
+        dst = targets[plain]
+        if dst.shape != t.shape:
+            raise ValueError(f"{plain}: file tensor {list(t.shape)} vs model {list(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(t)
+        filled.add(plain)
+
+    _, reports = load_weights(cfg, want, known, checkpoint, sink=sink)
+    raise_if_bad(reports)
+    return reports, filled
+
+
 def copy_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], to_local: Callable[[str], str | None]) -> int:
     """Copy plain-named ``tensors`` into ``module``'s parameters/buffers (dtype converted); returns the count."""
     own = dict(module.named_parameters())
