@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from lavis.data.collate import Collator
+
 
 def padded_length(lengths: Sequence[int], pad_to_multiple_of: int, fixed_length: int | None) -> int:
-    """The collator's micro-batch length: ``fixed_length``, or the longest rounded up to the multiple."""
-    if fixed_length is not None:
-        return fixed_length
-    m = max(1, pad_to_multiple_of)
-    return -(-max(lengths) // m) * m
+    """The length the training collator pads this micro-batch to (``Collator.padded_length``): ``fixed_length``,
+    or the longest sample rounded up to the multiple (uncapped here: the lengths are the already-fitted ones)."""
+    collator = Collator(pad_id=0, max_txt_len=fixed_length if fixed_length is not None else sys.maxsize,
+                        pad_to_multiple_of=pad_to_multiple_of, fixed_length=fixed_length is not None)
+    return collator.padded_length(max(lengths))
 
 
 def padding_efficiency(lengths_per_microbatch: list[list[int]], pad_to_multiple_of: int,
