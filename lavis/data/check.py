@@ -21,9 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lavis.config.schema import DataConfig, DatasetConfig
+from lavis.config.schema import Config, DataConfig, DatasetConfig, ModelConfig
 from lavis.data import media
-from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, SampleError, encode_conversation, fit_length
+from lavis.data.conversation import (
+    SYSTEM_PROMPTS,
+    ChatTemplate,
+    SampleError,
+    encode_conversation,
+    fit_length,
+    template_from_config,
+)
 from lavis.data.datasets import Record, load_records
 from lavis.data.formats import CONVERTERS
 
@@ -166,29 +173,26 @@ def main(argv: list[str] | None = None) -> int:
         from lavis.config.load import load_config
 
         cfg = load_config(args.cfg_path, args.options)
-        data, llm = cfg.data, cfg.model.llm
-        datasets = list(data.train)
-        if not datasets:
+        if not cfg.data.train:
             raise SystemExit(f"{args.cfg_path}: data.train is empty")
-        tok_ref = args.tokenizer or llm.tokenizer
-        template = llm.template
-        system = SYSTEM_PROMPTS[template] if llm.system_prompt is None else llm.system_prompt
-        tpl_args = (system, llm.image_placeholder, cfg.model.qformer.num_query_tokens)
+        tok_ref = args.tokenizer or cfg.model.llm.tokenizer
     else:
-        data = DataConfig()
+        m = ModelConfig()
+        m = replace(m, llm=replace(m.llm, template=args.template, image_placeholder=args.image_placeholder),
+                    qformer=replace(m.qformer, num_query_tokens=args.num_query))
         datasets = [DatasetConfig(ann_path=args.ann, vis_root=args.vis_root, format=args.format)]
+        cfg = Config(model=m, data=DataConfig(train=datasets))
         tok_ref = args.tokenizer
-        tpl_args = (SYSTEM_PROMPTS[args.template], args.image_placeholder, args.num_query)
-        template = args.template
     updates = {}
     if args.max_txt_len is not None:
         updates["max_txt_len"] = args.max_txt_len
     if args.num_video_frames is not None:
         updates["num_video_frames"] = args.num_video_frames
-    data = replace(data, **updates)
+    cfg = replace(cfg, data=replace(cfg.data, **updates))
+    data, datasets = cfg.data, list(cfg.data.train)
     tpl = None
     if tok_ref:
-        tpl = ChatTemplate(load_tokenizer(tok_ref), *tpl_args, data.num_video_frames, name=template)
+        tpl = template_from_config(load_tokenizer(tok_ref), cfg)
     else:
         print("no tokenizer (--tokenizer): token lengths are not checked", file=sys.stderr)
     report = check_datasets(datasets, tpl, data, workers=args.workers, progress=sys.stderr.isatty())
