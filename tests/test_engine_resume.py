@@ -91,3 +91,19 @@ def test_interrupted_save_never_becomes_latest(tiny_data: Path, tmp_path: Path) 
         assert "incomplete" in str(e)
     else:
         raise AssertionError("a pointer to an incomplete checkpoint was accepted")
+
+
+def test_resume_refuses_a_layer_file_missing_trained_weights(tiny_data: Path, tmp_path: Path) -> None:
+    """Layer files are loaded non-strict (frozen weights are not saved), so a trained weight missing from one must
+    be caught by our own check, not silently left at its initial value."""
+    import pytest
+    import torch
+
+    run = train(tmp_path, "run", 2, 2, gas=2, data=tiny_data, steps=2)
+    f = run / "global_step2" / "layer_02-model_states.pt"
+    state = torch.load(f, weights_only=True)
+    dropped = next(k for k in state if k.endswith("up_proj.weight"))
+    del state[dropped]
+    torch.save(state, f)
+    with pytest.raises(AssertionError, match=f"trainable weights missing \\['{dropped}'\\]"):
+        train(tmp_path, "run", 2, 2, gas=2, data=tiny_data, steps=3)

@@ -79,6 +79,29 @@ class LavisPipelineModule(PipelineModule):
             self.group_anchors.append(nn.Parameter(torch.zeros(1)))
         return count
 
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):  # noqa: ANN001 - DeepSpeed's signature
+        """Resume: layer files hold only the weights that train (saved with ``exclude_frozen_parameters``), so
+        DeepSpeed's per-layer load must run non-strict; afterwards every trainable parameter of this stage must have
+        been in its layer file and the file must hold nothing the layer lacks (keys read via mmap, no tensor data)."""
+        super().load_state_dir(load_dir, checkpoint_engine, strict=False)
+        problems = []
+        for i, layer in enumerate(self.forward_funcs):
+            if not isinstance(layer, nn.Module):
+                continue
+            files = self.ckpt_layer_path_list(load_dir, i)
+            if not files:
+                problems.append(f"layer {self._local_start + i}: no layer file in {load_dir}")
+                continue
+            keys = set(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True))
+            own = layer.state_dict()
+            missing = [n for n, p in layer.named_parameters() if p.requires_grad and n not in keys]
+            unexpected = sorted(keys - set(own))
+            if missing or unexpected:
+                problems.append(f"{files[0]}: trainable weights missing {missing[:5]}, unknown keys {unexpected[:5]}")
+        if problems:
+            raise ValueError("checkpoint does not fit this model (another config or a damaged file?):\n  "
+                             + "\n  ".join(problems))
+
     def forward(self, forward_input):  # noqa: ANN001 - DeepSpeed's signature
         out = super().forward(forward_input)
         if len(self.group_anchors):

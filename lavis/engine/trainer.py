@@ -156,8 +156,9 @@ def train(
     if tag is not None:
         meta = checkpoint.load_meta(out / tag)
         same_layout = meta["parts"] == parts and meta["dp_size"] == dp
-        # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here;
-        # the frozen ones were just built from the config's base weights.
+        # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here; the
+        # frozen ones were just built from the config's base weights. LavisPipelineModule.load_state_dir then checks
+        # that every trainable weight was in its file.
         engine.load_checkpoint(str(out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
         start_step = int(meta["step"])
