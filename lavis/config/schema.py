@@ -208,6 +208,9 @@ class TrainConfig:
     """Write TensorBoard events to ``<output_dir>/tensorboard`` (rank 0)."""
     wandb_project: str | None = None
     """Also log to Weights & Biases under this project (needs ``pip install wandb``); None = off."""
+    max_nonfinite_steps: int = 0
+    """Steps with a non-finite loss or gradient norm that may be skipped (no weight update, logged with
+    ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -227,6 +230,8 @@ class TrainConfig:
                 "train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
 
 
 @dataclass
