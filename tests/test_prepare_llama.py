@@ -188,6 +188,10 @@ def test_meta_shards_plus_v0_delta_equal_the_all_in_ram_reference(files: dict[st
     assert tok_cfg["tokenizer_class"] == "LlamaTokenizer"
     tok = load_tokenizer(str(files["out"]))  # our reader: tokenizer.model + added_tokens.json
     assert tok.vocab_size == VOCAB + 1 and tok.token_id("[PAD]") == VOCAB
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(files["out"])  # class LlamaTokenizer, as today's transformers names it
+    assert (hf_tok.pad_token_id, hf_tok("Hello world").input_ids) == (VOCAB, [1, 15043, 3186])
 
 
 def test_output_loads_through_the_vicuna_preset(files: dict[str, Path], tmp_path: Path,

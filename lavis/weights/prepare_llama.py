@@ -467,7 +467,7 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
                 bar.update(1)
                 continue
             write_shard(build_group(plan, keys), out_dir / name)
-            state["done"].append(name)
+            state["done"] = sorted(set(state["done"]) | {name})
             save_state()
             bar.update(1)
     vocab = target["model.embed_tokens.weight"][0]
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         prepare(a.meta_dir, a.out, a.delta, a.dtype, a.tokenizer, a.max_position_embeddings)
-    except (PrepareError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # PrepareError and the delta reader's errors name the file
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
