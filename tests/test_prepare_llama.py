@@ -260,3 +260,13 @@ def test_resume_skips_finished_shards(files: dict[str, Path], tmp_path: Path, mo
     ref = reference(files["meta"], None)
     got, want = logits(tmp_path / "out", ids), logits(ref, ids)
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
+
+
+def test_delta_added_in_row_blocks_equals_resize_then_add() -> None:
+    g = torch.Generator().manual_seed(3)
+    base, delta = torch.randn(10, 3, generator=g).half(), torch.randn(11, 3, generator=g).half()
+    grown = torch.cat([base.float(), torch.zeros(1, 3)])  # FastChat: resized base, new row zero
+    want = (grown + delta.float()).half()
+    for chunk in (3, 6, 12, 1 << 22):  # block edges before, at and after the base's last row
+        assert torch.equal(prep.add_delta(base, delta, torch.float16, chunk_elems=chunk), want)
+    assert torch.equal(prep.add_delta(base, None, torch.float32), base.float())

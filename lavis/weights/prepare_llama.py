@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -137,7 +138,7 @@ def open_meta_shard(path: Path) -> Iterator[dict[str, torch.Tensor]]:
     """A Meta shard memory-mapped (data read only when touched), released on exit."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise PrepareError(f"{path}: cannot be read as a torch checkpoint ({e}); truncated download?") from e
     if not isinstance(obj, dict):
         raise PrepareError(f"{path}: a {type(obj).__name__}, not a state dict")
@@ -365,13 +366,27 @@ def build_group(plan: Plan, keys: list[str]) -> dict[str, torch.Tensor]:
             t = permute_rotary(t, p.n_heads, p.dim, p.dim)
         elif k.endswith("self_attn.k_proj.weight"):
             t = permute_rotary(t, p.n_kv_heads, p.head_dim * p.n_kv_heads, p.dim)
-        if k in delta:
-            d = delta.pop(k)
-            r = d.to(torch.float32, copy=True)
-            r[: t.shape[0]] += t.float()  # rows beyond the base (v0's [PAD]) are zero in the resized base
-            t = r
-        out[k] = t.to(plan.dtype).contiguous()
+        out[k] = add_delta(t, delta.pop(k, None), plan.dtype)
         del t
+    return out
+
+
+def add_delta(base: torch.Tensor, delta: torch.Tensor | None, dtype: torch.dtype,
+              chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """base + delta in fp32, cast to ``dtype``, a block of rows at a time (no fp32 copy of a whole embedding).
+
+    Rows the delta has beyond the base (v0's ``[PAD]``) are the delta's: the base is resized with zero rows."""
+    if delta is None:
+        return base.to(dtype).contiguous()
+    out = torch.empty(delta.shape, dtype=dtype)
+    n_base = base.shape[0]
+    step = max(1, chunk_elems // max(1, delta[0].numel()))
+    for a in range(0, delta.shape[0], step):
+        b = min(a + step, delta.shape[0])
+        r = delta[a:b].to(torch.float32, copy=True)
+        if a < n_base:
+            r[: min(b, n_base) - a] += base[a:min(b, n_base)].float()
+        out[a:b] = r
     return out
 
 
