@@ -400,20 +400,31 @@ def tokenizer_source(meta_dir: Path, tokenizer: Path | None, delta: Path | None)
                        "(Meta ships it beside the size folders)")
 
 
-def write_tokenizer(out: Path, src: Path, delta: Path | None, vocab: int, max_pos: int) -> None:
-    """tokenizer.model, added_tokens.json (the delta's, or ``[PAD]`` for one extra row), tokenizer_config.json with
-    today's class name ``LlamaTokenizer``, special_tokens_map.json."""
+def tokenizer_added(src: Path, delta: Path | None, vocab: int) -> tuple[int, dict[str, int]]:
+    """The SentencePiece model's piece count and the added tokens (the delta's ``added_tokens.json``, or ``[PAD]``
+    for exactly one extra embedding row), checked against the model's vocabulary before any shard is written."""
     import sentencepiece as spm
 
     pieces = spm.SentencePieceProcessor(model_file=str(src)).get_piece_size()
     if pieces > vocab:
         raise PrepareError(f"{src} has {pieces} pieces but the model has {vocab} embedding rows: wrong tokenizer?")
-    shutil.copyfile(src, out / "tokenizer.model")
     added: dict[str, int] = {}
     if delta is not None and (delta / "added_tokens.json").is_file():
         added = {str(k): int(v) for k, v in json.loads((delta / "added_tokens.json").read_text()).items()}
+        bad = {k: v for k, v in added.items() if not pieces <= v < vocab}
+        if bad:
+            raise PrepareError(f"{delta / 'added_tokens.json'}: ids {bad} outside {pieces}..{vocab - 1} "
+                               f"(tokenizer pieces .. embedding rows)")
     elif vocab == pieces + 1:
         added = {PAD_TOKEN: pieces}
+    return pieces, added
+
+
+def write_tokenizer(out: Path, src: Path, delta: Path | None, vocab: int, max_pos: int) -> None:
+    """tokenizer.model, added_tokens.json, tokenizer_config.json with today's class name ``LlamaTokenizer``,
+    special_tokens_map.json."""
+    pieces, added = tokenizer_added(src, delta, vocab)
+    shutil.copyfile(src, out / "tokenizer.model")
     if added:
         atomic_write_text(out / "added_tokens.json", json.dumps(added))
     elif vocab > pieces:
@@ -467,6 +478,7 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
     base = scan_meta(params, shards)
     print("rope.freqs ignored: transformers recomputes the rotary frequencies from rope_theta", file=sys.stderr)
     files, target = scan_delta(delta_dir, base) if delta_dir is not None else (None, base)
+    tokenizer_added(tok_src, delta_dir, target["model.embed_tokens.weight"][0])  # fail now, not after the shards
     plan = Plan(params, shards, base, target, files, DTYPES[dtype], output_groups(params))
     n = len(plan.groups)
     weight_map: dict[str, str] = {}
