@@ -270,3 +270,6 @@ def test_delta_added_in_row_blocks_equals_resize_then_add() -> None:
     for chunk in (3, 6, 12, 1 << 22):  # block edges before, at and after the base's last row
         assert torch.equal(prep.add_delta(base, delta, torch.float16, chunk_elems=chunk), want)
     assert torch.equal(prep.add_delta(base, None, torch.float32), base.float())
+    for chunk in (3, 1 << 22):  # in place: base merged in the output dtype, already grown by a zero row
+        assert torch.equal(prep.add_delta(torch.cat([base, torch.zeros(1, 3).half()]), delta, torch.float16,
+                                          chunk_elems=chunk), want)

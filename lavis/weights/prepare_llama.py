@@ -17,8 +17,9 @@ Every tensor's presence and shape is checked from headers before anything is wri
 
 Memory: output shards are one decoder layer each (plus one for the embedding, one for norm + head). For each output
 shard every Meta shard is opened memory-mapped in turn (``torch.load(mmap=True, weights_only=True)``), its pieces
-copied into the layer's buffers, and closed; the delta's tensors of that layer are read by name. So the host holds
-about one layer (source dtype + output dtype) plus one mapped shard's touched pages, not the model.
+copied into the layer's buffers (in the output dtype when that is exact), and closed; then each delta tensor is
+read by name and added a block of rows at a time. So the host holds about one layer plus one delta tensor and one
+mapped shard's touched pages, not the model.
 
 Resumable: each shard is written to a temporary name and renamed; ``.prepare_state.json`` records the inputs'
 fingerprint, the verified checksums and the finished shards, which a rerun skips.
@@ -27,6 +28,7 @@ fingerprint, the verified checksums and the finished shards, which a rerun skips
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -323,6 +325,16 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS between shards: glibc keeps freed blocks of a few MB (one layer's
+    tensors) in the heap, which would otherwise add up to several layers of RSS. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
+
+
 @dataclass
 class Plan:
     params: MetaParams
@@ -346,18 +358,16 @@ def build_group(plan: Plan, keys: list[str]) -> dict[str, torch.Tensor]:
                 meta, kind = hf_to_meta[k]
                 piece = sd[meta]
                 if k not in buf:
-                    buf[k] = torch.empty(plan.base[k], dtype=piece.dtype)
+                    buf[k] = merge_buffer(plan.base[k], plan.target[k], piece.dtype, plan.dtype)
+                rows = buf[k][: plan.base[k][0]]  # the base's rows (a grown embedding's extra rows stay zero)
                 if kind == "rep" or len(plan.shards) == 1:
                     if si == 0:
-                        buf[k].copy_(piece)
+                        rows.copy_(piece)
                     continue
                 axis = 0 if kind == "col" else 1
                 n = piece.shape[axis]
-                buf[k].narrow(axis, offset[k], n).copy_(piece)
+                rows.narrow(axis, offset[k], n).copy_(piece)
                 offset[k] += n
-    delta: dict[str, torch.Tensor] = {}
-    if plan.delta is not None:
-        read_planned(plan.delta, {k: (k, None) for k in keys}, lambda name, t: delta.__setitem__(name, t))
     p = plan.params
     out: dict[str, torch.Tensor] = {}
     for k in keys:
@@ -366,19 +376,37 @@ def build_group(plan: Plan, keys: list[str]) -> dict[str, torch.Tensor]:
             t = permute_rotary(t, p.n_heads, p.dim, p.dim)
         elif k.endswith("self_attn.k_proj.weight"):
             t = permute_rotary(t, p.n_kv_heads, p.head_dim * p.n_kv_heads, p.dim)
-        out[k] = add_delta(t, delta.pop(k, None), plan.dtype)
+        out[k] = add_delta(t, None if plan.delta is None else read_delta(plan.delta, k), plan.dtype)
         del t
     return out
 
 
+def read_delta(files: LLMFiles, key: str) -> torch.Tensor:
+    """One delta tensor (by name from safetensors; from a memory-mapped .bin shard, released after the caller)."""
+    got: list[torch.Tensor] = []
+    read_planned(files, {key: (key, None)}, lambda _name, t: got.append(t))
+    return got[0]
+
+
+def merge_buffer(base: Shape, target: Shape, src: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """Where a tensor's shard pieces are merged: directly in the output dtype and shape (extra rows zero) when that
+    holds the source values exactly (same dtype, or fp32 out), so the delta can be added in place; otherwise in the
+    source dtype and shape (the delta is then added in fp32 from the source values)."""
+    if dtype == src or dtype == torch.float32:
+        return torch.zeros(target, dtype=dtype) if target != base else torch.empty(target, dtype=dtype)
+    return torch.empty(base, dtype=src)
+
+
 def add_delta(base: torch.Tensor, delta: torch.Tensor | None, dtype: torch.dtype,
               chunk_elems: int = 1 << 22) -> torch.Tensor:
-    """base + delta in fp32, cast to ``dtype``, a block of rows at a time (no fp32 copy of a whole embedding).
+    """base + delta in fp32, cast to ``dtype``, a block of rows at a time (no fp32 copy of a whole embedding);
+    in place when ``base`` already has the delta's shape and ``dtype``.
 
     Rows the delta has beyond the base (v0's ``[PAD]``) are the delta's: the base is resized with zero rows."""
     if delta is None:
         return base.to(dtype).contiguous()
-    out = torch.empty(delta.shape, dtype=dtype)
+    in_place = base.shape == delta.shape and base.dtype == dtype and base.is_contiguous()
+    out = base if in_place else torch.empty(delta.shape, dtype=dtype)
     n_base = base.shape[0]
     step = max(1, chunk_elems // max(1, delta[0].numel()))
     for a in range(0, delta.shape[0], step):
@@ -494,6 +522,7 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
                 bar.update(1)
                 continue
             write_shard(build_group(plan, keys), out_dir / name)
+            release_freed_memory()
             state["done"] = sorted(set(state["done"]) | {name})
             save_state()
             bar.update(1)
