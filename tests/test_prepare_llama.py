@@ -223,7 +223,7 @@ def test_wrong_shaped_or_missing_delta_tensor_is_refused(files: dict[str, Path],
     del short["model.layers.0.self_attn.v_proj.weight"]
     write_delta(tmp_path / "short", short, fmt="safetensors")
     with pytest.raises(prep.PrepareError, match=r"no tensor model\.layers\.0\.self_attn\.v_proj\.weight"):
-        prep.prepare(files["meta"], tmp_path / "out2", tmp_path / "short", dtype="fp32")
+        prep.prepare(files["meta"], tmp_path / "out1", tmp_path / "short", dtype="fp32")  # nothing written: rerun ok
 
 
 def test_corrupt_shard_fails_its_checksum(files: dict[str, Path], tmp_path: Path) -> None:
@@ -260,6 +260,8 @@ def test_resume_skips_finished_shards(files: dict[str, Path], tmp_path: Path, mo
     ref = reference(files["meta"], None)
     got, want = logits(tmp_path / "out", ids), logits(ref, ids)
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
+    with pytest.raises(prep.PrepareError, match="holds shards of a run from other inputs or --dtype"):
+        prep.prepare(files["meta"], tmp_path / "out", dtype="fp16")  # never mixes shards of two runs
 
 
 def test_delta_added_in_row_blocks_equals_resize_then_add() -> None:

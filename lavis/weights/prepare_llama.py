@@ -492,10 +492,11 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
     state: dict[str, Any] = {"inputs": fp, "verified": {}, "done": []}
     if state_path.is_file():
         old = json.loads(state_path.read_text())
-        if old.get("inputs") != fp:
-            raise PrepareError(f"{out_dir} holds a run from other inputs or --dtype ({state_path}); "
+        if old.get("inputs") == fp:
+            state = old
+        elif old.get("done"):
+            raise PrepareError(f"{out_dir} holds shards of a run from other inputs or --dtype ({state_path}); "
                                "use another --out or empty it")
-        state = old
 
     def save_state() -> None:
         atomic_write_text(state_path, json.dumps(state, indent=1))
