@@ -457,9 +457,11 @@ def write_tokenizer(out: Path, src: Path, delta: Path | None, vocab: int, max_po
         atomic_write_text(out / "added_tokens.json", json.dumps(added))
     elif vocab > pieces:
         print(f"note: {vocab - pieces} embedding rows have no token (ids {pieces}..{vocab - 1})", file=sys.stderr)
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    specials: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if PAD_TOKEN in added:
         specials["pad_token"] = PAD_TOKEN
+    if delta is not None and (delta / "special_tokens_map.json").is_file():  # the delta's own entries win
+        specials |= json.loads((delta / "special_tokens_map.json").read_text())
     cfg: dict[str, Any] = {}
     if delta is not None and (delta / "tokenizer_config.json").is_file():
         cfg = json.loads((delta / "tokenizer_config.json").read_text())
