@@ -253,16 +253,81 @@ def write_mpp_sft(path: str | Path, raw: dict[str, Any], *, mangled_7b: bool, qf
     return Path(path)
 
 
-def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0) -> Path:
-    """MiniGPT-4 stage checkpoint: ``{"model": {llama_proj.*, Qformer position_ids buffer}, "optimizer": ...,
-    "epoch": ...}`` as its LAVIS-style saver writes it (frozen parameters removed, buffers kept)."""
+def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0,
+                   num_layers: int = 0, head_dim: int = 128) -> Path:
+    """MiniGPT-4 checkpoint as its LAVIS-style ``_save_checkpoint`` writes it: ``{"model", "optimizer", "config",
+    "scaler", "epoch"}``. ``model`` is the state dict minus frozen parameters, buffers kept: ``llama_proj.*`` (the
+    only trained weight), ``Qformer.bert.embeddings.position_ids`` and, for each of ``num_layers`` LLaMA blocks,
+    ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq`` (a persistent buffer in the transformers 4.30 it
+    pins). ``optimizer`` is AdamW's state for the two trained tensors; ``config`` the run config as plain dicts."""
     gen = torch.Generator().manual_seed(seed)
     model = {k: random_tensor(k, s, torch.float32, gen) for k, s in
-             {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,),
-              "Qformer.bert.embeddings.position_ids": (1, 512)}.items()}
+             {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,)}.items()}
+    model["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for i in range(num_layers):
+        model[f"llama_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    optimizer = {
+        "state": {i: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+                  for i, t in enumerate((model["llama_proj.weight"], model["llama_proj.bias"]))},
+        "param_groups": [{"lr": 3e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": wd, "amsgrad": False,
+                          "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                          "fused": None, "params": [i]} for i, wd in ((0, 0.05), (1, 0.0))],
+    }
+    config = {"model": {"arch": "minigpt4", "model_type": "pretrain_vicuna0", "max_txt_len": 160, "end_sym": "###"},
+              "run": {"task": "image_text_pretrain", "init_lr": 3e-5, "max_epoch": 5, "amp": True},
+              "datasets": {"cc_sbu_align": {"batch_size": 12}}}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 13}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model, "optimizer": {}, "epoch": 4}, path)
+    torch.save({"model": model, "optimizer": optimizer, "config": config, "scaler": scaler, "epoch": 4}, path)
     return Path(path)
+
+
+def write_mpp_pipeline_dir(
+    run_dir: str | Path, cfg: ModelConfig, raw: dict[str, Any], *, pretrain: bool, step: int = 2181,
+    inv_freq: bool = True, seed: int = 0,
+) -> Path:
+    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.convert.mpp_layers`` has the
+    layer table): ``latest`` and ``global_step{step}/layer_XX-model_states.pt`` for every pipeline layer (bf16, frozen
+    weights included, ``{}`` for parameterless layers; ``occupy.weight`` in pretrain), ``mp_rank_00_model_states.pt``
+    with ``module: None``. ``inv_freq``: the rotary buffer older Qwen remote code saved in layer 0."""
+    from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    tag = Path(run_dir) / f"global_step{step}"
+    tag.mkdir(parents=True, exist_ok=True)
+    llm = llm_file_shapes(raw)
+    hidden = int(raw.get("hidden_size", raw.get("n_embd")))
+    n = int(raw.get("num_hidden_layers", raw.get("n_layer")))
+
+    def fill(shapes: dict[str, Shape]) -> dict[str, torch.Tensor]:
+        return {k: (torch.arange(s[-1]).expand(s).clone() if k.endswith("position_ids")
+                    else random_tensor(k, s, torch.bfloat16, gen)) for k, s in shapes.items()}
+
+    layer0 = {"visionpipe.visual_encoder." + k: s for k, s in eva_vit_file_shapes(cfg.vision, extra_block=False).items()}
+    layer0 |= {"visionpipe." + k: s for k, s in blip2_file_shapes(cfg, t5_proj=False).items()}
+    layer0 |= {"visionpipe.llm_proj.weight": (hidden, cfg.qformer.hidden_size), "visionpipe.llm_proj.bias": (hidden,),
+               "wtepipe.word_embeddings.weight": llm["transformer.wte.weight"]}
+    layers: list[dict[str, torch.Tensor]] = [fill(layer0)]
+    if inv_freq:
+        head_dim = hidden // int(raw.get("num_attention_heads", raw.get("n_head")))
+        layers[0]["rotary_emb.inv_freq"] = torch.rand(head_dim // 2, generator=gen)
+    layers += [{} for _ in range(4)]
+    for j in range(n):
+        p = f"transformer.h.{j}."
+        layers.append(fill({"layer." + k[len(p):]: s for k, s in llm.items() if k.startswith(p)}))
+    layers.append(fill({"final_layernorm.weight": llm["transformer.ln_f.weight"]}))
+    layers.append(fill({"lm_head.weight": llm["lm_head.weight"]}))
+    layers.append({})
+    if pretrain:
+        layers.append({"occupy.weight": torch.zeros(1000, 1000, dtype=torch.bfloat16)})
+    for i, state in enumerate(layers):
+        torch.save(state, tag / f"layer_{i:02d}-model_states.pt")
+    torch.save({"module": None, "global_steps": step, "dp_world_size": 1, "mp_world_size": 1},
+               tag / "mp_rank_00_model_states.pt")
+    (Path(run_dir) / "latest").write_text(tag.name)
+    return tag
 
 
 # --- a whole preset -------------------------------------------------------------------------------------------------
@@ -301,7 +366,9 @@ def write_preset(
     elif raw["model_type"] == "llama":
         write_sentencepiece(llm_dir)
         name = "prerained_minigpt4_7b.pth" if model_type == "vicuna0_7b" else "pretrained_minigpt4.pth"
-        out["minigpt4"] = write_minigpt4(pred / name, hidden, qh)
+        heads = int(raw["num_attention_heads"])
+        out["minigpt4"] = write_minigpt4(pred / name, hidden, qh, num_layers=int(raw["num_hidden_layers"]),
+                                         head_dim=hidden // heads)
     else:
         write_bpe_tokenizer_json(llm_dir)
     return out
