@@ -188,7 +188,8 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
     num_blocks = int(llm_hf_config(cfg.llm).num_hidden_layers)
     state, origin, report = read_mpp_dir(tag_dir, num_blocks)
     if report.unexpected:
-        raise ValueError("MPP layer files hold keys that fit no layer of this model:\n" + report.format())
+        raise ValueError(f"MPP layer files hold keys that fit no layer of a {num_blocks}-block LLM: is --model-type / "
+                         "--cfg-path the model this run trained?\n" + report.format())
     keep = select(state, origin, report, cfg, kind, include_frozen)
     if not keep:
         raise ValueError(f"{tag_dir}: nothing to write for {OUTPUT_NAME[kind]}")
