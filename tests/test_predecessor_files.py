@@ -4,9 +4,6 @@ its LAVIS-style saver writes it (buffers included) loads with the buffers report
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +13,10 @@ import yaml
 from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.convert.mpp_layers import LAYER_FILE, read_mpp_dir, select
-from lavis.convert.pipe_to_pth import convert
+from lavis.convert.pipe_to_pth import cli, convert
 from lavis.weights.base import model_shapes
 from lavis.weights.predecessors import read_checkpoint
 from lavis.weights.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
-
-from .conftest import REPO
 
 OPTS = [*TINY_OPTIONS, "model.vision.depth=1"]
 
@@ -93,7 +88,8 @@ def test_mpp_layer_directory_converts_with_every_key_accounted(model_type: str, 
     assert rep.ok and {k for k in want if k.startswith(("llm_model.", "llm_proj."))} == set(rep.loaded)
 
 
-def test_mpp_converter_cli_and_wrong_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mpp_converter_cli_and_wrong_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
     write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=1, tiny=True)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(preset_path("qwen7b_chat"), OPTS)
@@ -109,12 +105,10 @@ def test_mpp_converter_cli_and_wrong_model(tmp_path: Path, monkeypatch: pytest.M
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
     recipe.write_text(yaml.safe_dump(overrides))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "pipe_proj2pth.py"), "--ckpt_dir", str(tag), "--cfg-path",
-                           str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 unexpected" in proc.stdout and "zero placeholder Linear" in proc.stdout  # reasons, grouped
-    assert "pipe_proj2pth.py writes the projection only" in proc.stdout
+    cli("proj", "pipe_proj2pth.py", ["--ckpt_dir", str(tag), "--cfg-path", str(recipe)])  # its command line
+    out = capsys.readouterr().out
+    assert "0 unexpected" in out and "zero placeholder Linear" in out  # reasons, grouped
+    assert "pipe_proj2pth.py writes the projection only" in out
     assert set(torch.load(tag / "model.pth", weights_only=True)) == {"llm_proj.weight", "llm_proj.bias"}
 
     with pytest.raises(ValueError, match="MPP-Qwen-Next layer files without our lavis_meta.json"):

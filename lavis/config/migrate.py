@@ -1,4 +1,4 @@
-"""``python -m lavis.config.migrate PREDECESSOR.yaml [-o OUT.yaml]``: a predecessor's training/eval config -> our recipe.
+"""``python -m lavis.config.migrate PREDECESSOR.yaml [-o OUT.yaml]``: a predecessor's train/eval config -> our recipe.
 
 Reads the LAVIS-style YAML of MPP-Qwen-Next / MiniGPT4Qwen (``lavis/projects/pp_qwen7b_video/*.yaml``,
 ``pp_qwen14b/*.yaml``: ``model:`` with ``arch: minigpt4qwen``, ``datasets:``, ``run:`` with ``deepspeed_config``)
@@ -185,17 +185,17 @@ class Migration:
         """``key`` (if present) -> ``target: value`` (also written when ``key`` is absent: a derived value)."""
         if target:
             self.set(target, value)
-        shown = f"{key}: {_show(self.src[key])}" if key in self.src else key
-        self.lines.append(f"{shown} -> {target}: {_show(value)}" + (f"  ({note})" if note else ""))
+        shown = f"{key}: {yaml_literal(self.src[key])}" if key in self.src else key
+        self.lines.append(f"{shown} -> {target}: {yaml_literal(value)}" + (f"  ({note})" if note else ""))
         self.done.add(key)
 
     def drop(self, key: str, why: str) -> None:
         if key in self.src and key not in self.done:
-            self.lines.append(f"{key}: {_show(self.src[key])} -> no equivalent: {why}")
+            self.lines.append(f"{key}: {yaml_literal(self.src[key])} -> no equivalent: {why}")
             self.done.add(key)
 
     def note(self, key: str, text: str) -> None:
-        self.lines.append(f"{key}: {_show(self.src[key])} -> {text}" if key in self.src else f"{key}: {text}")
+        self.lines.append(f"{key}: {yaml_literal(self.src[key])} -> {text}" if key in self.src else f"{key}: {text}")
         self.done.add(key)
 
     def leftovers(self) -> None:
@@ -204,7 +204,7 @@ class Migration:
                 self.drop(key, "not a key the migrator knows; nothing was applied for it")
 
 
-def _show(v: Any) -> str:
+def yaml_literal(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
@@ -446,7 +446,7 @@ def _datasets(m: Migration, table: dict[str, DatasetSpec]) -> None:
         if spec not in seen:
             train.append(entry)
             seen.add(spec)
-            m.lines.append(f"datasets.{name} -> data.train[{len(train) - 1}]: {_show(entry)}"
+            m.lines.append(f"datasets.{name} -> data.train[{len(train) - 1}]: {yaml_literal(entry)}"
                            + (f"  ({spec.note})" if spec.note else ""))
         else:
             m.lines.append(f"datasets.{name} -> data.train[{len(train) - 1}] (same substitute as above)")
@@ -528,7 +528,8 @@ def _deepspeed(m: Migration, micro: int, gas: int, lr: float) -> None:
     offload = m.get(z + "offload_optimizer.device")
     if offload is not None:
         if offload != "cpu" or stage != 1:
-            raise ConfigError(f"{z}offload_optimizer.device: {offload!r}: only cpu offload with ZeRO stage 1 works here")
+            raise ConfigError(f"{z}offload_optimizer.device: {offload!r}: only cpu offload with ZeRO stage 1 "
+                              "works here")
         m.map(z + "offload_optimizer.device", "train.offload_optimizer", True, "optimizer state in host RAM")
 
 

@@ -38,7 +38,7 @@ from lavis.weights.vision import blip2_rename
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
 NUM_PADS = 4
-"""MPP's ``IndentityPipeLayer`` count after layer 0 ("调节控制多卡的显存分配": spreads memory over the cards)."""
+"""MPP's ``IndentityPipeLayer`` count after layer 0 (its comment: they adjust how memory spreads over the cards)."""
 
 IGNORED: dict[str, str] = {
     r"occupy\.weight": "MPP's zero placeholder Linear of the pretrain pipeline's last layer; no model weight",

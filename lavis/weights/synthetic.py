@@ -305,7 +305,8 @@ def write_mpp_pipeline_dir(
         return {k: (torch.arange(s[-1]).expand(s).clone() if k.endswith("position_ids")
                     else random_tensor(k, s, torch.bfloat16, gen)) for k, s in shapes.items()}
 
-    layer0 = {"visionpipe.visual_encoder." + k: s for k, s in eva_vit_file_shapes(cfg.vision, extra_block=False).items()}
+    vit = eva_vit_file_shapes(cfg.vision, extra_block=False)
+    layer0 = {"visionpipe.visual_encoder." + k: s for k, s in vit.items()}
     layer0 |= {"visionpipe." + k: s for k, s in blip2_file_shapes(cfg, t5_proj=False).items()}
     layer0 |= {"visionpipe.llm_proj.weight": (hidden, cfg.qformer.hidden_size), "visionpipe.llm_proj.bias": (hidden,),
                "wtepipe.word_embeddings.weight": llm["transformer.wte.weight"]}
