@@ -15,7 +15,7 @@ import yaml
 from lavis.config.load import ConfigError, load_config, to_dict
 from lavis.config.migrate import Args, yaml_literal, flatten, main, migrate, mpp_lr
 
-from .conftest import COMMON, DEMO_CFG, data_options, launch, losses
+from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses
 
 _ZERO = {"allgather_partitions": True, "allgather_bucket_size": "2e8", "overlap_comm": True, "reduce_scatter": True,
          "reduce_bucket_size": "2e8", "contiguous_gradients": True}
@@ -217,3 +217,28 @@ def test_a_migrated_config_trains(tmp_path: Path, tiny_data: Path) -> None:
     assert len(losses(run)) == 2
     saved = load_config(run / "config.yaml")
     assert saved.model.llm.frozen and not saved.model.projection.frozen and saved.train.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("source,recipe", [
+    ("pp_qwen7b_video_pretrain.yaml", "qwen7b/pretrain_8x3090.yaml"),
+    ("pp_qwen7b_video_sft.yaml", "qwen7b/sft_video_8x3090.yaml"),
+    ("pp_qwen14b_pretrain_pp.yaml", "qwen14b/pretrain_2x4090.yaml"),
+    ("pp_qwen14b_sft_100k_pp.yaml", "qwen14b/sft_6x4090.yaml"),
+    ("minigpt4_stage1_pretrain.yaml", "minigpt4/vicuna7b_stage1.yaml"),
+    ("minigpt4_stage2_finetune.yaml", "minigpt4/vicuna7b_stage2.yaml"),
+])
+def test_shipped_recipes_match_the_predecessor_files(source: str, recipe: str, tmp_path: Path) -> None:
+    """The recipes' schedule, batch, length, optimizer and precision equal what migrate derives from the
+    predecessor's file (the recipe comments name the commit and every deliberate difference)."""
+    cfg, counts = CASES[source]
+    res = migrate(write(tmp_path, source, cfg), tmp_path / "o.yaml", Args(num_samples=counts))
+    ours = load_config(REPO / "lavis/projects" / recipe)
+    fields = ["max_steps", "warmup_steps", "lr", "min_lr", "betas", "eps", "weight_decay", "grad_clip", "precision",
+              "zero_stage", "offload_optimizer", "num_stages"]
+    t, m = ours.train, res.cfg.train
+    assert {f: getattr(t, f) for f in fields} == {f: getattr(m, f) for f in fields}
+    assert t.micro_batch_size * t.grad_accum_steps == m.micro_batch_size * m.grad_accum_steps  # same global batch
+    for f in ("max_txt_len", "num_video_frames", "video_same_augment", "transform"):
+        assert getattr(ours.data, f) == getattr(res.cfg.data, f), f
+    assert [(d.ann_path, d.format) for d in ours.data.train] == [(d.ann_path, d.format) for d in res.cfg.data.train]
+    assert (ours.model.llm.path, ours.model.llm.frozen) == (res.cfg.model.llm.path, res.cfg.model.llm.frozen)
