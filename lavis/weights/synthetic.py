@@ -65,6 +65,22 @@ LLM_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "hidden_act": "silu",
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
         "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645},
+    # Qwen3-8B's published config.json
+    "qwen3_8b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+        "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+        "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "use_sliding_window": False,
+        "max_window_layers": 36, "bos_token_id": 151643, "eos_token_id": 151645},
+    # Llama-3.1-8B-Instruct's published config.json
+    "llama3.1_8b_instruct": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+        "rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009]},
 }
 """The LLM directory's ``config.json`` for each preset (real dimensions)."""
 
@@ -86,8 +102,10 @@ def llm_config_json(model_type: str, num_layers: int | None = None, tiny: bool =
         for k, v in TINY_LLM.items():
             if k in raw or k == "num_key_value_heads" and raw["model_type"] != "qwen":
                 raw[k] = v
-        if raw["model_type"] == "qwen2":
+        if raw["model_type"] in ("qwen2", "qwen3"):
             raw["num_key_value_heads"] = 2
+        if "head_dim" in raw:
+            raw["head_dim"] = TINY_LLM["hidden_size"] // TINY_LLM["num_attention_heads"]
         raw["intermediate_size"] = 256 if raw["model_type"] == "qwen" else 128
     return raw
 
@@ -197,10 +215,18 @@ def write_sentencepiece(directory: str | Path) -> Path:
 
 QWEN25_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|vision_start|>",
                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN3_SPECIALS = (*QWEN25_SPECIALS, "<think>", "</think>")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")
+BPE_SPECIALS = {"qwen2.5_7b_instruct": QWEN25_SPECIALS, "qwen3_8b": QWEN3_SPECIALS,
+                "llama3.1_8b_instruct": LLAMA3_SPECIALS}
+"""Special tokens of each ``tokenizer.json`` family (names only; the synthetic ids are small)."""
 
 
-def write_bpe_tokenizer_json(directory: str | Path) -> Path:
-    """A small byte-level BPE ``tokenizer.json`` carrying Qwen2.5's ChatML and vision special tokens."""
+def write_bpe_tokenizer_json(directory: str | Path, specials: tuple[str, ...] = QWEN25_SPECIALS) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` carrying a family's chat and vision special tokens (Qwen2.5's by
+    default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lavis.data import shapes
@@ -208,7 +234,7 @@ def write_bpe_tokenizer_json(directory: str | Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(QWEN25_SPECIALS),
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(shapes.corpus() + ["You are Qwen, created by Alibaba Cloud."], trainer)
     path = Path(directory) / "tokenizer.json"
@@ -364,6 +390,8 @@ def write_preset(
         out["mpp_pretrain"] = write_mpp_pretrain(pred / "model.pth", hidden, qh)
         out["mpp_sft"] = write_mpp_sft(pred / "unfreeze_llm_model.pth", raw, qformer_hidden=qh,
                                        mangled_7b=model_type == "qwen7b_chat")
+    elif model_type in BPE_SPECIALS:
+        write_bpe_tokenizer_json(llm_dir, BPE_SPECIALS[model_type])
     elif raw["model_type"] == "llama":
         write_sentencepiece(llm_dir)
         name = "prerained_minigpt4_7b.pth" if model_type == "vicuna0_7b" else "pretrained_minigpt4.pth"
