@@ -106,9 +106,9 @@ def refuse_predecessor_config(path: Path, raw: Any) -> None:
     kind = predecessor_kind(raw)
     if kind is None:
         return
-    keys = [k for k in ("model.arch", "datasets", "run") if (k in raw if "." not in k else
-                                                              isinstance(raw.get("model"), (dict, DictConfig))
-                                                              and "arch" in raw["model"])]
+    model = raw.get("model")
+    has_arch = isinstance(model, (dict, DictConfig)) and "arch" in model
+    keys = (["model.arch"] if has_arch else []) + [k for k in ("datasets", "run") if k in raw]
     raise ConfigError(f"{path} is a {kind} config ({', '.join(f'`{k}`' for k in keys)}), not one of ours; "
                       f"translate it with: {migrate_command(path)}")
 
