@@ -293,6 +293,7 @@ class Original:
     lr: float
     min_lr: float
     warmup_lr: float
+    """LR at the start of the warmup: run.warmup_lr, or init_lr when the file has none (LAVIS's rule)."""
     max_len: int
     precision: str
     epochs: str
@@ -422,7 +423,7 @@ def migrate_mpp(m: Migration, args: Args, out_dir: Path) -> Original:
     m.set("train.activation_checkpoint_interval", 1)
     m.lines.append("(train_pipeline.py --llm-grad-ckpt, on by default in MPP) -> train.activation_checkpoint_interval"
                    ": 1  (MPP's flag turns checkpointing OFF when given; ours: set the interval to 0)")
-    return Original(micro, gas, dp, total, warmup, lr, min_lr, max(warmup_lr, 0.0), max_len, precision,
+    return Original(micro, gas, dp, total, warmup, lr, min_lr, warmup_lr if warmup_lr >= 0 else lr, max_len, precision,
                     f"{epochs} x {per_epoch}")
 
 
