@@ -15,7 +15,7 @@ from .conftest import REPO
 
 FULL_SIZE = {  # hidden, intermediate (Qwen v1: half of config.json's), blocks, heads, kv heads, vocab
     "Qwen7B-chat": (4096, 11008, 32, 32, 32, 151936),
-    "Qwen14B-chat": (5120, 13696, 40, 40, 40, 152064),
+    "Qwen-14B-Chat": (5120, 13696, 40, 40, 40, 152064),
     "vicuna-7b-v0": (4096, 11008, 32, 32, 32, 32000),
 }
 GPUS = {"pretrain_8x3090": 8, "sft_video_8x3090": 8, "pretrain_2x4090": 2, "sft_6x4090": 6, "vicuna7b_stage1": 4,

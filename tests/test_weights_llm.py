@@ -198,12 +198,12 @@ def test_predecessor_formats_every_key_accounted(tiny_qwen7b, tmp_path: Path) ->
     p14 = write_mpp_sft(tmp_path / "sft14.pth", raw, mangled_7b=False, qformer_hidden=qh)
     got, rep = read_checkpoint(p14, want, num_layers=2)
     assert rep.ok and not rep.ignored and "llm_model.model.norm.weight" in got and "llm_model.lm_head.weight" in got
-    # MiniGPT-4 {"model": {llama_proj.*, position_ids}} with optimizer/epoch entries
+    # MiniGPT-4 as its saver writes it: {"model": {llama_proj.*, buffers}, "optimizer", "config", "scaler", "epoch"}
     p = write_minigpt4(tmp_path / "prerained_minigpt4_7b.pth", hidden, qh)
     got, rep = read_checkpoint(p, want, num_layers=2)
     assert rep.ok and sorted(got) == ["llm_proj.bias", "llm_proj.weight"]
     assert list(rep.ignored) == ["Qformer.bert.embeddings.position_ids"]
-    assert any("other top-level entries not read: epoch, optimizer" in n for n in rep.notes)
+    assert any("other top-level entries not read: config, epoch, optimizer, scaler" in n for n in rep.notes)
     # our own converter output: plain-model names
     model = MultimodalLM(cfg.model, 0)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("llm_proj.", "llm_model."))}

@@ -60,6 +60,8 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base:` chain loops: {' -> '.join(str(p) for p in (*chain, path.resolve()))}")
     raw = OmegaConf.load(path)
+    if isinstance(raw, DictConfig):
+        refuse_predecessor_config(path, raw)
     if not isinstance(raw, DictConfig) or "base" not in raw:
         return raw
     base_ref = raw.pop("base")
@@ -67,6 +69,49 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
         raise ConfigError(f"{path}: `base` must be a path string, got {base_ref!r}")
     base = _load_with_base(path.parent / base_ref, (*chain, path.resolve()))
     return OmegaConf.merge(base, raw)
+
+
+PREDECESSOR_ARCHS = {
+    "minigpt4qwen": "MPP-Qwen-Next / MiniGPT4Qwen",
+    "minigpt4": "MiniGPT-4",
+    "minigpt_v2": "MiniGPT-v2",
+}
+"""``model.arch`` of the predecessors' LAVIS-style configs -> the project's name."""
+
+
+def predecessor_kind(raw: Any) -> str | None:
+    """The predecessor a config comes from when it has their LAVIS key structure (top-level ``run:`` or
+    ``datasets:``, or ``model.arch``), else None. The one place every tool (training, inspect, the data checker,
+    chat) recognises a predecessor's YAML, through :func:`load_config`."""
+    if not isinstance(raw, (dict, DictConfig)):
+        return None
+    model = raw.get("model")
+    arch = model.get("arch") if isinstance(model, (dict, DictConfig)) else None
+    if arch is None and "run" not in raw and "datasets" not in raw:
+        return None
+    run = raw.get("run")
+    if arch in PREDECESSOR_ARCHS:
+        return PREDECESSOR_ARCHS[arch]
+    if isinstance(run, (dict, DictConfig)) and "deepspeed_config" in run:
+        return PREDECESSOR_ARCHS["minigpt4qwen"]
+    return f"LAVIS-style (model.arch: {arch})" if arch else "LAVIS-style"
+
+
+def migrate_command(path: str | Path) -> str:
+    p = Path(path)
+    return f"python -m lavis.config.migrate {p} -o {p.stem}_migrated.yaml"
+
+
+def refuse_predecessor_config(path: Path, raw: Any) -> None:
+    """A predecessor's YAML is not ours: say what it is and the command that translates it."""
+    kind = predecessor_kind(raw)
+    if kind is None:
+        return
+    model = raw.get("model")
+    has_arch = isinstance(model, (dict, DictConfig)) and "arch" in model
+    keys = (["model.arch"] if has_arch else []) + [k for k in ("datasets", "run") if k in raw]
+    raise ConfigError(f"{path} is a {kind} config ({', '.join(f'`{k}`' for k in keys)}), not one of ours; "
+                      f"translate it with: {migrate_command(path)}")
 
 
 def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "") -> Any:

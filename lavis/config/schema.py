@@ -80,7 +80,7 @@ class LLMConfig:
     """Inline transformers config (must contain ``model_type``); overrides keys of ``path``'s config."""
     tokenizer: str = "builtin:shapes"
     """A tokenizer directory / ``tokenizer.json``, or ``builtin:shapes`` (the demo's local BPE)."""
-    template: Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2"] = "chatml"
+    template: Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2", "qwen3", "llama3"] = "chatml"
     """Chat layout (``lavis/data/conversation.py``)."""
     system_prompt: str | None = None
     """None = the template's own (``conversation.SYSTEM_PROMPTS``: Qwen's "You are a helpful assistant." for ChatML,

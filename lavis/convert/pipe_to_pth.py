@@ -73,7 +73,19 @@ def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names
     return to_qwen_v1_names(state) if v1 else state
 
 
-def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto") -> Path:
+def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",
+            model: ModelConfig | None = None, include_frozen: bool = False) -> Path:
+    """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
+    ``lavis.convert.mpp_layers``); ``include_frozen``: write its frozen weights too."""
+    from lavis.convert.mpp_layers import convert_mpp, is_mpp_checkpoint
+
+    if is_mpp_checkpoint(ckpt_dir):
+        if model is None:
+            raise ValueError(f"{ckpt_dir} holds MPP-Qwen-Next layer files without our lavis_meta.json: name the model "
+                             "with --model-type NAME (e.g. qwen7b_chat, qwen14b_chat) or --cfg-path CFG")
+        dest, report = convert_mpp(ckpt_dir, kind, model, out, names, include_frozen)
+        print(report.format(limit=10))
+        return dest
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
@@ -108,11 +120,30 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
                    help="also write the LLM as a transformers directory (AutoModelForCausalLM.from_pretrained), "
                         "with projector.pth, mm_config.yaml and the tokenizer beside it")
     p.add_argument("--hf-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="--hf-out weight dtype")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model-type", help="for MPP-Qwen-Next layer files (no lavis_meta.json): the model config "
+                                            "(lavis/projects/models/NAME.yaml) whose LLM the run trained")
+    which.add_argument("--cfg-path", help="for MPP-Qwen-Next layer files: a recipe naming the model instead")
+    p.add_argument("--include-frozen", action="store_true",
+                   help="MPP layer files: also write the frozen weights they hold (ViT, Q-Former)")
     args = p.parse_args(argv)
-    pth = convert(args.ckpt_dir, kind, args.out, args.names)
+    if args.hf_out and (args.model_type or args.cfg_path):
+        p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
+                "train or export from the .pth")
+    pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
+                  args.include_frozen)
     print(pth)
-    if args.hf_out:
+    if args.hf_out and args.model_type is None and args.cfg_path is None:
         from lavis.convert.hf_export import export_hf
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
         print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
+
+
+def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | None:
+    from lavis.config.load import load_config
+    from lavis.config.presets import preset_path
+
+    if model_type is None and cfg_path is None:
+        return None
+    return load_config(preset_path(model_type) if model_type else cfg_path).model

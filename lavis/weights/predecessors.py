@@ -10,8 +10,11 @@ Recognised key families (FORMATS.md sections 7-9), each mapped to our plain-mode
   norm as ``llm_model.transformer.final_h.{L}norm.weight`` and the head as ``llm_model.transformer.lm_head.weight``
   (its indices are 14B-only), which MPP's own ``strict=False`` loader drops; we load them into ``model.norm`` and
   ``lm_head`` and say so in the report;
-- MiniGPT-4 ``prerained_minigpt4_7b.pth`` / ``pretrained_minigpt4.pth``: ``{"model": {llama_proj.*}}`` ->
-  ``llm_proj.*``; LAVIS-style ``Qformer.*`` names go through the BLIP-2 rename;
+- MiniGPT-4 ``prerained_minigpt4_7b.pth`` / ``pretrained_minigpt4.pth`` and its runs' ``checkpoint_N.pth``:
+  ``{"model": {llama_proj.*, buffers}, "optimizer", "config", "scaler", "epoch"}`` -> ``llm_proj.*``; its saver drops
+  frozen parameters but keeps buffers (``Qformer.bert.embeddings.position_ids``,
+  ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq``), which are ignored with the reason; LAVIS-style
+  ``Qformer.*`` names go through the BLIP-2 rename;
 - ``{"model": ...}`` (LAVIS / MiniGPT-4 saver) and ``{"module": ...}`` (DeepSpeed ``deepspeed2pth.py``) wrappers.
 
 Keys of the model the file does not hold keep their base weights (a pretrain ``model.pth`` holds only the
@@ -36,8 +39,9 @@ Shape = tuple[int, ...]
 CKPT_IGNORED: dict[str, str] = {
     r"Qformer\.bert\.embeddings\.position_ids": "BERT position-id buffer kept by the LAVIS saver; the query-only "
     "Q-Former has no position embeddings",
-    r"llm_model\.(transformer\.)?rotary_emb\.inv_freq|llm_model\.(model\.)?layers\.\d+\.self_attn\.rotary_emb\."
-    r"inv_freq": "rotary inverse-frequency buffer; recomputed from the config",
+    r"llm_model\.(transformer\.)?rotary_emb\.inv_freq|(llm|llama)_model\.(model\.)?layers\.\d+\.self_attn\."
+    r"rotary_emb\.inv_freq": "rotary inverse-frequency buffer (MiniGPT-4's saver keeps LLaMA's as llama_model.*); "
+    "recomputed from the config",
 }
 
 _MANGLED_NORM = re.compile(r"llm_model\.transformer\.final_h\.(\d+)norm\.weight")

@@ -65,6 +65,22 @@ LLM_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "hidden_act": "silu",
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
         "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645},
+    # Qwen3-8B's published config.json
+    "qwen3_8b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+        "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+        "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "use_sliding_window": False,
+        "max_window_layers": 36, "bos_token_id": 151643, "eos_token_id": 151645},
+    # Llama-3.1-8B-Instruct's published config.json
+    "llama3.1_8b_instruct": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+        "rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009]},
 }
 """The LLM directory's ``config.json`` for each preset (real dimensions)."""
 
@@ -86,8 +102,10 @@ def llm_config_json(model_type: str, num_layers: int | None = None, tiny: bool =
         for k, v in TINY_LLM.items():
             if k in raw or k == "num_key_value_heads" and raw["model_type"] != "qwen":
                 raw[k] = v
-        if raw["model_type"] == "qwen2":
+        if raw["model_type"] in ("qwen2", "qwen3"):
             raw["num_key_value_heads"] = 2
+        if "head_dim" in raw:
+            raw["head_dim"] = TINY_LLM["hidden_size"] // TINY_LLM["num_attention_heads"]
         raw["intermediate_size"] = 256 if raw["model_type"] == "qwen" else 128
     return raw
 
@@ -197,10 +215,18 @@ def write_sentencepiece(directory: str | Path) -> Path:
 
 QWEN25_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|vision_start|>",
                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN3_SPECIALS = (*QWEN25_SPECIALS, "<think>", "</think>")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")
+BPE_SPECIALS = {"qwen2.5_7b_instruct": QWEN25_SPECIALS, "qwen3_8b": QWEN3_SPECIALS,
+                "llama3.1_8b_instruct": LLAMA3_SPECIALS}
+"""Special tokens of each ``tokenizer.json`` family (names only; the synthetic ids are small)."""
 
 
-def write_bpe_tokenizer_json(directory: str | Path) -> Path:
-    """A small byte-level BPE ``tokenizer.json`` carrying Qwen2.5's ChatML and vision special tokens."""
+def write_bpe_tokenizer_json(directory: str | Path, specials: tuple[str, ...] = QWEN25_SPECIALS) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` carrying a family's chat and vision special tokens (Qwen2.5's by
+    default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lavis.data import shapes
@@ -208,7 +234,7 @@ def write_bpe_tokenizer_json(directory: str | Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(QWEN25_SPECIALS),
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(shapes.corpus() + ["You are Qwen, created by Alibaba Cloud."], trainer)
     path = Path(directory) / "tokenizer.json"
@@ -253,16 +279,82 @@ def write_mpp_sft(path: str | Path, raw: dict[str, Any], *, mangled_7b: bool, qf
     return Path(path)
 
 
-def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0) -> Path:
-    """MiniGPT-4 stage checkpoint: ``{"model": {llama_proj.*, Qformer position_ids buffer}, "optimizer": ...,
-    "epoch": ...}`` as its LAVIS-style saver writes it (frozen parameters removed, buffers kept)."""
+def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0,
+                   num_layers: int = 0, head_dim: int = 128) -> Path:
+    """MiniGPT-4 checkpoint as its LAVIS-style ``_save_checkpoint`` writes it: ``{"model", "optimizer", "config",
+    "scaler", "epoch"}``. ``model`` is the state dict minus frozen parameters, buffers kept: ``llama_proj.*`` (the
+    only trained weight), ``Qformer.bert.embeddings.position_ids`` and, for each of ``num_layers`` LLaMA blocks,
+    ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq`` (a persistent buffer in the transformers 4.30 it
+    pins). ``optimizer`` is AdamW's state for the two trained tensors; ``config`` the run config as plain dicts."""
     gen = torch.Generator().manual_seed(seed)
     model = {k: random_tensor(k, s, torch.float32, gen) for k, s in
-             {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,),
-              "Qformer.bert.embeddings.position_ids": (1, 512)}.items()}
+             {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,)}.items()}
+    model["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for i in range(num_layers):
+        model[f"llama_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    optimizer = {
+        "state": {i: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+                  for i, t in enumerate((model["llama_proj.weight"], model["llama_proj.bias"]))},
+        "param_groups": [{"lr": 3e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": wd, "amsgrad": False,
+                          "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                          "fused": None, "params": [i]} for i, wd in ((0, 0.05), (1, 0.0))],
+    }
+    config = {"model": {"arch": "minigpt4", "model_type": "pretrain_vicuna0", "max_txt_len": 160, "end_sym": "###"},
+              "run": {"task": "image_text_pretrain", "init_lr": 3e-5, "max_epoch": 5, "amp": True},
+              "datasets": {"cc_sbu_align": {"batch_size": 12}}}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 13}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model, "optimizer": {}, "epoch": 4}, path)
+    torch.save({"model": model, "optimizer": optimizer, "config": config, "scaler": scaler, "epoch": 4}, path)
     return Path(path)
+
+
+def write_mpp_pipeline_dir(
+    run_dir: str | Path, cfg: ModelConfig, raw: dict[str, Any], *, pretrain: bool, step: int = 2181,
+    inv_freq: bool = True, seed: int = 0,
+) -> Path:
+    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.convert.mpp_layers`` has the
+    layer table): ``latest`` and ``global_step{step}/layer_XX-model_states.pt`` for every pipeline layer (bf16, frozen
+    weights included, ``{}`` for parameterless layers; ``occupy.weight`` in pretrain), ``mp_rank_00_model_states.pt``
+    with ``module: None``. ``inv_freq``: the rotary buffer older Qwen remote code saved in layer 0."""
+    from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    tag = Path(run_dir) / f"global_step{step}"
+    tag.mkdir(parents=True, exist_ok=True)
+    llm = llm_file_shapes(raw)
+    hidden = int(raw.get("hidden_size", raw.get("n_embd")))
+    n = int(raw.get("num_hidden_layers", raw.get("n_layer")))
+
+    def fill(shapes: dict[str, Shape]) -> dict[str, torch.Tensor]:
+        return {k: (torch.arange(s[-1]).expand(s).clone() if k.endswith("position_ids")
+                    else random_tensor(k, s, torch.bfloat16, gen)) for k, s in shapes.items()}
+
+    vit = eva_vit_file_shapes(cfg.vision, extra_block=False)
+    layer0 = {"visionpipe.visual_encoder." + k: s for k, s in vit.items()}
+    layer0 |= {"visionpipe." + k: s for k, s in blip2_file_shapes(cfg, t5_proj=False).items()}
+    layer0 |= {"visionpipe.llm_proj.weight": (hidden, cfg.qformer.hidden_size), "visionpipe.llm_proj.bias": (hidden,),
+               "wtepipe.word_embeddings.weight": llm["transformer.wte.weight"]}
+    layers: list[dict[str, torch.Tensor]] = [fill(layer0)]
+    if inv_freq:
+        head_dim = hidden // int(raw.get("num_attention_heads", raw.get("n_head")))
+        layers[0]["rotary_emb.inv_freq"] = torch.rand(head_dim // 2, generator=gen)
+    layers += [{} for _ in range(4)]
+    for j in range(n):
+        p = f"transformer.h.{j}."
+        layers.append(fill({"layer." + k[len(p):]: s for k, s in llm.items() if k.startswith(p)}))
+    layers.append(fill({"final_layernorm.weight": llm["transformer.ln_f.weight"]}))
+    layers.append(fill({"lm_head.weight": llm["lm_head.weight"]}))
+    layers.append({})
+    if pretrain:
+        layers.append({"occupy.weight": torch.zeros(1000, 1000, dtype=torch.bfloat16)})
+    for i, state in enumerate(layers):
+        torch.save(state, tag / f"layer_{i:02d}-model_states.pt")
+    torch.save({"module": None, "global_steps": step, "dp_world_size": 1, "mp_world_size": 1},
+               tag / "mp_rank_00_model_states.pt")
+    (Path(run_dir) / "latest").write_text(tag.name)
+    return tag
 
 
 # --- a whole preset -------------------------------------------------------------------------------------------------
@@ -298,10 +390,14 @@ def write_preset(
         out["mpp_pretrain"] = write_mpp_pretrain(pred / "model.pth", hidden, qh)
         out["mpp_sft"] = write_mpp_sft(pred / "unfreeze_llm_model.pth", raw, qformer_hidden=qh,
                                        mangled_7b=model_type == "qwen7b_chat")
+    elif model_type in BPE_SPECIALS:
+        write_bpe_tokenizer_json(llm_dir, BPE_SPECIALS[model_type])
     elif raw["model_type"] == "llama":
         write_sentencepiece(llm_dir)
         name = "prerained_minigpt4_7b.pth" if model_type == "vicuna0_7b" else "pretrained_minigpt4.pth"
-        out["minigpt4"] = write_minigpt4(pred / name, hidden, qh)
+        heads = int(raw["num_attention_heads"])
+        out["minigpt4"] = write_minigpt4(pred / name, hidden, qh, num_layers=int(raw["num_hidden_layers"]),
+                                         head_dim=hidden // heads)
     else:
         write_bpe_tokenizer_json(llm_dir)
     return out
