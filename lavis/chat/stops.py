@@ -6,7 +6,8 @@ context window.
   :func:`stopping_criteria` ends generation when the generated ids end with any of them.
 - Answer text: the generated ids up to the first stop sequence, decoded, then the template's cut rule (MiniGPT-4:
   the text before ``###``, after ``Assistant:``, stripped).
-- Context window (MiniGPT-4's demo): prompt + answer must fit ``max_length`` (2000) tokens, so the oldest
+- Context window (MiniGPT-4's demo): prompt + answer must fit ``max_length`` tokens (the template's
+  ``max_length``: 2000 for MiniGPT-4's templates, none for the others), so the oldest
   ``max(0, prompt_len + max_new_tokens - max_length)`` prompt embeddings are dropped before generating.
 """
 
@@ -16,10 +17,6 @@ import torch
 from transformers import StoppingCriteria
 
 from lavis.data.conversation import ChatTemplate
-
-MAX_LENGTH = 2000
-"""MiniGPT-4's demo default for prompt + answer tokens."""
-
 
 class StopOnSequences(StoppingCriteria):
     """Stops a sequence once its generated ids (after the prompt) end with one of ``sequences``."""
@@ -60,7 +57,7 @@ def answer_text(tpl: ChatTemplate, ids: list[int]) -> str:
     return tpl.cut_answer(tpl.tokenizer.decode(ids[:cut]))
 
 
-def context_start(prompt_len: int, max_new_tokens: int, max_length: int = MAX_LENGTH) -> int:
+def context_start(prompt_len: int, max_new_tokens: int, max_length: int | None) -> int:
     """First prompt position kept so that prompt + answer fit ``max_length`` (MiniGPT-4: ``begin_idx =
-    max(0, prompt_len + max_new_tokens - max_length)``; the oldest prompt embeddings are dropped)."""
-    return max(0, prompt_len + max_new_tokens - max_length)
+    max(0, prompt_len + max_new_tokens - max_length)``; the oldest prompt embeddings are dropped). None: 0."""
+    return 0 if max_length is None else max(0, prompt_len + max_new_tokens - max_length)

@@ -64,7 +64,7 @@ class TemplateSpec:
     stop_tokens: tuple[str, ...] = ()
     """Special tokens that end an answer; the first is the trained end token."""
     stop_texts: tuple[str, ...] = ()
-    """Plain-text stop strings; each is matched as every token sequence the tokenizer gives it (at a word start and
+    """Plain-text stop strings (listed before ``stop_tokens`` in the stop sequences); each is matched as every token sequence the tokenizer gives it (at a word start and
     inside a word: LLaMA's ``###`` is ``[835]`` or ``[2277, 29937]``)."""
     cut_before: tuple[str, ...] = ()
     """Final answer text: keep what precedes the first occurrence of each (MiniGPT-4: ``###``)."""
@@ -73,6 +73,8 @@ class TemplateSpec:
     media_open: str = "<Img>"
     media_close: str = "</Img>"
     """Each ``<image>`` (or ``<video>``) marker becomes ``media_open`` + placeholder ids + ``media_close``."""
+    max_length: int | None = None
+    """Chat: prompt + answer tokens; the oldest prompt embeddings beyond it are dropped (MiniGPT-4's demo: 2000)."""
     media_sep: str = " "
     """Between a chat turn's media markers and its text (MPP-Qwen's cli joins them directly; MiniGPT-4 with a
     space)."""
@@ -86,7 +88,7 @@ _CHATML_ASSISTANT = (Seg("<|im_start|>", "mpp"), Seg("assistant"), Seg("\n"))
 _CHATML_ANSWER = (Seg("{answer}", "yes"), Seg("<|im_end|>", "yes"), Seg("\n", "mpp"))
 _MINIGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
                     "provide it to you. Please answer my questions.")
-_MINIGPT4_CUT = {"cut_before": ("###",), "cut_after": ("Assistant:",)}
+_MINIGPT4_CUT = {"cut_before": ("###",), "cut_after": ("Assistant:",), "max_length": 2000}
 
 TEMPLATES: dict[str, TemplateSpec] = {
     "chatml": TemplateSpec(
