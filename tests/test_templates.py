@@ -4,7 +4,6 @@ and stop sequences / answer cut / context window follow the predecessor."""
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
 
@@ -109,16 +108,14 @@ def test_minigpt4_llama2_demo_and_training_golden(llama_tok) -> None:
     answer + '</s>'."""
     import sentencepiece as spm
 
-    from lavis.chat.engine import ChatEngine, Media
     from lavis.data.conversation import IMAGE_MARKER
 
     sp = spm.SentencePieceProcessor(model_file=str(LLAMA_MODEL))
     sys_ = SYSTEM_PROMPTS["minigpt4_llama2"]
     assert sys_.startswith("Give the following image: <Img>ImageContent</Img>.")
     tpl = ChatTemplate(llama_tok, sys_, "<unk>", 64, 4, name="minigpt4_llama2")
-    turn = ChatEngine.make_turn(types.SimpleNamespace(tpl=tpl), "What is this?",
-                                [Media(IMAGE_MARKER, torch.zeros(1, 3, 2, 2), "x.png")])
-    ours = encode_prompt([(turn.query, None)], tpl)
+    query = IMAGE_MARKER + tpl.spec.media_sep + "What is this?"  # the chat engine's turn layout
+    ours = encode_prompt([(query, None)], tpl)
     first, second = (sys_ + "<s>[INST] <Img><ImageHere></Img> What is this? [/INST] ").split("<ImageHere>")
     sys_part, inst = first.split("<s>")  # the tokenizer turns "<s>" text into its id
     assert ours == [1, *sp.encode(sys_part), 1, *sp.encode(inst), *[0] * 64, *sp.encode(second)]

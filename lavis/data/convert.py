@@ -1,6 +1,7 @@
 """Convert an annotation file to the canonical JSONL form (DATA.md), for users who prefer to preprocess once.
 
-    python -m lavis.data.convert --format mpp|llava|llava_pretrain|videochatgpt|minigpt4_captions --ann IN.json --out OUT.jsonl
+    python -m lavis.data.convert --format mpp|llava|llava_pretrain|videochatgpt|minigpt4_captions --ann IN.json \
+        --out OUT.jsonl [--vis-root DIR]
 
 Each output line is one canonical record ``{"id", "images" | "video", "conversations"}``; media paths are kept as
 they are (relative to the same ``vis_root``). Records are validated exactly as training reads them (marker and file

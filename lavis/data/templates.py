@@ -64,8 +64,9 @@ class TemplateSpec:
     stop_tokens: tuple[str, ...] = ()
     """Special tokens that end an answer; the first is the trained end token."""
     stop_texts: tuple[str, ...] = ()
-    """Plain-text stop strings (listed before ``stop_tokens`` in the stop sequences); each is matched as every token sequence the tokenizer gives it (at a word start and
-    inside a word: LLaMA's ``###`` is ``[835]`` or ``[2277, 29937]``)."""
+    """Plain-text stop strings (listed before ``stop_tokens`` in the stop sequences); each is matched as every
+    token sequence the tokenizer gives it (at a word start and inside a word: LLaMA's ``###`` is ``[835]`` or
+    ``[2277, 29937]``)."""
     cut_before: tuple[str, ...] = ()
     """Final answer text: keep what precedes the first occurrence of each (MiniGPT-4: ``###``)."""
     cut_after: tuple[str, ...] = ()
