@@ -26,6 +26,7 @@ setup(
         "av",  # video decoding fallback and the demo's mp4 writer
         "numpy",
         "tqdm",  # progress bars
+        "braceexpand",  # webdataset shard patterns (shards/{00000..00099}.tar), as webdataset itself expands them
         "tensorboard",  # training curves (<output_dir>/tensorboard)
     ],
     extras_require={

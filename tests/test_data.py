@@ -230,7 +230,7 @@ def test_llama_family_templates_golden(byte_tok, name: str) -> None:
     # the chat prompt is the training sequence up to where the last answer starts
     prompt = encode_prompt([("<image>\nWhat is it?", "A cat."), ("Colour?", None)], tpl)
     assert prompt == ids[: len(ids) - len(pieces[-1][0]) - (len(pieces[-2][0]) if name != "vicuna_v0" else 0)]
-    assert tpl.stop_token_ids()[0] == (T("###")[-1] if name == "vicuna_v0" else E)
+    assert tpl.stop_sequences()[0] == (T("###") if name == "vicuna_v0" else [E])
 
 
 def test_llama2_system_prompt_block(byte_tok) -> None:
@@ -259,14 +259,14 @@ def test_llava_pretrain_and_videochatgpt_formats(tmp_path: Path) -> None:
     (rec,) = load_records(DatasetConfig(ann_path=str(tmp_path / "lp.json"), vis_root="root", format="llava_pretrain"))
     assert rec.id == "004539375" and rec.images == [Path("root/00453/004539375.jpg")] and rec.video is None
     assert rec.conversations == [
-        {"role": "user", "content": "Render a clear and concise summary of the photo.\n<image>"},
+        {"role": "user", "content": "<image>\nRender a clear and concise summary of the photo."},  # image first
         {"role": "assistant", "content": "select luxury furniture 3 - inch gel memory foam mattress topper"}]
     (rec,) = load_records(DatasetConfig(ann_path=str(tmp_path / "vcg.json"), vis_root="v", format="videochatgpt"))
     assert rec.video == Path("v/v_k_ZXmr8pmrs.mp4") and rec.images == []
     assert rec.conversations[0] == {"role": "user", "content": "<video> What is the man doing?"}
     two = [dict(LLAVA_PRETRAIN[0], conversations=LLAVA_PRETRAIN[0]["conversations"] * 2)]
     (tmp_path / "lp2.json").write_text(json.dumps(two))
-    with pytest.raises(ValueError, match=r"lp2.json:0: a LLaVA-Pretrain record"):
+    with pytest.raises(ValueError, match=r"lp2.json:0 \(id 004539375\): a LLaVA-Pretrain record"):
         load_records(DatasetConfig(ann_path=str(tmp_path / "lp2.json"), format="llava_pretrain"))
     (tmp_path / "img.json").write_text(json.dumps([{"image": "a.jpg", "instruction": "q", "output": "a"}]))
     with pytest.raises(ValueError, match=r"img.json:0: a VideoChatGPT record needs a `video`"):
@@ -281,7 +281,7 @@ def test_convert_cli_writes_canonical_jsonl(tmp_path: Path, tpl: ChatTemplate) -
     assert convert.main(["--format", "llava_pretrain", "--ann", str(tmp_path / "lp.json"), "--out", str(out)]) == 0
     (line,) = out.read_text().splitlines()
     assert json.loads(line) == {"id": "004539375", "images": ["00453/004539375.jpg"], "conversations": [
-        {"role": "user", "content": "Render a clear and concise summary of the photo.\n<image>"},
+        {"role": "user", "content": "<image>\nRender a clear and concise summary of the photo."},  # image first
         {"role": "assistant", "content": "select luxury furniture 3 - inch gel memory foam mattress topper"}]}
     # converted once == read directly: same records, same ids and labels
     direct = load_records(DatasetConfig(ann_path=str(tmp_path / "lp.json"), format="llava_pretrain"))

@@ -4,9 +4,12 @@ The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatM
 attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image (then the
 text directly for ChatML, as MPP-Qwen-Next's ``cli_demo.py``; after a space for the Vicuna / LLaMA-2 templates, as
 MiniGPT-4's demo); a video becomes one ``<video>`` marker, its frames sampled as in training
-(``data.num_video_frames``, ``data.video_fps``). Generation stops at the template's end tokens (ChatML:
-``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``; Vicuna v0: ``###`` / ``</s>``); a reply cut by
-``max_new_tokens`` keeps its last token (the predecessor drops it).
+(``data.num_video_frames``, ``data.video_fps``). Generation stops at the template's stop sequences
+(``lavis/data/templates.py``, ``lavis/chat/stops.py``; ChatML: ``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``;
+Vicuna v0: ``###`` as ``[835]`` or ``[2277, 29937]``, ``</s>``), the answer text is cut by the template's rule
+(MiniGPT-4's: before ``###``, after ``Assistant:``) and MiniGPT-4's templates keep prompt + answer within 2000 tokens
+by dropping the oldest prompt embeddings; a reply cut by ``max_new_tokens`` keeps its last token (the predecessor
+drops it).
 
 Placement: one device (bf16 on a GPU that supports it, fp32 on CPU); ``llm_device_map="auto"`` spreads the LLM's
 decoder blocks over all visible GPUs with accelerate (vision, Q-Former, projection and token embeddings on the
@@ -30,6 +33,7 @@ from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from lavis.chat.stops import StopOnSequences, context_start, first_stop
 from lavis.config.load import load_config
 from lavis.config.schema import Config
 from lavis.data import media
@@ -51,6 +55,9 @@ class GenerationSettings:
     num_beams: int = 1
     """> 1: beam search (the answer then arrives whole, not streamed)."""
     repetition_penalty: float = 1.0
+    max_length: int | None = None
+    """Prompt + answer tokens; a longer prompt loses its oldest embeddings. None = the template's (MiniGPT-4's
+    templates: 2000, as its demo; others: no limit)."""
 
 
 @dataclass
@@ -267,6 +274,10 @@ class ChatEngine:
         if eot is not None and eot not in self.stop_ids:
             self.stop_ids.append(eot)
         self.pad_id = eot if eot is not None else self.stop_ids[0]
+        # [template stops] multi-token stop sequences (Vicuna v0's "###" = [835] or [2277, 29937]) come from the
+        # template table; single-token ones are also passed to generate() as eos ids above.
+        self.stop_sequences = [*tpl.stop_sequences(), *([[eot]] if eot is not None and [eot] not in
+                                                         tpl.stop_sequences() else [])]
         self.settings = GenerationSettings()
         self.history: list[Turn] = []
         self.pending: list[Media] = []
@@ -326,7 +337,7 @@ class ChatEngine:
         the Vicuna / LLaMA-2 templates (MiniGPT-4's demo joins ``<Img><ImageHere></Img>`` and the question with
         ``' '``)."""
         markers = "".join(m.marker for m in attached)
-        sep = " " if markers and self.tpl.name != "chatml" else ""
+        sep = self.tpl.spec.media_sep if markers else ""  # [template media policy]
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
         return Turn(markers + sep + query, None, pixels, [m.name for m in attached])
 
@@ -365,6 +376,9 @@ class ChatEngine:
         input_ids = torch.tensor([ids], device=embed_dev)
         embeds = self.model.embed(pixels.to(vision_dev), input_ids)
         s = self.settings
+        # [context window] MiniGPT-4: prompt + answer within max_length; the oldest prompt embeddings are dropped.
+        begin = context_start(embeds.shape[1], s.max_new_tokens, s.max_length or self.tpl.spec.max_length)
+        embeds, input_ids = embeds[:, begin:], input_ids[:, begin:]
         gen = GenerationConfig(
             max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None, do_sample=s.do_sample,
             num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
@@ -374,13 +388,14 @@ class ChatEngine:
         streamer = _Streamer(tok, on_text, set(self.stop_ids)) if on_text is not None and s.num_beams == 1 else None
         out = self.model.llm_model.generate(
             inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), generation_config=gen,
-            streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(self.stop_event)]),
+            streamer=streamer, stopping_criteria=StoppingCriteriaList(
+                [_StopOnEvent(self.stop_event), StopOnSequences(self.stop_sequences, 0)]),  # [template stops]
         )
         stopped = self.stop_event.is_set()
         self.stop_event.clear()
         new = [int(t) for t in out[0]]
-        cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
-        text = tok.decode(new[:cut]).strip()
+        # [answer text] cut at the first stop sequence, then the template's cut rule (MiniGPT-4: '###', 'Assistant:')
+        text = self.tpl.cut_answer(tok.decode(new[:first_stop(new, self.stop_sequences)]))
         if on_text is not None and streamer is None:
             on_text(text)
         return text, stopped

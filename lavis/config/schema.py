@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lavis.data.formats import DatasetFormat
+from lavis.data.templates import TemplateName
+
 
 @dataclass
 class VisionConfig:
@@ -80,11 +83,12 @@ class LLMConfig:
     """Inline transformers config (must contain ``model_type``); overrides keys of ``path``'s config."""
     tokenizer: str = "builtin:shapes"
     """A tokenizer directory / ``tokenizer.json``, or ``builtin:shapes`` (the demo's local BPE)."""
-    template: Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2", "qwen3", "llama3"] = "chatml"
-    """Chat layout (``lavis/data/conversation.py``)."""
+    template: TemplateName = "chatml"
+    """Chat layout: a name of the template table (``lavis/data/templates.py``): chatml, qwen3, llama3, vicuna_v0,
+    minigpt4_vicuna, minigpt4_llama2, vicuna_v1_1, llama2."""
     system_prompt: str | None = None
-    """None = the template's own (``conversation.SYSTEM_PROMPTS``: Qwen's "You are a helpful assistant." for ChatML,
-    MiniGPT-4's image preamble for vicuna_v0, FastChat's for vicuna_v1_1, none for llama2)."""
+    """None = the template's own (the table's ``system_prompt``: Qwen's "You are a helpful assistant." for ChatML,
+    MiniGPT-4's image preamble for vicuna_v0 and minigpt4_llama2, FastChat's for vicuna_v1_1, none otherwise)."""
     image_placeholder: str = "<|extra_0|>"
     """Token whose positions are overwritten by image embeddings (Qwen v1: ``<|extra_0|>`` = 151646)."""
     frozen: bool = False
@@ -113,13 +117,21 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     ann_path: str
-    """Annotation JSON (a list of records) or JSONL."""
+    """Annotation JSON (a list of records) or JSONL; MiniGPT-4's ``filter_cap.json``; for ``webdataset`` a tar shard,
+    a directory of shards or a brace pattern (``shards/{00000..00099}.tar``)."""
     vis_root: str = ""
     """Directory that image / video paths in the records are relative to."""
-    format: Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt"] = "canonical"
+    format: DatasetFormat = "canonical"
     """``canonical`` (DATA.md), ``mpp`` (MPP-Qwen instruction/output JSON), ``llava`` (LLaVA conversations),
-    ``llava_pretrain`` (LLaVA-Pretrain ``blip_laion_cc_sbu_558k.json``), ``videochatgpt`` (MPP-Qwen-Next's
-    VideoChatGPT-100k file); see ``lavis/data/formats.py``."""
+    ``llava_pretrain`` (LLaVA-Pretrain ``blip_laion_cc_sbu_558k.json``), ``videochatgpt`` (Video-ChatGPT: raw
+    ``{video_id, q, a}``, its training file, or MPP-Qwen-Next's conversion), ``minigpt4_captions`` (MiniGPT-4's
+    ``filter_cap.json``), ``webdataset`` (tar shards of image + caption); see ``lavis/data/formats.py``."""
+    video_extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "webm"])
+    """A video named by id or by a feature file (Video-ChatGPT's ``v_xxx.pkl``) is the first existing
+    ``<vis_root>/<id>.<ext>`` over these extensions."""
+    image_first: bool | None = None
+    """Move each turn's ``<image>`` markers to its front, then a newline (LLaVA's preprocessing). None = true for
+    ``llava`` and ``llava_pretrain``, false otherwise."""
     weight: float = 1.0
     """Sampling weight when several datasets are mixed."""
 

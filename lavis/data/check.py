@@ -17,24 +17,21 @@ import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from lavis.config.schema import Config, DataConfig, DatasetConfig, ModelConfig
 from lavis.data import media
 from lavis.data.conversation import (
-    SYSTEM_PROMPTS,
     ChatTemplate,
     SampleError,
     encode_conversation,
     fit_length,
     template_from_config,
 )
-from lavis.data.datasets import Record, load_records
-from lavis.data.formats import CONVERTERS
-
-FORMATS = ("canonical", *CONVERTERS)
+from lavis.data.datasets import MediaRef, Record, load_record_image, load_records
+from lavis.data.formats import FORMATS, TarMember
+from lavis.data.templates import TEMPLATES
 
 
 @dataclass
@@ -71,9 +68,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _media_reason(error: media.MediaError, path: Path, kind: str) -> str:
+def _media_reason(error: media.MediaError, path: MediaRef, kind: str) -> str:
     text = str(error)
-    if not path.exists():
+    if not (path.shard if isinstance(path, TarMember) else path).exists():
         return "missing_file"
     if "decompression-bomb" in text:
         return "decompression_bomb"
@@ -94,7 +91,7 @@ def check_record(r: Record, tpl: ChatTemplate | None, data: DataConfig) -> tuple
             out.append(Finding(r.where, r.id, reason, str(e).removeprefix(f"record {r.id}: ")))
     for p in r.images:
         try:
-            media.load_image(p)
+            load_record_image(p)
         except media.MediaError as e:
             out.append(Finding(r.where, r.id, _media_reason(e, p, "image"), str(e)))
     if r.video is not None:
@@ -153,9 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--cfg-path", help="training recipe: checks every dataset of data.train with its settings")
     src.add_argument("--ann", help="one annotation file (JSON list or JSONL)")
     p.add_argument("--vis-root", default="", help="directory the media paths of --ann are relative to")
-    p.add_argument("--format", default="canonical", choices=FORMATS, help="format of --ann (default canonical)")
+    p.add_argument("--format", default="canonical", choices=list(FORMATS), help="format of --ann (default canonical)")
     p.add_argument("--tokenizer", help="tokenizer for the length check (default: the recipe's; none: no length check)")
-    p.add_argument("--template", default="chatml", choices=list(SYSTEM_PROMPTS), help="chat template (with --ann)")
+    p.add_argument("--template", default="chatml", choices=list(TEMPLATES), help="chat template (with --ann)")
     p.add_argument("--max-txt-len", type=int, help="token limit (default: the recipe's data.max_txt_len, or 512)")
     p.add_argument("--num-query", type=int, default=32, help="image tokens per image (with --ann; default 32)")
     p.add_argument("--num-video-frames", type=int, help="frames per video (default: the recipe's, or 32)")

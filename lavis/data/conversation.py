@@ -14,15 +14,8 @@ before a run ends with ``<Img>``, the run is inserted as ids, the text after sta
 that split special tokens out first (Qwen's tiktoken, ``tokenizers``) this equals tokenising the whole string; it
 also works for sentencepiece tokenizers that cannot parse special-token text.
 
-Templates (``model.llm.template``), with ``<u>``/``<a>`` a user/assistant turn and ``[S]``/``[/S]`` BOS/EOS ids:
-
-- ``chatml`` (Qwen, MPP-Qwen): ``<|im_start|>system\\n{sys}<|im_end|>\\n`` then per turn
-  ``<|im_start|>user\\n<u><|im_end|>\\n<|im_start|>assistant\\n<a><|im_end|>\\n``.
-- ``vicuna_v0`` (MiniGPT-4's demo conversation, FORMATS.md section 7): ``[S]{sys}###Human: <u>###Assistant: <a>###``
-  then ``Human: <u>###Assistant: <a>###`` per further turn; ``###`` is MiniGPT-4's ``end_sym`` and is trained.
-- ``vicuna_v1_1`` (FastChat): ``[S]{sys} USER: <u> ASSISTANT: <a>[/S]`` then ``USER: <u> ASSISTANT: <a>[/S]``.
-- ``llama2`` (Meta's chat format): per turn ``[S][INST] <u> [/INST] <a> [/S]``; a non-empty system prompt goes into
-  the first user turn as ``<<SYS>>\\n{sys}\\n<</SYS>>\\n\\n``. User and answer text are stripped as Meta does.
+Templates (``model.llm.template``): the table in ``lavis/data/templates.py`` owns every template's segments, system
+prompt, stop sequences, answer cut rule and media policy; :func:`_build` is the one renderer that reads it.
 
 Labels (``label_mode``), unshifted (the model shifts):
 - ``mpp`` (default, MPP-Qwen / QwenLM ``finetune.py``), ChatML: ``<|im_start|>``, ``<|im_end|>`` and the newline after
@@ -39,7 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lavis.data.tokenizer import IM_END, IM_START, TextTokenizer
+from lavis.data.templates import TEMPLATES, Seg, TemplateName, TemplateSpec, get_template
+from lavis.data.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -48,23 +42,12 @@ IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 LabelMode = Literal["mpp", "assistant"]
-TemplateName = Literal["chatml", "vicuna_v0", "vicuna_v1_1", "llama2"]
 
-SYSTEM_PROMPTS: dict[str, str] = {
-    "chatml": "You are a helpful assistant.",
-    "vicuna_v0": (
-        "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to "
-        "you. Please answer my questions."
-    ),
-    "vicuna_v1_1": (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions."
-    ),
-    "llama2": "",
-}
-"""Each template's conventional system prompt (MPP-Qwen, MiniGPT-4 Vicuna0 demo, FastChat, MiniGPT-4 LLaMA-2)."""
+SYSTEM_PROMPTS: dict[str, str] = {name: spec.system_prompt for name, spec in TEMPLATES.items()}
+"""Each template's conventional system prompt (read from the template table)."""
 
 _MARKER_RE = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+_FIELD_RE = re.compile(r"\{(system|query|answer)\}")
 
 
 class SampleError(ValueError):
@@ -73,7 +56,7 @@ class SampleError(ValueError):
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """What a template needs to know about the tokenizer and the image tokens."""
+    """A template of the table bound to a tokenizer, a system prompt and the image-token counts."""
 
     tokenizer: TextTokenizer
     system_prompt: str
@@ -81,13 +64,13 @@ class ChatTemplate:
     num_query: int
     num_video_frames: int
     name: TemplateName = "chatml"
-    bos_token: str = "<s>"
-    """BOS/EOS token text of the LLaMA-family templates (unused by ChatML)."""
-    eos_token: str = "</s>"
 
     def __post_init__(self) -> None:
-        if self.name not in SYSTEM_PROMPTS:
-            raise ValueError(f"unknown chat template {self.name!r}; expected one of {sorted(SYSTEM_PROMPTS)}")
+        get_template(self.name)  # unknown names fail here, naming the choices
+
+    @property
+    def spec(self) -> TemplateSpec:
+        return TEMPLATES[self.name]
 
     @property
     def placeholder_id(self) -> int:
@@ -95,19 +78,33 @@ class ChatTemplate:
 
     def media_text(self, marker: str) -> str:
         run = self.placeholder * self.num_query
-        if marker == IMAGE_MARKER:
-            return f"<Img>{run}</Img>"
-        return "<Img>" + run * self.num_video_frames + "</Img>"
+        frames = 1 if marker == IMAGE_MARKER else self.num_video_frames
+        return self.spec.media_open + run * frames + self.spec.media_close
+
+    def stop_sequences(self) -> list[list[int]]:
+        """Token sequences that end an answer, the trained end first: every encoding of each stop text (at a word
+        start and inside a word, e.g. LLaMA's ``###`` = ``[835]`` or ``[2277, 29937]``), then each stop token."""
+        tok = self.tokenizer
+        out: list[list[int]] = []
+        for text in self.spec.stop_texts:
+            ctx = tok.encode("a")
+            inside = tok.encode("a" + text)
+            for v in [tok.encode(text), inside[len(ctx):] if inside[:len(ctx)] == ctx else []]:
+                if v and v not in out:
+                    out.append(v)
+        return out + [[tok.token_id(t)] for t in self.spec.stop_tokens]
 
     def stop_token_ids(self) -> list[int]:
-        """Ids that end a generated answer in this template (the first is the trained end token)."""
-        tok = self.tokenizer
-        if self.name == "chatml":
-            return [tok.token_id(IM_END), tok.token_id(IM_START)]
-        if self.name == "vicuna_v0":
-            return tok.encode("###")[-1:] + [tok.token_id(self.eos_token)]
-        return [tok.token_id(self.eos_token)]
+        """The single-token stop sequences (the first is the trained end token where it is a single token)."""
+        return [seq[0] for seq in self.stop_sequences() if len(seq) == 1]
 
+    def cut_answer(self, text: str) -> str:
+        """The final answer text as the predecessor cuts it (MiniGPT-4: before ``###``, after ``Assistant:``)."""
+        for sep in self.spec.cut_before:
+            text = text.split(sep)[0]
+        for sep in self.spec.cut_after:
+            text = text.split(sep)[-1]
+        return text.strip()
 
 
 def template_from_config(tok: TextTokenizer, cfg: Config) -> ChatTemplate:
@@ -137,7 +134,8 @@ def count_markers(conversations: list[dict], record_id: str) -> tuple[int, int]:
 
 
 def render_ids(text: str, tpl: ChatTemplate) -> tuple[list[int], int]:
-    """Tokenise text whose markers become ``<Img>`` + placeholder ids + ``</Img>``; returns (ids, media count)."""
+    """Tokenise text whose markers become the template's ``media_open`` + placeholder ids + ``media_close``
+    (``<Img>`` ... ``</Img>`` in every template so far); returns (ids, media count)."""
     tok = tpl.tokenizer
     ph = tpl.placeholder_id
     ids: list[int] = []
@@ -146,8 +144,8 @@ def render_ids(text: str, tpl: ChatTemplate) -> tuple[list[int], int]:
     for part in _MARKER_RE.split(text):
         if part == IMAGE_MARKER or part == VIDEO_MARKER:
             frames = 1 if part == IMAGE_MARKER else tpl.num_video_frames
-            ids += tok.encode(pending + "<Img>") + [ph] * (tpl.num_query * frames)
-            pending = "</Img>"
+            ids += tok.encode(pending + tpl.spec.media_open) + [ph] * (tpl.num_query * frames)
+            pending = tpl.spec.media_close
             num_media += frames
         else:
             pending += part
@@ -201,61 +199,34 @@ def _pairs(conversations: list[dict], record_id: str) -> list[tuple[str, str]]:
     return out
 
 
+def _fill(text: str, values: dict[str, str]) -> str:
+    return _FIELD_RE.sub(lambda m: values[m.group(1)], text)
+
+
 def _build(pairs: list[tuple[str, str | None]], tpl: ChatTemplate, label_mode: LabelMode) -> _Builder:
-    """Render (query, answer) pairs; an answer of None (last pair only) ends the ids where generation starts."""
+    """Render (query, answer) pairs by the template table; an answer of None (last pair only) ends the ids where
+    generation starts. The only renderer: training, chat prompts and the checker all come here."""
     b = _Builder(tpl)
-    tok = tpl.tokenizer
-    name = tpl.name
-    if name == "chatml":
-        im_start, im_end = tok.token_id(IM_START), tok.token_id(IM_END)
-        nl = tok.encode("\n")
-        mpp = label_mode == "mpp"
+    spec = tpl.spec
+    system = _fill(spec.system_format, {"system": tpl.system_prompt}) if tpl.system_prompt else ""
 
-        def head(role: str) -> None:
-            b.add_ids([im_start], mpp)
-            b.add_ids(tok.encode(role) + nl, False)
+    def emit(segs: tuple[Seg, ...], **values: str) -> None:
+        for seg in segs:
+            text = _fill(seg.text, values)
+            if text:
+                b.add(text, seg.train == "yes" or (seg.train == "mpp" and label_mode == "mpp"))
 
-        def turn(role: str, content: str) -> None:
-            head(role)
-            b.add(content, role == "assistant")
-            b.add_ids([im_end], mpp or role == "assistant")
-            b.add_ids(nl, mpp)
-
-        turn("system", tpl.system_prompt)
-        for query, answer in pairs:
-            turn("user", query)
-            if answer is None:
-                head("assistant")
-            else:
-                turn("assistant", answer)
-        return b
-
-    bos, eos = tok.token_id(tpl.bos_token), tok.token_id(tpl.eos_token)
-    if name == "vicuna_v0":
-        b.add_ids([bos], False)
-        for i, (query, answer) in enumerate(pairs):
-            prefix = tpl.system_prompt + "###" if i == 0 else ""
-            b.add(f"{prefix}Human: {query}###Assistant: ", False)
-            if answer is not None:
-                b.add(answer + "###", True)
-    elif name == "vicuna_v1_1":
-        b.add_ids([bos], False)
-        for i, (query, answer) in enumerate(pairs):
-            prefix = tpl.system_prompt + " " if i == 0 else ""
-            b.add(f"{prefix}USER: {query} ASSISTANT:", False)
-            if answer is not None:
-                b.add(" " + answer, True)
-                b.add_ids([eos], True)
-    elif name == "llama2":
-        for i, (query, answer) in enumerate(pairs):
-            sys_block = f"<<SYS>>\n{tpl.system_prompt}\n<</SYS>>\n\n" if i == 0 and tpl.system_prompt else ""
-            b.add_ids([bos], False)
-            b.add(f"[INST] {sys_block}{query.strip()} [/INST]", False)
-            if answer is not None:
-                b.add(f" {answer.strip()} ", True)
-                b.add_ids([eos], True)
-    else:  # ChatTemplate.__post_init__ rejects unknown names
-        raise AssertionError(name)
+    emit(spec.begin)
+    if spec.system and (tpl.system_prompt or spec.system_if_empty):
+        emit(spec.system, system=system)
+    for i, (query, answer) in enumerate(pairs):
+        first = i == 0 and spec.first_user is not None
+        emit(spec.first_user if first else spec.user, system=system if i == 0 else "",  # type: ignore[arg-type]
+             query=query.strip() if spec.strip else query)
+        last = i == len(pairs) - 1 and spec.last_assistant is not None
+        emit(spec.last_assistant if last else spec.assistant)  # type: ignore[arg-type]
+        if answer is not None:
+            emit(spec.answer, answer=answer.strip() if spec.strip else answer)
     return b
 
 

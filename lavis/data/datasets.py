@@ -13,13 +13,14 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 
 from __future__ import annotations
 
-import json
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data import media
@@ -34,13 +35,16 @@ from lavis.data.conversation import (
     encode_conversation,
     fit_length,
 )
-from lavis.data.formats import CONVERTERS
+from lavis.data.formats import FORMATS, TarMember, read_json_records, to_canonical
+
+MediaRef = Path | TarMember
+"""An image file, or an image inside a webdataset tar shard."""
 
 
 @dataclass
 class Record:
     id: str
-    images: list[Path]
+    images: list[MediaRef]
     video: Path | None
     conversations: list[dict]
     where: str
@@ -49,33 +53,13 @@ class Record:
 
 def read_raw(path: Path) -> list[tuple[str, Any]]:
     """``(where, raw record)`` pairs of a JSON list (``file:index``) or JSONL file (``file:line``, 1-based)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        raw = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    raw.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-        return raw
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [(f"{path}:{i}", r) for i, r in enumerate(data)]
+    return read_json_records(path)
 
 
-def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
-    """One raw record (any format) -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed."""
-    if not isinstance(r, dict):
-        raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
-    if fmt != "canonical":
-        r = CONVERTERS[fmt](r, where)
+def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0) -> Record:
+    """One raw record in ``ds.format`` -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed."""
+    r = to_canonical(r, where, index, ds)
+    root = Path(ds.vis_root)
     rid = str(r.get("id", where))
     convs = r.get("conversations")
     if not isinstance(convs, list) or not convs:
@@ -83,7 +67,7 @@ def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
     images = r.get("images", [])
     if isinstance(images, str):
         images = [images]
-    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+    if not isinstance(images, list) or not all(isinstance(x, (str, TarMember)) for x in images):
         raise ValueError(f"{where} (id {rid}): `images` must be a list of paths")
     video = r.get("video")
     if video is not None and not isinstance(video, str):
@@ -99,26 +83,36 @@ def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
             f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
             f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
         )
-    return Record(rid, [root / x for x in images], root / video if video else None, convs, where)
+    paths: list[MediaRef] = [x if isinstance(x, TarMember) else root / x for x in images]
+    return Record(rid, paths, root / video if video else None, convs, where)
 
 
 def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> list[Record]:
-    """Read an annotation file (JSON list or JSONL) in ``ds.format``; structural errors name ``file:index``.
+    """Read a dataset in ``ds.format`` (``lavis/data/formats.py``); structural errors name ``file:index``.
 
     With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
     raising (the checker reports them all); training passes none, so the first malformed record stops it.
     """
-    path = Path(ds.ann_path)
-    root = Path(ds.vis_root)
     records = []
-    for where, r in read_raw(path):
+    for index, (where, r) in enumerate(FORMATS[ds.format].read(ds.ann_path)):
         try:
-            records.append(parse_record(r, where, ds.format, root))
+            records.append(parse_record(r, where, ds, index))
         except ValueError as e:
             if errors is None:
                 raise
             errors.append((where, str(e)))
     return records
+
+
+def load_record_image(p: MediaRef) -> Image.Image:
+    """Decode one image of a record (a file, or a member of a tar shard); ``media.MediaError`` names it."""
+    if isinstance(p, TarMember):
+        try:
+            data = p.read()
+        except OSError as e:
+            raise media.MediaError(f"{p}: cannot read from its shard ({e})") from e
+        return media.load_image(Path(str(p)), fileobj=io.BytesIO(data))
+    return media.load_image(p)
 
 
 @dataclass
@@ -196,7 +190,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _load_media(self, r: Record) -> torch.Tensor:
         # A record holds images (in marker order) or one video (load_records enforces it).
-        tensors = [self.transform(media.load_image(p)).unsqueeze(0) for p in r.images]
+        tensors = [self.transform(load_record_image(p)).unsqueeze(0) for p in r.images]
         if r.video is not None:
             frames = media.load_video_frames(r.video, self.tpl.num_video_frames, fps=self.data.video_fps)
             tensors.append(media.video_to_tensor(frames, self.transform, same_augment=self.data.video_same_augment))

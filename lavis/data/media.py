@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -59,7 +59,9 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
         raise MediaError(f"{path}: cannot convert image mode {mode!r} to RGB ({error})") from error
 
 
-def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(
+    path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, *, fileobj: BinaryIO | None = None
+) -> Image.Image:
     """Opens, validates and fully decodes an image as RGB.
 
     The declared size is checked against ``max_pixels`` before any pixel data is decoded. EXIF orientation is applied,
@@ -68,6 +70,8 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> I
     Args:
         path: Image file.
         max_pixels: Largest accepted ``width * height``; None disables the check (PIL's own limit still applies).
+        fileobj: The image bytes when they do not live in a file of their own (a tar shard member); ``path`` then
+            only names it in errors.
 
     Returns:
         A fully loaded RGB image, detached from the file.
@@ -77,7 +81,7 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> I
     """
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(fileobj if fileobj is not None else path) as opened:
             width, height = opened.size
             if max_pixels is not None and width * height > max_pixels:
                 raise MediaError(
