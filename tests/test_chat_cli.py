@@ -53,6 +53,27 @@ def test_batch_bad_image_names_line_and_file(chat_args: list[str], tmp_path: Pat
     assert proc.returncode != 0 and "in.jsonl:1" in proc.stderr and "nope.png" in proc.stderr
 
 
+def test_batch_checks_field_types_and_keeps_answers_before_a_failing_line(chat_args: list[str], tiny_data: Path,
+                                                                          tmp_path: Path) -> None:
+    img = str(tiny_data / "images/train/000000.jpg")
+    src, dest = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "images": img, "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: \"images\" must be a list of path strings"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "video": ["clip.mp4"], "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: \"video\" must be a path string"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    assert not dest.exists()  # type errors are found before any answer
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "images": [str(tmp_path / "gone.png")], "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2 \(id b\): .*gone.png"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    rows = [json.loads(ln) for ln in dest.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a"] and rows[0]["answer"]  # the answer before the failing line is kept
+
+
 def test_interactive_session(chat_args: list[str], tiny_data: Path) -> None:
     img = tiny_data / "images/train/000000.jpg"
     script = "\n".join([str(img), "/no/such/file.png", ":f", "What is in the image?", ":his",
