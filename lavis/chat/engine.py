@@ -302,17 +302,17 @@ class _RowsDone(StoppingCriteria):
     """Feeds each step's new tokens to the rows and tells generate() which rows are finished or cancelled."""
 
     def __init__(self, rows: list[_Row], num_beams: int) -> None:
-        self.rows, self.num_beams, self.seen = rows, num_beams, 0
+        self.rows, self.num_beams, self.seen = rows, num_beams, 0  # seen: tokens already handed to the rows
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        if self.num_beams == 1:  # beam hypotheses are only final at the end: decoded from generate()'s output
-            new = input_ids[:, self.seen:].tolist()
-            self.seen = input_ids.shape[1]
-            for row, tokens in zip(self.rows, new, strict=True):
-                for t in tokens:
-                    row.push(t)
-        done = [row.done for row in self.rows for _ in range(self.num_beams)]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if self.num_beams > 1:  # one request; its hypotheses are only final at the end (decoded from the output)
+            return torch.full((input_ids.shape[0],), self.rows[0].done, dtype=torch.bool, device=input_ids.device)
+        new = input_ids[:, self.seen:].tolist()
+        self.seen = input_ids.shape[1]
+        for row, tokens in zip(self.rows, new, strict=True):
+            for t in tokens:
+                row.push(t)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:

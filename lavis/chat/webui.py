@@ -45,7 +45,7 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     pending: list[Media] = field(default_factory=list)
     display: list[dict] = field(default_factory=list)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
     """Names this session's stop token in :attr:`WebChat.stops` (a gr.State value must stay copyable)."""
 
 
