@@ -251,3 +251,14 @@ def test_full_queue_answers_503(engine: ChatEngine) -> None:
         time.sleep(0.05)
     res = app.post("/v1/chat/completions", json=body)
     assert res.status_code == 503 and res.json()["error"]["code"] == "queue_full"
+
+
+def test_weights_side_does_not_import_the_chat_package() -> None:
+    """load_model lives with the model; the converter and the loader import nothing from lavis.chat."""
+    import ast
+
+    for path in [*(REPO / "lavis/convert").glob("*.py"), REPO / "lavis/model/load.py", REPO / "lavis/inspect.py"]:
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.startswith("lavis.chat")], path
