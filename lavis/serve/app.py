@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import queue
 import secrets
 import sys
@@ -238,11 +239,13 @@ class _BodyLimit:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="OpenAI-compatible chat API over a trained model.")
+    p = argparse.ArgumentParser(prog="python -m lavis.serve", description="OpenAI-compatible chat API over a model.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 calls")
+    p.add_argument("--api-key", default=os.environ.get("LAVIS_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 calls (default: env LAVIS_SERVE_API_KEY; "
+                        "the environment keeps it out of the process list)")
     p.add_argument("--allow-local-files", metavar="DIR",
                    help="let requests name image/video files under DIR (default: inline data URLs only)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length when a request sets no max_tokens")

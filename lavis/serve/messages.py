@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -96,7 +97,7 @@ def _image(url: str, param: str, engine: ChatEngine, local_root: Path | None) ->
     return _decode(lambda: engine.load_media(path, video=False), param, str(path))
 
 
-def _decode(load, param: str, name: str) -> Media:  # noqa: ANN001 - a no-argument loader
+def _decode(load: Callable[[], Media], param: str, name: str) -> Media:
     try:
         return load()
     except MediaError as e:
