@@ -35,9 +35,19 @@ setup(
             "accelerate",  # --llm_device_map auto: the LLM spread over several GPUs
         ],
         "quant": ["bitsandbytes"],  # --load-8bit (CUDA only)
+        "serve": [
+            "fastapi",  # python -m lavis.serve: the OpenAI-compatible HTTP API
+            "uvicorn",  # its ASGI server
+            "pydantic>=2",  # request validation
+        ],
         "dev": [
             "gradio>=5",
             "accelerate",  # device-map planning test
+            "fastapi",  # server tests
+            "uvicorn",
+            "pydantic>=2",
+            "httpx",  # FastAPI's TestClient
+            "openai",  # drives the server in tests and in python -m lavis.serve.bench
             "pexpect",  # drives cli_demo.py through a pseudo-terminal
             "playwright",  # drives Debian's chromium (/usr/bin/chromium) for the web UI test; no browser download
             "pytest>=8",

@@ -65,17 +65,15 @@ def launch_training(num_stages: int, extra: list[str]) -> float:
 
 
 def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int) -> float:
-    from lavis.chat.engine import ChatEngine
+    from lavis.chat.engine import ChatEngine, GenerationSettings
     from lavis.data import shapes
 
     pairs = shapes.generate_eval_images(EVAL_DIR, n, seed)
     engine = ChatEngine.from_files(cfg_path, ckpt)
-    engine.settings.max_new_tokens = 16
+    settings = GenerationSettings(max_new_tokens=16)
     right = 0
     for i, (path, spec) in enumerate(pairs):
-        engine.clear()
-        engine.attach_image(path)
-        reply = engine.ask(QUESTION)
+        reply = engine.answer([path], QUESTION, settings)
         ok = shapes.parse_answer(reply) == (spec.colour, spec.shape)
         right += ok
         if i < 5:

@@ -12,6 +12,7 @@ import torch
 
 from lavis.chat.cli import main, parse_conf
 from lavis.chat.engine import ChatEngine, GenerationSettings, plan_llm_device_map
+from lavis.chat.session import ChatSession
 from lavis.config.schema import Config
 
 from .conftest import REPO
@@ -50,6 +51,27 @@ def test_batch_bad_image_names_line_and_file(chat_args: list[str], tmp_path: Pat
     src.write_text(json.dumps({"id": "x", "images": [str(tmp_path / "nope.png")], "query": "hi"}) + "\n")
     proc = cli(*chat_args, "--batch", str(src), "--out", str(tmp_path / "o.jsonl"))
     assert proc.returncode != 0 and "in.jsonl:1" in proc.stderr and "nope.png" in proc.stderr
+
+
+def test_batch_checks_field_types_and_keeps_answers_before_a_failing_line(chat_args: list[str], tiny_data: Path,
+                                                                          tmp_path: Path) -> None:
+    img = str(tiny_data / "images/train/000000.jpg")
+    src, dest = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "images": img, "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: \"images\" must be a list of path strings"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "video": ["clip.mp4"], "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: \"video\" must be a path string"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    assert not dest.exists()  # type errors are found before any answer
+    src.write_text(json.dumps({"id": "a", "images": [img], "query": "hi"}) + "\n" +
+                   json.dumps({"id": "b", "images": [str(tmp_path / "gone.png")], "query": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:2 \(id b\): .*gone.png"):
+        main([*chat_args, "--batch", str(src), "--out", str(dest)])
+    rows = [json.loads(ln) for ln in dest.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a"] and rows[0]["answer"]  # the answer before the failing line is kept
 
 
 def test_interactive_session(chat_args: list[str], tiny_data: Path) -> None:
@@ -102,7 +124,7 @@ def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Pat
                                                                                                {"path": vid}]
     answer = session.turns[0].answer
     assert shown[1]["content"] == answer and box == "" and files is None and session.pending == []
-    assert session.turns[0].media_names == [img, vid] and engine.history == []  # per-session, not the engine's
+    assert session.turns[0].media_names == [img, vid] and not hasattr(engine, "history")  # per-session
     *_, (shown, session, _) = web.regenerate(session, 8, "beam search", 1.0, 1.0, 2)
     assert len(session.turns) == 1 and shown[1]["content"] == session.turns[0].answer
     *_, (shown, session, _, _) = web.respond("And the colour?", session, 8, "sample", 0.7, 0.9, 3)
@@ -114,19 +136,19 @@ def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Pat
 
 def test_stop_event_cuts_the_answer(chat_args: list[str], tiny_data: Path) -> None:
     engine = ChatEngine.from_files(chat_args[1], chat_args[3], device="cpu")
-    engine.settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
-    engine.attach_image(tiny_data / "images/train/000000.jpg")
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=200, min_new_tokens=200))
+    session.attach_image(tiny_data / "images/train/000000.jpg")
     pieces: list[str] = []
 
     def on_text(piece: str) -> None:
         pieces.append(piece)
         if len(pieces) == 3:
-            engine.stop_event.set()
+            session.stop_event.set()
 
-    answer = engine.ask("Describe it.", on_text=on_text)
-    assert engine.history[-1].stopped and len(pieces) <= 4 and answer == "".join(pieces).strip()
-    full = engine.regenerate()  # not stopped: runs to min_new_tokens
-    assert not engine.history[-1].stopped and len(full) > len(answer)
+    answer = session.ask("Describe it.", on_text=on_text)
+    assert session.history[-1].stopped and len(pieces) <= 4 and answer == "".join(pieces).strip()
+    full = session.regenerate()  # not stopped: runs to min_new_tokens
+    assert not session.history[-1].stopped and len(full) > len(answer)
 
 
 @pytest.mark.parametrize("argv, message", [

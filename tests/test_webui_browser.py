@@ -1,5 +1,6 @@
 """webui_demo.py served on 127.0.0.1 and driven in real headless Chromium (Debian's package, via Playwright), plus
-a gradio_client call to the same server's ``/answer`` endpoint.
+a gradio_client call to the same server's ``/answer`` endpoint; refused uploads are deleted at once and the upload
+folder is gone once the server stops.
 
 Chromium comes from the system (``.ci/run`` installs it when missing); Playwright only drives it (never
 ``playwright install``). Without Chromium the browser test skips, except under CI (env ``CI`` set), where it fails.
@@ -8,6 +9,7 @@ Chromium comes from the system (``.ci/run`` installs it when missing); Playwrigh
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from .conftest import REPO
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUESTION = "What is in the image?"
+UPLOADS: dict[str, Path] = {}  # "dir": the running server's upload folder (from its log)
 
 
 def chromium_path() -> str:
@@ -61,6 +64,7 @@ def server(chat_checkpoint: tuple[Path, Path], tmp_path_factory: pytest.TempPath
             try:
                 with urllib.request.urlopen(url, timeout=5) as r:
                     if r.status == 200:
+                        UPLOADS["dir"] = Path(re.search(r"uploads are kept in (\S+)", log.read_text())[1])
                         break
             except OSError:
                 pass
@@ -75,6 +79,7 @@ def server(chat_checkpoint: tuple[Path, Path], tmp_path_factory: pytest.TempPath
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert "dir" in UPLOADS and not UPLOADS["dir"].exists(), "the upload folder outlived the server"
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,8 @@ def test_gradio_client_answer_and_refusal(server: str, api_answer: str, tmp_path
     bad.write_text("not an image")
     with pytest.raises(Exception, match="notes.png: not a readable image"):
         Client(server, verbose=False).predict(handle_file(str(bad)), QUESTION, api_name="/answer")
+    uploaded = sorted(p.name for p in UPLOADS["dir"].rglob("*") if p.is_file())
+    assert "000000.jpg" in uploaded and "notes.png" not in uploaded  # the refused upload was deleted
 
 
 def test_browser_upload_ask_and_bad_upload(server: str, api_answer: str, tiny_data: Path, tmp_path: Path) -> None:

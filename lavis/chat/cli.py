@@ -1,4 +1,5 @@
-"""Terminal chat: interactive (as in the predecessors), one-shot and batch modes over :class:`ChatEngine`.
+"""Terminal chat: interactive (as in the predecessors), one-shot and batch modes; one :class:`ChatSession` over
+the stateless :class:`ChatEngine`.
 
 Interactive: enter image or video paths one per line, ``:f`` to finish, then chat; answers stream token by token.
 ``:img`` attaches more media mid-conversation; ``:help`` lists every command. ``:conf key=value`` values are parsed
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments
+from lavis.chat.session import ChatSession
 from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 from lavis.data.media import MediaError
@@ -75,21 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine.settings.max_new_tokens = args.max_new_tokens
+    session = ChatSession(engine, GenerationSettings(max_new_tokens=args.max_new_tokens))
     if args.batch:
-        return run_batch(engine, Path(args.batch), Path(args.out))
+        return run_batch(session, Path(args.batch), Path(args.out))
     if args.query:
         try:
             for path in args.image:
-                engine.attach_image(path)
+                session.attach_image(path)
             if args.video:
-                engine.attach_video(args.video)
+                session.attach_video(args.video)
         except MediaError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(engine.ask(args.query))
+        print(session.ask(args.query))
         return 0
-    return Interactive(engine, args.seed, args.max_new_tokens).run()
+    return Interactive(session, args.seed, args.max_new_tokens).run()
 
 
 def set_seed(seed: int) -> None:
@@ -97,7 +99,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_batch(engine: ChatEngine, src: Path, dest: Path) -> int:
+def check_batch_line(job: object) -> str | None:
+    """What is wrong with one parsed ``--batch`` line (None: nothing)."""
+    if not isinstance(job, dict) or "id" not in job or not isinstance(job.get("query"), str):
+        return "each line needs \"id\" and a string \"query\""
+    images = job.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        return f"\"images\" must be a list of path strings, got {images!r}"
+    if "video" in job and job["video"] is not None and not isinstance(job["video"], str):
+        return f"\"video\" must be a path string, got {job['video']!r}"
+    return None
+
+
+def run_batch(session: ChatSession, src: Path, dest: Path) -> int:
+    """Answer every line of ``src`` into ``dest``, written line by line: a failing line stops the run with an error
+    naming it, and the answers before it stay in ``dest``."""
     from tqdm import tqdm
 
     try:
@@ -111,22 +127,22 @@ def run_batch(engine: ChatEngine, src: Path, dest: Path) -> int:
             job = json.loads(ln)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{src}:{n}: invalid JSON ({e.msg})") from e
-        if not isinstance(job, dict) or "id" not in job or not isinstance(job.get("query"), str):
-            raise SystemExit(f"{src}:{n}: each line needs \"id\" and a string \"query\"")
+        if (problem := check_batch_line(job)) is not None:
+            raise SystemExit(f"{src}:{n}: {problem}")
         jobs.append((n, job))
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(tmp, "w") as fh:
+    with open(dest, "w") as fh:
         for n, job in tqdm(jobs, desc="batch", unit="q", file=sys.stderr, disable=len(jobs) < 2):
-            engine.clear()
+            session.clear()
             try:
                 for path in job.get("images", []):
-                    engine.attach_image(path)
+                    session.attach_image(path)
                 if job.get("video"):
-                    engine.attach_video(job["video"])
-            except MediaError as e:
-                raise SystemExit(f"{src}:{n} (id {job['id']}): {e}") from e
-            fh.write(json.dumps({"id": job["id"], "answer": engine.ask(job["query"])}) + "\n")
-    tmp.replace(dest)
+                    session.attach_video(job["video"])
+                answer = session.ask(job["query"])
+            except (MediaError, ValueError) as e:
+                raise SystemExit(f"{src}:{n} (id {job['id']}): {e}; the answers before this line are in {dest}") from e
+            fh.write(json.dumps({"id": job["id"], "answer": answer}) + "\n")
+            fh.flush()
     print(f"wrote {len(jobs)} answers to {dest}", file=sys.stderr)
     return 0
 
@@ -183,8 +199,8 @@ def show_settings(s: GenerationSettings) -> str:
 class Interactive:
     """The predecessors' loop: paths until ``:f``, then questions and ``:`` commands."""
 
-    def __init__(self, engine: ChatEngine, seed: int, max_new_tokens: int) -> None:
-        self.engine, self.seed, self.max_new_tokens = engine, seed, max_new_tokens
+    def __init__(self, session: ChatSession, seed: int, max_new_tokens: int) -> None:
+        self.session, self.seed, self.max_new_tokens = session, seed, max_new_tokens
         self.collecting = True
 
     def run(self) -> int:
@@ -214,7 +230,7 @@ class Interactive:
     def handle(self, line: str) -> str | None:
         cmd, _, rest = line.partition(" ")
         rest = rest.strip()
-        engine = self.engine
+        session = self.session
         if cmd in (":q", ":quit", ":exit"):
             return "quit"
         if cmd in (":h", ":help"):
@@ -222,14 +238,14 @@ class Interactive:
         elif cmd in (":cl", ":clear"):
             print("\033[2J\033[H", end="", flush=True)
         elif cmd in (":clh", ":clear-his"):
-            engine.clear()
+            session.clear()
             self.collecting = True
             print("history cleared. Enter image paths, then :f.")
         elif cmd in (":his", ":history"):
             self.show_history()
         elif cmd == ":f":
             self.collecting = False
-            print(f"{len(engine.pending)} media attached. Ask away.")
+            print(f"{len(session.pending)} media attached. Ask away.")
         elif cmd in (":img", ":video"):
             if not rest and cmd == ":img":
                 self.collecting = True
@@ -254,15 +270,15 @@ class Interactive:
                 set_seed(self.seed)
             print(f"seed: {self.seed}")
         elif cmd == ":conf":
-            errors = parse_conf(rest.split(), engine.settings) if rest else []
+            errors = parse_conf(rest.split(), session.settings) if rest else []
             for err in errors:
                 print(f"error: {err}")
             if errors:
                 print("(settings unchanged)")
-            print(show_settings(engine.settings))
+            print(show_settings(session.settings))
         elif cmd == ":reset-conf":
-            engine.settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
-            print(show_settings(engine.settings))
+            session.settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
+            print(show_settings(session.settings))
         elif cmd.startswith(":"):
             print(f"unknown command {cmd}; :help lists them")
         elif self.collecting:
@@ -273,27 +289,27 @@ class Interactive:
 
     def attach(self, path: str, video: bool | None) -> None:
         try:
-            m = self.engine.load_media(path, video=video)
+            m = self.session.engine.load_media(path, video=video)
         except MediaError as e:
             print(f"error: {e}")
             return
-        self.engine.pending.append(m)
+        self.session.pending.append(m)
         frames = m.pixels.shape[0]
         print(f"attached {path}" + (f" ({frames} frames)" if frames > 1 or video else ""))
 
     def answer(self, query: str) -> None:
-        engine = self.engine
+        session = self.session
 
         def on_sigint(signum: int, frame: object) -> None:
-            if engine.stop_event.is_set():  # second Ctrl-C: give up on this answer now
+            if session.stop_event.is_set():  # second Ctrl-C: give up on this answer now
                 raise KeyboardInterrupt
-            engine.stop_event.set()
+            session.stop_event.set()
 
         print("assistant: ", end="", flush=True)
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            engine.ask(query, on_text=lambda s: print(s, end="", flush=True))
-            if engine.history[-1].stopped:
+            session.ask(query, on_text=lambda s: print(s, end="", flush=True))
+            if session.history[-1].stopped:
                 print(" [stopped]", end="")
         except KeyboardInterrupt:
             print(" [abandoned; not kept in the history]", end="")
@@ -301,11 +317,11 @@ class Interactive:
             print(f"\nerror: {e}", end="")
         finally:
             signal.signal(signal.SIGINT, previous)
-            engine.stop_event.clear()
+            session.stop_event.clear()
         print(flush=True)
 
     def show_history(self) -> None:
-        history = self.engine.history
+        history = self.session.history
         for i, t in enumerate(history, 1):
             names = f" [{', '.join(t.media_names)}]" if t.media_names else ""
             stopped = " [stopped]" if t.stopped else ""
@@ -313,8 +329,8 @@ class Interactive:
             print(f"[{i}] user{names}: {query}\n[{i}] assistant: {t.answer}{stopped}")
         if not history:
             print("(empty)")
-        if self.engine.pending:
-            print(f"(pending for the next question: {', '.join(m.name for m in self.engine.pending)})")
+        if self.session.pending:
+            print(f"(pending for the next question: {', '.join(m.name for m in self.session.pending)})")
 
 
 def _unquote(path: str) -> str:

@@ -1,4 +1,12 @@
-"""One chat engine for the CLI and the web UI: model loading and placement, history, media, generation, streaming.
+"""One stateless chat engine for the CLI, the web UI and the API server: placement, media, prompts, generation.
+
+The engine holds only the model and what is fixed with it (template, image transform, end tokens). Everything that
+changes per call comes with the call: :meth:`ChatEngine.generate` takes the turns, the :class:`GenerationSettings`,
+a cancel token (a ``threading.Event`` set by Ctrl-C, a web session's stop button or an API client that went away)
+and a streaming callback. Conversation state lives with each front end (:class:`lavis.chat.session.ChatSession`
+for the CLI, one ``Session`` per browser session in the web UI, one request in the API server).
+:meth:`ChatEngine.generate_batch` answers many conversations in one batched decode (left padding, each sequence
+stopping on its own); under greedy decoding each gets the tokens it gets alone.
 
 The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatML rendering as training). Images
 attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image (then the
@@ -6,40 +14,41 @@ text directly for ChatML, as MPP-Qwen-Next's ``cli_demo.py``; after a space for 
 MiniGPT-4's demo); a video becomes one ``<video>`` marker, its frames sampled as in training
 (``data.num_video_frames``, ``data.video_fps``). Generation stops at the template's stop sequences
 (``lavis/data/templates.py``, ``lavis/chat/stops.py``; ChatML: ``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``;
-Vicuna v0: ``###`` as ``[835]`` or ``[2277, 29937]``, ``</s>``), the answer text is cut by the template's rule
-(MiniGPT-4's: before ``###``, after ``Assistant:``) and MiniGPT-4's templates keep prompt + answer within 2000 tokens
-by dropping the oldest prompt embeddings; a reply cut by ``max_new_tokens`` keeps its last token (the predecessor
-drops it).
+Vicuna v0: ``###`` as ``[835]`` or ``[2277, 29937]``, ``</s>``; see :func:`answer_stop_ids`), the answer text is cut
+by the template's rule (MiniGPT-4's: before ``###``, after ``Assistant:``) and MiniGPT-4's templates keep prompt +
+answer within 2000 tokens by dropping the oldest prompt embeddings; a reply cut by ``max_new_tokens`` keeps its last
+token (the predecessor drops it).
 
 Placement: one device (bf16 on a GPU that supports it, fp32 on CPU); ``llm_device_map="auto"`` spreads the LLM's
 decoder blocks over all visible GPUs with accelerate (vision, Q-Former, projection and token embeddings on the
 first); ``load_8bit`` swaps the LLM's linear layers for bitsandbytes int8 ones (CUDA only).
-
-Interruption: :attr:`ChatEngine.stop_event` is checked after every generated token; setting it (Ctrl-C in the CLI,
-the stop button in the web UI) ends the answer there, and the partial answer is kept with ``Turn.stopped``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from lavis.chat.stops import StopOnSequences, context_start, first_stop
+from lavis.chat.stops import context_start
 from lavis.config.load import load_config
-from lavis.config.schema import Config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
-from lavis.data.tokenizer import ENDOFTEXT, TextTokenizer, load_tokenizer
+from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
+from lavis.model.load import load_model, resolve_tokenizer_ref
 from lavis.model.mllm import MultimodalLM
+
+__all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "Request", "Turn",
+           "add_model_arguments", "answer_stop_ids", "load_model", "resolve_tokenizer_ref"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 
@@ -76,35 +85,62 @@ class Turn:
     """Images/frames attached to this turn, ``[N, 3, S, S]``."""
     media_names: list[str] = field(default_factory=list)
     stopped: bool = False
-    """The answer was cut short by :attr:`ChatEngine.stop_event`."""
+    """The answer was cut short by the caller's cancel token."""
 
 
-def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
-    """A run's config names its saved tokenizer.json relative to the training cwd; also try beside the config."""
-    if ref.startswith("builtin:") or Path(ref).exists() or cfg_path is None:
-        return ref
-    beside = cfg_path.parent / Path(ref).name
-    return str(beside) if beside.exists() else ref
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
-def load_model(
-    cfg: Config, checkpoint: str | Path | None, tok: TextTokenizer, device: torch.device, dtype: torch.dtype
-) -> MultimodalLM:
-    """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
-    ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
-    from lavis.weights.base import stream_into
+@dataclass
+class Answer:
+    text: str
+    finish_reason: FinishReason
+    """``stop``: an end token or a stop string; ``length``: the token limit; ``cancelled``: the cancel token."""
+    prompt_tokens: int
+    """Prompt positions, image slots included."""
+    completion_tokens: int
+    """Generated tokens up to the end (the end token itself not counted)."""
 
-    placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
-    model = MultimodalLM(cfg.model, placeholder_id)
-    model.init_weights(cfg.model.init_seed)
-    targets = model.state_dict(keep_vars=True)  # the live parameters and persistent buffers
-    reports, filled = stream_into(cfg.model, targets, checkpoint=None if checkpoint is None else str(checkpoint))
-    for rep in reports:
-        print(rep.summary(), file=sys.stderr)
-    if reports:
-        print(f"{len(filled)} of {len(targets)} tensors loaded from files; the rest keep the seeded init",
-              file=sys.stderr)
-    return model.to(device=device, dtype=dtype).eval()
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+@dataclass
+class Request:
+    """One conversation to answer, with what may differ between the members of a batch."""
+
+    turns: list[Turn]
+    """The last turn's ``answer`` is ignored: it is the one generated."""
+    system_prompt: str | None = None
+    """Replaces the template's system prompt (None: the run's)."""
+    stop_strings: Sequence[str] = ()
+    """The answer ends before the first of these (not included)."""
+    max_new_tokens: int | None = None
+    """None: the settings' ``max_new_tokens``."""
+    cancel: threading.Event | None = None
+    """Checked after every token; once set, the answer ends there (``finish_reason == "cancelled"``)."""
+    on_text: Callable[[str], None] | None = None
+    """Receives the answer piece by piece (beam search: once, whole)."""
+
+
+class ContextError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+def answer_stop_ids(tpl: ChatTemplate) -> tuple[list[int], int]:
+    """(ids that end an answer, pad id): the one place generation's end tokens are chosen.
+
+    The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and Qwen's
+    <|endoftext|> where the vocabulary has it, which is also the pad id (else the first end token)."""
+    stop_ids = list(tpl.stop_token_ids())
+    try:
+        eot = tpl.tokenizer.token_id(ENDOFTEXT)
+    except KeyError:
+        eot = None
+    if eot is not None and eot not in stop_ids:
+        stop_ids.append(eot)
+    return stop_ids, eot if eot is not None else stop_ids[0]
 
 
 def vision_modules(model: MultimodalLM) -> list[nn.Module]:
@@ -217,45 +253,81 @@ def choose_placement(
     return dev, dtype, "single"
 
 
-class _Streamer(BaseStreamer):
-    """Decodes the growing answer and hands each new piece of text to ``on_text``."""
+class _Row:
+    """One sequence's answer as it is generated: end tokens, stop strings, its own token limit, streamed text."""
 
-    def __init__(self, tok: TextTokenizer, on_text: Callable[[str], None], stop_ids: set[int]) -> None:
-        self.tok, self.on_text, self.stop_ids = tok, on_text, stop_ids
+    def __init__(self, tpl: ChatTemplate, stop_sequences: list[list[int]], req: Request, max_new: int,
+                 stream: bool) -> None:
+        self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
+        self.stop_sequences = stop_sequences
+        self.stop_strings = [s for s in req.stop_strings if s]
+        self.on_text = req.on_text if stream else None
+        self.cancel = req.cancel
         self.ids: list[int] = []
+        self.text = ""
         self.sent = 0
-        self.first = True
+        self.finish: FinishReason | None = None
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.first:  # generate() first passes the prompt (empty with inputs_embeds)
-            self.first = False
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or (self.cancel is not None and self.cancel.is_set())
+
+    def push(self, token: int) -> None:
+        if self.done:
             return
-        self.ids.extend(int(t) for t in value.flatten() if int(t) not in self.stop_ids)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return
-        if len(text) > self.sent:
+        self.ids.append(token)
+        end = next((seq for seq in self.stop_sequences if self.ids[-len(seq):] == seq), None)
+        if end is not None:  # the template's stop sequence (not part of the answer)
+            del self.ids[-len(end):]
+            self.text, self.finish = self.cut(self.tok.decode(self.ids)), "stop"
+        else:
+            self.text = self.cut(self.tok.decode(self.ids))
+            cuts = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
+            if cuts:
+                self.text, self.finish = self.text[:min(cuts)], "stop"
+            elif len(self.ids) >= self.max_new:
+                self.finish = "length"
+        self.flush(final=self.finish is not None)
+
+    def flush(self, final: bool) -> None:
+        """Hand on the text not yet sent, holding back an incomplete character, a possible stop string's start and
+        whitespace that may turn out to end the answer: the pieces join to exactly the final (stripped) answer."""
+        text = self.text.lstrip()
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                return
+            held = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        text = text.rstrip()
+        if len(text) > self.sent and self.on_text is not None:
             self.on_text(text[self.sent:])
-            self.sent = len(text)
+        self.sent = max(self.sent, len(text))
 
-    def end(self) -> None:
-        text = self.tok.decode(self.ids)
-        if len(text) > self.sent:
-            self.on_text(text[self.sent:])
-            self.sent = len(text)
+    def answer(self, prompt_tokens: int) -> Answer:
+        self.flush(final=True)
+        finish = self.finish or ("cancelled" if self.cancel is not None and self.cancel.is_set() else "length")
+        return Answer(self.text.strip(), finish, prompt_tokens, len(self.ids))
 
 
-class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+class _RowsDone(StoppingCriteria):
+    """Feeds each step's new tokens to the rows and tells generate() which rows are finished or cancelled."""
+
+    def __init__(self, rows: list[_Row], num_beams: int) -> None:
+        self.rows, self.num_beams, self.seen = rows, num_beams, 0  # seen: tokens already handed to the rows
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        if self.num_beams > 1:  # one request; its hypotheses are only final at the end (decoded from the output)
+            return torch.full((input_ids.shape[0],), self.rows[0].done, dtype=torch.bool, device=input_ids.device)
+        new = input_ids[:, self.seen:].tolist()
+        self.seen = input_ids.shape[1]
+        for row, tokens in zip(self.rows, new, strict=True):
+            for t in tokens:
+                row.push(t)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:
-    """A model plus one conversation (``history``, ``pending`` media); :meth:`generate` also serves callers that
-    keep their own turns (the web UI keeps one conversation per browser session)."""
+    """A model and what is fixed with it; every call brings its own turns, settings and cancel token."""
 
     def __init__(
         self, model: MultimodalLM, tpl: ChatTemplate, image_size: int, device: torch.device,
@@ -263,26 +335,12 @@ class ChatEngine:
     ) -> None:
         self.model, self.tpl, self.device, self.video_fps = model, tpl, device, video_fps
         self.transform = media.image_transform("eval", image_size, hflip=False)
-        tok = tpl.tokenizer
-        # The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and Qwen's
-        # <|endoftext|> where the vocabulary has it, which is also the pad id (else the first end token).
-        self.stop_ids = list(tpl.stop_token_ids())
-        try:
-            eot = tok.token_id(ENDOFTEXT)
-        except KeyError:
-            eot = None
-        if eot is not None and eot not in self.stop_ids:
-            self.stop_ids.append(eot)
-        self.pad_id = eot if eot is not None else self.stop_ids[0]
-        # [template stops] multi-token stop sequences (Vicuna v0's "###" = [835] or [2277, 29937]) come from the
-        # template table; single-token ones are also passed to generate() as eos ids above.
-        self.stop_sequences = [*tpl.stop_sequences(), *([[eot]] if eot is not None and [eot] not in
-                                                         tpl.stop_sequences() else [])]
-        self.settings = GenerationSettings()
-        self.history: list[Turn] = []
-        self.pending: list[Media] = []
-        """Media waiting for the next query."""
-        self.stop_event = threading.Event()
+        self.stop_ids, self.pad_id = answer_stop_ids(tpl)
+        # Multi-token stop sequences (Vicuna v0's "###" = [835] or [2277, 29937]) come from the template table; the
+        # single end ids are also passed to generate() as eos ids.
+        self.stop_sequences = [*tpl.stop_sequences(), *([i] for i in self.stop_ids if [i] not in tpl.stop_sequences())]
+        self.context_length = int(getattr(model.llm_model.config, "max_position_embeddings", 0) or 0)
+        """Prompt + answer positions the LLM was built for (0: unknown, unchecked)."""
 
     @classmethod
     def from_files(
@@ -306,7 +364,7 @@ class ChatEngine:
         tpl = template_from_config(tok, cfg)
         return cls(model, tpl, cfg.model.vision.image_size, load_dev, cfg.data.video_fps)
 
-    # --- media and history ---------------------------------------------------------------------------------------
+    # --- media and turns -----------------------------------------------------------------------------------------
     def load_media(self, path: str | Path, video: bool | None = None) -> Media:
         """Decode an image or a video (by suffix unless ``video`` says); ``media.MediaError`` names the file."""
         path = Path(path)
@@ -317,21 +375,18 @@ class ChatEngine:
             return Media(VIDEO_MARKER, media.video_to_tensor(frames, self.transform), str(path))
         return Media(IMAGE_MARKER, self.transform(media.load_image(path)).unsqueeze(0), str(path))
 
-    def attach_image(self, path: str | Path) -> None:
-        """Decode now (errors surface at once, naming the file); the image joins the next query."""
-        self.pending.append(self.load_media(path, video=False))
+    def load_image_bytes(self, data: bytes, name: str) -> Media:
+        """An image sent inline (e.g. a base64 data URL): the same checks as a file; errors name ``name``."""
+        with tempfile.TemporaryDirectory(prefix="lavis-img-") as tmp:
+            path = Path(tmp) / "image"
+            path.write_bytes(data)
+            try:
+                m = self.load_media(path, video=False)
+            except media.MediaError as e:
+                raise media.MediaError(str(e).replace(str(path), name)) from None
+        m.name = name
+        return m
 
-    def attach_video(self, path: str | Path) -> None:
-        self.pending.append(self.load_media(path, video=True))
-
-    def clear_history(self) -> None:
-        self.history.clear()
-
-    def clear(self) -> None:
-        self.history.clear()
-        self.pending.clear()
-
-    # --- generation ----------------------------------------------------------------------------------------------
     def make_turn(self, query: str, attached: Sequence[Media]) -> Turn:
         """Media markers first, then the text: joined directly for ChatML (MPP-Qwen's cli_demo), with one space for
         the Vicuna / LLaMA-2 templates (MiniGPT-4's demo joins ``<Img><ImageHere></Img>`` and the question with
@@ -341,65 +396,80 @@ class ChatEngine:
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
         return Turn(markers + sep + query, None, pixels, [m.name for m in attached])
 
-    def ask(self, query: str, on_text: Callable[[str], None] | None = None) -> str:
-        """Answer ``query`` (with any pending media), append the turn to the history, return the answer."""
-        turn = self.make_turn(query, self.pending)
-        turn.answer, turn.stopped = self.generate(self.history + [turn], on_text)
-        self.history.append(turn)
-        self.pending.clear()
-        return turn.answer
+    def encode(self, turns: Sequence[Turn], system_prompt: str | None = None) -> list[int]:
+        """Prompt ids of ``turns`` (the last one's answer to be generated); raises :class:`ContextError` when the
+        prompt leaves no room for an answer."""
+        tpl = self.tpl if system_prompt is None else replace(self.tpl, system_prompt=system_prompt)
+        ids = encode_prompt([(t.query, t.answer) for t in turns[:-1]] + [(turns[-1].query, None)], tpl)
+        if self.context_length and len(ids) >= self.context_length:
+            images = sum(0 if t.pixels is None else t.pixels.shape[0] for t in turns)
+            raise ContextError(f"the prompt is {len(ids)} tokens ({images} image(s)/frame(s) x {self.tpl.num_query} "
+                               f"slots each), at or over the model's context of {self.context_length}; send fewer "
+                               "images or a shorter conversation")
+        return ids
 
-    def regenerate(self, on_text: Callable[[str], None] | None = None) -> str:
-        if not self.history:
-            raise ValueError("nothing to regenerate: the history is empty")
-        last = self.history[-1]
-        last.answer, last.stopped = self.generate(self.history[:-1] + [replace(last, answer=None)], on_text)
-        return last.answer
+    # --- generation ----------------------------------------------------------------------------------------------
+    def generate(
+        self, turns: list[Turn], settings: GenerationSettings, stop: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        """The answer to the last of ``turns``; ``stop`` (set from any thread) ends it after the current token;
+        ``on_text`` receives it piece by piece as it is generated (beam search: once, at the end)."""
+        return self.run([Request(turns, cancel=stop, on_text=on_text)], settings)[0]
 
-    def answer(self, paths: Sequence[str | Path], query: str) -> str:
-        """One stateless question about ``paths`` (images or a video): the conversation is left as it is."""
-        return self.generate([self.make_turn(query, [self.load_media(p) for p in paths])], None)[0]
+    def generate_batch(self, conversations: Sequence[list[Turn]], settings: GenerationSettings) -> list[Answer]:
+        """Answers to many conversations decoded together (see :meth:`run`); same order as ``conversations``."""
+        return self.run([Request(turns) for turns in conversations], settings)
+
+    def answer(self, paths: Sequence[str | Path], query: str, settings: GenerationSettings | None = None) -> str:
+        """One question about ``paths`` (images or a video), no history; greedy unless ``settings`` say otherwise."""
+        turn = self.make_turn(query, [self.load_media(p) for p in paths])
+        return self.generate([turn], settings or GenerationSettings()).text
 
     @torch.inference_mode()
-    def generate(self, turns: list[Turn], on_text: Callable[[str], None] | None = None) -> tuple[str, bool]:
-        """The answer to the last of ``turns`` (its ``answer`` is ignored) and whether ``stop_event`` cut it short.
-
-        ``on_text`` receives the answer piece by piece as it is generated (greedy or sampling; beam search calls it
-        once at the end)."""
-        self.stop_event.clear()  # a stop (Ctrl-C) from here on ends this answer
-        tok = self.tpl.tokenizer
-        ids = encode_prompt([(t.query, t.answer) for t in turns[:-1]] + [(turns[-1].query, None)], self.tpl)
-        pix = [t.pixels for t in turns if t.pixels is not None]
+    def run(self, requests: Sequence[Request], settings: GenerationSettings, seed: int | None = None) -> list[Answer]:
+        """Answer ``requests`` in one batched decode: prompts left-padded, each sequence ending on its own (end
+        token, stop string, its token limit or its cancel token) while the others go on. Under greedy decoding each
+        answer is the one the request gets alone. ``seed`` seeds torch's generator first (sampling)."""
+        if not requests:
+            return []
+        if settings.num_beams > 1 and len(requests) > 1:
+            raise ValueError("beam search answers one request at a time")
+        prompts = [self.encode(r.turns, r.system_prompt) for r in requests]
+        streamed = settings.num_beams == 1
+        rows = [_Row(self.tpl, self.stop_sequences, r, r.max_new_tokens or settings.max_new_tokens, streamed)
+                for r in requests]
+        embed_dev = self.model.llm_model.get_input_embeddings().weight.device
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=embed_dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=embed_dev)
+        pix = [t.pixels for r in requests for t in r.turns if t.pixels is not None]
         pixels = torch.cat(pix) if pix else torch.zeros(0, 3, 1, 1)
         vision_dev = self.model.visual_encoder.patch_embed.proj.weight.device
-        embed_dev = self.model.llm_model.get_input_embeddings().weight.device
-        input_ids = torch.tensor([ids], device=embed_dev)
         embeds = self.model.embed(pixels.to(vision_dev), input_ids)
-        s = self.settings
-        # [context window] MiniGPT-4: prompt + answer within max_length; the oldest prompt embeddings are dropped.
-        begin = context_start(embeds.shape[1], s.max_new_tokens, s.max_length or self.tpl.spec.max_length)
-        embeds, input_ids = embeds[:, begin:], input_ids[:, begin:]
+        s = settings
+        # MiniGPT-4's context window: prompt + answer within max_length; the oldest prompt embeddings are dropped.
+        begin = context_start(embeds.shape[1], max(row.max_new for row in rows), s.max_length or self.tpl.spec.max_length)
+        embeds, mask = embeds[:, begin:], mask[:, begin:]
         gen = GenerationConfig(
-            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None, do_sample=s.do_sample,
-            num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
+            max_new_tokens=max(row.max_new for row in rows), min_new_tokens=s.min_new_tokens or None,
+            do_sample=s.do_sample, num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
             top_p=s.top_p if s.do_sample else None, top_k=None, repetition_penalty=s.repetition_penalty,
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
         )
-        streamer = _Streamer(tok, on_text, set(self.stop_ids)) if on_text is not None and s.num_beams == 1 else None
+        if seed is not None:
+            torch.manual_seed(seed)
         out = self.model.llm_model.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), generation_config=gen,
-            streamer=streamer, stopping_criteria=StoppingCriteriaList(
-                [_StopOnEvent(self.stop_event), StopOnSequences(self.stop_sequences, 0)]),  # [template stops]
+            inputs_embeds=embeds, attention_mask=mask, generation_config=gen,
+            stopping_criteria=StoppingCriteriaList([_RowsDone(rows, s.num_beams)]),
         )
-        stopped = self.stop_event.is_set()
-        self.stop_event.clear()
-        new = [int(t) for t in out[0]]
-        # [answer text] cut at the first stop sequence, then the template's cut rule (MiniGPT-4: '###', 'Assistant:')
-        text = self.tpl.cut_answer(tok.decode(new[:first_stop(new, self.stop_sequences)]))
-        if on_text is not None and streamer is None:
-            on_text(text)
-        return text, stopped
-
+        if not streamed:
+            for t in out[0].tolist():
+                rows[0].push(t)
+        answers = [row.answer(len(p)) for row, p in zip(rows, prompts, strict=True)]
+        if not streamed and requests[0].on_text is not None:
+            requests[0].on_text(answers[0].text)
+        return answers
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model flags both front ends share (the predecessors' names kept)."""

@@ -3,18 +3,25 @@
 The model is loaded once in :func:`main`, never at import. The server binds 127.0.0.1 unless ``--host`` says
 otherwise; a public share link is made only with ``--share``; no usage analytics are sent.
 
-Each browser session keeps its own conversation (:class:`Session` in a ``gr.State``); one model serves all of them,
-one answer at a time. Uploads are decoded as soon as they arrive: a file that is not a readable image or video, or
-is larger than ``--max-upload-mb``, gets a warning toast and a line in "media status" and is left out. Besides the
-UI, the endpoint ``/answer`` (one file and a question -> the answer, no history) serves ``gradio_client``.
+Each browser session keeps its own conversation and generation settings (:class:`Session` in a ``gr.State``), and
+its stop button ends only its own answer; one stateless engine serves all of them, one answer at a time. Uploads are
+decoded as soon as they arrive: a file that is not a readable image or video, or is larger than ``--max-upload-mb``,
+gets a warning toast and a line in "media status", is left out and deleted. Uploads live in a temporary folder of
+the server's own that is removed when it stops. Besides the UI, the endpoint ``/answer`` (one file and a question ->
+the answer, no history) serves ``gradio_client``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import queue
+import shutil
+import signal
 import sys
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,15 +45,23 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     pending: list[Media] = field(default_factory=list)
     display: list[dict] = field(default_factory=list)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    """Names this session's stop token in :attr:`WebChat.stops` (a gr.State value must stay copyable)."""
 
 
 class WebChat:
     """The UI's callbacks, separate from gradio's layout so they can be called directly."""
 
-    def __init__(self, engine: ChatEngine, max_upload_mb: int = MAX_UPLOAD_MB) -> None:
+    def __init__(self, engine: ChatEngine, max_upload_mb: int = MAX_UPLOAD_MB, max_new_tokens: int = 512,
+                 upload_dir: str | Path | None = None) -> None:
         self.engine = engine
         self.max_upload_bytes = max_upload_mb * 2**20
-        self.lock = threading.Lock()  # one generation at a time: one model, settings set per request
+        self.max_new_tokens = max_new_tokens
+        self.upload_dir = None if upload_dir is None else Path(upload_dir).resolve()
+        """Refused files under this folder (gradio's upload cache) are deleted."""
+        self.lock = threading.Lock()  # one generation at a time: one model
+        self.stops: dict[str, threading.Event] = {}
+        """Session id -> the stop token of the answer that session is generating."""
 
     # --- uploads -------------------------------------------------------------------------------------------------
     def load_files(self, files: list[str] | None) -> tuple[list[Media], list[str]]:
@@ -58,16 +73,23 @@ class WebChat:
             if size > self.max_upload_bytes:
                 notes.append(f"{path.name}: {size / 2**20:.0f} MB is over the {self.max_upload_bytes // 2**20} MB "
                              "limit, left out")
+                self.discard(path)
                 continue
             try:
                 m = self.engine.load_media(path)
             except MediaError as e:
                 kind = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
                 notes.append(f"{path.name}: not a readable {kind}, left out ({str(e).removeprefix(str(path) + ': ')})")
+                self.discard(path)
                 continue
             usable.append(m)
             notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != "<image>" else ""))
         return usable, notes
+
+    def discard(self, path: Path) -> None:
+        """Delete a refused upload (only files in the upload folder: never a file the caller owns)."""
+        if self.upload_dir is not None and path.resolve().is_relative_to(self.upload_dir):
+            path.unlink(missing_ok=True)
 
     def on_files(self, files: list[str] | None, session: Session | None) -> tuple[Session, str]:
         """The file box changed: its current files become the next question's media."""
@@ -138,15 +160,17 @@ class WebChat:
 
         pieces: queue.Queue[str | None] = queue.Queue()
         outcome: list = []
+        stop = self.stops[session.id] = threading.Event()  # a stop pressed before the lock is ours counts too
 
         def run() -> None:
             try:
                 with self.lock:
-                    self.engine.settings = settings
-                    outcome.append(self.engine.generate(turns, on_text=pieces.put))
+                    outcome.append(self.engine.generate(turns, settings, stop, on_text=pieces.put))
             except (ValueError, RuntimeError) as e:  # shown in the chat instead of a stack trace
                 outcome.append(e)
             finally:
+                if self.stops.get(session.id) is stop:
+                    del self.stops[session.id]
                 pieces.put(None)
 
         threading.Thread(target=run, daemon=True).start()
@@ -160,9 +184,8 @@ class WebChat:
             session.display[-1] = {"role": "assistant", "content": f"error: {result}"}
             gr.Warning(f"error: {result}")
             return None
-        answer, stopped = result
-        session.display[-1] = {"role": "assistant", "content": answer + (" [stopped]" if stopped else "")}
-        return answer, stopped
+        session.display[-1] = {"role": "assistant", "content": result.text + (" [stopped]" if result.stopped else "")}
+        return result.text, result.stopped
 
     @staticmethod
     def settings(max_new_tokens: float, decoding: str, temperature: float, top_p: float,
@@ -174,8 +197,11 @@ class WebChat:
             top_p=float(top_p), num_beams=int(num_beams) if decoding == "beam search" else 1,
         )
 
-    def stop(self) -> None:
-        self.engine.stop_event.set()
+    def stop(self, session: Session | None) -> None:
+        """The stop button: ends this session's answer, no other."""
+        stop = self.stops.get(session.id) if session is not None else None
+        if stop is not None:
+            stop.set()
 
     def clear(self) -> tuple[list[dict], Session, None, str]:
         return [], Session(), None, ""
@@ -190,14 +216,15 @@ class WebChat:
         if not media:
             raise gr.Error(notes[0].replace(", left out", ""))
         with self.lock:
-            self.engine.settings = GenerationSettings(max_new_tokens=self.engine.settings.max_new_tokens)
-            return self.engine.generate([self.engine.make_turn(question, media)])[0]
+            turn = self.engine.make_turn(question, media)
+            return self.engine.generate([turn], GenerationSettings(max_new_tokens=self.max_new_tokens)).text
 
 
 def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
     import gradio as gr
 
-    with gr.Blocks(title="mpp-pipe chat", analytics_enabled=False) as app:
+    # delete_cache: uploads older than an hour are removed hourly (main() also removes the whole folder on exit)
+    with gr.Blocks(title="mpp-pipe chat", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         session = gr.State(None)
         gr.Markdown("## Chat over images or a video\nUpload one or several images or a video, then ask; answers "
                     "stream as they are generated. Files added later join your next question.")
@@ -224,7 +251,7 @@ def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
         for trigger in (send.click, msg.submit):
             trigger(chat.respond, [msg, session, *knobs], [chatbot, session, msg, files], api_visibility="private")
         regen.click(chat.regenerate, [session, *knobs], [chatbot, session, msg], api_visibility="private")
-        stop.click(chat.stop, None, None, queue=False, api_visibility="private")
+        stop.click(chat.stop, [session], None, queue=False, api_visibility="private")
         clear.click(chat.clear, None, [chatbot, session, files, status], api_visibility="private")
         with gr.Row(visible=False):  # the /answer endpoint's inputs and output
             api_file = gr.File(type="filepath")
@@ -255,8 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine.settings.max_new_tokens = args.max_new_tokens
-    app = build_app(WebChat(engine, args.max_upload_mb), args.max_new_tokens)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                       max_file_size=f"{args.max_upload_mb}mb", show_error=True)
+    # Uploads go to a folder of this server's own (gradio reads GRADIO_TEMP_DIR when imported, below), removed on exit.
+    upload_dir = tempfile.mkdtemp(prefix="lavis-webui-uploads-")
+    os.environ["GRADIO_TEMP_DIR"] = upload_dir
+    print(f"uploads are kept in {upload_dir} until the server stops", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        app = build_app(WebChat(engine, args.max_upload_mb, args.max_new_tokens, upload_dir), args.max_new_tokens)
+        app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                           max_file_size=f"{args.max_upload_mb}mb", show_error=True)
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main()'s cleanup

@@ -25,7 +25,7 @@ from lavis.engine.checkpoint import load_meta
 
 
 def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    from lavis.chat.engine import load_model
+    from lavis.model.load import load_model
     from lavis.data.tokenizer import load_tokenizer
 
     meta = load_meta(tag_dir)

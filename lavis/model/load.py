@@ -1,0 +1,40 @@
+"""Build a model and stream its weights in: the one loader chat, the API server, the HF exporter and inspect use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lavis.config.schema import Config
+from lavis.data.tokenizer import TextTokenizer
+from lavis.model.mllm import MultimodalLM
+
+
+def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
+    """A run's config names its saved tokenizer.json relative to the training cwd; also try beside the config."""
+    if ref.startswith("builtin:") or Path(ref).exists() or cfg_path is None:
+        return ref
+    beside = cfg_path.parent / Path(ref).name
+    return str(beside) if beside.exists() else ref
+
+
+def load_model(
+    cfg: Config, checkpoint: str | Path | None, tok: TextTokenizer, device: torch.device, dtype: torch.dtype
+) -> MultimodalLM:
+    """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
+    ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
+    from lavis.weights.base import stream_into
+
+    placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
+    model = MultimodalLM(cfg.model, placeholder_id)
+    model.init_weights(cfg.model.init_seed)
+    targets = model.state_dict(keep_vars=True)  # the live parameters and persistent buffers
+    reports, filled = stream_into(cfg.model, targets, checkpoint=None if checkpoint is None else str(checkpoint))
+    for rep in reports:
+        print(rep.summary(), file=sys.stderr)
+    if reports:
+        print(f"{len(filled)} of {len(targets)} tensors loaded from files; the rest keep the seeded init",
+              file=sys.stderr)
+    return model.to(device=device, dtype=dtype).eval()

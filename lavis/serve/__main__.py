@@ -1,0 +1,5 @@
+import sys
+
+from lavis.serve.app import main
+
+sys.exit(main())

@@ -1,0 +1,264 @@
+"""The OpenAI-compatible server (python -m lavis.serve) driven by the official ``openai`` client, and the engine's
+batched decoding it relies on.
+
+The server runs the demo architecture randomly initialised (no training launch): plumbing is checked against the
+engine's own answer for the same input, computed here in-process from the same seeded weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lavis.chat.engine import ChatEngine, GenerationSettings, Request
+
+from .conftest import DEMO_CFG, REPO
+
+openai = pytest.importorskip("openai", reason="the openai client is in the dev extra: pip install -e '.[dev]'")
+
+KEY = "sk-test-key"
+QUESTION = "What is in the image?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine() -> ChatEngine:
+    return ChatEngine.from_files(DEMO_CFG, None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data: Path) -> list[Path]:
+    return sorted((tiny_data / "images/train").glob("*.jpg"))[:4]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "lavis.serve", "--cfg-path", str(DEMO_CFG), "--cpu-only",
+                                 "--port", str(port), "--api-key", KEY, "--max-batch", "4", "--max-new-tokens", "12",
+                                 "--allow-local-files", str(tiny_data), "--max-request-mb", "1"],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"lavis.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"lavis.serve did not answer within 180 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def data_url(path: Path) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def user(text: str, *image_urls: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         *({"type": "image_url", "image_url": {"url": u}} for u in image_urls)]}]
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_batched_decoding_equals_one_at_a_time(engine: ChatEngine, images: list[Path]) -> None:
+    """Different prompt lengths and image counts in one left-padded batch: each answer is its answer alone, and a
+    sequence that ends early (its own token limit, a stop string) leaves the others unchanged."""
+    m = [engine.load_media(p) for p in images]
+    convs = [[engine.make_turn(QUESTION, [m[0]])], [engine.make_turn("Describe both images in detail.", m[1:3])],
+             [engine.make_turn("hi", [])], [engine.make_turn("What colour is it?", [m[3]])]]
+    settings = GenerationSettings(max_new_tokens=10)
+    alone = [engine.generate(c, settings) for c in convs]
+    assert engine.generate_batch(convs, settings) == alone
+    assert all(a.finish_reason == "length" and a.completion_tokens == 10 for a in alone)
+    stop = alone[0].text[3:5]  # a stop string that occurs in the first answer
+    short = engine.run([Request(convs[0], stop_strings=[stop]), Request(convs[1], max_new_tokens=4),
+                        Request(convs[2]), Request(convs[3])], settings)
+    assert short[0].finish_reason == "stop" and short[0].text == alone[0].text[:alone[0].text.find(stop)].strip()
+    assert short[1].finish_reason == "length" and short[1].completion_tokens == 4
+    assert short[2:] == alone[2:]
+
+
+def test_image_data_url_answer_usage_and_stream(server: str, engine: ChatEngine, images: list[Path]) -> None:
+    api = client(server)
+    assert [m.id for m in api.models.list().data] == ["shapes"]
+    turn = engine.make_turn(QUESTION, [engine.load_media(images[0])])
+    expected = engine.generate([turn], GenerationSettings(max_new_tokens=12))
+    res = api.chat.completions.create(model="shapes", messages=user(QUESTION, data_url(images[0])), temperature=0)
+    assert res.choices[0].message.content == expected.text and res.choices[0].finish_reason == "length"
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (len(engine.encode([turn])), 12)
+    # the same file named by path (allowed under --allow-local-files) gives the same answer
+    res = api.chat.completions.create(model="shapes", messages=user(QUESTION, str(images[0])), temperature=0)
+    assert res.choices[0].message.content == expected.text
+
+    stream = api.chat.completions.create(model="shapes", messages=user(QUESTION, data_url(images[0])), temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_concurrent_streams_and_closing_one(server: str, engine: ChatEngine, images: list[Path]) -> None:
+    """Two streams at once; the first is closed after two pieces and is cancelled on the server (it was asked for
+    400 tokens and could not end before); the second's answer is unchanged."""
+    api = client(server)
+    expected = engine.generate([engine.make_turn("Describe it.", [engine.load_media(images[1])])],
+                               GenerationSettings(max_new_tokens=12)).text
+    before = health(server)["cancelled"]
+    got: queue.Queue = queue.Queue()
+
+    def long_then_close() -> None:
+        s = api.chat.completions.create(model="shapes", messages=user(QUESTION, data_url(images[0])), stream=True,
+                                        temperature=0, max_tokens=400, extra_body={"min_tokens": 400})
+        n = 0
+        for c in s:
+            n += bool(c.choices and c.choices[0].delta.content)
+            if n == 2:
+                break
+        s.close()
+        got.put(("closed", n))
+
+    def full() -> None:
+        s = api.chat.completions.create(model="shapes", messages=user("Describe it.", data_url(images[1])),
+                                        stream=True, temperature=0)
+        got.put(("full", "".join(c.choices[0].delta.content or "" for c in s if c.choices)))
+
+    threads = [threading.Thread(target=long_then_close), threading.Thread(target=full)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    results = dict(got.get_nowait() for _ in range(2))
+    assert results == {"closed": 2, "full": expected}
+    deadline = time.time() + 120
+    while health(server)["cancelled"] == before:
+        assert time.time() < deadline, "the closed stream was not cancelled on the server"
+        time.sleep(0.2)
+
+
+def test_four_concurrent_greedy_requests_equal_one_at_a_time(server: str, images: list[Path]) -> None:
+    api = client(server)
+    asks = [user(QUESTION, data_url(images[0])), user("Describe both.", data_url(images[1]), data_url(images[2])),
+            [{"role": "user", "content": "hi"}], user("Which colour?", data_url(images[3]))]
+    one_by_one = [api.chat.completions.create(model="m", messages=m, temperature=0).choices[0].message.content
+                  for m in asks]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = api.chat.completions.create(model="m", messages=asks[i], temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [answers.get(i) for i in range(4)] == one_by_one
+
+
+def test_errors_are_openai_shaped(server: str, images: list[Path], tmp_path: Path) -> None:
+    api = client(server)
+    bad = "data:image/png;base64," + base64.b64encode(b"this is text, not an image").decode()
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="m", messages=user(QUESTION, data_url(images[0]), bad))
+    err = e.value.response.json()["error"]
+    assert e.value.status_code == 400 and err["param"] == "messages[0].content[2].image_url.url"
+    assert err["message"].startswith("messages[0].content[2].image_url.url: not a usable image")
+    assert set(err) == {"message", "type", "param", "code"}
+
+    too_many = [data_url(images[0])] * 70  # 70 images x 8 slots over the 512-token context
+    with pytest.raises(openai.BadRequestError, match="context of 512"):
+        api.chat.completions.create(model="m", messages=user(QUESTION, *too_many))
+    with pytest.raises(openai.BadRequestError, match="outside the folder"):
+        api.chat.completions.create(model="m", messages=user(QUESTION, str(tmp_path / "x.png")))
+    with pytest.raises(openai.BadRequestError, match="never fetches from the network"):
+        api.chat.completions.create(model="m", messages=user(QUESTION, "https://example.com/x.png"))
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    extra_body={"max_tokens": "twelve"})
+    assert e.value.response.json()["error"]["param"] == "max_tokens"
+
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(server, key="wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 401 and e.value.response.json()["error"]["code"] == "invalid_api_key"
+
+    big = {"messages": [{"role": "user", "content": "x" * (2 * 2**20)}]}
+    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(big).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+
+
+def test_full_queue_answers_503(engine: ChatEngine) -> None:
+    """With the worker not started, the queue fills deterministically: the request past --max-queue gets 503."""
+    from fastapi.testclient import TestClient
+
+    from lavis.serve.app import ServeOptions, build_app
+    from lavis.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_queue=1, max_batch=1)  # not started: nothing leaves the queue
+    app = TestClient(build_app(engine, scheduler, ServeOptions()))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    done = threading.Event()
+    first = threading.Thread(target=lambda: (app.post("/v1/chat/completions", json=body), done.set()))
+    first.daemon = True  # never answered: the worker is not running
+    first.start()
+    deadline = time.time() + 60
+    while scheduler.waiting() < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    res = app.post("/v1/chat/completions", json=body)
+    assert res.status_code == 503 and res.json()["error"]["code"] == "queue_full"
+
+
+def test_weights_side_does_not_import_the_chat_package() -> None:
+    """load_model lives with the model; the converter and the loader import nothing from lavis.chat."""
+    import ast
+
+    for path in [*(REPO / "lavis/convert").glob("*.py"), REPO / "lavis/model/load.py", REPO / "lavis/inspect.py"]:
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.startswith("lavis.chat")], path
