@@ -34,7 +34,7 @@ from lavis.config.load import load_config
 from lavis.config.schema import Config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
-from lavis.data.tokenizer import ENDOFTEXT, TextTokenizer, load_tokenizer
+from lavis.data.tokenizer import ENDOFTEXT, TextTokenizer, load_tokenizer, resolve_tokenizer_ref
 from lavis.model.mllm import MultimodalLM
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
@@ -70,14 +70,6 @@ class Turn:
     media_names: list[str] = field(default_factory=list)
     stopped: bool = False
     """The answer was cut short by :attr:`ChatEngine.stop_event`."""
-
-
-def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
-    """A run's config names its saved tokenizer.json relative to the training cwd; also try beside the config."""
-    if ref.startswith("builtin:") or Path(ref).exists() or cfg_path is None:
-        return ref
-    beside = cfg_path.parent / Path(ref).name
-    return str(beside) if beside.exists() else ref
 
 
 def load_model(

@@ -14,6 +14,7 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,13 @@ def read_raw(path: Path) -> list[tuple[str, Any]]:
     """``(where, raw record)`` pairs of a JSON list (``file:index``) or JSONL file (``file:line``, 1-based)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); annotation "
+                         f"files must be UTF-8 JSON or JSONL (re-save the file as UTF-8)") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"annotation file {path} is a directory (data.train[].ann_path must name a file)") from e
     if path.suffix == ".jsonl":
         raw = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -70,8 +77,25 @@ def read_raw(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}:{i}", r) for i, r in enumerate(data)]
 
 
-def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
-    """One raw record (any format) -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed."""
+def media_path(root: Path, rel: str, where: str, rid: str, allow_outside_root: bool = False) -> Path:
+    """``root / rel``; a path that leaves a non-empty ``root`` (``../..``, an absolute path elsewhere) is refused
+    unless ``allow_outside_root`` (``data.allow_outside_root``). Checked on the path as written (symlinks inside
+    the root are the dataset's own business), so it needs no file-system access."""
+    path = root / rel
+    if allow_outside_root or not str(root):
+        return path
+    full = os.path.normpath(path)
+    inside = os.path.relpath(full, os.path.normpath(root))
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        raise ValueError(f"{where} (id {rid}): media path {rel!r} resolves to {full}, outside the dataset's "
+                         f"vis_root {root}; fix the record, or set data.allow_outside_root: true if the data is "
+                         f"trusted and meant to live elsewhere")
+    return path
+
+
+def parse_record(r: Any, where: str, fmt: str, root: Path, allow_outside_root: bool = False) -> Record:
+    """One raw record (any format) -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed or
+    if a media path leaves ``root`` (see :func:`media_path`)."""
     if not isinstance(r, dict):
         raise ValueError(f"{where}: a record must be an object, got {type(r).__name__}")
     if fmt != "canonical":
@@ -99,21 +123,24 @@ def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
             f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
             f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
         )
-    return Record(rid, [root / x for x in images], root / video if video else None, convs, where)
+    return Record(rid, [media_path(root, x, where, rid, allow_outside_root) for x in images],
+                  media_path(root, video, where, rid, allow_outside_root) if video else None, convs, where)
 
 
-def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> list[Record]:
+def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
+                 allow_outside_root: bool = False) -> list[Record]:
     """Read an annotation file (JSON list or JSONL) in ``ds.format``; structural errors name ``file:index``.
 
     With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
     raising (the checker reports them all); training passes none, so the first malformed record stops it.
+    ``allow_outside_root`` is ``data.allow_outside_root``.
     """
     path = Path(ds.ann_path)
     root = Path(ds.vis_root)
     records = []
     for where, r in read_raw(path):
         try:
-            records.append(parse_record(r, where, ds.format, root))
+            records.append(parse_record(r, where, ds.format, root, allow_outside_root))
         except ValueError as e:
             if errors is None:
                 raise
