@@ -7,9 +7,8 @@
     python cli_demo.py --model-type qwen7b_chat -c model.pth --llm_device_map auto   # LLM over several GPUs
 """
 
-import sys
-
 from lavis.chat.cli import main
+from lavis.engine.errors import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -5,6 +5,7 @@
 """
 
 from lavis.convert.pipe_to_pth import cli
+from lavis.engine.errors import run_cli
 
 if __name__ == "__main__":
-    cli("proj", __doc__)
+    run_cli(lambda: cli("proj", __doc__))

@@ -5,9 +5,8 @@
     python webui_demo.py --model-type qwen14b_chat -c model.pth --llm_device_map auto   # several GPUs
 """
 
-import sys
-
 from lavis.chat.webui import main
+from lavis.engine.errors import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

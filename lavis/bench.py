@@ -269,4 +269,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lavis.engine.errors import run_rank
+
+    run_rank(main)

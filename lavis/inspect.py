@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 import torch
@@ -69,7 +68,7 @@ def _forward(cfg, tok, checkpoint: str | None, dtype: torch.dtype) -> bool:  # n
 def main(argv: list[str] | None = None) -> int:
     from lavis.config.load import load_config
     from lavis.config.presets import preset_path
-    from lavis.data.tokenizer import load_tokenizer
+    from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
     from lavis.model.llm import llm_hf_config
     from lavis.weights.base import load_weights, model_shapes
 
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(path, a.options)
     print(f"config: {path}")
     hf = llm_hf_config(cfg.model.llm)
-    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    tok = load_tokenizer(resolve_tokenizer_ref(cfg.model.llm.tokenizer, a.cfg_path))
     placeholder = tok.token_id(cfg.model.llm.image_placeholder)
     print(f"LLM: {type(hf).__name__} hidden {hf.hidden_size}, {hf.num_hidden_layers} layers, vocab {hf.vocab_size}; "
           f"tokenizer {tok.source} ({tok.vocab_size} tokens), image placeholder "
@@ -108,4 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lavis.engine.errors import run_cli
+
+    run_cli(main)

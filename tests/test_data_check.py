@@ -131,8 +131,12 @@ def test_on_bad_sample_skip_and_raise_with_two_stages(tiny_data: Path, tmp_path:
     text = proc.stdout + proc.stderr
     assert f"record {victim}" in text and "broken.jpg" in text  # logged when skipped
     assert "skipped 1 bad sample(s) (data.on_bad_sample=skip): media 1" in text  # summarised at the end
-    # raise (the default): every rank stops, the error names the record and the file
+    # raise (the default): every rank stops; whichever rank hit the sample, it is torchrun's root cause and its
+    # one-line error (record and file) is the last thing printed; the peer's lost connection is not reported
     with pytest.raises(AssertionError) as info:
         train(tmp_path, "raise", 2, 2, gas=2, data=data, steps=2)
     text = str(info.value)
-    assert "bad training sample" in text and f"record {victim}" in text and "broken.jpg" in text
+    root = text.rsplit("Root Cause (first observed failure):", 1)[-1]
+    assert "error: rank " in root and "bad training sample" in root, text
+    assert f"record {victim}" in root and "broken.jpg" in root, text
+    assert "Connection closed by peer" not in text and "]: Traceback" not in text, text  # no rank's traceback

@@ -43,8 +43,8 @@ from lavis.chat.stops import context_start
 from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
-from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
-from lavis.model.load import load_model, resolve_tokenizer_ref
+from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer, resolve_tokenizer_ref
+from lavis.model.load import load_model
 from lavis.model.mllm import MultimodalLM
 
 __all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "Request", "Turn",

@@ -14,6 +14,13 @@ from lavis.data.formats import DatasetFormat
 from lavis.data.templates import TemplateName
 
 
+def check_range(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Range checks of ``__post_init__``: ``ValueError`` naming the full key, the rule and the value given
+    (``from_dict`` turns it into a ``ConfigError`` naming the file)."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule} (got {value!r})")
+
+
 @dataclass
 class VisionConfig:
     """EVA-style ViT (timm ``Eva`` with LAVIS parameter names) followed by ``ln_vision``."""
@@ -37,6 +44,9 @@ class VisionConfig:
     ``pos_embed``, ``q_bias``/``v_bias`` fp32; forward under fp16 autocast). A whole-model bf16 cast overrides it."""
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_hidden"):
+            check_range(getattr(self, name) >= 1, f"model.vision.{name}", ">= 1", getattr(self, name))
+        check_range(self.ln_vision_eps > 0, "model.vision.ln_vision_eps", "> 0", self.ln_vision_eps)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.vision.image_size ({self.image_size}) must be a multiple of "
@@ -63,6 +73,12 @@ class QFormerConfig:
     checkpoint: str | None = None
     """``blip2_pretrained_flant5xxl.pth``: Q-Former, ``query_tokens`` and ``ln_vision``."""
     frozen: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "num_query_tokens",
+                     "cross_attention_freq"):
+            check_range(getattr(self, name) >= 1, f"model.qformer.{name}", ">= 1", getattr(self, name))
+        check_range(0 <= self.dropout < 1, "model.qformer.dropout", "in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -113,6 +129,9 @@ class ModelConfig:
     """Std of the random init of weight matrices (transformers' ``initializer_range``). 0.02 suits wide models;
     a from-scratch tiny model (width 128) learns faster with about 1/sqrt(width)."""
 
+    def __post_init__(self) -> None:
+        check_range(self.init_std > 0, "model.init_std", "> 0", self.init_std)
+
 
 @dataclass
 class DatasetConfig:
@@ -133,7 +152,10 @@ class DatasetConfig:
     """Move each turn's ``<image>`` markers to its front, then a newline (LLaVA's preprocessing). None = true for
     ``llava`` and ``llava_pretrain``, false otherwise."""
     weight: float = 1.0
-    """Sampling weight when several datasets are mixed."""
+    """Sampling weight when several datasets are mixed (> 0)."""
+
+    def __post_init__(self) -> None:
+        check_range(self.weight > 0, f"data.train[].weight (dataset {self.ann_path})", "> 0", self.weight)
 
 
 @dataclass
@@ -142,6 +164,9 @@ class TransformConfig:
     """``blip2_train``: RandomResizedCrop(scale=(min_scale, 1)) + flip; ``eval``: bicubic squash (+ flip if set)."""
     min_scale: float = 0.5
     hflip: bool = True
+
+    def __post_init__(self) -> None:
+        check_range(0 < self.min_scale <= 1, "data.transform.min_scale", "in (0, 1]", self.min_scale)
 
 
 @dataclass
@@ -172,6 +197,15 @@ class DataConfig:
     ``1/video_fps`` s from the start, at most ``num_video_frames`` (short clips repeat frames to fill)."""
     video_same_augment: bool = True
     """The same random crop/flip for every frame of a clip (MPP-Qwen-Next augments each frame on its own)."""
+    allow_outside_root: bool = False
+    """Accept image / video paths that lead outside their dataset's ``vis_root`` (``../x``, absolute paths
+    elsewhere). Off: such a record is an error naming ``file:index``, the record id and the path."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_txt_len", "num_video_frames", "pad_to_multiple_of"):
+            check_range(getattr(self, name) >= 1, f"data.{name}", ">= 1", getattr(self, name))
+        check_range(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        check_range(self.video_fps is None or self.video_fps > 0, "data.video_fps", "> 0 or null", self.video_fps)
 
 
 @dataclass
@@ -225,6 +259,7 @@ class TrainConfig:
     ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1 (got {self.max_steps})")
         if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
@@ -244,6 +279,22 @@ class TrainConfig:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"train.max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
+
+    def _check_ranges(self) -> None:
+        check_range(self.lr > 0, "train.lr", "> 0", self.lr)
+        check_range(0 <= self.min_lr <= self.lr, "train.min_lr", f"in [0, train.lr = {self.lr}]", self.min_lr)
+        check_range(self.warmup_steps >= 0, "train.warmup_steps", ">= 0", self.warmup_steps)
+        check_range(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        check_range(all(0 <= b < 1 for b in self.betas), "train.betas", "two values in [0, 1)", list(self.betas))
+        check_range(self.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+        check_range(self.eps > 0, "train.eps", "> 0", self.eps)
+        check_range(self.save_every >= 0, "train.save_every", ">= 0 (0: save only at the end)", self.save_every)
+        check_range(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        check_range(self.num_threads >= 0, "train.num_threads", ">= 0 (0: torch's default)", self.num_threads)
+        check_range(self.activation_checkpoint_interval >= 0, "train.activation_checkpoint_interval", ">= 0",
+                    self.activation_checkpoint_interval)
+        check_range(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "train.gpu_memory_gib", "> 0 or null",
+                    self.gpu_memory_gib)
 
 
 @dataclass

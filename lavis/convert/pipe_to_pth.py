@@ -5,11 +5,19 @@ hard-coded layer indices, so any model size and any partition converts. Layer fi
 trained (frozen ones are excluded at save time). The result is checked strictly against a model built from the
 saved config on the meta device: every key must exist there with the same shape, and the keys not in the file
 must be exactly the frozen ones (they come from the base weights when the ``.pth`` is loaded).
+
+Each converter says what kind of run it read (which components trained, from the saved config) and refuses the
+wrong kind: ``pipe_proj2pth.py`` on a run that also trained the LLM (its ``model.pth`` would leave the trained LLM
+out) and ``pipemodel2pth.py`` on a projection-only run (it would write a projection-only
+``unfreeze_llm_model.pth``); ``--allow-kind-mismatch`` turns the refusal into a warning. Non-finite (NaN / inf)
+weights are refused, naming them, unless ``--allow-nonfinite``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -18,10 +26,11 @@ import torch
 from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
-from lavis.model.freezing import is_trainable
+from lavis.model.freezing import COMPONENTS, is_trainable
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
+from lavis.weights.base import load_torch_file
 
 Kind = Literal["proj", "model"]
 Names = Literal["auto", "ours", "qwen_v1"]
@@ -39,16 +48,60 @@ def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
     return d / tag
 
 
-def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_meta(tag_dir: Path) -> dict:
+    """``lavis_meta.json`` (``checkpoint.load_meta`` names the file when it is damaged) with the keys converters read."""
     meta = load_meta(tag_dir)
+    missing = [k for k in ("layers", "config", "placeholder_id") if k not in meta]
+    if missing:
+        raise ValueError(f"{tag_dir / META_FILE}: missing {missing}; not a checkpoint written by train_pipeline.py")
+    return meta
+
+
+def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_meta(tag_dir)
     table = table_from_json(meta["layers"])
     states = {}
     for entry in table:
         f = tag_dir / f"layer_{entry.index:02d}-model_states.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{f} missing: the checkpoint in {tag_dir} is incomplete")
-        states[entry.index] = torch.load(f, map_location="cpu", weights_only=True)
+        states[entry.index] = load_torch_file(f, "layer file")
     return layers_to_plain(table, states), meta
+
+
+def trained_components(cfg: ModelConfig) -> list[str]:
+    return [c for c in COMPONENTS if not getattr(cfg, c).frozen]
+
+
+def describe_run(trained: list[str]) -> str:
+    """``pretrain`` (only the projection trained), ``SFT`` (the LLM trained too) or the list of what trained."""
+    kind = "pretrain" if trained == ["projection"] else "SFT" if "llm" in trained else "custom"
+    return f"{kind} run (trained: {', '.join(trained) or 'nothing'})"
+
+
+def kind_mismatch(kind: Kind, trained: list[str]) -> str | None:
+    """Why converter ``kind`` is the wrong one for a run that trained ``trained``; None when it fits."""
+    if kind == "proj" and set(trained) - {"projection"}:
+        left_out = ", ".join(c for c in trained if c != "projection")
+        return (f"pipe_proj2pth.py writes only the projection (llm_proj.*), but this run also trained {left_out}: "
+                f"those trained weights would be left out; use pipemodel2pth.py")
+    if kind == "model" and trained == ["projection"]:
+        return ("only the projection trained, so pipemodel2pth.py would write a projection-only "
+                "unfreeze_llm_model.pth; use pipe_proj2pth.py (model.pth, the stage-1 release format)")
+    return None
+
+
+def nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], tag_dir: Path, allow: bool) -> None:
+    bad = nonfinite_keys(state)
+    if bad and not allow:
+        raise ValueError(f"{tag_dir}: {len(bad)} weight(s) hold NaN or inf: {bad[:5]}; the run diverged before this "
+                         f"checkpoint: convert an earlier global_step* (or pass --allow-nonfinite)")
+    if bad:
+        print(f"warning: {len(bad)} weight(s) hold NaN or inf: {bad[:5]} (--allow-nonfinite)", file=sys.stderr)
 
 
 def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int) -> list[str]:
@@ -74,7 +127,8 @@ def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names
 
 
 def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",
-            model: ModelConfig | None = None, include_frozen: bool = False) -> Path:
+            model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
+            allow_nonfinite: bool = False) -> Path:
     """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
     ``lavis.convert.mpp_layers``); ``include_frozen``: write its frozen weights too."""
     from lavis.convert.mpp_layers import convert_mpp, is_mpp_checkpoint
@@ -89,6 +143,13 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
+    trained = trained_components(cfg)
+    print(f"{tag_dir}: {describe_run(trained)}", file=sys.stderr)
+    mismatch = kind_mismatch(kind, trained)
+    if mismatch and not allow_kind_mismatch:
+        raise ValueError(f"{tag_dir}: {mismatch} (or pass --allow-kind-mismatch)")
+    if mismatch:
+        print(f"warning: {mismatch} (--allow-kind-mismatch)", file=sys.stderr)
     if kind == "proj":
         state = {k: v for k, v in state.items() if k.startswith("llm_proj.")}
         if not state:
@@ -98,6 +159,7 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
         trainable_missing = [k for k in missing if is_trainable(k, cfg)]
         if trainable_missing:
             raise ValueError(f"{tag_dir}: trained weights missing from the layer files: {trainable_missing[:5]}")
+    refuse_nonfinite(state, tag_dir, allow_nonfinite)
     state = release_names(state, cfg, names)
     dest = Path(out) if out is not None else Path(ckpt_dir) / OUTPUT_NAME[kind]
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -126,12 +188,16 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     which.add_argument("--cfg-path", help="for MPP-Qwen-Next layer files: a recipe naming the model instead")
     p.add_argument("--include-frozen", action="store_true",
                    help="MPP layer files: also write the frozen weights they hold (ViT, Q-Former)")
+    p.add_argument("--allow-kind-mismatch", action="store_true",
+                   help="convert even when the run trained other components than this converter writes (warns)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert even when weights hold NaN / inf (warns)")
     args = p.parse_args(argv)
     if args.hf_out and (args.model_type or args.cfg_path):
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
                 "train or export from the .pth")
     pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
-                  args.include_frozen)
+                  args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
+                  allow_nonfinite=args.allow_nonfinite)
     print(pth)
     if args.hf_out and args.model_type is None and args.cfg_path is None:
         from lavis.convert.hf_export import export_hf

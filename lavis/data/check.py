@@ -116,7 +116,7 @@ def check_datasets(datasets: list[DatasetConfig], tpl: ChatTemplate | None, data
     num = 0
     for ds in datasets:
         errors: list[tuple[str, str]] = []
-        recs = load_records(ds, errors)
+        recs = load_records(ds, errors, data.allow_outside_root)
         num += len(recs) + len(errors)
         records += recs
         for where, msg in errors:
@@ -163,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lavis.data.tokenizer import load_tokenizer
+    from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 
     args = parse_args(argv)
     if args.cfg_path:
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.cfg_path, args.options)
         if not cfg.data.train:
-            raise SystemExit(f"{args.cfg_path}: data.train is empty")
-        tok_ref = args.tokenizer or cfg.model.llm.tokenizer
+            raise ValueError(f"{args.cfg_path}: data.train is empty (nothing to check)")
+        tok_ref = args.tokenizer or resolve_tokenizer_ref(cfg.model.llm.tokenizer, args.cfg_path)
     else:
         m = ModelConfig()
         m = replace(m, llm=replace(m.llm, template=args.template, image_placeholder=args.image_placeholder),
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, data=replace(cfg.data, **updates))
     data, datasets = cfg.data, list(cfg.data.train)
     tpl = None
-    if tok_ref:
+    if tok_ref and tok_ref.lower() != "none":
         tpl = template_from_config(load_tokenizer(tok_ref), cfg)
     else:
         print("no tokenizer (--tokenizer): token lengths are not checked", file=sys.stderr)
@@ -198,4 +198,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lavis.engine.errors import run_cli
+
+    run_cli(main)

@@ -14,6 +14,7 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,25 @@ def read_raw(path: Path) -> list[tuple[str, Any]]:
     return read_json_records(path)
 
 
-def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0) -> Record:
-    """One raw record in ``ds.format`` -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed."""
+def media_path(root: Path, rel: str, where: str, rid: str, allow_outside_root: bool = False) -> Path:
+    """``root / rel``; a path that leaves a non-empty ``root`` (``../..``, an absolute path elsewhere) is refused
+    unless ``allow_outside_root`` (``data.allow_outside_root``). Checked on the path as written (symlinks inside
+    the root are the dataset's own business), so it needs no file-system access."""
+    path = root / rel
+    if allow_outside_root or not str(root):
+        return path
+    full = os.path.normpath(path)
+    inside = os.path.relpath(full, os.path.normpath(root))
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        raise ValueError(f"{where} (id {rid}): media path {rel!r} resolves to {full}, outside the dataset's "
+                         f"vis_root {root}; fix the record, or set data.allow_outside_root: true if the data is "
+                         f"trusted and meant to live elsewhere")
+    return path
+
+
+def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0, allow_outside_root: bool = False) -> Record:
+    """One raw record in ``ds.format`` -> :class:`Record`; ``ValueError`` naming ``where`` and the id if malformed or
+    if a media path leaves ``ds.vis_root`` (see :func:`media_path`)."""
     r = to_canonical(r, where, index, ds)
     root = Path(ds.vis_root)
     rid = str(r.get("id", where))
@@ -83,20 +101,24 @@ def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0) -> Recor
             f"{where} (id {rid}): {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} markers but "
             f"{len(images)} images and {1 if video else 0} video; each file needs exactly one marker"
         )
-    paths: list[MediaRef] = [x if isinstance(x, TarMember) else root / x for x in images]
-    return Record(rid, paths, root / video if video else None, convs, where)
+    paths: list[MediaRef] = [x if isinstance(x, TarMember) else media_path(root, x, where, rid, allow_outside_root)
+                             for x in images]
+    return Record(rid, paths, media_path(root, video, where, rid, allow_outside_root) if video else None, convs, where)
 
 
-def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> list[Record]:
-    """Read a dataset in ``ds.format`` (``lavis/data/formats.py``); structural errors name ``file:index``.
+def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
+                 allow_outside_root: bool = False) -> list[Record]:
+    """Read a dataset in ``ds.format`` (``lavis/data/formats.py``); structural errors name ``file:index``; media
+    paths outside ``ds.vis_root`` are refused unless ``allow_outside_root`` (``data.allow_outside_root``).
 
     With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
     raising (the checker reports them all); training passes none, so the first malformed record stops it.
+    ``allow_outside_root`` is ``data.allow_outside_root``.
     """
     records = []
     for index, (where, r) in enumerate(FORMATS[ds.format].read(ds.ann_path)):
         try:
-            records.append(parse_record(r, where, ds, index))
+            records.append(parse_record(r, where, ds, index, allow_outside_root))
         except ValueError as e:
             if errors is None:
                 raise

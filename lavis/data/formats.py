@@ -88,11 +88,22 @@ def record_id(r: Any) -> str | None:
 # --- readers: file(s) -> (where, raw record) ------------------------------------------------------------------------
 
 
-def read_json_records(path: Path) -> list[tuple[str, Any]]:
-    """``(where, raw record)`` pairs of a JSON list (``file:index``) or JSONL file (``file:line``, 1-based)."""
+def read_annotation_text(path: Path) -> str:
+    """An annotation file's text; errors name the file (missing, a directory, not UTF-8)."""
+    if path.is_dir():
+        raise ValueError(f"annotation file {path} is a directory (data.train[].ann_path must name a file)")
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
-    text = path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); annotation "
+                         f"files must be UTF-8 JSON or JSONL (re-save the file as UTF-8)") from e
+
+
+def read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """``(where, raw record)`` pairs of a JSON list (``file:index``) or JSONL file (``file:line``, 1-based)."""
+    text = read_annotation_text(path)
     if path.suffix == ".jsonl":
         raw = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -112,10 +123,8 @@ def read_json_records(path: Path) -> list[tuple[str, Any]]:
 
 
 def read_minigpt4_captions(path: Path) -> list[tuple[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found (data.train[].ann_path); see DATA.md")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_annotation_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
     anns = data.get("annotations") if isinstance(data, dict) else None

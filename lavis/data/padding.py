@@ -118,4 +118,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lavis.engine.errors import run_cli
+
+    run_cli(main)

@@ -244,6 +244,16 @@ def build_demo_tokenizer() -> TextTokenizer:
     return TextTokenizer(tok, source="builtin:shapes")
 
 
+def resolve_tokenizer_ref(ref: str, cfg_path: str | Path | None) -> str:
+    """``model.llm.tokenizer`` as a path that exists from here. A run's saved ``config.yaml`` names the tokenizer
+    file it copied into the run directory relative to the directory training ran in; from anywhere else the copy is
+    found beside the config. Every tool that reads a config (chat, inspect, the dataset checker) resolves it here."""
+    if ref.startswith("builtin:") or Path(ref).exists() or cfg_path is None:
+        return ref
+    beside = Path(cfg_path).parent / Path(ref).name
+    return str(beside) if beside.exists() else ref
+
+
 def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer | SentencePieceTokenizer:
     """Resolve ``model.llm.tokenizer``: ``builtin:shapes``; a ``qwen.tiktoken`` file or a directory holding one
     (Qwen-7B/14B-Chat); a ``tokenizer.model`` (sentencepiece) file or a directory holding one (LLaMA / Vicuna); a

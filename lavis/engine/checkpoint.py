@@ -89,4 +89,10 @@ def load_meta(tag_dir: str | Path) -> dict[str, Any]:
     f = Path(tag_dir) / META_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: not a checkpoint written by train_pipeline.py")
-    return json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); the checkpoint is damaged: use another global_stepN") from e
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{f}: not our checkpoint metadata (no `config`); use another global_stepN")
+    return meta

@@ -310,7 +310,7 @@ def build_data(run: Run) -> StepLoader:
     if run.is_first_stage or run.is_last_stage:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
-        records = [load_records(d) for d in cfg.data.train]
+        records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
         dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,

@@ -18,6 +18,10 @@ _GROUPS = (
 )
 
 
+COMPONENTS = ("vision", "qformer", "projection", "llm")
+"""The trainable units, as named in ``ModelConfig`` (each has a ``frozen`` flag)."""
+
+
 def component_of(name: str) -> str:
     for prefix, group in _GROUPS:
         if name.startswith(prefix):

@@ -12,14 +12,6 @@ from lavis.data.tokenizer import TextTokenizer
 from lavis.model.mllm import MultimodalLM
 
 
-def resolve_tokenizer_ref(ref: str, cfg_path: Path | None) -> str:
-    """A run's config names its saved tokenizer.json relative to the training cwd; also try beside the config."""
-    if ref.startswith("builtin:") or Path(ref).exists() or cfg_path is None:
-        return ref
-    beside = cfg_path.parent / Path(ref).name
-    return str(beside) if beside.exists() else ref
-
-
 def load_model(
     cfg: Config, checkpoint: str | Path | None, tok: TextTokenizer, device: torch.device, dtype: torch.dtype
 ) -> MultimodalLM:

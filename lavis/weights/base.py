@@ -10,8 +10,12 @@ before training).
 
 from __future__ import annotations
 
+import pickle
 import sys
+import zipfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +24,25 @@ from lavis.config.schema import ModelConfig
 from lavis.weights.report import FileReport
 
 Shape = tuple[int, ...]
+
+
+def load_torch_file(path: str | Path, what: str, missing_hint: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` (memory-mapped when it is a zip file) with errors that name the file
+    and ``what`` it is (the config key or flag): a directory, a missing, empty, truncated or corrupt file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a directory; give the .pth file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist{missing_hint}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{what}: {path} is empty (0 bytes): an interrupted save or copy? Write it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what}: {path} ({size} bytes) is not a readable torch file: truncated or corrupt? "
+                         f"Write or copy it again ({first})") from e
 
 
 def model_shapes(cfg: ModelConfig) -> dict[str, Shape]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,9 @@ def _safetensors_shapes(path: Path) -> dict[str, Shape]:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    from lavis.weights.base import load_torch_file
+
+    obj = load_torch_file(path, "model.llm.path")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: a {type(obj).__name__}, not a state dict")
     return dict(obj)

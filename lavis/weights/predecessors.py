@@ -24,7 +24,6 @@ projection); a file key that maps to nothing is *unexpected*; only the explicit 
 from __future__ import annotations
 
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -76,11 +75,11 @@ def read_checkpoint(
     ``known``: every plain-model key (all stages); keys for other stages are counted, not read. ``num_layers``: the
     LLM's block count (to recognise MPP's 7B-mangled final-norm name).
     """
+    from lavis.weights.base import load_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.checkpoint / -c: {path} does not exist")
     report = FileReport(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    obj = load_torch_file(path, "model.checkpoint / -c")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: a {type(obj).__name__}, not a state dict")
     obj = unwrap(obj, report)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -70,13 +69,13 @@ BLIP2_IGNORED: dict[str, str] = {
 def read_state_dict(path: str | Path, report: FileReport, config_key: str = "") -> dict[str, torch.Tensor]:
     """The tensors of a ``.pth`` (memory-mapped when it is a zip file), unwrapping ``model`` / ``state_dict``.
 
-    A path that is not a file raises ``FileNotFoundError`` naming ``config_key`` (content problems never raise).
+    A missing, empty or unreadable file raises naming ``config_key`` (``load_torch_file``); content problems (keys,
+    shapes) never raise, they go to ``report``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{config_key or 'weight file'}: {path} does not exist; WEIGHT.md lists where to "
-                                "download it and where it goes under cache/ckpt/")
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    from lavis.weights.base import load_torch_file
+
+    obj = load_torch_file(path, config_key or "weight file",
+                          "; WEIGHT.md lists where to download it and where it goes under cache/ckpt/")
     if not isinstance(obj, Mapping):
         report.unexpected.append(f"<top level: {type(obj).__name__}, not a state dict>")
         return {}
