@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import random
 import shlex
 import signal
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
-from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments
+from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments, device_from_args, set_seed
 from lavis.chat.session import ChatSession
 from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
@@ -34,7 +32,7 @@ HELP = """Commands:
   :help / :h               show this help
   :exit / :quit / :q       leave (also Ctrl-D, or Ctrl-C twice at the prompt)
   :clear / :cl             clear the screen
-  :clear-his / :clh        forget the conversation (and pending media), then enter image paths again
+  :clear-his / :clh        (or :clear-history) forget the conversation (and pending media), then enter image paths again
   :history / :his          show the conversation
   :img [PATH ...]          attach image(s) or a video to the next question; without paths: enter paths until :f
   :video PATH              attach a video to the next question
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg_path = args.cfg_path or preset_path(args.model_type)
         set_seed(args.seed)
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
     except (ValueError, FileNotFoundError) as e:
@@ -92,11 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print(session.ask(args.query))
         return 0
     return Interactive(session, args.seed, args.max_new_tokens).run()
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def check_batch_line(job: object) -> str | None:
@@ -187,6 +180,8 @@ def _check_settings(s: dict) -> list[str]:
         errors.append(f"temperature must be > 0, got {s['temperature']}")
     if not 0 < s["top_p"] <= 1:
         errors.append(f"top_p must be in (0, 1], got {s['top_p']}")
+    if s["top_k"] < 0:
+        errors.append(f"top_k must be >= 0 (0: off), got {s['top_k']}")
     if s["repetition_penalty"] <= 0:
         errors.append(f"repetition_penalty must be > 0, got {s['repetition_penalty']}")
     return errors
@@ -237,7 +232,7 @@ class Interactive:
             print(HELP)
         elif cmd in (":cl", ":clear"):
             print("\033[2J\033[H", end="", flush=True)
-        elif cmd in (":clh", ":clear-his"):
+        elif cmd in (":clh", ":clear-his", ":clear-history"):
             session.clear()
             self.collecting = True
             print("history cleared. Enter image paths, then :f.")

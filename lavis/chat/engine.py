@@ -27,6 +27,7 @@ first); ``load_8bit`` swaps the LLM's linear layers for bitsandbytes int8 ones (
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import threading
@@ -64,6 +65,8 @@ class GenerationSettings:
     num_beams: int = 1
     """> 1: beam search (the answer then arrives whole, not streamed)."""
     repetition_penalty: float = 1.0
+    top_k: int = 0
+    """Sampling: keep only the k most likely tokens (0: off)."""
     max_length: int | None = None
     """Prompt + answer tokens; a longer prompt loses its oldest embeddings. None = the template's (MiniGPT-4's
     templates: 2000, as its demo; others: no limit)."""
@@ -224,8 +227,11 @@ def choose_placement(
 ) -> tuple[torch.device, torch.dtype, str]:
     """(device to load on, dtype, mode) with mode in {"single", "8bit", "auto"}; clear errors for impossible asks."""
     cuda = torch.cuda.is_available() and device != "cpu"
+    if llm_device_map == "cpu":  # MPP-Qwen-Next's spelling for "LLM on the CPU": here the whole model goes there
+        print("--llm_device_map cpu: the whole model runs on the CPU (fp32)", file=sys.stderr)
+        device, llm_device_map, cuda = "cpu", None, False
     if llm_device_map not in (None, "auto"):
-        raise ValueError(f"--llm_device_map {llm_device_map!r}: only 'auto' is supported")
+        raise ValueError(f"--llm_device_map {llm_device_map!r}: only 'auto' (or 'cpu') is supported")
     if load_8bit and llm_device_map:
         raise ValueError("--load-8bit and --llm_device_map auto cannot be combined; 8-bit alone fits a 14B LLM "
                          "on one 24 GB GPU")
@@ -454,7 +460,8 @@ class ChatEngine:
         gen = GenerationConfig(
             max_new_tokens=max(row.max_new for row in rows), min_new_tokens=s.min_new_tokens or None,
             do_sample=s.do_sample, num_beams=s.num_beams, temperature=s.temperature if s.do_sample else None,
-            top_p=s.top_p if s.do_sample else None, top_k=None, repetition_penalty=s.repetition_penalty,
+            top_p=s.top_p if s.do_sample else None, top_k=(s.top_k or None) if s.do_sample else None,
+            repetition_penalty=s.repetition_penalty,
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
         )
         if seed is not None:
@@ -471,6 +478,19 @@ class ChatEngine:
             requests[0].on_text(answers[0].text)
         return answers
 
+def set_seed(seed: int) -> None:
+    """Seed Python's and torch's generators (sampling); both front ends' ``-s/--seed`` and ``:seed``."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_from_args(args: argparse.Namespace) -> str:
+    """``--cpu-only`` / ``--gpu-id N`` / default as the ``device`` of :meth:`ChatEngine.from_files`."""
+    if args.cpu_only:
+        return "cpu"
+    return "auto" if args.gpu_id is None else f"cuda:{args.gpu_id}"
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model flags both front ends share (the predecessors' names kept)."""
     from lavis.config.presets import model_types
@@ -481,6 +501,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                             f"{', '.join(model_types()) or 'none yet'}")
     p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
     p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto"],
-                   help="'auto': spread the LLM over all visible GPUs (vision side on the first)")
+    p.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=int, help="run on this CUDA device (default: the first)")
+    p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto", "cpu"],
+                   help="'auto': spread the LLM over all visible GPUs (vision side on the first); 'cpu': run on the "
+                        "CPU (as --cpu-only)")
     p.add_argument("--load-8bit", action="store_true", help="LLM linear layers in int8 via bitsandbytes (CUDA only)")

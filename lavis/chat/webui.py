@@ -27,7 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lavis.chat.engine import VIDEO_SUFFIXES, ChatEngine, GenerationSettings, Media, Turn, add_model_arguments
+from lavis.chat.engine import (
+    VIDEO_SUFFIXES,
+    ChatEngine,
+    GenerationSettings,
+    Media,
+    Turn,
+    add_model_arguments,
+    device_from_args,
+    set_seed,
+)
 from lavis.config.presets import preset_path
 from lavis.data.media import MediaError
 
@@ -270,14 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
+    p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (matters when sampling)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_seed(args.seed)
     try:
         cfg_path = args.cfg_path or preset_path(args.model_type)
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        load_8bit=args.load_8bit, llm_device_map=args.llm_device_map)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

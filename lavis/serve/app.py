@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lavis.chat.engine import Answer, ChatEngine, ContextError, GenerationSettings, add_model_arguments
+from lavis.chat.engine import Answer, ChatEngine, ContextError, GenerationSettings, add_model_arguments, device_from_args
 from lavis.chat.engine import Request as GenRequest
 from lavis.serve.messages import to_conversation
 from lavis.serve.protocol import APIError, ChatCompletionRequest, loc_to_param
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(args.allow_local_files).resolve()
             if not root.is_dir():
                 raise ValueError(f"--allow-local-files {args.allow_local_files}: not a folder")
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
         scheduler = Scheduler(engine, args.max_queue, args.max_batch)
