@@ -27,13 +27,14 @@ setup(
         "numpy",
         "tqdm",  # progress bars
         "tensorboard",  # training curves (<output_dir>/tensorboard)
+        "peft>=0.13",  # LoRA adapters (model.llm.lora) inside each pipeline stage's decoder blocks
     ],
     extras_require={
         "demo": [
             "gradio>=5",  # web UI
             "accelerate",  # --llm_device_map auto: the LLM spread over several GPUs
         ],
-        "quant": ["bitsandbytes"],  # --load-8bit (CUDA only)
+        "quant": ["bitsandbytes"],  # --load-8bit and model.llm.quantize (QLoRA; CUDA only)
         "dev": [
             "gradio>=5",
             "accelerate",  # device-map planning test
