@@ -202,3 +202,23 @@ def test_converters_merged_pth_and_peft_directory(lora_runs: dict[str, Path], tm
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
         torch.testing.assert_close(hf(inputs_embeds=embeds, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_block_holds_bitsandbytes_layers_under_bnb_aware_adapters(kind: str) -> None:
+    """What a QLoRA stage builds before it moves to its GPU (where bitsandbytes quantizes): bitsandbytes linear
+    layers, frozen, wrapped by peft's bitsandbytes LoRA layers (so merging dequantizes), still loadable by name."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import bnb as peft_bnb
+
+    hf = _tiny("qwen2")
+    block = DecoderBlockPipe(hf, decoder_parts(hf), 0, 1, 0.02, lora=LoRAConfig(r=4, targets="all-linear"),
+                             quantize=kind)
+    want = (peft_bnb.Linear4bit, bnb.nn.Linear4bit) if kind == "nf4" else (peft_bnb.Linear8bitLt, bnb.nn.Linear8bitLt)
+    q = block.layer.self_attn.q_proj
+    assert isinstance(q, want[0]) and isinstance(q.base_layer, want[1])
+    assert not q.base_layer.weight.requires_grad
+    w = block.state_dict(keep_vars=True)["layer.self_attn.q_proj.base_layer.weight"]
+    with torch.no_grad():
+        w.copy_(torch.full_like(w, 0.5))  # what the stage's weight loader does with the base file's tensor
+    assert torch.equal(q.base_layer.weight.data, torch.full_like(w, 0.5))

@@ -161,4 +161,7 @@ def quantize_block_(block: nn.Module, kind: str) -> int:
         parent_name, _, leaf = name.rpartition(".")
         setattr(block.get_submodule(parent_name) if parent_name else block, leaf, q)
         count += 1
+    # peft reads these model flags to wrap bitsandbytes layers in its bnb-aware LoRA layers (dequantizing merge).
+    block.is_loaded_in_4bit = kind == "nf4"
+    block.is_loaded_in_8bit = kind == "int8"
     return count
