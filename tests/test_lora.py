@@ -85,7 +85,6 @@ def test_quantize_without_cuda_is_refused_at_start(tiny_data: Path) -> None:
 
 
 def test_planner_counts_adapters_exactly_and_quantized_weights(tiny_data: Path) -> None:
-    from lavis.engine.pipe_module import LavisPipelineModule  # noqa: F401 - the layers' own counts below
     from lavis.model.llm import llm_hf_config
     from lavis.pipeline.plan import LLM_DIMS, plan_for_config, stage_memory_bytes
 
@@ -222,3 +221,66 @@ def test_quantized_block_holds_bitsandbytes_layers_under_bnb_aware_adapters(kind
     with torch.no_grad():
         w.copy_(torch.full_like(w, 0.5))  # what the stage's weight loader does with the base file's tensor
     assert torch.equal(q.base_layer.weight.data, torch.full_like(w, 0.5))
+
+
+def test_qwen_v1_base_weights_load_into_adapted_stages_and_chain_equals_plain(tmp_path: Path) -> None:
+    """Base weights from a (synthetic, real names and layout) Qwen v1 directory land under peft's ``base_layer`` in
+    each stage's adapted blocks; the plain model (chat's loader) gets the same adapters, so the chained stages
+    equal it."""
+    from lavis.config.presets import preset_path
+    from lavis.engine.pipe_module import layer_specs
+    from lavis.model.llm import llm_hf_config
+    from lavis.model.lora import model_targets
+    from lavis.model.mllm import MultimodalLM
+    from lavis.pipeline.layers import load_layer_weights
+    from lavis.pipeline.plan import layer_table
+    from lavis.weights.base import stream_into
+    from lavis.weights.synthetic import TINY_OPTIONS, write_preset
+
+    from safetensors import safe_open
+
+    write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=1, tiny=True)
+    cfg = load_config(preset_path("qwen7b_chat"), [
+        *TINY_OPTIONS, "model.vision.depth=1", f"model.llm.path={tmp_path / 'cache/ckpt/Qwen7B-chat'}",
+        f"model.vision.checkpoint={tmp_path / 'cache/ckpt/eva/eva_vit_g.pth'}",
+        f"model.qformer.checkpoint={tmp_path / 'cache/ckpt/blip2/blip2_pretrained_flant5xxl.pth'}",
+        f"model.llm.tokenizer={tmp_path / 'cache/ckpt/Qwen7B-chat'}",
+        "model.llm.frozen=true", "model.llm.lora.targets=all-linear", "model.llm.lora.r=4"])
+    hf = llm_hf_config(cfg.model.llm)
+    specs = layer_specs(cfg.model, hf, decoder_parts(hf), 151646)
+    table = layer_table(hf.num_hidden_layers)
+    layers = {i: s.build() for i, s in enumerate(specs)}
+    for part in ({0, 1}, {2, 3, 4}):  # two stages, each loading only its own layers
+        load_layer_weights(cfg.model, {i: layers[i] for i in part}, table)
+    plain = MultimodalLM(cfg.model, 151646)
+    plain.init_weights(cfg.model.init_seed)
+    stream_into(cfg.model, model_targets(plain, cfg.model))
+    q_base = layers[2].layer.self_attn.q_proj.base_layer.weight
+    c_attn = None
+    for shard in (tmp_path / "cache/ckpt/Qwen7B-chat").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            if "transformer.h.1.attn.c_attn.weight" in f.keys():
+                c_attn = f.get_tensor("transformer.h.1.attn.c_attn.weight")
+    assert c_attn is not None and torch.equal(q_base, c_attn[:c_attn.shape[0] // 3])  # Q third of block 1's c_attn
+    assert torch.equal(q_base, plain.llm_model.model.layers[1].self_attn.q_proj.base_layer.weight)
+    # the same adapters on both sides; give them a nonzero B so they matter
+    with torch.no_grad():
+        for j, block in enumerate([layers[1].layer, layers[2].layer]):
+            mine = dict(block.named_parameters())
+            theirs = dict(plain.llm_model.model.layers[j].named_parameters())
+            assert sorted(mine) == sorted(theirs)
+            for n, p in mine.items():
+                if ".lora_A." in n:
+                    assert torch.equal(p, theirs[n]), n  # seeded alike whatever builds the block
+                if ".lora_B." in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(j))
+                    theirs[n].copy_(p)
+    plain.eval()
+    ids = torch.tensor([[151644, 872, 198] + [151646] * 32 + [3838, 374, 151645]])
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = plain(pixels, ids, torch.ones_like(ids))
+        x = (pixels, ids, torch.ones_like(ids))
+        for i in sorted(layers):
+            x = layers[i].eval()(x)
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
