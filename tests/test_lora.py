@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from lavis.config.load import load_config
@@ -236,8 +237,6 @@ def test_qwen_v1_base_weights_load_into_adapted_stages_and_chain_equals_plain(tm
     from lavis.pipeline.plan import layer_table
     from lavis.weights.base import stream_into
     from lavis.weights.synthetic import TINY_OPTIONS, write_preset
-
-    from safetensors import safe_open
 
     write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=1, tiny=True)
     cfg = load_config(preset_path("qwen7b_chat"), [
