@@ -28,13 +28,14 @@ setup(
         "tqdm",  # progress bars
         "braceexpand",  # webdataset shard patterns (shards/{00000..00099}.tar), as webdataset itself expands them
         "tensorboard",  # training curves (<output_dir>/tensorboard)
+        "peft>=0.13",  # LoRA adapters (model.llm.lora) inside each pipeline stage's decoder blocks
     ],
     extras_require={
         "demo": [
             "gradio>=5",  # web UI
             "accelerate",  # --llm_device_map auto: the LLM spread over several GPUs
         ],
-        "quant": ["bitsandbytes"],  # --load-8bit (CUDA only)
+        "quant": ["bitsandbytes"],  # --load-8bit and model.llm.quantize (QLoRA; CUDA only)
         "serve": [
             "fastapi",  # python -m lavis.serve: the OpenAI-compatible HTTP API
             "uvicorn",  # its ASGI server

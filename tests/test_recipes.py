@@ -19,7 +19,8 @@ FULL_SIZE = {  # hidden, intermediate (Qwen v1: half of config.json's), blocks, 
     "vicuna-7b-v0": (4096, 11008, 32, 32, 32, 32000),
 }
 GPUS = {"pretrain_8x3090": 8, "sft_video_8x3090": 8, "pretrain_2x4090": 2, "sft_6x4090": 6, "vicuna7b_stage1": 4,
-        "vicuna7b_stage2": 2, "qwen7b_pretrain_1x24g": 1}
+        "vicuna7b_stage2": 2, "qwen7b_pretrain_1x24g": 1, "sft_video_lora_2x24g": 2, "sft_qlora_2x24g": 2,
+        "vicuna7b_stage2_lora_1x24g": 1}
 RECIPES = sorted(p for d in ("qwen7b", "qwen14b", "minigpt4", "single_gpu")
                  for p in (REPO / "lavis/projects" / d).glob("*.yaml"))
 
@@ -46,3 +47,4 @@ def test_recipe_plans_within_24gb_cards(recipe: Path) -> None:
         assert stage_memory_bytes(sl, s, t.num_stages, plan.work, plan.optim_bytes) <= t.gpu_memory_gib * 2**30, table
     trains_llm = not cfg.model.llm.frozen
     assert sum(c.trainable_params for c in plan.costs) > (10**9 if trains_llm else 0)
+    print(f"{recipe.stem}: parts {plan.parts}\n{table}")

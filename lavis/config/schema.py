@@ -89,6 +89,37 @@ class ProjectionConfig:
     frozen: bool = False
 
 
+LORA_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (``peft``) on the named linear layers of every decoder block; the base weights stay frozen."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's output is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Linear layers of a decoder block by their transformers names (q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj; Qwen v1 checkpoints are read into these names), or ``all-linear``."""
+    train_embeddings: bool = False
+    """Also train the token embeddings and the LM head fully (e.g. for new tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.llm.lora.r must be >= 1 (got {self.r})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.llm.lora.dropout must be in [0, 1) (got {self.dropout})")
+        if isinstance(self.targets, str) and self.targets != LORA_ALL_LINEAR:
+            raise ValueError(f"model.llm.lora.targets: {self.targets!r} is neither a list of layer names nor "
+                             f"{LORA_ALL_LINEAR!r}")
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("model.llm.lora.targets is empty: name layers (e.g. [q_proj, v_proj]) or all-linear")
+
+
 @dataclass
 class LLMConfig:
     """A transformers decoder LLM (Qwen2 / Qwen3 / LLaMA family classes)."""
@@ -109,10 +140,20 @@ class LLMConfig:
     """Token whose positions are overwritten by image embeddings (Qwen v1: ``<|extra_0|>`` = 151646)."""
     frozen: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    lora: LoRAConfig | None = None
+    """Train low-rank adapters instead of the LLM's weights (needs ``frozen: true``); None = no adapters."""
+    quantize: Literal["nf4", "int8"] | None = None
+    """QLoRA: hold the frozen decoder-block weights quantized with bitsandbytes (4-bit NF4 or 8-bit; compute in
+    bf16). CUDA only; needs ``lora``."""
 
     def __post_init__(self) -> None:
         if self.path is None and "model_type" not in self.hf_config:
             raise ValueError("model.llm needs either `path` (an HF model directory) or `hf_config.model_type`")
+        if self.lora is not None and not self.frozen:
+            raise ValueError("model.llm.lora trains adapters over frozen base weights: set model.llm.frozen: true")
+        if self.quantize is not None and self.lora is None:
+            raise ValueError(f"model.llm.quantize: {self.quantize} holds frozen weights quantized, which only makes "
+                             "sense with adapters: set model.llm.lora (or remove quantize)")
 
 
 @dataclass

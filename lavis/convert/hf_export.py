@@ -35,11 +35,21 @@ def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype 
         raise FileNotFoundError(f"{tok_file} missing: the checkpoint directory lacks the run's tokenizer")
     tok = load_tokenizer(str(tok_file))
     model = load_model(cfg, pth, tok, torch.device("cpu"), dtype)
+    return write_hf_dir(model, cfg, tok_file, out_dir)
+
+
+def write_hf_dir(model: torch.nn.Module, cfg: Config, tok_file: Path, out_dir: str | Path) -> Path:
+    """The layout above from a loaded plain model (its ``llm_model`` has no adapter layers)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.llm_model.save_pretrained(out, safe_serialization=True)
+    write_sidecar(model, cfg, tok_file, out)
+    return out
+
+
+def write_sidecar(model: torch.nn.Module, cfg: Config, tok_file: Path, out: Path) -> None:
+    """The tokenizer, ``projector.pth`` and ``mm_config.yaml`` beside an exported LLM (or adapter) directory."""
     shutil.copy2(tok_file, out / tok_file.name)
     proj = {f"llm_proj.{k}": v.detach().clone() for k, v in model.llm_proj.state_dict().items()}
     torch.save(proj, out / "projector.pth")
     save_config(cfg, out / "mm_config.yaml")
-    return out

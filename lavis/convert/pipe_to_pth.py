@@ -27,6 +27,7 @@ from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
 from lavis.model.freezing import COMPONENTS, is_trainable
+from lavis.model.lora import model_targets
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
@@ -108,7 +109,7 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
     """Strict shape check against a meta-device model; returns the model keys the file does not hold."""
     with torch.device("meta"):
         model = MultimodalLM(cfg, placeholder_id)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: v.shape for k, v in model_targets(model, cfg).items()}  # with LoRA: + adapters
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
                   for k, v in state.items() if k in expected and v.shape != expected[k]]
@@ -120,7 +121,12 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
 
 def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, torch.Tensor]:
     """``auto``: Qwen v1 names (``llm_model.transformer.h.N.attn.c_attn...``) when the LLM was read from a Qwen v1
-    directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise."""
+    directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise.
+    A LoRA run's adapters have no Qwen v1 names: its ``.pth`` keeps ours (``--merge-lora`` writes Qwen v1 names)."""
+    if cfg.llm.lora is not None:
+        if names == "qwen_v1":
+            raise ValueError("--names qwen_v1: adapter tensors have no Qwen v1 names; add --merge-lora")
+        return state
     v1 = names == "qwen_v1" or (
         names == "auto" and cfg.llm.path is not None and is_qwen_v1(read_config_json(cfg.llm.path)))
     return to_qwen_v1_names(state) if v1 else state
@@ -191,6 +197,11 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     p.add_argument("--allow-kind-mismatch", action="store_true",
                    help="convert even when the run trained other components than this converter writes (warns)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert even when weights hold NaN / inf (warns)")
+    if kind == "model":
+        p.add_argument("--merge-lora", action="store_true",
+                       help="LoRA runs: fold the adapters into the base weights (needs the base weight files) and "
+                            "write the whole LLM to the .pth; with --hf-out a merged transformers directory "
+                            "(without --merge-lora, --hf-out writes a peft adapter directory)")
     args = p.parse_args(argv)
     if args.hf_out and (args.model_type or args.cfg_path):
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
@@ -199,7 +210,9 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
                   args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
                   allow_nonfinite=args.allow_nonfinite)
     print(pth)
-    if args.hf_out and args.model_type is None and args.cfg_path is None:
+    if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth):
+        return
+    if args.hf_out:
         from lavis.convert.hf_export import export_hf
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
@@ -213,3 +226,27 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
     if model_type is None and cfg_path is None:
         return None
     return load_config(preset_path(model_type) if model_type else cfg_path).model
+
+
+def lora_cli(args: object, pth: Path) -> bool:
+    """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run."""
+    from lavis.convert import lora_export
+
+    tag_dir = resolve_tag_dir(args.ckpt_dir)
+    cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
+                    prefix="model.")
+    if cfg.llm.lora is None:
+        if args.merge_lora:
+            raise ValueError(f"--merge-lora: {tag_dir} is not a LoRA run (model.llm.lora is unset)")
+        return False
+    adapters = pth
+    if args.merge_lora:
+        adapters = pth.with_name("lora_" + pth.name)
+        os.replace(pth, adapters)
+        print(adapters)
+        print(lora_export.merge_lora(tag_dir, adapters, pth, args.names))
+    if args.hf_out:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
+        print(lora_export.export_merged_hf(tag_dir, adapters, args.hf_out, dtype) if args.merge_lora
+              else lora_export.export_peft(tag_dir, adapters, args.hf_out))
+    return True

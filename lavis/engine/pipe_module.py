@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 from lavis.config.schema import ModelConfig
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts
+from lavis.model.lora import check_quantize_runtime, is_adapter_key
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
 from lavis.pipeline.plan import LayerEntry
@@ -33,10 +34,13 @@ def layer_specs(
     checkpoint_blocks: frozenset[int] = frozenset(),
 ) -> list[LayerSpec]:
     """``checkpoint_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``)."""
+    check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
     seed, std = cfg.init_seed, cfg.init_std
     n = hf.num_hidden_layers
+    lora, quantize = cfg.llm.lora, cfg.llm.quantize
     specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed)]
-    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in checkpoint_blocks) for j in range(n)]
+    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in checkpoint_blocks, lora, quantize)
+              for j in range(n)]
     specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]
     return specs
 
@@ -73,6 +77,8 @@ class LavisPipelineModule(PipelineModule):
                     count += p.numel()
                     has_matrix |= p.ndim >= 2
                     has_vector |= p.ndim < 2
+        print(f"[stage {self.stage_id}] trainable parameters: {count:,}"
+              + (f" (LoRA adapters {adapters:,})" if (adapters := _adapter_count(self)) else ""), flush=True)
         if not has_matrix:
             self.group_anchors.append(nn.Parameter(torch.zeros(1, 1)))
         if not has_vector:
@@ -112,6 +118,10 @@ class LavisPipelineModule(PipelineModule):
                 out = out + zero.to(out.dtype)
         # DeepSpeed sends plain tuples of tensors between stages.
         return tuple(out) if isinstance(out, tuple) else out
+
+
+def _adapter_count(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if is_adapter_key(n) and p.requires_grad)
 
 
 def cast_float_buffers_(module: nn.Module, dtype: torch.dtype) -> None:

@@ -29,8 +29,15 @@ def component_of(name: str) -> str:
     raise KeyError(f"parameter {name!r} belongs to no known component")
 
 
+_EMBEDDINGS = ("llm_model.model.embed_tokens.", "llm_model.lm_head.")
+
+
 def is_trainable(name: str, cfg: ModelConfig) -> bool:
+    """With ``model.llm.lora`` the LLM's adapters train (names with ``.lora_``, peft's) and its base weights stay
+    frozen, except the embeddings and LM head under ``lora.train_embeddings``."""
     group = component_of(name)
+    if group == "llm" and cfg.llm.lora is not None:
+        return ".lora_" in name or (cfg.llm.lora.train_embeddings and name.startswith(_EMBEDDINGS))
     frozen = {
         "vision": cfg.vision.frozen,
         "qformer": cfg.qformer.frozen,

@@ -17,12 +17,13 @@ def load_model(
 ) -> MultimodalLM:
     """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
     ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
+    from lavis.model.lora import model_targets
     from lavis.weights.base import stream_into
 
     placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
-    targets = model.state_dict(keep_vars=True)  # the live parameters and persistent buffers
+    targets = model_targets(model, cfg.model)  # live parameters and persistent buffers (+ LoRA adapters)
     reports, filled = stream_into(cfg.model, targets, checkpoint=None if checkpoint is None else str(checkpoint))
     for rep in reports:
         print(rep.summary(), file=sys.stderr)

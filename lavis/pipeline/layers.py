@@ -13,9 +13,10 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lavis.config.schema import ModelConfig
+from lavis.config.schema import LoRAConfig, ModelConfig
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
+from lavis.model.lora import add_block_adapters, is_adapter_key, plain_key, quantize_block_
 from lavis.model.llm import DecoderParts
 from lavis.model.mllm import build_projection, encode_media, keep_frozen_encoders_in_eval, merge_media
 from lavis.model.qformer import build_qformer, build_query_tokens
@@ -65,11 +66,16 @@ class VisionEmbedPipe(nn.Module):
 
 
 class DecoderBlockPipe(nn.Module):
-    """One transformers decoder block; builds its causal/padding mask and rotary table from the stage input."""
+    """One transformers decoder block; builds its causal/padding mask and rotary table from the stage input.
+
+    With ``lora`` the block gets peft adapters (``lavis.model.lora``) drawn from its own seed; with ``quantize`` its
+    linear layers are bitsandbytes ones (quantized when the stage moves to the GPU, after its base weights are
+    copied in). Base weights keep their plain names for loading (``base_layer.`` is dropped, see
+    :func:`load_layer_weights`)."""
 
     def __init__(
         self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None, std: float,
-        checkpoint: bool = False,
+        checkpoint: bool = False, lora: LoRAConfig | None = None, quantize: str | None = None,
     ) -> None:
         super().__init__()
         self.hf = hf
@@ -83,6 +89,10 @@ class DecoderBlockPipe(nn.Module):
         self.sliding = bool(layer_types) and layer_types[block_index] == "sliding_attention"
         if seed is not None:
             init_modules_([self.layer], seed, std)
+        if quantize is not None:
+            quantize_block_(self.layer, quantize)
+        if lora is not None:
+            add_block_adapters(self.layer, lora, block_index + 1 if seed is None else seed)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> StageIO:
         hidden_BLD, mask_BL = io
@@ -148,8 +158,9 @@ def load_layer_weights(
     init."""
     from lavis.weights.base import model_shapes, stream_into
 
-    targets = {table[idx].to_plain(name): t for idx, layer in layers.items()
-               for name, t in layer.state_dict(keep_vars=True).items()}
+    # LoRA: base weights under their plain names (peft's ``base_layer.`` dropped); adapters are in no base file.
+    targets = {table[idx].to_plain(plain_key(name)): t for idx, layer in layers.items()
+               for name, t in layer.state_dict(keep_vars=True).items() if not is_adapter_key(name)}
     if known is None:
         known = set(model_shapes(cfg))
     return stream_into(cfg, targets, known, checkpoint)[0]

@@ -80,6 +80,8 @@ class LayerCost:
     """Estimated forward + backward FLOPs per micro-batch."""
     act_bytes: float
     """Activation bytes kept for backward per micro-batch in flight."""
+    weight_bytes: float | None = None
+    """Bytes of this layer's weights on the GPU when not ``params x Workload.param_bytes`` (quantized blocks)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,14 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     qf_tr = 0 if q.frozen else qformer
     proj_tr = 0 if cfg.projection.frozen else proj
     llm_tr = not cfg.llm.frozen
-    upstream_trains = bool(vis_tr or qf_tr or proj_tr or llm_tr)
+    lora = cfg.llm.lora
+    adapters = lora_params_per_block(cfg, hf_dims)
+    emb_tr = llm_tr or (lora is not None and lora.train_embeddings)
+    upstream_trains = bool(vis_tr or qf_tr or proj_tr or llm_tr or lora is not None)
+    block_weight_bytes = None
+    if cfg.llm.quantize is not None:  # linear weights quantized; norms, biases and adapters at param_bytes
+        linear = block - 2 * d - (heads + 2 * kv_heads) * head_dim
+        block_weight_bytes = linear * QUANT_BYTES[cfg.llm.quantize] + (block - linear + adapters) * work.param_bytes
 
     def bwd_factor(trainable: bool) -> float:
         return 2.0 if trainable else (1.0 if upstream_trains else 0.0)
@@ -149,18 +158,48 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     costs = [
         LayerCost(
             0, "embed", vit + ln_vision + qformer + proj + embed,
-            vis_tr + qf_tr + proj_tr + (embed if llm_tr else 0),
+            vis_tr + qf_tr + proj_tr + (embed if emb_tr else 0),
             vit_f + qf_f + proj_f,
             float(t * d * 2 + (img * q.num_query_tokens * q.hidden_size * 32 if (qf_tr or proj_tr) else 0)),
         )
     ]
     for j in range(n_blocks):
         costs.append(
-            LayerCost(1 + j, "block", block, block if llm_tr else 0, block_f, float(t * act_per_token(j) * 2))
+            LayerCost(1 + j, "block", block + adapters, block if llm_tr else adapters, block_f,
+                      float(t * act_per_token(j) * 2), block_weight_bytes)
         )
     costs.append(LayerCost(1 + n_blocks, "norm", d, d if llm_tr else 0, 4.0 * t * d, float(t * d * 2)))
-    costs.append(LayerCost(2 + n_blocks, "head", head, head if llm_tr else 0, head_f, float(t * vocab * 6)))
+    costs.append(LayerCost(2 + n_blocks, "head", head, head if emb_tr else 0, head_f, float(t * vocab * 6)))
     return costs
+
+
+QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 4096}
+"""GPU bytes per quantized weight: NF4 packs two weights a byte plus an fp32 scale per 64 (before bitsandbytes'
+optional double quantization shrinks the scales); int8 one byte plus an fp32 scale per row (a 4096-wide row here)."""
+
+
+def block_linear_shapes(hf_dims: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear layer of a decoder block, by its transformers name."""
+    d, inter = hf_dims["hidden_size"], hf_dims["intermediate_size"]
+    heads = hf_dims["num_attention_heads"]
+    kv = hf_dims.get("num_key_value_heads", heads) * (d // heads)
+    q = heads * (d // heads)
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, inter),
+            "up_proj": (d, inter), "down_proj": (inter, d)}
+
+
+def lora_params_per_block(cfg: ModelConfig, hf_dims: dict[str, int]) -> int:
+    """Adapter parameters of one decoder block: ``r x (in + out)`` per targeted linear layer (0 without LoRA)."""
+    lora = cfg.llm.lora
+    if lora is None:
+        return 0
+    shapes = block_linear_shapes(hf_dims)
+    names = list(shapes) if isinstance(lora.targets, str) else lora.targets
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise ValueError(f"model.llm.lora.targets {unknown} match no linear layer of a decoder block; valid names: "
+                         f"{sorted(shapes)} (or 'all-linear')")
+    return sum(lora.r * (shapes[n][0] + shapes[n][1]) for n in names)
 
 
 def optimizer_bytes_per_param(precision: str, zero_stage: int, offload: bool, dp: int) -> float:
@@ -180,7 +219,7 @@ def stage_memory_bytes(
     costs: list[LayerCost], stage: int, num_stages: int, work: Workload, optim_bytes: float
 ) -> float:
     """Weights + grads + optimizer state of the layers, plus activations of the micro-batches in flight (1F1B)."""
-    weights = sum(c.params for c in costs) * work.param_bytes
+    weights = sum(c.params * work.param_bytes if c.weight_bytes is None else c.weight_bytes for c in costs)
     grads = sum(c.trainable_params for c in costs) * work.param_bytes
     optim = sum(c.trainable_params for c in costs) * optim_bytes
     in_flight = num_stages - stage

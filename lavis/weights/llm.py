@@ -173,7 +173,8 @@ def plan_llm(
                 file_shape = fshape if third is None else got
                 report.mismatched.append(ShapeMismatch(ours, file_shape, need))
     matched = set(take) | {m.key for m in report.mismatched}
-    report.missing += [k for k in want if k.startswith(PREFIX) and k not in matched]
+    # LoRA adapter tensors (lavis.model.lora) are in no base directory: they come from a checkpoint or their init.
+    report.missing += [k for k in want if k.startswith(PREFIX) and k not in matched and ".lora_" not in k]
     if files.qwen_v1:
         report.notes.append("Qwen v1 names mapped to Qwen2 (c_attn split into q/k/v, w2 -> gate_proj, "
                             "w1 -> up_proj, intermediate_size halved)")
