@@ -160,6 +160,10 @@ class DataConfig:
     ``1/video_fps`` s from the start, at most ``num_video_frames`` (short clips repeat frames to fill)."""
     video_same_augment: bool = True
     """The same random crop/flip for every frame of a clip (MPP-Qwen-Next augments each frame on its own)."""
+    feature_cache: str | None = None
+    """Directory written by ``python -m lavis.data.cache_features``: stage 0 reads the frozen vision side's outputs
+    from it instead of decoding pixels, and does not build the frozen modules (refused if built from other weights
+    or with another transform)."""
 
 
 @dataclass
