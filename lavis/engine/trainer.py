@@ -123,7 +123,8 @@ def train(
     # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(
         layer_specs(cfg.model, hf, decoder_parts(hf), placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
-                    feature_cache=cfg.data.feature_cache),  # INTEGRATOR: stage 0 builds no frozen vision module
+                    feature_cache=cfg.data.feature_cache,  # INTEGRATOR: stage 0 builds no frozen vision module
+                    float_mask=t.inter_stage_mask == "float_additive"),  # INTEGRATOR: bench --compare predecessor
         parts,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],
