@@ -202,6 +202,11 @@ class TrainConfig:
     activation_checkpoint_blocks: list[int] | None = None
     """Or recompute only these decoder blocks (0-based; e.g. the early blocks of stage 0, which hold the most
     micro-batches in flight under 1F1B). Non-reentrant ``torch.utils.checkpoint``."""
+    inter_stage_mask: Literal["padding", "float_additive"] = "padding"
+    """What stages send each other besides the hidden states: ``padding``, the ``[B, L]`` int64 padding mask (each
+    block builds its causal mask from it), or ``float_additive``, a ``[B, 1, L, L]`` float additive causal + padding
+    mask that takes part in autograd (the predecessors' layout; only for ``python -m lavis.bench --compare
+    predecessor``)."""
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2

@@ -29,7 +29,7 @@ from lavis.model.mllm import (
 )
 from lavis.model.qformer import build_qformer, build_query_tokens
 from lavis.pipeline.plan import LayerEntry
-from lavis.pipeline.stage_io import StageIO
+from lavis.pipeline.stage_io import StageIO, float_additive_mask
 from lavis.weights.report import FileReport
 
 
@@ -45,10 +45,12 @@ class VisionEmbedPipe(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, hf: PretrainedConfig, placeholder_id: int, seed: int | None,
-        feature_cache: str | None = None,
+        feature_cache: str | None = None, float_mask: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.float_mask = float_mask
+        """Send a float additive mask instead of the padding mask (``train.inter_stage_mask``)."""
         self.placeholder_id = placeholder_id
         self.cached: str | None = None
         skipped: list[str] = []
@@ -92,7 +94,10 @@ class VisionEmbedPipe(nn.Module):
             if self.cached != "qformer":
                 feats = encode_queries(self.qformer, self.query_tokens, feats)
             media = project_queries(self.llm_proj, feats)
-        return StageIO(merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id), mask_BL)
+        hidden_BLD = merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id)
+        if self.float_mask:
+            return StageIO(hidden_BLD, float_additive_mask(mask_BL, hidden_BLD.dtype))
+        return StageIO(hidden_BLD, mask_BL)
 
 
 class DecoderBlockPipe(nn.Module):
@@ -121,11 +126,14 @@ class DecoderBlockPipe(nn.Module):
         if rotary.inv_freq.device != hidden_BLD.device:
             self._rotary[0] = rotary = rotary.to(hidden_BLD.device)
         pos_1L = torch.arange(hidden_BLD.shape[1], device=hidden_BLD.device).unsqueeze(0)
-        make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
-        attn_mask = make_mask(
-            config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
-            position_ids=pos_1L,
-        )
+        if mask_BL.is_floating_point():  # train.inter_stage_mask: float_additive, already [B, 1, L, L]
+            attn_mask = mask_BL
+        else:
+            make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
+            attn_mask = make_mask(
+                config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
+                position_ids=pos_1L,
+            )
         cos_sin = rotary(hidden_BLD, pos_1L)
         if self.checkpoint and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._block, hidden_BLD, attn_mask, pos_1L, *cos_sin,
@@ -164,7 +172,11 @@ class LMHeadPipe(nn.Module):
             init_modules_([self.lm_head], seed, std)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        hidden_BLD, _ = io
+        hidden_BLD, mask = io
+        if mask.is_floating_point() and mask.requires_grad:
+            # train.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
+            # also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
+            hidden_BLD = hidden_BLD + 0.0 * mask.sum().to(hidden_BLD.dtype)
         return self.lm_head(hidden_BLD)
 
 
