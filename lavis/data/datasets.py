@@ -14,7 +14,7 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,23 +102,23 @@ def parse_record(r: Any, where: str, fmt: str, root: Path) -> Record:
     return Record(rid, [root / x for x in images], root / video if video else None, convs, where)
 
 
-def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> list[Record]:
+def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None) -> Sequence[Record]:
     """Read an annotation file (JSON list or JSONL) in ``ds.format``; structural errors name ``file:index``.
 
     With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
     raising (the checker reports them all); training passes none, so the first malformed record stops it.
+    The records are held compactly (``lavis.data.records``: a shared memory-mapped index of byte offsets, each
+    record parsed when accessed); the result indexes, iterates and concatenates (``+``) like a list.
     """
-    path = Path(ds.ann_path)
-    root = Path(ds.vis_root)
-    records = []
-    for where, r in read_raw(path):
-        try:
-            records.append(parse_record(r, where, ds.format, root))
-        except ValueError as e:
-            if errors is None:
-                raise
-            errors.append((where, str(e)))
-    return records
+    from functools import partial
+
+    from lavis.data.records import open_records
+
+    return open_records(Path(ds.ann_path), ds.format, partial(_parse, fmt=ds.format, root=Path(ds.vis_root)), errors)
+
+
+def _parse(r: Any, where: str, *, fmt: str, root: Path) -> Record:
+    return parse_record(r, where, fmt, root)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record],
         tpl: ChatTemplate,
         data: DataConfig,
         image_size: int,
