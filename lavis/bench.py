@@ -47,7 +47,7 @@ DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shape
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg-path", required=True)
+    p.add_argument("--cfg-path", help="recipe to measure (required unless --suite)")
     p.add_argument("--random-init", action="store_true", help="ignore every weight file; random weights, real shapes")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length-tokenizer",
                    help="--length-mix llava-instruct: tokenizer that measures the mix's lengths (default: the "
                         "model's; e.g. a qwen.tiktoken for Qwen-like lengths when the model uses builtin:shapes)")
+    p.add_argument("--suite", choices=["gpu"],
+                   help="gpu: the one-GPU check without weight files (lavis/gpu_suite.py; writes one JSON report)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="--suite gpu: cpu is a dry run of the same code paths at tiny sizes")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one side of a comparison (internal)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -346,6 +350,14 @@ def _memory_lines(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
 def main(argv: list[str] | None = None) -> None:
     argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
+    if args.suite == "gpu":
+        from lavis.gpu_suite import run_suite
+
+        out = Path(args.out) if args.out else None
+        run_suite(args.device, Path(args.output_dir), out)
+        return
+    if not args.cfg_path:
+        raise SystemExit("--cfg-path is required (or --suite gpu)")
     if args.variant is None and variants(args):
         result = compare(args, argv)
         out = Path(args.out or Path(args.output_dir) / "bench.json")
