@@ -354,7 +354,8 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
     level = cache_level(model)
     fp = weights_fingerprint(model, level)
     head = {"version": FORMAT_VERSION, "level": level, "fingerprint": fp,
-            "transform": transform_spec(model.vision.image_size, cfg.data, views), "feature_shape": list(feature_shape(model, level)),
+            "transform": transform_spec(model.vision.image_size, cfg.data, views),
+            "feature_shape": list(feature_shape(model, level)),
             "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
     old = _read_index(out)
