@@ -114,11 +114,8 @@ def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None)
 
     from lavis.data.records import open_records
 
-    return open_records(Path(ds.ann_path), ds.format, partial(_parse, fmt=ds.format, root=Path(ds.vis_root)), errors)
-
-
-def _parse(r: Any, where: str, *, fmt: str, root: Path) -> Record:
-    return parse_record(r, where, fmt, root)
+    parse = partial(parse_record, fmt=ds.format, root=Path(ds.vis_root))
+    return open_records(Path(ds.ann_path), ds.format, parse, errors)
 
 
 @dataclass
