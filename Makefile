@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision first, pinned to the releases this machine image provides (CPU use; CUDA when present).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test venv clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -26,3 +26,8 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf output/shapes cache/dataset/shapes
+
+# One GPU, no weight files, within 8 minutes: writes output/gpu_check/gpu_check.json (README "GPU check").
+# Needs only torch with CUDA on the machine; other dependencies come from .whl/ (scripts/prepare_gpu_wheels.sh).
+gpu-check:
+	scripts/gpu_check.sh

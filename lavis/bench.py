@@ -48,7 +48,7 @@ DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shape
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg-path", required=True)
+    p.add_argument("--cfg-path", help="recipe to measure (required unless --suite)")
     p.add_argument("--random-init", action="store_true", help="ignore every weight file; random weights, real shapes")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
@@ -61,8 +61,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="output/bench", help="scratch run directory (no checkpoints are written)")
     p.add_argument("--out", help="write the report as JSON here (default <output-dir>/bench.json)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--compare", choices=["predecessor"],
+                   help="also run the predecessors' configuration on the same model, data and machine and print the "
+                        "ratio of non-pad tokens/s and each side's memory per stage")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="also run from this frozen-feature cache (built first if DIR holds none) and print the "
+                        "steps/s ratio; both sides use the eval transform without flip")
+    p.add_argument("--length-mix", choices=["uniform", "llava-instruct"], default="uniform",
+                   help="--synthetic-data lengths: uniform in [seq_len/2, seq_len], or the LLaVA-Instruct-like mix "
+                        "of lavis.data.padding (capped at --seq-len)")
+    p.add_argument("--length-tokenizer",
+                   help="--length-mix llava-instruct: tokenizer that measures the mix's lengths (default: the "
+                        "model's; e.g. a qwen.tiktoken for Qwen-like lengths when the model uses builtin:shapes)")
+    p.add_argument("--suite", choices=["gpu"],
+                   help="gpu: the one-GPU check without weight files (lavis/gpu_suite.py; writes one JSON report)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="--suite gpu: cpu is a dry run of the same code paths at tiny sizes")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one side of a comparison (internal)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+VARIANTS = ("ours", "predecessor", "pixels", "feature_cache")
+
+
+def variants(args: argparse.Namespace) -> list[str]:
+    """The sides one invocation runs, in order (none: a plain single measurement)."""
+    out = []
+    if args.compare == "predecessor":
+        out += ["ours", "predecessor"]
+    if args.feature_cache:
+        out += ["pixels", "feature_cache"]
+    return out
+
+
+def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -> Config:
+    """``ours``: dynamic padding with length grouping, the planner's partition, the padding mask between stages.
+    ``predecessor`` (MiniGPT-4 / MPP-Qwen): every sample padded to ``max_txt_len``, every decoder block recomputed
+    in backward (``torch.utils.checkpoint``), a float additive mask shipped (with its gradient) between stages, and
+    a uniform split (equal layer counts per stage, as DeepSpeed's ``uniform`` with identity pads). ``pixels`` /
+    ``feature_cache``: the eval transform without flip, from pixels or from ``feature_cache``."""
+    d, t = cfg.data, cfg.train
+    if variant == "ours":
+        d = replace(d, fixed_length=False, group_by_length=True)
+        t = replace(t, inter_stage_mask="padding")
+    elif variant == "predecessor":
+        from deepspeed.runtime.utils import partition_uniform
+
+        from lavis.model.llm import llm_hf_config
+
+        blocks = int(llm_hf_config(cfg.model.llm).num_hidden_layers)
+        d = replace(d, fixed_length=True, group_by_length=False)
+        t = replace(t, activation_checkpoint_interval=0, activation_checkpoint_blocks=list(range(blocks)),
+                    inter_stage_mask="float_additive", partition=partition_uniform(blocks + 3, t.num_stages))
+    elif variant in ("pixels", "feature_cache"):
+        d = replace(d, transform=replace(d.transform, kind="eval", hflip=False),
+                    feature_cache=feature_cache if variant == "feature_cache" else None)
+    return replace(cfg, data=d, train=t)
 
 
 def bench_config(args: argparse.Namespace) -> Config:
@@ -85,19 +140,35 @@ def bench_config(args: argparse.Namespace) -> Config:
             llm = replace(m.llm, tokenizer=args.tokenizer)
         m = replace(m, llm=llm)
     t = cfg.train
-    t = replace(t, output_dir=args.output_dir, max_steps=args.warmup + args.steps, save_every=0, tensorboard=False,
+    run_dir = Path(args.output_dir) / args.variant if args.variant else Path(args.output_dir)
+    t = replace(t, output_dir=str(run_dir), max_steps=args.warmup + args.steps, save_every=0, tensorboard=False,
                 wandb_project=None, num_stages=args.num_stages or t.num_stages,
                 partition=t.partition if not args.num_stages or args.num_stages == t.num_stages else None)
     data = cfg.data
     if args.synthetic_data:
-        ann = Path(args.output_dir) / "synthetic" / "train.json"
+        ann = Path(args.output_dir) / "synthetic" / "train.json"  # shared by the sides of a comparison
         data = replace(data, train=[DatasetConfig(ann_path=str(ann), vis_root=str(ann.parent))],
                        max_txt_len=max(data.max_txt_len, args.seq_len))
-    return replace(cfg, model=m, train=t, data=data)
+    return apply_variant(replace(cfg, model=m, train=t, data=data), args.variant, args.feature_cache)
 
 
-def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int = 0) -> None:
-    """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L]."""
+def mix_lengths(cfg: Config, n: int, tokenizer: str | None, seed: int = 0) -> list[int]:
+    """Token lengths of ``n`` conversations of the LLaVA-Instruct-like mix (``lavis.data.padding``), rendered with the
+    real template (32 placeholders per image, MPP's system prompt) and ``tokenizer`` (default the model's)."""
+    from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_conversation
+    from lavis.data.padding import synthetic_llava_instruct
+    from lavis.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer or cfg.model.llm.tokenizer)
+    tpl = ChatTemplate(tok, SYSTEM_PROMPTS["chatml"], "<|extra_0|>", 32, 32)
+    return [len(encode_conversation(c, tpl, record_id=str(i)).input_ids)
+            for i, c in enumerate(synthetic_llava_instruct(n, seed))]
+
+
+def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int = 0,
+                         lengths: list[int] | None = None) -> None:
+    """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L], or
+    ``lengths[i]`` capped at L (record ``i``)."""
     from lavis.data import shapes
     from lavis.data.conversation import template_from_config
     from lavis.data.tokenizer import load_tokenizer
@@ -118,7 +189,8 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
     for i in range(8):
         shapes.draw(shapes.sample_spec(rng)).save(root / "images" / f"{i}.jpg")
     for i in range(num_records):
-        target = rng.randint(seq_len // 2, seq_len) - overhead
+        want = rng.randint(seq_len // 2, seq_len) if lengths is None else min(seq_len, lengths[i % len(lengths)])
+        target = want - overhead
         if target < 1:
             raise ValueError(f"--seq-len {seq_len} is too short for the image run and template ({overhead} tokens)")
         n = max(1, int(target / per_word))
@@ -185,7 +257,12 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     seq = tokens_per_micro / t.micro_batch_size
     images = round(sum(r["images_r0"] for r in rows) / max(1, micro))
     work = Workload(tokens=round(tokens_per_micro), seq_len=max(1, round(seq)), images=images)
-    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work)) * t.grad_accum_steps * dp
+    cached = None
+    if cfg.data.feature_cache is not None:
+        from lavis.data.cache_features import cache_level
+
+        cached = cache_level(cfg.model)
+    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.grad_accum_steps * dp
     achieved = flops_step * len(rows) / max(secs, 1e-9)
     devices = len(result["ranks"])
     peak = args.peak_tflops or known_peak_tflops()
@@ -203,6 +280,7 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     compute = [s["compute_seconds"] for s in stages]
     return {
         "config": str(args.cfg_path),
+        "variant": args.variant,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "num_stages": t.num_stages,
         "dp": dp,
@@ -240,20 +318,96 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
+    """Synthetic data (a side of a comparison reuses what the first wrote) and the feature cache (when asked and
+    absent), before anything is measured."""
+    t = cfg.train
+    if args.synthetic_data and (args.variant is None or not Path(cfg.data.train[0].ann_path).is_file()):
+        num = max(64, t.micro_batch_size * t.grad_accum_steps * args.dp * t.max_steps)
+        lengths = mix_lengths(cfg, num, args.length_tokenizer) if args.length_mix == "llava-instruct" else None
+        write_synthetic_data(cfg, args.seq_len, num, lengths=lengths)
+    if args.feature_cache and not (Path(args.feature_cache) / "index.json").is_file():
+        from lavis.data.cache_features import build_cache
+
+        plain = apply_variant(cfg, "pixels", None)
+        findings = build_cache(plain, Path(args.feature_cache), workers=0)
+        if findings:
+            raise SystemExit(f"feature cache {args.feature_cache}: {len(findings)} item(s) failed; see "
+                             "`python -m lavis.data.cache_features` for the report")
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Run each side in its own process group (``torch.distributed.run``; separate processes, so host peak RSS is
+    per side), one after the other on the same data, and put the reports side by side."""
+    cfg = bench_config(args)
+    prepare_data(cfg, args)
+    world = cfg.train.num_stages * args.dp
+    reports: dict[str, Any] = {}
+    for v in variants(args):
+        out = Path(args.output_dir) / v / "bench.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               "-m", "lavis.bench", *argv, "--variant", v, "--out", str(out)]
+        print(f"bench: running side {v!r}", flush=True)
+        rc = subprocess.call(cmd)
+        if rc:
+            raise SystemExit(f"bench side {v!r} failed (exit {rc})")
+        reports[v] = json.loads(out.read_text())
+    result: dict[str, Any] = {"sides": reports}
+    lines = []
+    if "ours" in reports:
+        ours, pred = reports["ours"], reports["predecessor"]
+        result["useful_tokens_per_s_ratio"] = round(ours["non_pad_tokens_per_s"] / max(1e-9, pred[
+            "non_pad_tokens_per_s"]), 3)
+        lines.append(f"ours vs predecessor: {ours['non_pad_tokens_per_s']:.0f} vs {pred['non_pad_tokens_per_s']:.0f} "
+                     f"non-pad tokens/s = {result['useful_tokens_per_s_ratio']:.2f}x (padding efficiency "
+                     f"{ours['padding_efficiency']:.1%} vs {pred['padding_efficiency']:.1%})")
+        lines += _memory_lines(ours, pred, "ours", "predecessor")
+    if "pixels" in reports:
+        px, fc = reports["pixels"], reports["feature_cache"]
+        result["feature_cache_steps_per_s_ratio"] = round(px["step_time_s"] / max(1e-9, fc["step_time_s"]), 3)
+        lines.append(f"feature cache vs pixels: {1 / fc['step_time_s']:.2f} vs {1 / px['step_time_s']:.2f} steps/s = "
+                     f"{result['feature_cache_steps_per_s_ratio']:.2f}x")
+        lines += _memory_lines(fc, px, "feature cache", "pixels")
+    for name, rep in reports.items():
+        print(f"--- {name}\n{format_report(rep)}")
+    print("\n".join(lines), flush=True)
+    return result
+
+
+def _memory_lines(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> list[str]:
+    return [f"  stage {sa['stage']} peak memory ({sa['memory_kind']}): {name_a} {sa['peak_memory_gib']:.2f} GiB, "
+            f"{name_b} {sb['peak_memory_gib']:.2f} GiB" for sa, sb in zip(a["stages"], b["stages"])]
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
+    if args.suite == "gpu":
+        from lavis.gpu_suite import run_suite
+
+        out = Path(args.out) if args.out else None
+        run_suite(args.device, Path(args.output_dir), out)
+        return
+    if not args.cfg_path:
+        raise SystemExit("--cfg-path is required (or --suite gpu)")
+    if args.variant is None and variants(args):
+        result = compare(args, argv)
+        out = Path(args.out or Path(args.output_dir) / "bench.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return
     cfg = bench_config(args)
     world = cfg.train.num_stages * args.dp
     if "RANK" not in os.environ and world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               "-m", "lavis.bench", *(argv if argv is not None else sys.argv[1:])]
+               "-m", "lavis.bench", *argv]
         sys.exit(subprocess.call(cmd))
     from lavis.engine.trainer import train
 
     init_distributed()
-    if dist.get_rank() == 0 and args.synthetic_data:
-        num = max(64, cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.dp * cfg.train.max_steps)
-        write_synthetic_data(cfg, args.seq_len, num)
+    if dist.get_rank() == 0:
+        prepare_data(cfg, args)
     dist.barrier()
     hook = MeasureHook(measure_from=args.warmup + 1)
     run = train(cfg, hooks=[hook], resume=False, save=False)

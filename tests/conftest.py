@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from lavis.config.schema import Config
 from lavis.data import shapes
 
 REPO = Path(__file__).resolve().parents[1]
+# Annotation indexes (lavis.data.records) of this test session, not the user's ~/.cache; launches inherit it.
+os.environ.setdefault("LAVIS_RECORD_INDEX_DIR", tempfile.mkdtemp(prefix="lavis-test-records-"))
 DEMO_CFG = REPO / "lavis/projects/demo/shapes.yaml"
 PRETRAIN_CFG = REPO / "lavis/projects/demo/shapes_pretrain.yaml"
 

@@ -242,6 +242,11 @@ class DataConfig:
     """Accept image / video paths that lead outside their dataset's ``vis_root`` (``../x``, absolute paths
     elsewhere). Off: such a record is an error naming ``file:index``, the record id and the path."""
 
+    feature_cache: str | None = None
+    """Directory written by ``python -m lavis.data.cache_features``: stage 0 reads the frozen vision side's outputs
+    from it instead of decoding pixels, and does not build the frozen modules (refused if built from other weights
+    or with another transform)."""
+
     def __post_init__(self) -> None:
         for name in ("max_txt_len", "num_video_frames", "pad_to_multiple_of"):
             check_range(getattr(self, name) >= 1, f"data.{name}", ">= 1", getattr(self, name))
@@ -285,6 +290,11 @@ class TrainConfig:
     activation_checkpoint_blocks: list[int] | None = None
     """Or recompute only these decoder blocks (0-based; e.g. the early blocks of stage 0, which hold the most
     micro-batches in flight under 1F1B). Non-reentrant ``torch.utils.checkpoint``."""
+    inter_stage_mask: Literal["padding", "float_additive"] = "padding"
+    """What stages send each other besides the hidden states: ``padding``, the ``[B, L]`` int64 padding mask (each
+    block builds its causal mask from it), or ``float_additive``, a ``[B, 1, L, L]`` float additive causal + padding
+    mask that takes part in autograd (the predecessors' layout; only for ``python -m lavis.bench --compare
+    predecessor``)."""
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2

@@ -1,6 +1,7 @@
 """Samples -> one micro-batch in the pipeline's input layout, with dynamic padding.
 
-``batch[0] = (pixels [N,3,S,S], input_ids [B,L], attention_mask [B,L])`` feeds the first stage;
+``batch[0] = (pixels [N,3,S,S], input_ids [B,L], attention_mask [B,L])`` feeds the first stage (with
+``data.feature_cache``, cached features ``[N,T,C]`` in place of the pixels);
 ``batch[1] = labels [B,L]`` feeds the loss on the last stage. ``L`` is the longest sample rounded up to a multiple
 of ``pad_to_multiple_of`` (capped at ``max_txt_len``), or exactly ``max_txt_len`` in fixed-length mode (parity with
 the predecessors, which pad everything to ``max_txt_len``). Padding is on the right with the pad id and label -100.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,18 +107,27 @@ def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0, allow_ou
 
 
 def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
-                 allow_outside_root: bool = False) -> list[Record]:
+                 allow_outside_root: bool = False) -> Sequence[Record]:
     """Read a dataset in ``ds.format`` (``lavis/data/formats.py``); structural errors name ``file:index``; media
     paths outside ``ds.vis_root`` are refused unless ``allow_outside_root`` (``data.allow_outside_root``).
 
     With ``errors`` given, malformed records are appended to it as ``(where, message)`` and left out instead of
     raising (the checker reports them all); training passes none, so the first malformed record stops it.
-    ``allow_outside_root`` is ``data.allow_outside_root``.
+    Formats kept in one JSON / JSONL file are held compactly (``lavis.data.records``: a shared memory-mapped index
+    of byte offsets, each record parsed when accessed); the result indexes, iterates and concatenates (``+``) like a
+    list.
     """
+    from functools import partial
+
+    from lavis.data.records import open_records
+
+    parse = partial(parse_record, ds=ds, allow_outside_root=allow_outside_root)
+    if FORMATS[ds.format].one_json_file:
+        return open_records(Path(ds.ann_path), ds.format, parse, errors, key=f"{ds!r}|{allow_outside_root}")
     records = []
     for index, (where, r) in enumerate(FORMATS[ds.format].read(ds.ann_path)):
         try:
-            records.append(parse_record(r, where, ds, index, allow_outside_root))
+            records.append(parse(r, where, index))
         except ValueError as e:
             if errors is None:
                 raise
@@ -141,7 +150,8 @@ def load_record_image(p: MediaRef) -> Image.Image:
 class Sample:
     id: str
     pixels_NCHW: torch.Tensor
-    """Images then video frames of this sample, in marker order; ``[0, 3, S, S]`` when not loaded."""
+    """Images then video frames of this sample, in marker order; ``[0, 3, S, S]`` when not loaded; with
+    ``data.feature_cache`` their cached features ``[N, T, C]`` instead (``lavis.data.cache_features``)."""
     input_ids: torch.Tensor
     labels: torch.Tensor
 
@@ -151,7 +161,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record],
         tpl: ChatTemplate,
         data: DataConfig,
         image_size: int,
@@ -170,6 +180,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         kind = t.kind if train else "eval"
         self.transform = media.image_transform(kind, image_size, min_scale=t.min_scale, hflip=t.hflip and train)
         self._lengths: dict[int, int] = {}
+        self.features = None
+        """``data.feature_cache`` opened (stage 0 reads features instead of pixels; the weights are checked where
+        the model is built, ``lavis.pipeline.layers.VisionEmbedPipe``)."""
+        if data.feature_cache is not None and load_media:
+            from lavis.data.cache_features import FeatureCache
+
+            self.features = FeatureCache.open(data.feature_cache)
+            self.features.check_transform_of(image_size, data)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -201,17 +219,23 @@ class ConversationDataset(torch.utils.data.Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 try:
-                    pixels = self._load_media(r)
+                    pixels = self._load_media(r, seed)
                 except media.MediaError as e:
                     raise media.MediaError(f"{r.where} (id {r.id}): {e}") from e
+        elif self.features is not None:
+            pixels = self.features.empty()
         else:
             pixels = torch.zeros(0, 3, self.image_size, self.image_size)
         if self.load_media and pixels.shape[0] != enc.num_media:
-            raise SampleError(f"{r.where} (id {r.id}): {pixels.shape[0]} images decoded, {enc.num_media} expected")
+            raise SampleError(f"{r.where} (id {r.id}): {pixels.shape[0]} images decoded (or cached frames read), "
+                              f"{enc.num_media} expected")
         return Sample(r.id, pixels, torch.tensor(enc.input_ids), torch.tensor(enc.labels))
 
-    def _load_media(self, r: Record) -> torch.Tensor:
+    def _load_media(self, r: Record, seed: int) -> torch.Tensor:
         # A record holds images (in marker order) or one video (load_records enforces it).
+        if self.features is not None:
+            files = [*r.images, *([r.video] if r.video is not None else [])]
+            return torch.cat([self.features.get(p, seed) for p in files])
         tensors = [self.transform(load_record_image(p)).unsqueeze(0) for p in r.images]
         if r.video is not None:
             frames = media.load_video_frames(r.video, self.tpl.num_video_frames, fps=self.data.video_fps)

@@ -317,6 +317,9 @@ class Format:
     """``ann_path`` -> ``(where, raw record)`` pairs."""
     convert: Callable[[dict[str, Any], str, int, Any], dict[str, Any]]
     """``(raw record, where, index, DatasetConfig)`` -> canonical dict."""
+    one_json_file: bool = True
+    """The records are the elements of one JSON list or the lines of one JSONL file: held compactly as byte offsets
+    (``lavis.data.records``) instead of parsed objects."""
 
 
 def _json(spec: str) -> list[tuple[str, Any]]:
@@ -329,8 +332,8 @@ FORMATS: dict[str, Format] = {
     "llava": Format(_json, from_llava),
     "llava_pretrain": Format(_json, from_llava_pretrain),
     "videochatgpt": Format(_json, from_videochatgpt),
-    "minigpt4_captions": Format(lambda spec: read_minigpt4_captions(Path(spec)), from_minigpt4_captions),
-    "webdataset": Format(read_webdataset, from_webdataset),
+    "minigpt4_captions": Format(lambda spec: read_minigpt4_captions(Path(spec)), from_minigpt4_captions, False),
+    "webdataset": Format(read_webdataset, from_webdataset, False),
 }
 
 DatasetFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]

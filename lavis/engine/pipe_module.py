@@ -31,14 +31,16 @@ from lavis.weights.report import FileReport
 
 def layer_specs(
     cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int,
-    checkpoint_blocks: frozenset[int] = frozenset(),
+    checkpoint_blocks: frozenset[int] = frozenset(), feature_cache: str | None = None, float_mask: bool = False,
 ) -> list[LayerSpec]:
-    """``checkpoint_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``)."""
+    """``checkpoint_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``);
+    ``feature_cache``: ``data.feature_cache`` (stage 0 then builds no frozen vision module); ``float_mask``:
+    ``train.inter_stage_mask == "float_additive"``."""
     check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
     seed, std = cfg.init_seed, cfg.init_std
     n = hf.num_hidden_layers
     lora, quantize = cfg.llm.lora, cfg.llm.quantize
-    specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed)]
+    specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed, feature_cache, float_mask)]
     specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in checkpoint_blocks, lora, quantize)
               for j in range(n)]
     specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]

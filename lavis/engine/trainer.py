@@ -222,7 +222,8 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
            + format_plan(parts, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
     pipe = LavisPipelineModule(
-        layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers)),
+        layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
+                    feature_cache=cfg.data.feature_cache, float_mask=t.inter_stage_mask == "float_additive"),
         parts,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],

@@ -20,7 +20,7 @@ def init_modules_(modules: list[nn.Module | nn.Parameter], seed: int, std: float
         torch.manual_seed(seed)
         for m in modules:
             if isinstance(m, nn.Parameter):
-                m.normal_(0.0, std)
+                _normal_(m, std)
                 continue
             for owner in m.modules():
                 is_norm = "norm" in type(owner).__name__.lower()
@@ -30,4 +30,13 @@ def init_modules_(modules: list[nn.Module | nn.Parameter], seed: int, std: float
                     elif name.endswith("bias"):
                         p.zero_()
                     else:
-                        p.normal_(0.0, std)
+                        _normal_(p, std)
+
+
+def _normal_(p: torch.Tensor, std: float) -> None:
+    """N(0, std) in place; a meta-device tensor (a module that is not built, e.g. the frozen encoders under a
+    feature cache) draws the same numbers into a scratch tensor, so later modules get the same init."""
+    if p.is_meta:
+        torch.empty(p.shape, dtype=p.dtype).normal_(0.0, std)
+    else:
+        p.normal_(0.0, std)

@@ -44,11 +44,24 @@ def encode_media(
     pixels_NCHW: torch.Tensor,
 ) -> torch.Tensor:
     """Images (or frames) -> ``[N, Q, D]`` LLM-space embeddings. Frozen parts run without autograd."""
+    feats_NPW = encode_vision(visual_encoder, ln_vision, pixels_NCHW)
+    return project_queries(llm_proj, encode_queries(qformer, query_tokens, feats_NPW))
+
+
+def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+    """Images -> ``[N, 1 + patches, W]`` ``ln_vision`` features (without autograd when both are frozen)."""
     with torch.set_grad_enabled(_trains(visual_encoder) or _trains(ln_vision)):
         w = visual_encoder.patch_embed.proj.weight
-        feats_NPW = ln_vision(vit_features(visual_encoder, pixels_NCHW.to(w.dtype)))
+        return ln_vision(vit_features(visual_encoder, pixels_NCHW.to(w.dtype)))
+
+
+def encode_queries(qformer: nn.Module, query_tokens: nn.Parameter, feats_NPW: torch.Tensor) -> torch.Tensor:
+    """``ln_vision`` features -> ``[N, Q, H]`` Q-Former query outputs (without autograd when frozen)."""
     with torch.set_grad_enabled(_trains(qformer) or _trains(query_tokens)):
-        queries_NQH = qformer_queries(qformer, query_tokens, feats_NPW.to(query_tokens.dtype))
+        return qformer_queries(qformer, query_tokens, feats_NPW.to(query_tokens.dtype))
+
+
+def project_queries(llm_proj: nn.Module, queries_NQH: torch.Tensor) -> torch.Tensor:
     return llm_proj(queries_NQH.to(next(llm_proj.parameters()).dtype))
 
 

@@ -7,6 +7,8 @@ parameter names map to the plain model's names through ``lavis.pipeline.plan.lay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -18,10 +20,17 @@ from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
 from lavis.model.lora import add_block_adapters, is_adapter_key, plain_key, quantize_block_
 from lavis.model.llm import DecoderParts
-from lavis.model.mllm import build_projection, encode_media, keep_frozen_encoders_in_eval, merge_media
+from lavis.model.mllm import (
+    build_projection,
+    encode_queries,
+    encode_vision,
+    keep_frozen_encoders_in_eval,
+    merge_media,
+    project_queries,
+)
 from lavis.model.qformer import build_qformer, build_query_tokens
 from lavis.pipeline.plan import LayerEntry
-from lavis.pipeline.stage_io import StageIO
+from lavis.pipeline.stage_io import StageIO, float_additive_mask
 from lavis.weights.report import FileReport
 
 
@@ -29,40 +38,67 @@ class VisionEmbedPipe(nn.Module):
     """Layer 0: images -> ViT -> ln_vision -> Q-Former -> projection, written over the token embeddings.
 
     Input (the data iterator's ``batch[0]``): ``(pixels [N,3,S,S] float, input_ids [B,L] int64, mask [B,L] int64)``.
+    With ``feature_cache`` (``data.feature_cache``) the frozen modules are not built (their init draws are still
+    taken, on the meta device, so the rest of the layer starts identical) and ``batch[0][0]`` holds the cache's
+    features instead of pixels: ``[N, Q, H]`` Q-Former outputs or ``[N, 1 + P, W]`` ``ln_vision`` features
+    (``lavis.data.cache_features``). A cache built from other weights is refused here, at build time.
     """
 
-    def __init__(self, cfg: ModelConfig, hf: PretrainedConfig, placeholder_id: int, seed: int | None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, hf: PretrainedConfig, placeholder_id: int, seed: int | None,
+        feature_cache: str | None = None, float_mask: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.float_mask = float_mask
+        """Send a float additive mask instead of the padding mask (``train.inter_stage_mask``)."""
         self.placeholder_id = placeholder_id
-        self.visual_encoder = build_eva_vit(cfg.vision)
-        self.ln_vision = build_ln_vision(cfg.vision)
-        self.qformer = build_qformer(cfg.qformer, cfg.vision.width)
-        self.query_tokens = build_query_tokens(cfg.qformer)
+        self.cached: str | None = None
+        skipped: list[str] = []
+        if feature_cache is not None:
+            from lavis.data.cache_features import FROZEN_PREFIXES, FeatureCache, cache_level
+
+            self.cached = cache_level(cfg)
+            FeatureCache.open(feature_cache).check_weights(cfg)
+            skipped = [p.rstrip(".") for p in FROZEN_PREFIXES[self.cached]]
+        with torch.device("meta") if "visual_encoder" in skipped else contextlib.nullcontext():
+            visual_encoder = build_eva_vit(cfg.vision)
+            ln_vision = build_ln_vision(cfg.vision)
+        with torch.device("meta") if "qformer" in skipped else contextlib.nullcontext():
+            qformer = build_qformer(cfg.qformer, cfg.vision.width)
+            query_tokens = build_query_tokens(cfg.qformer)
         self.llm_proj = build_projection(cfg.projection, cfg.qformer.hidden_size, hf.hidden_size)
         self.embed_tokens = nn.Embedding(hf.vocab_size, hf.hidden_size)
         if seed is not None:
-            init_modules_(
-                [self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj,
-                 self.embed_tokens],
-                seed,
-                cfg.init_std,
-            )
+            init_modules_([visual_encoder, ln_vision, qformer, query_tokens, self.llm_proj, self.embed_tokens],
+                          seed, cfg.init_std)
+        if "visual_encoder" not in skipped:
+            self.visual_encoder, self.ln_vision = visual_encoder, ln_vision
+        if "qformer" not in skipped:
+            self.qformer, self.query_tokens = qformer, query_tokens
 
     def train(self, mode: bool = True) -> VisionEmbedPipe:
         super().train(mode)
-        keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
+        if self.cached is None:
+            keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
         return self
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StageIO:
-        pixels_NCHW, input_ids_BL, mask_BL = inputs
+        media_in, input_ids_BL, mask_BL = inputs
         embeds_BLD = self.embed_tokens(input_ids_BL)
         media = None
-        if pixels_NCHW.shape[0] > 0:
-            media = encode_media(
-                self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj, pixels_NCHW
-            )
-        return StageIO(merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id), mask_BL)
+        if media_in.shape[0] > 0:
+            if self.cached is None:
+                feats = encode_vision(self.visual_encoder, self.ln_vision, media_in)
+            else:
+                feats = media_in.detach()
+            if self.cached != "qformer":
+                feats = encode_queries(self.qformer, self.query_tokens, feats)
+            media = project_queries(self.llm_proj, feats)
+        hidden_BLD = merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id)
+        if self.float_mask:
+            return StageIO(hidden_BLD, float_additive_mask(mask_BL, hidden_BLD.dtype))
+        return StageIO(hidden_BLD, mask_BL)
 
 
 class DecoderBlockPipe(nn.Module):
@@ -100,11 +136,14 @@ class DecoderBlockPipe(nn.Module):
         if rotary.inv_freq.device != hidden_BLD.device:
             self._rotary[0] = rotary = rotary.to(hidden_BLD.device)
         pos_1L = torch.arange(hidden_BLD.shape[1], device=hidden_BLD.device).unsqueeze(0)
-        make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
-        attn_mask = make_mask(
-            config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
-            position_ids=pos_1L,
-        )
+        if mask_BL.is_floating_point():  # train.inter_stage_mask: float_additive, already [B, 1, L, L]
+            attn_mask = mask_BL
+        else:
+            make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
+            attn_mask = make_mask(
+                config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
+                position_ids=pos_1L,
+            )
         cos_sin = rotary(hidden_BLD, pos_1L)
         if self.checkpoint and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._block, hidden_BLD, attn_mask, pos_1L, *cos_sin,
@@ -143,7 +182,12 @@ class LMHeadPipe(nn.Module):
             init_modules_([self.lm_head], seed, std)
 
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        hidden_BLD, _ = io
+        hidden_BLD, mask = io
+        if mask.is_floating_point() and mask.requires_grad:
+            # train.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
+            # also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
+            # One element times zero: a sum over the mask would overflow to -inf (its entries are the dtype's min).
+            hidden_BLD = hidden_BLD + (mask.reshape(-1)[0] * 0.0).to(hidden_BLD.dtype)
         return self.lm_head(hidden_BLD)
 
 

@@ -101,13 +101,17 @@ class Workload:
     """Or only these decoder blocks."""
 
 
-def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> list[LayerCost]:
+def layer_costs(
+    cfg: ModelConfig, hf_dims: dict[str, int], work: Workload, cached: str | None = None
+) -> list[LayerCost]:
     """Per-layer parameter counts (exact for the standard layouts) and FLOP / activation estimates.
 
     ``hf_dims``: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
     vocab_size. FLOPs: 2 x params x tokens forward (+ 4 x L^2 x D attention per sequence for blocks); backward is 2x
     forward for trainable layers, 1x (input gradients only) for frozen layers that gradients must pass through,
-    0 for frozen layers with nothing trainable before them.
+    0 for frozen layers with nothing trainable before them. ``cached`` (``"qformer"`` or ``"vision"``, see
+    ``lavis.data.cache_features``): those frozen modules are read from a feature cache, so layer 0 neither holds
+    nor runs them.
     """
     v, q = cfg.vision, cfg.qformer
     d, inter = hf_dims["hidden_size"], hf_dims["intermediate_size"]
@@ -149,6 +153,10 @@ def layer_costs(cfg: ModelConfig, hf_dims: dict[str, int], work: Workload) -> li
     vit_f = 2 * vit * (num_patches + 1) * img * (1 + bwd_factor(bool(vis_tr)))
     qf_f = 2 * qformer * q.num_query_tokens * img * (1 + bwd_factor(bool(qf_tr)))
     proj_f = 2 * proj * q.num_query_tokens * img * (1 + bwd_factor(bool(proj_tr)))
+    if cached is not None:  # the cached modules are not built: no weights, no compute
+        vit = ln_vision = vit_f = 0
+        if cached == "qformer":
+            qformer = qf_f = 0
     seqs = max(1, t // max(1, work.seq_len))
     block_f = (2 * block * t + 4 * seqs * work.seq_len**2 * d) * (1 + bwd_factor(llm_tr))
     head_f = 2 * head * t * (1 + bwd_factor(llm_tr))
@@ -352,7 +360,12 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
                     images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
                     activation_checkpointing=t.activation_checkpoint_interval > 0,
                     checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]))
-    costs = layer_costs(cfg.model, dims, work)
+    cached = None
+    if cfg.data.feature_cache is not None:
+        from lavis.data.cache_features import cache_level
+
+        cached = cache_level(cfg.model)
+    costs = layer_costs(cfg.model, dims, work, cached)
     optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
     if t.partition is not None:
         parts = check_partition(list(t.partition), len(costs), t.num_stages)
