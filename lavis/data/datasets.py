@@ -106,6 +106,18 @@ def parse_record(r: Any, where: str, ds: DatasetConfig, index: int = 0, allow_ou
     return Record(rid, paths, media_path(root, video, where, rid, allow_outside_root) if video else None, convs, where)
 
 
+@dataclass(frozen=True)
+class RecordParser:
+    """:func:`parse_record` bound to one dataset's config, as ``(raw, where, index) -> Record``; picklable, so loader
+    workers started by spawn get it too."""
+
+    ds: DatasetConfig
+    allow_outside_root: bool = False
+
+    def __call__(self, r: Any, where: str, index: int) -> Record:
+        return parse_record(r, where, self.ds, index, self.allow_outside_root)
+
+
 def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
                  allow_outside_root: bool = False) -> Sequence[Record]:
     """Read a dataset in ``ds.format`` (``lavis/data/formats.py``); structural errors name ``file:index``; media
@@ -117,11 +129,9 @@ def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
     of byte offsets, each record parsed when accessed); the result indexes, iterates and concatenates (``+``) like a
     list.
     """
-    from functools import partial
-
     from lavis.data.records import open_records
 
-    parse = partial(parse_record, ds=ds, allow_outside_root=allow_outside_root)
+    parse = RecordParser(ds, allow_outside_root)
     if FORMATS[ds.format].one_json_file:
         return open_records(Path(ds.ann_path), ds.format, parse, errors, key=f"{ds!r}|{allow_outside_root}")
     records = []
