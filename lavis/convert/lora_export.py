@@ -52,7 +52,7 @@ def without_lora(cfg: Config) -> Config:
 
 def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (MultimodalLM, Config, Path)
     """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left."""
-    from lavis.chat.engine import load_model
+    from lavis.model.load import load_model
     from lavis.data.tokenizer import load_tokenizer
 
     cfg, tok_file = run_config(tag_dir)
@@ -109,7 +109,7 @@ def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
     """A peft adapter directory: ``PeftModel.from_pretrained(base_llm, DIR)`` gives the trained LLM."""
     from safetensors.torch import save_file
 
-    from lavis.chat.engine import load_model
+    from lavis.model.load import load_model
     from lavis.convert.hf_export import write_sidecar
     from lavis.data.tokenizer import load_tokenizer
 
