@@ -147,7 +147,7 @@ def answer_stop_ids(tpl: ChatTemplate) -> tuple[list[int], int]:
 
 
 def vision_modules(model: MultimodalLM) -> list[nn.Module]:
-    return [model.visual_encoder, model.ln_vision, model.qformer, model.llm_proj]
+    return [m for m in (model.visual_encoder, model.ln_vision, model.qformer, model.llm_proj) if m is not None]
 
 
 def plan_llm_device_map(
