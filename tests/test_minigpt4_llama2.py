@@ -12,6 +12,7 @@ import torch
 from lavis.config.load import ConfigError, load_config
 from lavis.config.presets import preset_path
 from lavis.config.schema import LLMConfig, ModelConfig, QFormerConfig, VisionConfig
+from lavis.data.cache_features import cache_level
 from lavis.model.eva_vit import vit_features
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.model.mllm import MultimodalLM, lm_loss
@@ -39,6 +40,7 @@ def test_preset_is_minigpt4_llama2_geometry() -> None:
     m = load_config(preset_path("minigpt4_llama2")).model
     assert not m.qformer.enabled and m.qformer.checkpoint is None
     assert (m.num_image_tokens, m.projection_in_dim) == (64, 5632)  # 256 ViT-g patches / 4, 4 x 1408
+    assert cache_level(m) == "vision"  # a feature cache holds ln_vision features; layer 0 concatenates them
     with pytest.raises(ConfigError, match=r"model\.qformer\.checkpoint must be null"):
         load_config(preset_path("minigpt4_llama2"), ["model.qformer.checkpoint=blip2.pth"])
     with pytest.raises(ConfigError, match=r"model\.qformer\.patch_concat \(3\) must divide the ViT's 256"):
