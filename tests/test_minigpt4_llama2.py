@@ -166,3 +166,20 @@ def test_chat_prompt_is_minigpt4_demo_token_for_token() -> None:
     sys_text, inst = before.split("<s>")
     demo = [sp.bos_id(), *sp.encode(sys_text), sp.piece_to_id("<s>"), *sp.encode(inst), *[0] * 64, *sp.encode(after)]
     assert ours == demo
+
+
+def test_pipeline_training_without_qformer(tiny_data: Path, tmp_path: Path) -> None:
+    """Two pipeline stages on the demo model without a Q-Former: the data carries 64 / 8^2 / 4 = 16 placeholders per
+    image (the template follows the config), only the projection (4 x 128 -> 128) trains and is saved."""
+    import math
+
+    from lavis.convert.pipe_to_pth import load_plain_state, resolve_tag_dir
+
+    from .conftest import PRETRAIN_CFG, losses, train
+
+    run = train(tmp_path, "noqf", 2, 2, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
+                extra=("model.qformer.enabled=false",))
+    got = losses(run)
+    assert len(got) == 3 and all(math.isfinite(x) for x in got) and got[-1] < got[0]
+    state, _ = load_plain_state(resolve_tag_dir(run))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"llm_proj.weight": (128, 512), "llm_proj.bias": (128,)}
