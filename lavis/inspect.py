@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from lavis.config.presets import preset_path
     from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
     from lavis.model.llm import llm_hf_config
-    from lavis.weights.base import load_weights, model_shapes
+    from lavis.weights.base import default_init_keys, load_weights, model_shapes
 
     a = _args(argv)
     path = preset_path(a.model_type) if a.model_type else a.cfg_path
@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(rep.format(limit=20))
         provided |= set(rep.loaded)
         ok &= rep.ok
-    rest = [k for k in want if k not in provided]
+    by_design = {k: why for k, why in default_init_keys(cfg.model).items() if k in want and k not in provided}
+    rest = [k for k in want if k not in provided and k not in by_design]
     groups = sorted({k.split(".")[0] for k in rest})
-    print(f"model: {len(want)} tensors, {len(provided)} from files, {len(rest)} keep the seeded init"
-          + (f" ({', '.join(groups)})" if rest else ""))
+    print(f"model: {len(want)} tensors, {len(provided)} from files, "
+          + (f"{len(by_design)} at their default init by design ({next(iter(by_design.values()))}), "
+             if by_design else "")
+          + f"{len(rest)} keep the seeded init" + (f" ({', '.join(groups)})" if rest else ""))
     if ok and a.forward:
         ok = _forward(cfg, tok, a.checkpoint, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     print("OK" if ok else "FAILED")

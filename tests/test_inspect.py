@@ -20,7 +20,8 @@ OPTS = [*TINY_OPTIONS, "model.vision.depth=1"]
 
 def test_every_preset_has_a_synthetic_layout() -> None:
     assert set(model_types()) >= set(LLM_CONFIGS) == {"qwen7b_chat", "qwen14b_chat", "vicuna0_7b", "vicuna0_13b",
-                                                       "qwen2.5_7b_instruct", "qwen3_8b", "llama3.1_8b_instruct"}
+                                                       "qwen2.5_7b_instruct", "qwen3_8b", "llama3.1_8b_instruct",
+                                                       "minigpt4_llama2"}
 
 
 @pytest.mark.parametrize("name", sorted(LLM_CONFIGS))
@@ -33,7 +34,7 @@ def test_inspect_forward_passes_on_synthetic_files(name: str, tmp_path: Path, mo
     assert main(argv) == 0
     out = capsys.readouterr().out
     file_lines = [ln for ln in out.splitlines() if " loaded, " in ln]
-    assert len(file_lines) == (4 if ckpt else 3)
+    assert len(file_lines) == 2 + ("blip2" in files) + bool(ckpt)  # eva, [blip2], LLM directory, [checkpoint]
     assert all("0 missing, 0 unexpected" in ln and "0 shape-mismatched" in ln for ln in file_lines), out
     assert out.rstrip().endswith("OK")
     assert "finite=True" in out

@@ -147,7 +147,7 @@ def answer_stop_ids(tpl: ChatTemplate) -> tuple[list[int], int]:
 
 
 def vision_modules(model: MultimodalLM) -> list[nn.Module]:
-    return [model.visual_encoder, model.ln_vision, model.qformer, model.llm_proj]
+    return [m for m in (model.visual_encoder, model.ln_vision, model.qformer, model.llm_proj) if m is not None]
 
 
 def plan_llm_device_map(
@@ -188,7 +188,8 @@ def dispatch_auto(model: MultimodalLM) -> torch.device:
     first = torch.device("cuda", 0)
     for m in vision_modules(model):
         m.to(first)
-    model.query_tokens.data = model.query_tokens.data.to(first)
+    if model.query_tokens is not None:
+        model.query_tokens.data = model.query_tokens.data.to(first)
     vision_bytes = sum(p.numel() * p.element_size() for m in vision_modules(model) for p in m.parameters())
     no_split = list(getattr(llm, "_no_split_modules", None) or [])
     max_memory = get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split)

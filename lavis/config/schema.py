@@ -73,10 +73,18 @@ class QFormerConfig:
     checkpoint: str | None = None
     """``blip2_pretrained_flant5xxl.pth``: Q-Former, ``query_tokens`` and ``ln_vision``."""
     frozen: bool = True
+    enabled: bool = True
+    """False: no Q-Former (MiniGPT-4's LLaMA-2 model, its ``has_qformer: False``). The ViT's patch tokens (cls token
+    dropped, after ``ln_vision``), ``patch_concat`` consecutive ones concatenated, go straight into ``llm_proj``; the
+    other Q-Former keys are unused and ``checkpoint`` must be null (``ln_vision`` keeps its default init 1/0, which
+    MiniGPT-4 never loads either)."""
+    patch_concat: int = 4
+    """Without a Q-Former: patch tokens concatenated per image token (MiniGPT-4: 4, so ViT-g's 256 patches of width
+    1408 become 64 tokens of width 5632)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "num_query_tokens",
-                     "cross_attention_freq"):
+                     "cross_attention_freq", "patch_concat"):
             check_range(getattr(self, name) >= 1, f"model.qformer.{name}", ">= 1", getattr(self, name))
         check_range(0 <= self.dropout < 1, "model.qformer.dropout", "in [0, 1)", self.dropout)
 
@@ -172,6 +180,33 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_range(self.init_std > 0, "model.init_std", "> 0", self.init_std)
+        if not self.qformer.enabled:
+            self._check_without_qformer()
+
+    def _check_without_qformer(self) -> None:
+        q, patches = self.qformer, (self.vision.image_size // self.vision.patch_size) ** 2
+        if q.checkpoint is not None:
+            raise ValueError("model.qformer.checkpoint must be null when model.qformer.enabled is false (there is no "
+                             f"Q-Former to load; got {q.checkpoint!r})")
+        if not q.frozen:
+            raise ValueError("model.qformer.frozen: false needs model.qformer.enabled: true (there is no Q-Former to "
+                             "train); set frozen: true")
+        if patches % q.patch_concat:
+            raise ValueError(f"model.qformer.patch_concat ({q.patch_concat}) must divide the ViT's {patches} patch "
+                             f"tokens (model.vision.image_size / patch_size squared)")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens (placeholders) per image or video frame: the Q-Former's queries, or without a Q-Former the
+        ViT's patch tokens over ``patch_concat``."""
+        if self.qformer.enabled:
+            return self.qformer.num_query_tokens
+        return (self.vision.image_size // self.vision.patch_size) ** 2 // self.qformer.patch_concat
+
+    @property
+    def projection_in_dim(self) -> int:
+        """Width of what ``llm_proj`` reads: the Q-Former's hidden size, or ``patch_concat`` x the ViT width."""
+        return self.qformer.hidden_size if self.qformer.enabled else self.qformer.patch_concat * self.vision.width
 
 
 @dataclass

@@ -61,10 +61,11 @@ class CacheError(ValueError):
 
 def cache_level(model: ModelConfig) -> Level:
     """What a cache replaces for this model: ``qformer`` (ViT, ln_vision, Q-Former and query tokens frozen) or
-    ``vision`` (ViT and ln_vision frozen)."""
+    ``vision`` (ViT and ln_vision frozen; also for a model without a Q-Former, whose layer 0 then concatenates the
+    cached patch features)."""
     if not model.vision.frozen:
         raise CacheError("data.feature_cache needs model.vision.frozen: true (a trainable ViT cannot be cached)")
-    return "qformer" if model.qformer.frozen else "vision"
+    return "qformer" if model.qformer.frozen and model.qformer.enabled else "vision"
 
 
 def feature_shape(model: ModelConfig, level: Level) -> tuple[int, int]:

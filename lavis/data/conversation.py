@@ -111,7 +111,7 @@ def template_from_config(tok: TextTokenizer, cfg: Config) -> ChatTemplate:
     """The one place a run's template is built from its config (training, chat, bench, checker)."""
     llm = cfg.model.llm
     system = SYSTEM_PROMPTS[llm.template] if llm.system_prompt is None else llm.system_prompt
-    return ChatTemplate(tok, system, llm.image_placeholder, cfg.model.qformer.num_query_tokens,
+    return ChatTemplate(tok, system, llm.image_placeholder, cfg.model.num_image_tokens,
                         cfg.data.num_video_frames, name=llm.template)
 
 @dataclass

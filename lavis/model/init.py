@@ -14,11 +14,14 @@ INIT_STD = 0.02
 
 
 @torch.no_grad()
-def init_modules_(modules: list[nn.Module | nn.Parameter], seed: int, std: float = INIT_STD) -> None:
-    """Norm weights 1, biases 0, everything else N(0, std), drawn in registration order from ``seed``."""
+def init_modules_(modules: list[nn.Module | nn.Parameter | None], seed: int, std: float = INIT_STD) -> None:
+    """Norm weights 1, biases 0, everything else N(0, std), drawn in registration order from ``seed``; None entries
+    (an absent component, e.g. no Q-Former) are skipped."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in modules:
+            if m is None:
+                continue
             if isinstance(m, nn.Parameter):
                 _normal_(m, std)
                 continue

@@ -1,5 +1,8 @@
 """The plain (non-pipeline) multimodal model: ViT -> ln_vision -> Q-Former -> projection -> LLM.
 
+Without a Q-Former (``model.qformer.enabled: false``, MiniGPT-4's LLaMA-2 model) the ViT's patch tokens, a few
+concatenated per image token, go straight into the projection; ``qformer`` and ``query_tokens`` are then None.
+
 This is the reference path: training parity tests compare the pipeline against it, and chat runs it. Module names
 follow the predecessors (MiniGPT-4 / MPP-Qwen) so their checkpoints map with few renames: ``visual_encoder``,
 ``ln_vision``, ``query_tokens``, ``llm_proj``, ``llm_model``; the Q-Former keeps transformers' names under
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavis.config.schema import ModelConfig, ProjectionConfig
+from lavis.config.schema import ModelConfig, ProjectionConfig, QFormerConfig
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision, vit_features
 from lavis.model.freezing import is_trainable
 from lavis.model.init import init_modules_
@@ -22,6 +25,21 @@ from lavis.model.llm import build_llm, llm_hf_config
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
 
 IGNORE_INDEX = -100
+
+
+def build_qformer_parts(cfg: QFormerConfig, encoder_width: int) -> tuple[nn.Module | None, nn.Parameter | None]:
+    """The Q-Former and its ``query_tokens``, or ``(None, None)`` when ``cfg.enabled`` is false."""
+    if not cfg.enabled:
+        return None, None
+    return build_qformer(cfg, encoder_width), build_query_tokens(cfg)
+
+
+def concat_patches(feats_NPW: torch.Tensor, factor: int) -> torch.Tensor:
+    """MiniGPT-4 without a Q-Former: drop the cls token, then concatenate each ``factor`` consecutive patch tokens
+    (raster order): ``[N, 1 + P, W]`` -> ``[N, P / factor, factor * W]``."""
+    patches_NPW = feats_NPW[:, 1:]
+    n, p, w = patches_NPW.shape
+    return patches_NPW.reshape(n, p // factor, factor * w)
 
 
 def build_projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
@@ -38,14 +56,16 @@ def _trains(module: nn.Module | nn.Parameter) -> bool:
 def encode_media(
     visual_encoder: nn.Module,
     ln_vision: nn.Module,
-    qformer: nn.Module,
-    query_tokens: nn.Parameter,
+    qformer: nn.Module | None,
+    query_tokens: nn.Parameter | None,
     llm_proj: nn.Module,
     pixels_NCHW: torch.Tensor,
+    patch_concat: int = 0,
 ) -> torch.Tensor:
-    """Images (or frames) -> ``[N, Q, D]`` LLM-space embeddings. Frozen parts run without autograd."""
+    """Images (or frames) -> ``[N, Q, D]`` LLM-space embeddings. Frozen parts run without autograd.
+    ``qformer`` None: no Q-Former, see :func:`encode_queries`."""
     feats_NPW = encode_vision(visual_encoder, ln_vision, pixels_NCHW)
-    return project_queries(llm_proj, encode_queries(qformer, query_tokens, feats_NPW))
+    return project_queries(llm_proj, encode_queries(qformer, query_tokens, feats_NPW, patch_concat))
 
 
 def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
@@ -55,8 +75,15 @@ def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: 
         return ln_vision(vit_features(visual_encoder, pixels_NCHW.to(w.dtype)))
 
 
-def encode_queries(qformer: nn.Module, query_tokens: nn.Parameter, feats_NPW: torch.Tensor) -> torch.Tensor:
-    """``ln_vision`` features -> ``[N, Q, H]`` Q-Former query outputs (without autograd when frozen)."""
+def encode_queries(
+    qformer: nn.Module | None, query_tokens: nn.Parameter | None, feats_NPW: torch.Tensor, patch_concat: int = 0
+) -> torch.Tensor:
+    """``ln_vision`` features -> ``[N, Q, H]`` Q-Former query outputs (without autograd when frozen); with
+    ``qformer`` None, ``patch_concat`` (>= 1) concatenated patch tokens per image token (:func:`concat_patches`)."""
+    if qformer is None or query_tokens is None:
+        if patch_concat < 1:
+            raise ValueError(f"encode_queries without a Q-Former needs patch_concat >= 1 (got {patch_concat})")
+        return concat_patches(feats_NPW, patch_concat)
     with torch.set_grad_enabled(_trains(qformer) or _trains(query_tokens)):
         return qformer_queries(qformer, query_tokens, feats_NPW.to(query_tokens.dtype))
 
@@ -82,11 +109,11 @@ def merge_media(
     return embeds_BLD.masked_scatter(slots_BL.unsqueeze(-1), media_NQD.to(embeds_BLD.dtype))
 
 
-def keep_frozen_encoders_in_eval(cfg: ModelConfig, visual_encoder: nn.Module, qformer: nn.Module) -> None:
+def keep_frozen_encoders_in_eval(cfg: ModelConfig, visual_encoder: nn.Module, qformer: nn.Module | None) -> None:
     """Frozen encoders stay in eval mode (no dropout), as in LAVIS, without monkeypatching ``train``."""
     if cfg.vision.frozen:
         visual_encoder.eval()
-    if cfg.qformer.frozen:
+    if cfg.qformer.frozen and qformer is not None:
         qformer.eval()
 
 
@@ -104,14 +131,14 @@ class MultimodalLM(nn.Module):
         self.placeholder_id = placeholder_id
         self.visual_encoder = build_eva_vit(cfg.vision)
         self.ln_vision = build_ln_vision(cfg.vision)
-        self.qformer = build_qformer(cfg.qformer, cfg.vision.width)
-        self.query_tokens = build_query_tokens(cfg.qformer)
+        self.qformer, self.query_tokens = build_qformer_parts(cfg.qformer, cfg.vision.width)
         hf = llm_hf_config(cfg.llm)
-        self.llm_proj = build_projection(cfg.projection, cfg.qformer.hidden_size, hf.hidden_size)
+        self.llm_proj = build_projection(cfg.projection, cfg.projection_in_dim, hf.hidden_size)
         self.llm_model = build_llm(hf)
 
-    def embed_components(self) -> list[nn.Module | nn.Parameter]:
-        """Layer 0 of the pipeline, in init order (see ``lavis.pipeline.layers.VisionEmbedPipe``)."""
+    def embed_components(self) -> list[nn.Module | nn.Parameter | None]:
+        """Layer 0 of the pipeline, in init order (see ``lavis.pipeline.layers.VisionEmbedPipe``); None where there
+        is no Q-Former."""
         return [
             self.visual_encoder,
             self.ln_vision,
@@ -145,7 +172,8 @@ class MultimodalLM(nn.Module):
         media = None
         if pixels_NCHW.shape[0] > 0:
             media = encode_media(
-                self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj, pixels_NCHW
+                self.visual_encoder, self.ln_vision, self.qformer, self.query_tokens, self.llm_proj, pixels_NCHW,
+                self.cfg.qformer.patch_concat,
             )
         return merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id)
 

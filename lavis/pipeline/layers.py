@@ -22,20 +22,21 @@ from lavis.model.lora import add_block_adapters, is_adapter_key, plain_key, quan
 from lavis.model.llm import DecoderParts
 from lavis.model.mllm import (
     build_projection,
+    build_qformer_parts,
     encode_queries,
     encode_vision,
     keep_frozen_encoders_in_eval,
     merge_media,
     project_queries,
 )
-from lavis.model.qformer import build_qformer, build_query_tokens
 from lavis.pipeline.plan import LayerEntry
 from lavis.pipeline.stage_io import StageIO, float_additive_mask
 from lavis.weights.report import FileReport
 
 
 class VisionEmbedPipe(nn.Module):
-    """Layer 0: images -> ViT -> ln_vision -> Q-Former -> projection, written over the token embeddings.
+    """Layer 0: images -> ViT -> ln_vision -> Q-Former (or concatenated patch tokens) -> projection, written over the
+    token embeddings.
 
     Input (the data iterator's ``batch[0]``): ``(pixels [N,3,S,S] float, input_ids [B,L] int64, mask [B,L] int64)``.
     With ``feature_cache`` (``data.feature_cache``) the frozen modules are not built (their init draws are still
@@ -65,9 +66,8 @@ class VisionEmbedPipe(nn.Module):
             visual_encoder = build_eva_vit(cfg.vision)
             ln_vision = build_ln_vision(cfg.vision)
         with torch.device("meta") if "qformer" in skipped else contextlib.nullcontext():
-            qformer = build_qformer(cfg.qformer, cfg.vision.width)
-            query_tokens = build_query_tokens(cfg.qformer)
-        self.llm_proj = build_projection(cfg.projection, cfg.qformer.hidden_size, hf.hidden_size)
+            qformer, query_tokens = build_qformer_parts(cfg.qformer, cfg.vision.width)
+        self.llm_proj = build_projection(cfg.projection, cfg.projection_in_dim, hf.hidden_size)
         self.embed_tokens = nn.Embedding(hf.vocab_size, hf.hidden_size)
         if seed is not None:
             init_modules_([visual_encoder, ln_vision, qformer, query_tokens, self.llm_proj, self.embed_tokens],
@@ -93,7 +93,7 @@ class VisionEmbedPipe(nn.Module):
             else:
                 feats = media_in.detach()
             if self.cached != "qformer":
-                feats = encode_queries(self.qformer, self.query_tokens, feats)
+                feats = encode_queries(self.qformer, self.query_tokens, feats, self.cfg.qformer.patch_concat)
             media = project_queries(self.llm_proj, feats)
         hidden_BLD = merge_media(embeds_BLD, input_ids_BL, media, self.placeholder_id)
         if self.float_mask:

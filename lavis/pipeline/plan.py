@@ -127,7 +127,9 @@ def layer_costs(
     qf_layer = 4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size + 9 * q.hidden_size + q.intermediate_size
     qf_cross = 2 * q.hidden_size**2 + 2 * q.hidden_size * v.width + 6 * q.hidden_size
     qformer = q.num_layers * qf_layer + n_cross * qf_cross + 2 * q.hidden_size + q.num_query_tokens * q.hidden_size
-    proj = q.hidden_size * d + d if cfg.projection.kind == "linear" else q.hidden_size * d + d * d + 2 * d
+    qformer *= q.enabled  # no Q-Former: patch tokens go straight into the projection
+    pin, n_img_tok = cfg.projection_in_dim, cfg.num_image_tokens
+    proj = pin * d + d if cfg.projection.kind == "linear" else pin * d + d * d + 2 * d
     embed = vocab * d
     block = d * (heads * head_dim) * 2 + d * (kv_heads * head_dim) * 2 + 3 * d * inter + 2 * d
     block += (heads + 2 * kv_heads) * head_dim  # q/k/v biases (Qwen); an over-estimate of a few KB for LLaMA
@@ -151,8 +153,8 @@ def layer_costs(
 
     t, img = work.tokens, work.images
     vit_f = 2 * vit * (num_patches + 1) * img * (1 + bwd_factor(bool(vis_tr)))
-    qf_f = 2 * qformer * q.num_query_tokens * img * (1 + bwd_factor(bool(qf_tr)))
-    proj_f = 2 * proj * q.num_query_tokens * img * (1 + bwd_factor(bool(proj_tr)))
+    qf_f = 2 * qformer * n_img_tok * img * (1 + bwd_factor(bool(qf_tr)))
+    proj_f = 2 * proj * n_img_tok * img * (1 + bwd_factor(bool(proj_tr)))
     if cached is not None:  # the cached modules are not built: no weights, no compute
         vit = ln_vision = vit_f = 0
         if cached == "qformer":
@@ -168,7 +170,7 @@ def layer_costs(
             0, "embed", vit + ln_vision + qformer + proj + embed,
             vis_tr + qf_tr + proj_tr + (embed if emb_tr else 0),
             vit_f + qf_f + proj_f,
-            float(t * d * 2 + (img * q.num_query_tokens * q.hidden_size * 32 if (qf_tr or proj_tr) else 0)),
+            float(t * d * 2 + (img * n_img_tok * pin * 32 if (qf_tr or proj_tr) else 0)),
         )
     ]
     for j in range(n_blocks):

@@ -54,6 +54,16 @@ def model_shapes(cfg: ModelConfig) -> dict[str, Shape]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def default_init_keys(cfg: ModelConfig) -> dict[str, str]:
+    """Plain-model keys that no weight file provides by design, each with the reason (their seeded init, LayerNorm
+    weight 1 and bias 0, is what the predecessor runs with)."""
+    if cfg.qformer.enabled:
+        return {}
+    why = ("ln_vision without a Q-Former: MiniGPT-4 never loads it (its BLIP-2 file is not read), so it keeps "
+           "nn.LayerNorm's default weight 1, bias 0, as here")
+    return {"ln_vision.weight": why, "ln_vision.bias": why}
+
+
 def _wants(want: Mapping[str, Shape], *prefixes: str) -> bool:
     return any(k.startswith(prefixes) for k in want)
 

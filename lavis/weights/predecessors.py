@@ -10,7 +10,8 @@ Recognised key families (FORMATS.md sections 7-9), each mapped to our plain-mode
   norm as ``llm_model.transformer.final_h.{L}norm.weight`` and the head as ``llm_model.transformer.lm_head.weight``
   (its indices are 14B-only), which MPP's own ``strict=False`` loader drops; we load them into ``model.norm`` and
   ``lm_head`` and say so in the report;
-- MiniGPT-4 ``prerained_minigpt4_7b.pth`` / ``pretrained_minigpt4.pth`` and its runs' ``checkpoint_N.pth``:
+- MiniGPT-4 ``prerained_minigpt4_7b.pth`` / ``pretrained_minigpt4.pth`` / ``pretrained_minigpt4_llama2_7b.pth`` (no
+  Q-Former: ``llama_proj`` reads 4 concatenated ViT patch tokens, 5632 wide) and its runs' ``checkpoint_N.pth``:
   ``{"model": {llama_proj.*, buffers}, "optimizer", "config", "scaler", "epoch"}`` -> ``llm_proj.*``; its saver drops
   frozen parameters but keeps buffers (``Qformer.bert.embeddings.position_ids``,
   ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq``), which are ignored with the reason; LAVIS-style

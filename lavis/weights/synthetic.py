@@ -2,8 +2,8 @@
 
 No real weights can be downloaded here, so ``lavis.inspect`` and the tests run on these. For a preset this writes,
 under ``ROOT`` in the predecessors' ``cache/ckpt/`` layout (WEIGHT.md): ``eva/eva_vit_g.pth`` (with the 40th block),
-``blip2/blip2_pretrained_flant5xxl.pth``, the LLM directory (``config.json`` with the real dimensions and
-``num_hidden_layers`` reduced, weights in two shards with an index, the family's tokenizer file) and the
+``blip2/blip2_pretrained_flant5xxl.pth`` (presets with a Q-Former), the LLM directory (``config.json`` with the real
+dimensions and ``num_hidden_layers`` reduced, weights in two shards with an index, the family's tokenizer file) and the
 predecessors' checkpoints for that family under ``predecessors/``.
 
     python -m lavis.weights.synthetic --model-type qwen7b_chat --root /tmp/w --num-layers 2 --vision-depth 2
@@ -57,6 +57,10 @@ LLM_CONFIGS: dict[str, dict[str, Any]] = {
                      "max_position_embeddings": 8192},
     "vicuna0_7b": {**_LLAMA_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                    "num_key_value_heads": 32, "intermediate_size": 11008},
+    # Llama-2-7b-chat-hf's published config.json
+    "minigpt4_llama2": {**_LLAMA_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 32, "intermediate_size": 11008, "max_position_embeddings": 4096,
+                        "rms_norm_eps": 1e-5},
     "vicuna0_13b": {**_LLAMA_COMMON, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
                     "num_key_value_heads": 40, "intermediate_size": 13824},
     "qwen2.5_7b_instruct": {
@@ -280,16 +284,19 @@ def write_mpp_sft(path: str | Path, raw: dict[str, Any], *, mangled_7b: bool, qf
 
 
 def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768, seed: int = 0,
-                   num_layers: int = 0, head_dim: int = 128) -> Path:
+                   num_layers: int = 0, head_dim: int = 128, has_qformer: bool = True) -> Path:
     """MiniGPT-4 checkpoint as its LAVIS-style ``_save_checkpoint`` writes it: ``{"model", "optimizer", "config",
     "scaler", "epoch"}``. ``model`` is the state dict minus frozen parameters, buffers kept: ``llama_proj.*`` (the
-    only trained weight), ``Qformer.bert.embeddings.position_ids`` and, for each of ``num_layers`` LLaMA blocks,
-    ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq`` (a persistent buffer in the transformers 4.30 it
-    pins). ``optimizer`` is AdamW's state for the two trained tensors; ``config`` the run config as plain dicts."""
+    only trained weight), ``Qformer.bert.embeddings.position_ids`` (with a Q-Former) and, for each of ``num_layers``
+    LLaMA blocks, ``llama_model.model.layers.N.self_attn.rotary_emb.inv_freq`` (a persistent buffer in the
+    transformers 4.30 it pins). ``qformer_hidden`` is ``llama_proj``'s input width (768; without a Q-Former, the
+    LLaMA-2 model's ``has_qformer: False``, 4 x 1408 = 5632). ``optimizer`` is AdamW's state for the two trained
+    tensors; ``config`` the run config as plain dicts."""
     gen = torch.Generator().manual_seed(seed)
     model = {k: random_tensor(k, s, torch.float32, gen) for k, s in
              {"llama_proj.weight": (llm_hidden, qformer_hidden), "llama_proj.bias": (llm_hidden,)}.items()}
-    model["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    if has_qformer:
+        model["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     for i in range(num_layers):
         model[f"llama_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
@@ -300,7 +307,9 @@ def write_minigpt4(path: str | Path, llm_hidden: int, qformer_hidden: int = 768,
                           "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                           "fused": None, "params": [i]} for i, wd in ((0, 0.05), (1, 0.0))],
     }
-    config = {"model": {"arch": "minigpt4", "model_type": "pretrain_vicuna0", "max_txt_len": 160, "end_sym": "###"},
+    variant = {"model_type": "pretrain_vicuna0", "end_sym": "###"} if has_qformer else {
+        "model_type": "pretrain_llama2", "end_sym": "</s>", "has_qformer": False}
+    config = {"model": {"arch": "minigpt4", "max_txt_len": 160, **variant},
               "run": {"task": "image_text_pretrain", "init_lr": 3e-5, "max_epoch": 5, "amp": True},
               "datasets": {"cc_sbu_align": {"batch_size": 12}}}
     scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
@@ -357,6 +366,11 @@ def write_mpp_pipeline_dir(
     return tag
 
 
+MINIGPT4_CHECKPOINTS = {"vicuna0_7b": "prerained_minigpt4_7b.pth", "vicuna0_13b": "pretrained_minigpt4.pth",
+                        "minigpt4_llama2": "pretrained_minigpt4_llama2_7b.pth"}
+"""MiniGPT-4's released checkpoint file name per preset (its README's links; the 7B Vicuna name is misspelt there)."""
+
+
 # --- a whole preset -------------------------------------------------------------------------------------------------
 
 
@@ -375,15 +389,18 @@ def write_preset(
     cfg: ModelConfig = load_config(preset_path(model_type), opts).model
     raw = llm_config_json(model_type, num_layers, tiny)
     out: dict[str, Path] = {}
-    vpath, qpath = root / cfg.vision.checkpoint, root / cfg.qformer.checkpoint
+    vpath = root / cfg.vision.checkpoint
     write_synthetic_eva_vit(vpath, cfg.vision, extra_block=True)
-    write_synthetic_blip2(qpath, replace(cfg, vision=cfg.vision))
-    out["eva"], out["blip2"] = vpath, qpath
+    out["eva"] = vpath
+    if cfg.qformer.checkpoint is not None:
+        qpath = root / cfg.qformer.checkpoint
+        write_synthetic_blip2(qpath, replace(cfg, vision=cfg.vision))
+        out["blip2"] = qpath
     llm_dir = root / cfg.llm.path
     write_llm_dir(llm_dir, raw, fmt=llm_format)
     out["llm"] = llm_dir
     hidden = int(raw["hidden_size"])
-    qh = cfg.qformer.hidden_size
+    qh = cfg.projection_in_dim
     pred = root / "cache/ckpt/predecessors" / model_type
     if raw["model_type"] == "qwen":
         write_qwen_tiktoken(llm_dir / "qwen.tiktoken")
@@ -394,10 +411,10 @@ def write_preset(
         write_bpe_tokenizer_json(llm_dir, BPE_SPECIALS[model_type])
     elif raw["model_type"] == "llama":
         write_sentencepiece(llm_dir)
-        name = "prerained_minigpt4_7b.pth" if model_type == "vicuna0_7b" else "pretrained_minigpt4.pth"
+        name = MINIGPT4_CHECKPOINTS.get(model_type, "pretrained_minigpt4.pth")
         heads = int(raw["num_attention_heads"])
         out["minigpt4"] = write_minigpt4(pred / name, hidden, qh, num_layers=int(raw["num_hidden_layers"]),
-                                         head_dim=hidden // heads)
+                                         head_dim=hidden // heads, has_qformer=cfg.qformer.enabled)
     else:
         write_bpe_tokenizer_json(llm_dir)
     return out
