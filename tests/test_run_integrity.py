@@ -270,3 +270,11 @@ def test_fresh_start_keeps_an_earlier_metrics_file(tmp_path: Path) -> None:
     f.write_text('{"step": 1}\n')
     truncate_metrics(f, 0)
     assert not f.exists() and (tmp_path / "metrics.jsonl.old-1").read_text() == '{"step": 1}\n'
+
+
+def test_config_changes_sees_a_section_saved_in_another_shape_as_present() -> None:
+    """A LoRA run saves `model.llm.lora` as a mapping; its default (None) must not count as a difference."""
+    saved = {"model": {"llm": {"lora": {"r": 8}}}}
+    assert config_changes(saved, saved, defaults={"model": {"llm": {"lora": None}}}).refused == []
+    assert config_changes({"model": {"llm": {}}}, saved, defaults={"model": {"llm": {"lora": None}}}).refused == [
+        "model.llm.lora: None -> '<absent>'", "model.llm.lora.r: '<absent>' -> 8"]

@@ -157,7 +157,8 @@ def read_mpp_dir(tag_dir: Path, num_blocks: int) -> tuple[dict[str, torch.Tensor
 def select(state: dict[str, torch.Tensor], origin: dict[str, str], report: FileReport, cfg: ModelConfig, kind: str,
            include_frozen: bool) -> dict[str, torch.Tensor]:
     """The tensors the ``.pth`` of ``kind`` holds; every other one goes to ``report.ignored`` with the reason."""
-    from lavis.model.freezing import component_of, is_trainable
+    from lavis.model.components import component_of
+    from lavis.model.freezing import is_trainable
 
     keep: dict[str, torch.Tensor] = {}
     for key, value in state.items():

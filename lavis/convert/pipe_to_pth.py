@@ -26,7 +26,8 @@ import torch
 from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
-from lavis.model.freezing import COMPONENTS, is_trainable
+from lavis.model.components import COMPONENTS
+from lavis.model.freezing import is_trainable
 from lavis.model.lora import model_targets
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.mllm import MultimodalLM

@@ -200,6 +200,20 @@ class StepLoader:
     def step_skips(self, step: int) -> int:
         return sum(1 for s, _, _ in self.skipped if s == step + 1)
 
+    def close(self) -> None:
+        """End the data-loader workers now. They ignore SIGTERM (so a scheduler's signal to every process of the job
+        does not kill them mid-step), so Python's exit-time ``terminate()`` would not end them; workers still alive
+        after the normal shutdown are killed. Uses DataLoader iterator internals (``_workers``,
+        ``_shutdown_workers``), checked against torch 2.14."""
+        it, self._iter = self._iter, None
+        workers = list(getattr(it, "_workers", []))
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+
     def summary(self) -> str:
         """One line: skipped samples by reason, or empty when none."""
         if not self.skipped:

@@ -141,9 +141,11 @@ class ConfigChanges:
 def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> ConfigChanges:
     """Compare the checkpoint's config (``lavis_meta.json`` ``config``) with this run's, key by key (pure). A key the
     checkpoint's config lacks (written by an older version) counts as its default value (``defaults``)."""
-    old_flat, new_flat, default_flat = _flatten(saved), _flatten(new), _flatten(defaults)
-    for key, value in default_flat.items():
-        old_flat.setdefault(key, value)
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    for key, value in _flatten(defaults).items():
+        nested = any(k.startswith(key + ".") or key.startswith(k + ".") for k in old_flat)
+        if key not in old_flat and not nested:  # a section the saved config has in another shape is not absent
+            old_flat[key] = value
     refused, applied = [], []
     for key in sorted(set(old_flat) | set(new_flat)):
         if key == "model.llm.tokenizer":  # the saved config names the run's own copy; compared by content instead

@@ -152,6 +152,7 @@ def train(
     (``python -m lavis.bench``): start fresh and write no checkpoints."""
     out = Path(cfg.train.output_dir)
     lock = _lock_run_dir(out)
+    run = None
     try:
         tag = find_resume_tag(out, require=require_resume, resume_from=resume_from) if resume else None
         run = build_run(cfg, tag)
@@ -159,7 +160,9 @@ def train(
         write_run_files(run)
         run.steps = build_data(run)
         fit(run, hooks, stop_at_step=stop_at_step, save=save)
-    finally:
+    finally:  # no collective here: a failing rank must not wait for the others
+        if run is not None and run.steps is not None:
+            run.steps.close()  # data workers ignore SIGTERM (preemption), so they are ended explicitly
         if lock is not None:
             lock.release()
     return run

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lavis.config.schema import Config, ModelConfig, TrainConfig
+from lavis.model.components import FIRST_LAYER_PREFIXES
 
 LayerKind = Literal["embed", "block", "norm", "head"]
 
@@ -41,14 +42,7 @@ def layer_table(num_blocks: int) -> list[LayerEntry]:
         LayerEntry(
             0,
             "embed",
-            (
-                ("visual_encoder.", "visual_encoder."),
-                ("ln_vision.", "ln_vision."),
-                ("qformer.", "qformer."),
-                ("query_tokens", "query_tokens"),
-                ("llm_proj.", "llm_proj."),
-                ("embed_tokens.", "llm_model.model.embed_tokens."),
-            ),
+            (*((p, p) for p in FIRST_LAYER_PREFIXES), ("embed_tokens.", "llm_model.model.embed_tokens.")),
         )
     ]
     for j in range(num_blocks):
