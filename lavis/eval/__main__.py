@@ -11,16 +11,14 @@ yesno (POPE .json lines, an MME release directory), caption (COCO captions file)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments
+from lavis.chat.engine import ChatEngine, add_model_arguments
 from lavis.config.presets import preset_path
-from lavis.eval.common import BenchmarkFileError, Prompt
-from lavis.eval.generate import generate_answers
-from lavis.eval.runner import evaluate, format_table
-from lavis.eval.tasks import TASKS, Source, get_task, load_samples
+from lavis.eval.common import BenchmarkFileError
+from lavis.eval.runner import format_table, run_task
+from lavis.eval.tasks import TASKS, Source, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,33 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    task = get_task(args.task)
-    prompt = Prompt(args.prompt, "custom") if args.prompt else task.prompt
     data = Path(args.data)
-    out = Path(args.out) if args.out else Path("eval") / f"{task.name}-{data.stem}"
+    out = Path(args.out) if args.out else Path("eval") / f"{args.task}-{data.stem}"
     src = Source(data, Path(args.images) if args.images else None,
                  Path(args.annotations) if args.annotations else None, args.split)
+    cfg_path = args.cfg_path or preset_path(args.model_type)
     try:
-        samples, notes = load_samples(task, src, out, prompt)
-        if args.limit is not None:
-            samples = samples[:args.limit]
-        cfg_path = args.cfg_path or preset_path(args.model_type)
+        get_task(args.task)
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
+        summary = run_task(engine, args.task, src, out, prompt=args.prompt, batch_size=args.batch_size,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens,
+                           meta={"config": str(cfg_path), "checkpoint": args.checkpoint_path},
+                           progress=not args.quiet)
     except (BenchmarkFileError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens or task.max_new_tokens)
-    meta = {"data": str(data), "images": args.images, "annotations": args.annotations, "split": args.split,
-            "config": str(cfg_path), "checkpoint": args.checkpoint_path, "limit": args.limit, **notes}
-    summary = evaluate(task, samples, lambda ss, st, bs: generate_answers(engine, ss, st, bs), out,
-                       settings=settings, batch_size=args.batch_size, prompt=prompt, meta=meta,
-                       progress=not args.quiet)
     print(format_table(summary))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}", file=sys.stderr)
-    print(json.dumps({"task": task.name, summary["main_metric"]: summary["scores"][summary["main_metric"]]}),
-          file=sys.stderr)
     return 0
 
 

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lavis.chat.engine import GenerationSettings
+from lavis.chat.engine import ChatEngine, GenerationSettings
 from lavis.eval.common import BenchmarkFileError, Prompt, Sample
-from lavis.eval.tasks import Task
+from lavis.eval.generate import generate_answers
+from lavis.eval.tasks import Source, Task, get_task, load_samples
 
 Generate = Callable[[Sequence[Sample], GenerationSettings, int], list[str]]
 
@@ -123,3 +124,24 @@ def format_table(summary: dict[str, Any]) -> str:
         v = flat[k]
         lines.append(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     return "\n".join(lines)
+
+
+def run_task(
+    engine: ChatEngine, task_name: str, src: Source, out: Path, *, prompt: str | None = None, batch_size: int = 8,
+    limit: int | None = None, max_new_tokens: int | None = None, meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Everything ``python -m lavis.eval`` does after loading the model: read the benchmark, answer (resuming from
+    ``out/predictions.jsonl``), score, write ``out/summary.json``; returns the summary. ``prompt`` replaces the
+    task's template (recorded as version "custom")."""
+    task = get_task(task_name)
+    tpl = Prompt(prompt, "custom") if prompt else task.prompt
+    samples, notes = load_samples(task, src, out, tpl)
+    if limit is not None:
+        samples = samples[:limit]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens or task.max_new_tokens)
+    info = {"data": str(src.data), "images": None if src.images is None else str(src.images),
+            "annotations": None if src.annotations is None else str(src.annotations), "split": src.split,
+            "limit": limit, **notes, **(meta or {})}
+    return evaluate(task, samples, lambda ss, st, bs: generate_answers(engine, ss, st, bs), out, settings=settings,
+                    batch_size=batch_size, prompt=tpl, meta=info, progress=progress)
