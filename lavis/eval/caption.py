@@ -60,8 +60,11 @@ def tokenize(captions: dict[str, list[str]]) -> tuple[dict[str, list[str]], str]
 
 
 def score(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError as e:
+        raise ImportError("the caption task scores with pycocoevalcap: pip install -e '.[eval]'") from e
 
     if not rows:
         return {"bleu4": 0.0, "cider": 0.0, "count": 0}
