@@ -52,6 +52,15 @@ def generate_data() -> None:
     print(f"wrote {ann} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (the launcher's default 29500 may be taken by another job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_training(num_stages: int, extra: list[str]) -> float:
     """Run train_pipeline.py under the DeepSpeed launcher; returns wall seconds."""
     env = dict(os.environ)
@@ -59,7 +68,7 @@ def launch_training(num_stages: int, extra: list[str]) -> float:
     if gpus < num_stages:  # one GPU per rank; with fewer GPUs than stages, train on the CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_stages),
-           "train_pipeline.py", "--cfg-path", str(CFG), "--num-stages", str(num_stages), *extra]
+           "--master_port", str(free_port()), "train_pipeline.py", "--cfg-path", str(CFG), "--num-stages", str(num_stages), *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
