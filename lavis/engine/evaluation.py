@@ -137,3 +137,89 @@ def better(value: float, best: float | None, metric: str, mode: str) -> bool:
         return True
     lower = mode == "min" or (mode == "auto" and "loss" in metric)
     return value < best if lower else value > best
+
+
+# --- the training hook -----------------------------------------------------------------------------------------------
+BEST_FILE = "best"
+
+
+class TrainEvalHook:
+    """``train.eval`` and ``train.save_best`` as a trainer hook.
+
+    ``after_step``: on every ``train.eval.every``-th step, the held-out loss (all ranks) and, with ``generate``,
+    benchmark scores (rank 0) are added to the metrics row. ``after_save``: when the checkpoint's step had an
+    evaluation and ``train.save_best``'s metric beat the best so far, its tag is kept from pruning and written to
+    ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[PipeBatch] | None = None
+        self.num_micro = 0
+        self.last: tuple[int, dict[str, float]] | None = None
+        self.best: float | None = None
+        self.best_tag: str | None = None
+
+    # The trainer's run object: cfg, engine, stage, rank, out dir, template, layer table, keep_tags.
+    def on_start(self, run: Any) -> None:
+        e = run.cfg.train.eval
+        if not e.every:
+            return
+        grid = run.engine.grid
+        self.dp_rank, dp_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
+        if e.data:
+            first, last = run.engine.is_first_stage(), run.engine.is_last_stage()
+            self.batches, self.num_micro, used = build_eval_batches(run.cfg, run.tpl, first=first, last=last,
+                                                                    dp_rank=self.dp_rank, dp_size=dp_size)
+            if run.rank == 0:
+                print(f"held-out eval: {used} records in {self.num_micro * dp_size} micro-batches every {e.every} "
+                      f"steps", file=sys.stderr, flush=True)
+        best = Path(run.out) / BEST_FILE
+        if run.cfg.train.save_best and best.is_file():  # a resumed run keeps competing against its best
+            import json
+
+            rec = json.loads(best.read_text())
+            if rec.get("metric") == run.cfg.train.save_best and (Path(run.out) / rec["tag"]).is_dir():
+                self.best, self.best_tag = float(rec["value"]), rec["tag"]
+                run.keep_tags.add(rec["tag"])
+
+    def after_step(self, run: Any, step: int, row: dict[str, Any] | None) -> None:
+        e = run.cfg.train.eval
+        if not e.every or step % e.every:
+            return
+        metrics: dict[str, float] = {}
+        if e.data:
+            metrics["eval_loss"] = eval_loss(run.engine, self.batches, self.num_micro)
+        if e.generate:
+            state = gather_plain_state(run.engine.module, run.table, self.dp_rank)
+            if state is not None:
+                metrics.update(score_benchmarks(run.cfg, run.tpl, state, Path(run.out), step))
+        self.last = (step, metrics)
+        if row is not None:
+            row.update(metrics)
+
+    def after_save(self, run: Any, step: int, tag_dir: Path) -> None:
+        metric = run.cfg.train.save_best
+        if metric is None or self.last is None or self.last[0] != step:
+            return
+        if metric not in self.last[1]:
+            if run.rank == 0 and self.last[1]:
+                raise KeyError(f"train.save_best: {metric!r} is not among the evaluation metrics "
+                               f"{sorted(self.last[1])}")
+            return
+        value = self.last[1][metric]
+        if not better(value, self.best, metric, run.cfg.train.save_best_mode):
+            return
+        if self.best_tag is not None:
+            run.keep_tags.discard(self.best_tag)
+        self.best, self.best_tag = value, tag_dir.name
+        run.keep_tags.add(tag_dir.name)
+        if run.rank == 0:
+            import json
+
+            from lavis.engine.checkpoint import write_atomic
+
+            write_atomic(Path(run.out) / BEST_FILE,
+                         json.dumps({"tag": tag_dir.name, "step": step, "metric": metric, "value": value}))
+
+    def on_end(self, run: Any) -> None:
+        self.batches = None
