@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lavis.config.load import load_config
-from lavis.convert.pipe_to_pth import load_plain_state
+from lavis.convert.pipe_to_pth import convert, load_plain_state
 from lavis.data import shapes
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
@@ -19,6 +19,7 @@ from lavis.data.datasets import ConversationDataset, load_records
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.config.schema import DatasetConfig
 from lavis.engine.evaluation import micro_batch_keys
+from lavis.eval.__main__ import main as eval_main
 from lavis.model.mllm import MultimodalLM
 
 from .conftest import train
@@ -67,7 +68,11 @@ def test_micro_batch_split_over_replicas() -> None:
 
 def test_train_eval_loss_matches_plain_model_and_save_best(tiny_data: Path, held_out: Path,
                                                             tmp_path: Path) -> None:
+    bench = shapes.write_benchmarks(tmp_path / "bench", 4, seed=3)
     run = train(tmp_path, "evalrun", 2, 2, gas=2, data=tiny_data, steps=6, extra=(
+        "train.eval.generate=true", "train.eval.batch_size=2",
+        f"train.eval.benchmarks=[{{task: vqa, data: {bench['vqa']}, images: {bench['images']}, prompt: '{{question}}',"
+        f" name: shapes_vqa}}]",
         f"train.eval.data=[{{ann_path: {held_out / 'val.json'}, vis_root: {held_out}}}]",
         "train.eval.every=2", f"train.eval.max_samples={HELD_OUT}", "train.save_every=2", "train.keep_last=1",
         # the largest eval loss, so that the kept best is not the last checkpoint (the loss goes down)
@@ -84,3 +89,13 @@ def test_train_eval_loss_matches_plain_model_and_save_best(tiny_data: Path, held
     for step in {worst, 6}:
         ref = plain_loss(run, f"global_step{step}", held_out)
         assert abs(evals[step] - ref) / ref <= 1e-5, (step, evals[step], ref)
+    # Benchmark scores came from the full model gathered from both stages: lavis.eval on the converted checkpoint
+    # of the same step gives the same answers.
+    assert all(0.0 <= r["eval_shapes_vqa_accuracy"] <= 1.0 for r in rows if "eval_loss" in r)
+    during = (run / "eval" / "step6" / "shapes_vqa" / "predictions.jsonl").read_text().splitlines()
+    pth = convert(run / "global_step6", "model", tmp_path / "step6.pth")
+    assert eval_main(["--cfg-path", str(run / "config.yaml"), "-c", str(pth), "--cpu-only", "--task", "vqa",
+                      "--data", str(bench["vqa"]), "--images", str(bench["images"]), "--prompt", "{question}",
+                      "--out", str(tmp_path / "after"), "--quiet"]) == 0
+    after = (tmp_path / "after" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["prediction"] for x in during] == [json.loads(x)["prediction"] for x in after]
