@@ -109,13 +109,13 @@ def test_mmbench_circular_one_rotation_fails(tmp_path: Path) -> None:
         {**base0, "index": 1000000, "A": "blue", "B": "green", "C": "red", "answer": "C"},
         {**base0, "index": 2000000, "A": "green", "B": "red", "C": "blue", "answer": "B"},
         {**base1, "index": 1, "A": "circle", "B": "square", "answer": "B"},
-        {**base1, "index": 1000001, "A": "square", "B": "circle", "answer": "A"},
+        {**base1, "index": 1000001, "A": "square", "B": "circle", "answer": "A", "image": "1"},  # the row's index
     ])
     samples, notes = mcq.load(tmp_path / "mmb.tsv", None, tmp_path / "work", mcq.PROMPT)
     assert notes["rotations"] == "from the file" and len(samples) == 5
     assert samples[3].query == "A drawing.\nWhich shape?\nA. circle\nB. square\nAnswer with the option's letter " \
                                "from the given choices directly."
-    assert Path(samples[0].media[0]).read_bytes() == png_bytes()
+    assert Path(samples[0].media[0]).read_bytes() == png_bytes() and samples[4].media == samples[3].media
     preds = {"0": "A", "1000000": "C.", "2000000": "(B)", "1": "B", "1000001": "B"}  # the last rotation is wrong
     scores = mcq.score(rows_for(samples, preds))
     assert scores["accuracy"] == 0.5 and scores["single_pass_accuracy"] == 1.0 and scores["questions"] == 2

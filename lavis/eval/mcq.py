@@ -85,6 +85,7 @@ def _load_mmbench(data: Path, work: Path, prompt: Prompt) -> tuple[list[Sample],
     img_dir = work / "mmbench_images"
     img_dir.mkdir(parents=True, exist_ok=True)
     has_copies = any(int(r["index"]) >= CIRCULAR_OFFSET for r in rows)
+    decoded: dict[int, Path] = {}
     out = []
     for n, row in enumerate(rows, 2):
         where = f"{data} line {n} (index {row['index']})"
@@ -96,9 +97,12 @@ def _load_mmbench(data: Path, work: Path, prompt: Prompt) -> tuple[list[Sample],
         image = _cell(row, "image")
         if not image:
             raise BenchmarkFileError(f"{where}: empty image cell")
-        # Rotated copies repeat the original's image (or name its index); decode each picture once.
+        # Rotated copies repeat the original's image or give the index of the row holding it; decode each once.
         if image.isdigit():
-            path = img_dir / f"{int(image)}.png"
+            if int(image) not in decoded:
+                raise BenchmarkFileError(f"{where}: image cell refers to row index {image}, which has no image "
+                                         f"before this row")
+            path = decoded[int(image)]
         else:
             path = img_dir / f"{hashlib.sha1(image.encode()).hexdigest()[:16]}.png"
             if not path.is_file():
@@ -106,6 +110,7 @@ def _load_mmbench(data: Path, work: Path, prompt: Prompt) -> tuple[list[Sample],
                     path.write_bytes(base64.b64decode(image, validate=True))
                 except ValueError as e:
                     raise BenchmarkFileError(f"{where}: image cell is not base64 ({e})") from e
+        decoded[index] = path
         group = index % CIRCULAR_OFFSET
         rotations = [(index, options, answer)] if has_copies else [
             (group + k * CIRCULAR_OFFSET, *rotate(options, answer, k)) for k in range(len(options))]
