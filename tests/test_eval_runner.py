@@ -123,3 +123,23 @@ def test_cli_writes_predictions_summary_and_resumes(tmp_path: Path, capsys: pyte
     assert "vqa (3 samples, prompt custom)" in capsys.readouterr().out
     assert eval_main([*args[:-2], "--task", "yesno"]) == 2  # the vqa file is not POPE's layout
     assert "missing key 'label'" in capsys.readouterr().err
+
+
+def test_shapes_benchmark_files_are_deterministic_and_consistent(tmp_path: Path) -> None:
+    a = shapes.write_benchmarks(tmp_path / "a", 9, seed=7)
+    b = shapes.write_benchmarks(tmp_path / "b", 9, seed=7)
+    assert a["vqa"].read_text() == b["vqa"].read_text() and a["yesno"].read_text() == b["yesno"].read_text()
+    vqa_rows = json.loads(a["vqa"].read_text())["data"]
+    assert [r["answer_type"] for r in vqa_rows] == ["describe", "colour", "shape"] * 3
+    pope = [json.loads(ln) for ln in a["yesno"].read_text().splitlines()]
+    for q, (shape_q, colour_q) in zip(vqa_rows, zip(pope[::2], pope[1::2])):
+        truth = q["answers"][0]
+        assert q["answers"] == [truth] * 10 and truth == truth.lower()
+        assert shape_q["image"] == colour_q["image"] == f"{q['image_id']}.jpg"
+        asked_shape = shape_q["text"].removeprefix("Is it a ").rstrip("?")
+        asked_colour = colour_q["text"].removeprefix("Is it ").rstrip("?")
+        if q["answer_type"] == "shape":
+            assert (shape_q["label"] == "yes") == (asked_shape == truth)
+        if q["answer_type"] == "colour":
+            assert (colour_q["label"] == "yes") == (asked_colour == truth)
+    assert {r["label"] for r in pope} == {"yes", "no"}

@@ -127,7 +127,6 @@ def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tens
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "count":
                 metrics[f"eval_{name}_{k}"] = float(v)
     del engine, model
-    print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr, flush=True)
     return metrics
 
 
@@ -196,6 +195,11 @@ class TrainEvalHook:
         self.last = (step, metrics)
         if row is not None:
             row.update(metrics)
+        if run.rank == 0:
+            from tqdm import tqdm
+
+            # tqdm.write prints above the trainer's progress bar without breaking it
+            tqdm.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
 
     def after_save(self, run: Any, step: int, tag_dir: Path) -> None:
         metric = run.cfg.train.save_best
