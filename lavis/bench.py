@@ -41,6 +41,7 @@ from lavis.config.load import load_config
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
 from lavis.engine.distributed import init_distributed, print0, shutdown
 from lavis.engine.hardware import known_peak_tflops
+from lavis.engine.hooks import Hook
 
 DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
 
@@ -134,6 +135,37 @@ def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
     return len(encode_conversation(record["conversations"], tpl, record_id="probe", label_mode="mpp").input_ids)
 
 
+class MeasureHook(Hook):
+    """Trainer hook: times every pipeline instruction from step ``measure_from`` on (1-based) and gathers each rank's
+    seconds and peak memory at the end."""
+
+    def __init__(self, measure_from: int) -> None:
+        self.measure_from = measure_from
+        self.timer: Any = None
+        self.result: dict[str, Any] = {}
+
+    def on_start(self, run: Any) -> None:
+        from lavis.engine.profiling import InstructionTimer
+
+        self.timer = InstructionTimer(run.engine)
+
+    def before_step(self, run: Any, step: int) -> None:
+        if step == self.measure_from:
+            self.timer.enabled = True
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    def on_end(self, run: Any) -> None:
+        from lavis.engine.trainer import peak_memory_gib
+
+        mine = {"rank": run.rank, "stage": run.stage, "dp_rank": run.engine.grid.get_data_parallel_rank(),
+                "instruction_seconds": dict(self.timer.seconds), "compute_seconds": self.timer.compute_seconds(),
+                "peak_memory_gib": peak_memory_gib(), "memory_kind": "gpu" if torch.cuda.is_available() else "host_rss"}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        self.result = {"ranks": ranks}
+
+
 def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from lavis.model.llm import llm_hf_config
     from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
@@ -223,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
         num = max(64, cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.dp * cfg.train.max_steps)
         write_synthetic_data(cfg, args.seq_len, num)
     dist.barrier()
-    result = train(cfg, measure_from=args.warmup)
+    hook = MeasureHook(measure_from=args.warmup + 1)
+    run = train(cfg, hooks=[hook], resume=False, save=False)
+    result = {**hook.result, "parts": run.parts, "rows_path": str(run.out / "metrics.jsonl")}
     if dist.get_rank() == 0:
         rep = summarize(cfg, result, args)
         print(format_report(rep), flush=True)

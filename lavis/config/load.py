@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -171,7 +172,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    OmegaConf.save(OmegaConf.create(to_dict(cfg)), str(path))
+    """Write atomically (a temporary file, then ``os.replace``): a crash never leaves a half-written config."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), str(tmp))
+    os.replace(tmp, path)
 
 
 def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:

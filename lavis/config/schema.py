@@ -265,6 +265,9 @@ class TrainConfig:
     ``eval.every``)."""
     save_best_mode: Literal["auto", "min", "max"] = "auto"
     """``auto``: lower is better for metrics whose name contains "loss", higher otherwise."""
+    max_nonfinite_steps: int = 0
+    """Steps with a non-finite loss or gradient norm that may be skipped (no weight update, logged with
+    ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -287,6 +290,8 @@ class TrainConfig:
         if self.save_best is not None and not self.eval.every:
             raise ValueError(f"train.save_best: {self.save_best} needs train.eval.every > 0 (the metric comes from "
                              f"the held-out evaluation)")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
 
 
 @dataclass

@@ -22,6 +22,7 @@ Skipping changes a micro-batch's size, which needs DeepSpeed's ``dynamic_shape``
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,13 @@ def _as_list(batch: list[Fetched]) -> list[Fetched]:
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals every process of a job, and the training
+    process, which finishes its step and saves before exiting (``engine.guards.StopSignal``), still needs them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StepLoader:
     """Per-step micro-batches; :meth:`next_step` is a collective that every rank calls once per optimizer step.
 
@@ -114,6 +122,7 @@ class StepLoader:
             loader = torch.utils.data.DataLoader(
                 SafeDataset(dataset), batch_sampler=sampler, collate_fn=_as_list,
                 num_workers=num_workers, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
+                worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
             )
             self._iter = iter(loader)
 

@@ -56,8 +56,10 @@ def table_from_json(rows: list[dict[str, Any]]) -> list[LayerEntry]:
     return [LayerEntry(r["index"], r["kind"], tuple((a, b) for a, b in r["prefixes"])) for r in rows]
 
 
-def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory."""
+def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
+         protected: set[str] | frozenset[str] = frozenset()) -> Path:
+    """Collective: every rank calls it. Returns the tag directory. Rotation keeps the last ``keep_last`` checkpoints
+    and every tag in ``protected``."""
     tag = f"global_step{step}"
     engine.save_checkpoint(str(output_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
@@ -68,18 +70,18 @@ def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_la
         if tok.is_file():
             shutil.copy2(tok, tag_dir / tok.name)
         write_atomic(output_dir / "latest", tag)
-        _prune(output_dir, keep_last, keep=tag)
+        _prune(output_dir, keep_last, keep={tag, *protected})
     dist.barrier()
     return tag_dir
 
 
-def _prune(output_dir: Path, keep_last: int, keep: str) -> None:
+def _prune(output_dir: Path, keep_last: int, keep: set[str]) -> None:
     tags = sorted(
         (p for p in output_dir.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()),
         key=lambda p: int(p.name[len("global_step"):]),
     )
     for p in tags[:-keep_last]:
-        if p.name != keep:
+        if p.name not in keep:
             shutil.rmtree(p)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,42 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def read_metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. A torn last line (a crash mid-write) is dropped with a warning naming the
+    file; a damaged line elsewhere is an error naming file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row with an integer `step`")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"WARNING: {path}:{i + 1}: dropping a torn last line (a crash while writing it): {ln[:80]!r}",
+                      file=sys.stderr, flush=True)
+                break
+            raise ValueError(f"{path}:{i + 1}: damaged metrics row ({e}); fix or remove that line") from None
+        rows.append(row)
+    return rows
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric rows up to ``step`` (a resumed run continues the file without duplicate steps)."""
+    """Keep metric rows up to ``step``, the step of the checkpoint being resumed (the rows after it are recomputed).
+    A fresh start (``step`` 0) never deletes an earlier file: it is kept as ``metrics.jsonl.old-N``."""
     if not path.is_file():
         return
     if step == 0:
-        path.unlink()
+        n = 1
+        while path.with_name(f"{path.name}.old-{n}").exists():
+            n += 1
+        aside = path.with_name(f"{path.name}.old-{n}")
+        os.replace(path, aside)
+        print(f"NOTE: {path} from an earlier run without checkpoints was kept as {aside}", file=sys.stderr, flush=True)
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    shutil.move(tmp, path)
+    keep = [row for row in read_metric_rows(path) if row["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    os.replace(tmp, path)

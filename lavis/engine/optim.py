@@ -21,9 +21,13 @@ class PipeAdamW(torch.optim.AdamW):
         self.clip = clip
         self.norm_group = norm_group
         self.last_grad_norm: float | None = None
+        self.overflow = False
+        """True when the last step was skipped for a non-finite global gradient norm (DeepSpeed reads this attribute
+        and then leaves the LR schedule where it is, as for its own bf16/ZeRO overflow steps)."""
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        self.overflow = False
         if self.norm_group is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
@@ -32,6 +36,11 @@ class PipeAdamW(torch.optim.AdamW):
             dist.all_reduce(sq, group=self.norm_group)
             norm = float(sq.sqrt())
             self.last_grad_norm = norm
+            if not math.isfinite(norm):  # the norm is global over the pipeline, so every stage skips together
+                self.overflow = True
+                for g in grads:
+                    g.zero_()
+                return None
             if self.clip > 0 and norm > self.clip:
                 coef = self.clip / (norm + 1e-6)
                 for g in grads:

@@ -11,7 +11,8 @@ import os
 import resource
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,15 @@ from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
-from lavis.engine import checkpoint
+from lavis.engine import checkpoint, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
+from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
 from lavis.engine.hardware import known_peak_tflops
+from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
-from lavis.engine.profiling import InstructionTimer
+from lavis.engine.run_dir import RunDirError, RunLock, check_resume_config, check_tokenizer, find_resume_tag
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, plan_for_config
 
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "run again to continue, e.g. for time-limited cluster jobs")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (a run always resumes from `latest` if present)")
+    p.add_argument("--resume-from", metavar="global_stepN",
+                   help="resume from this checkpoint of the output directory instead of the one `latest` names")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.lr=1e-4 data.max_txt_len=256")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -80,49 +85,144 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed()
     # No `finally`: a rank that fails must not wait in shutdown's barrier while the others wait in a collective;
     # it exits with its traceback and the launcher stops the rest.
-    train(cfg, require_resume=args.resume, stop_at_step=args.stop_at_step)
+    train(cfg, require_resume=args.resume, resume_from=args.resume_from, stop_at_step=args.stop_at_step)
     shutdown()
 
 
-def train(
-    cfg: Config, *, require_resume: bool = False, stop_at_step: int | None = None, measure_from: int | None = None
-) -> dict[str, Any] | None:
-    """Train; returns None, or with ``measure_from`` (``python -m lavis.bench``) per-rank measurements of the steps
-    from that one on, and then neither resumes nor saves checkpoints."""
-    import deepspeed
+@dataclass
+class Run:
+    """Everything one training run is made of, built by :func:`build_run` and advanced by :func:`fit`."""
 
-    t = cfg.train
-    world = dist.get_world_size()
-    rank = dist.get_rank()
-    if world % t.num_stages:
-        raise ValueError(f"{world} processes cannot form {t.num_stages} pipeline stages (need a multiple)")
-    dp = world // t.num_stages
+    cfg: Config
+    """The resolved config as saved in the run directory (``model.llm.tokenizer`` names the run's own copy)."""
+    out: Path
+    engine: Any
+    pipe: LavisPipelineModule
+    optimizer: PipeAdamW
+    tok: Any
+    tpl: Any
+    table: list
+    parts: list[int]
+    dp: int
+    own_clip: bool
+    """fp32 without ZeRO: our optimizer clips with the all-stage norm (DeepSpeed's norm is wrong there)."""
+    start_step: int = 0
+    nonfinite_steps: int = 0
+    protected_tags: set[str] = field(default_factory=set)
+    """Checkpoint tags that rotation (``train.keep_last``) never deletes (e.g. the best one by an eval metric)."""
+    steps: StepLoader | None = None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def stage(self) -> int:
+        return self.pipe.stage_id
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.cfg.train.num_stages - 1
+
+    def meta(self) -> dict[str, Any]:
+        """What ``lavis_meta.json`` records besides the step (converters and resume read it)."""
+        return {"layers": checkpoint.table_to_json(self.table), "parts": self.parts, "dp_size": self.dp,
+                "config": to_dict(self.cfg), "tokenizer": self.tok.file_name,
+                "placeholder_id": self.tpl.placeholder_id, "nonfinite_steps": self.nonfinite_steps}
+
+    def save(self, step: int) -> Path:
+        """Collective: write the checkpoint of ``step`` (never one with non-finite weights) and make it ``latest``."""
+        if not trainable_weights_finite(self.pipe):
+            raise NonFiniteError(
+                f"step {step}: some trained weights are not finite; no checkpoint was written and `latest` still "
+                f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.lr and resume from it.")
+        return checkpoint.save(self.engine, self.out, step, self.meta(), self.cfg.train.keep_last,
+                               protected=self.protected_tags)
+
+
+def train(
+    cfg: Config, *, require_resume: bool = False, resume_from: str | None = None, stop_at_step: int | None = None,
+    hooks: Sequence[Hook] = (), resume: bool = True, save: bool = True,
+) -> Run:
+    """Lock the run directory, build the run, restore it from its checkpoint, fit it. ``resume``/``save`` False
+    (``python -m lavis.bench``): start fresh and write no checkpoints."""
+    out = Path(cfg.train.output_dir)
+    lock = _lock_run_dir(out)
+    try:
+        tag = find_resume_tag(out, require=require_resume, resume_from=resume_from) if resume else None
+        run = build_run(cfg, tag)
+        restore(run, tag)
+        write_run_files(run)
+        run.steps = build_data(run)
+        fit(run, hooks, stop_at_step=stop_at_step, save=save)
+    finally:
+        if lock is not None:
+            lock.release()
+    return run
+
+
+def _lock_run_dir(out: Path) -> RunLock | None:
+    """Collective: rank 0 takes the run directory's lock; every rank fails alike if another run holds it."""
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except RunDirError as e:
+            lock, error = None, str(e)
+        if lock is not None and lock.stale:
+            print0(f"NOTE: {out} had a lock left by a run that is no longer running ({lock.stale}); taking it over")
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise RunDirError(shared[0])
+    return lock
+
+
+def _set_threads(t: Any) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // local_world_size()))
     elif t.num_threads:
         torch.set_num_threads(t.num_threads)
+
+
+def build_run(cfg: Config, resume_tag: str | None) -> Run:
+    """Tokenizer and template, the stage plan, this rank's layers with their weights, optimizer and engine. With
+    ``resume_tag``, first refuse a config that changes what the checkpoint fixes (nothing is built or written)."""
+    import deepspeed
+
+    t = cfg.train
     out = Path(t.output_dir)
+    world = dist.get_world_size()
+    if world % t.num_stages:
+        raise ValueError(f"{world} processes cannot form {t.num_stages} pipeline stages (need a multiple)")
+    dp = world // t.num_stages
+    _set_threads(t)
 
     tok = load_tokenizer(cfg.model.llm.tokenizer)
+    # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
+    cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, tokenizer=str(out / tok.file_name))))
+    if resume_tag is not None:
+        _check_resume(out / resume_tag, cfg, tok)
     hf = llm_hf_config(cfg.model.llm)
     if tok.vocab_size > hf.vocab_size:
         raise ValueError(
             f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
         )
     tpl = template_from_config(tok, cfg)
-    placeholder_id = tpl.placeholder_id
 
-    # --- plan ---------------------------------------------------------------------------------------------------
     table = layer_table(hf.num_hidden_layers)
-    dims = {k: getattr(hf, k) for k in LLM_DIMS}
-    plan = plan_for_config(cfg, dims, dp)
+    plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
     parts = plan.parts
     print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
            + format_plan(parts, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
-    # --- model --------------------------------------------------------------------------------------------------
     pipe = LavisPipelineModule(
-        layer_specs(cfg.model, hf, decoder_parts(hf), placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers)),
+        layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers)),
         parts,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],
@@ -131,137 +231,188 @@ def train(
     for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
         print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     pipe.apply_trainable(cfg.model, table)
-    stage = pipe.stage_id
-    ds_cfg = deepspeed_config(t, dp)
     own_clip = t.precision == "fp32" and t.zero_stage == 0  # DeepSpeed's norm is wrong here (see engine.optim)
     optimizer = PipeAdamW(
         param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
         norm_group=pipe._grid.get_pipe_parallel_group() if own_clip else None,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
-    )
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(t, dp))
+    safe_load.install(engine)
     if t.precision != "fp32":
         cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
     print0(f"optimizer: {type(engine.optimizer).__name__} ({t.precision}, ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
+    return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
+               parts=parts, dp=dp, own_clip=own_clip)
 
-    # --- resume -------------------------------------------------------------------------------------------------
-    start_step = 0
-    tag = checkpoint.read_latest(out) if measure_from is None else None
-    if tag is None and require_resume:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no `latest` file)")
-    if tag is not None:
-        meta = checkpoint.load_meta(out / tag)
-        same_layout = meta["parts"] == parts and meta["dp_size"] == dp
-        # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here; the
-        # frozen ones were just built from the config's base weights. LavisPipelineModule.load_state_dir then checks
-        # that every trainable weight was in its file.
-        engine.load_checkpoint(str(out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
+
+def _lr_lambda(t: Any) -> Any:
+    return lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
+
+
+def _check_resume(tag_dir: Path, cfg: Config, tok: Any) -> None:
+    """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step."""
+    meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
+    check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
+    for line in changes:
+        print0(f"resume: {line} (from step {meta['step']} on)")
+
+
+def restore(run: Run, tag: str | None) -> None:
+    """Load the checkpoint ``tag`` (DeepSpeed's files, read by the restricted unpickler) and put this config's LR
+    schedule in force from the resumed step."""
+    if tag is None:
+        return
+    meta = checkpoint.load_meta(run.out / tag)
+    same_layout = meta["parts"] == run.parts and meta["dp_size"] == run.dp
+    # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here; the
+    # frozen ones were just built from the config's base weights. LavisPipelineModule.load_state_dir then checks
+    # that every trainable weight was in its file.
+    run.engine.load_checkpoint(str(run.out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
-        start_step = int(meta["step"])
-        print0(f"resumed from {out / tag} at step {start_step}")
-        if not same_layout:
-            print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
-                   f"uses {parts} x dp {dp}: module weights were loaded, optimizer state was reset")
+    apply_schedule(run.engine.lr_scheduler, run.cfg.train.lr)
+    run.start_step = int(meta["step"])
+    run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+    print0(f"resumed from {run.out / tag} at step {run.start_step}")
+    if not same_layout:
+        print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
+               f"uses {run.parts} x dp {run.dp}: module weights were loaded, optimizer state was reset")
 
-    # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
-    llm = replace(cfg.model.llm, tokenizer=str(out / tok.file_name))
-    saved_cfg = replace(cfg, model=replace(cfg.model, llm=llm))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(saved_cfg, out / "config.yaml")
-        tok.save_to(out)
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After a resume: the saved scheduler state carries the old base LR and the optimizer state the old group LRs;
+    put this config's schedule (its lambda is already this config's) in force at the saved position."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+
+
+def write_run_files(run: Run) -> None:
+    """``config.yaml`` (atomically, only now that the model and checkpoint loaded) and the tokenizer file."""
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.out / "config.yaml")
+        run.tok.save_to(run.out)
     dist.barrier()
 
-    # --- data ---------------------------------------------------------------------------------------------------
-    # Only the first stage (inputs) and the last stage (labels) read data; the last one never decodes media. Every
-    # rank joins StepLoader.next_step's collective, which keeps both stages on the same samples (on_bad_sample).
-    first, last = stage == 0, stage == t.num_stages - 1
+
+def build_data(run: Run) -> StepLoader:
+    """Only the first stage (inputs) and the last stage (labels) read data; the last one never decodes media. Every
+    rank joins StepLoader.next_step's collective, which keeps both stages on the same samples (on_bad_sample)."""
+    cfg, t = run.cfg, run.cfg.train
     if cfg.data.on_bad_sample == "skip" and cfg.data.fixed_length:
         raise ValueError("data.on_bad_sample=skip shrinks micro-batches, which needs data.fixed_length=false")
     dataset = sampler = collate = None
-    if first or last:
+    dp_rank = run.engine.grid.get_data_parallel_rank()
+    if run.is_first_stage or run.is_last_stage:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
         records = [load_records(d) for d in cfg.data.train]
-        dataset = ConversationDataset(sum(records, []), tpl, cfg.data, cfg.model.vision.image_size,
-                                      load_media=first, label_mode=cfg.data.label_mode)
+        dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
+                                      load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-                              dp_rank=engine.grid.get_data_parallel_rank(), dp_size=dp, start_step=start_step,
+                              dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,
                               length_of=dataset.num_tokens if cfg.data.group_by_length else None)
-        collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+        collate = Collator(run.tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
                            cfg.data.fixed_length)
-    steps = StepLoader(dataset, sampler, collate, grad_accum_steps=t.grad_accum_steps,
-                       micro_batch_size=t.micro_batch_size, dp_rank=engine.grid.get_data_parallel_rank(),
-                       dp_size=dp, on_bad_sample=cfg.data.on_bad_sample,
-                       num_workers=cfg.data.num_workers if first else 0,  # the label-only last stage decodes nothing
-                       device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    return StepLoader(dataset, sampler, collate, grad_accum_steps=t.grad_accum_steps,
+                      micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,
+                      on_bad_sample=cfg.data.on_bad_sample,
+                      num_workers=cfg.data.num_workers if run.is_first_stage else 0,  # the last stage decodes nothing
+                      device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
 
-    counter = None
-    if rank == 0:  # padding efficiency, measured on the batches stage 0 of replica 0 really runs
-        counter = _PadCounter(None)
 
-    meta = {
-        "layers": checkpoint.table_to_json(table),
-        "parts": parts,
-        "dp_size": dp,
-        "config": to_dict(saved_cfg),
-        "tokenizer": tok.file_name,
-        "placeholder_id": placeholder_id,
-    }
-
-    # --- loop ---------------------------------------------------------------------------------------------------
-    bar = _Progress(start_step, t.max_steps) if rank == 0 else None
-    logger = MetricsLogger(out, t, to_dict(saved_cfg), start_step) if rank == 0 else None
-    g = t.micro_batch_size * t.grad_accum_steps * dp
+def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None, save: bool = True) -> None:
+    """The loop: one ``train_batch`` per optimizer step, the guards every rank agrees on, metrics, checkpoints,
+    hooks. Stops early (with a checkpoint, exit 0) on SIGTERM/SIGINT."""
+    t = run.cfg.train
     end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
-    timer = InstructionTimer(engine) if measure_from is not None else None
-    for step in range(start_step, end):
-        if timer is not None and step == measure_from:
-            timer.enabled = True
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-        lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        batches = steps.next_step(step)  # a collective on every rank, outside train_batch
-        data_iter = iter(batches) if batches is not None else None
-        if counter is not None:
-            counter.it, data_iter = data_iter, counter
-        loss = engine.train_batch(data_iter)
-        dt = time.perf_counter() - t0
-        grad_norm = optimizer.last_grad_norm if own_clip else engine.get_global_grad_norm()
-        if step == start_step:
-            _report_memory(stage)
-        if rank == 0:
-            tokens = steps.step_tokens(step)
-            skipped = steps.step_skips(step)
-            row = {"step": step + 1, "loss": float(loss), "lr": lr,
-                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens": tokens, "samples": g - skipped, "skipped": skipped, "step_time_s": round(dt, 4),
-                   **counter.take()}
-            logger.log(row)
-            bar.update(row)
-        done = step + 1
-        if measure_from is None and (done == end or (t.save_every and done % t.save_every == 0)):
-            tag_dir = checkpoint.save(engine, out, done, meta, t.keep_last)
-            print0(f"saved {tag_dir}")
-    if rank == 0:
-        bar.close()
-        logger.close()
-    if steps.summary():
-        print0(steps.summary())
-    if timer is None:
-        return None
-    mine = {"rank": rank, "stage": stage, "dp_rank": engine.grid.get_data_parallel_rank(),
-            "instruction_seconds": dict(timer.seconds), "compute_seconds": timer.compute_seconds(),
-            "peak_memory_gib": _peak_memory_gib(), "memory_kind": "gpu" if torch.cuda.is_available() else "host_rss"}
-    ranks: list[Any] = [None] * world
-    dist.all_gather_object(ranks, mine)
-    return {"ranks": ranks, "parts": parts, "rows_path": str(out / "metrics.jsonl")}
+    stop_signal = StopSignal().install()
+    rank0 = run.rank == 0
+    counter = _PadCounter(None) if rank0 else None  # padding efficiency of the batches stage 0 of replica 0 runs
+    bar = _Progress(run.start_step, t.max_steps) if rank0 else None
+    logger = MetricsLogger(run.out, t, to_dict(run.cfg), run.start_step) if rank0 else None
+    for h in hooks:
+        h.on_start(run)
+    try:
+        for step in range(run.start_step, end):
+            done = step + 1
+            for h in hooks:
+                h.before_step(run, done)
+            row, verdict = _train_step(run, step, counter, stop_signal.requested)
+            for h in hooks:
+                h.after_step(run, done, row)
+            if rank0:
+                logger.log(row)
+                bar.update(row)
+            if verdict.nonfinite:
+                _count_nonfinite(run, done, row)  # raises past train.max_nonfinite_steps
+            if save and (done == end or verdict.stop or (t.save_every and done % t.save_every == 0)):
+                tag_dir = run.save(done)
+                print0(f"saved {tag_dir}")
+                for h in hooks:
+                    h.after_save(run, done, tag_dir)
+            if verdict.stop:
+                print0(f"stopped by a signal after step {done}"
+                       + (f"; checkpoint {run.out / f'global_step{done}'} written: run the same command to resume"
+                          if save else ""))
+                break
+        else:
+            for h in hooks:
+                h.on_end(run)
+    finally:
+        stop_signal.uninstall()
+        if rank0:
+            bar.close()
+            logger.close()
+    if run.steps.summary():
+        print0(run.steps.summary())
+
+
+def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) -> tuple[dict[str, Any] | None, Any]:
+    """One optimizer step (0-based ``step``) and the guards' collective; returns (rank 0's metrics row, verdict)."""
+    t = run.cfg.train
+    lr = run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    batches = run.steps.next_step(step)  # a collective on every rank, outside train_batch
+    data_iter = iter(batches) if batches is not None else None
+    if counter is not None:
+        counter.it, data_iter = data_iter, counter
+    loss = float(run.engine.train_batch(data_iter))
+    dt = time.perf_counter() - t0
+    grad_norm = run.optimizer.last_grad_norm if run.own_clip else run.engine.get_global_grad_norm()
+    grad_norm = None if grad_norm is None else float(grad_norm)
+    verdict = agree(not (is_finite(loss) and is_finite(grad_norm)), stop)
+    if step == run.start_step:
+        _report_memory(run.stage)
+    if run.rank != 0:
+        return None, verdict
+    skipped = run.steps.step_skips(step)
+    row = {"step": step + 1, "loss": loss if is_finite(loss) else None, "lr": lr,
+           "grad_norm": grad_norm if is_finite(grad_norm) else None,
+           "tokens": run.steps.step_tokens(step), "samples": t.micro_batch_size * t.grad_accum_steps * run.dp - skipped,
+           "skipped": skipped, "step_time_s": round(dt, 4), **counter.take()}
+    if verdict.nonfinite:
+        row.update(nonfinite=True, nonfinite_loss=repr(loss), nonfinite_grad_norm=repr(grad_norm))
+    return row, verdict
+
+
+def _count_nonfinite(run: Run, step: int, row: dict[str, Any] | None) -> None:
+    """Every rank: count a skipped non-finite step; stop the run (all ranks alike) past ``max_nonfinite_steps``."""
+    t = run.cfg.train
+    run.nonfinite_steps += 1
+    loss, norm = (row["nonfinite_loss"], row["nonfinite_grad_norm"]) if row else ("?", "?")
+    advice = nonfinite_advice(step, loss, norm, run.optimizer.param_groups[0]["lr"], t.precision)
+    if run.nonfinite_steps > t.max_nonfinite_steps:
+        latest = checkpoint.read_latest(run.out) if run.out.is_dir() else None
+        raise NonFiniteError(f"{advice}. Stopping ({run.nonfinite_steps} non-finite step(s), "
+                             f"train.max_nonfinite_steps is {t.max_nonfinite_steps}); no checkpoint was written for "
+                             f"this step; the last checkpoint is {latest or 'none'}.")
+    print0(f"WARNING: {advice}. Skipped ({run.nonfinite_steps} of at most {t.max_nonfinite_steps}).")
 
 
 class _PadCounter:
@@ -298,7 +449,7 @@ class _Progress:
                         mininterval=2.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
 
     def update(self, row: dict[str, Any]) -> None:
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+        self.bar.set_postfix(loss="nan" if row["loss"] is None else f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                              tok_s=f"{row['tokens'] / max(row['step_time_s'], 1e-9):.0f}", refresh=False)
         self.bar.update(1)
 
@@ -306,7 +457,7 @@ class _Progress:
         self.bar.close()
 
 
-def _peak_memory_gib() -> float:
+def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -314,7 +465,7 @@ def _peak_memory_gib() -> float:
 
 def _report_memory(stage: int) -> None:
     """Collective: rank 0 prints each stage's peak memory after the first step."""
-    mem = _peak_memory_gib()
+    mem = peak_memory_gib()
     kind = "GPU peak allocated" if torch.cuda.is_available() else "host peak RSS"
     rows: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(rows, (dist.get_rank(), stage, mem))

@@ -1,0 +1,201 @@
+"""The run directory's rules: one run at a time (a lock), where a run resumes from, and what a resume may change.
+
+- **Lock.** Rank 0 holds an exclusive ``flock`` on ``<output_dir>/.lock`` for the whole run; the file names the
+  holder (pid, host, start time). The kernel releases the lock when the process dies, so a lock left by a dead run is
+  detected (the file is there, the lock is free), reported with its pid/host, and taken over. A second run on the
+  same directory fails at once naming the holder. (``flock`` is per host: on a shared network filesystem, give
+  each run its own ``--output-dir``.)
+- **Resume point.** ``latest`` names the checkpoint to resume from (``--resume-from global_stepN`` picks another).
+  A directory that holds checkpoints but no usable ``latest`` is refused with the list of checkpoints found: the
+  trainer never starts from scratch over a run's history.
+- **What a resume may change.** :func:`config_changes` compares the checkpoint's saved config with the new one. The
+  model (shapes, template, frozen/trainable sets, adapters), the tokenizer, and the keys that fix the data order or
+  the optimizer state layout (seed, micro-batch, accumulation, precision, ZeRO, offload) must not change: the
+  resume is refused, listing every difference, before anything is written. Everything else (learning rate, warmup,
+  min lr, max_steps, save cadence, data files, logging, stage count via the reshard path) takes effect from the
+  resumed step, and each change is printed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lavis.engine.checkpoint import META_FILE, load_meta
+
+LOCK_FILE = ".lock"
+TAG_PREFIX = "global_step"
+
+# Model keys that name where weights are read from, not what the model is: moving files is allowed (with a note).
+WEIGHT_PATH_KEYS = frozenset({
+    "model.vision.checkpoint", "model.qformer.checkpoint", "model.llm.path", "model.checkpoint", "model.llm.tokenizer",
+})
+# Train keys that fix the data order or the optimizer state's layout.
+FIXED_TRAIN_KEYS = frozenset({
+    "train.seed", "train.micro_batch_size", "train.grad_accum_steps", "train.precision", "train.zero_stage",
+    "train.offload_optimizer",
+})
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used as asked; the message says why and the ways forward."""
+
+
+class RunLock:
+    """Exclusive lock on ``<output_dir>/.lock``, held by rank 0 for the whole run."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / LOCK_FILE
+        self.fh: Any = None
+        self.stale: str | None = None  # the previous holder's description, when its lock was left behind
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            fh.close()
+            raise RunDirError(
+                f"{self.path.parent} is in use by another run ({holder}); wait for it to end, stop it, or pass "
+                f"another --output-dir") from None
+        fh.seek(0)
+        previous = fh.read().strip()
+        if previous:
+            self.stale = previous
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is None:
+            return
+        self.path.unlink(missing_ok=True)  # a clean exit leaves no lock file; a crash leaves one (reported later)
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+        self.fh = None
+
+
+def list_checkpoints(output_dir: Path) -> list[str]:
+    """Complete checkpoints (with our metadata) in step order."""
+    tags = [p for p in output_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()]
+    tags.sort(key=lambda p: int(p.name[len(TAG_PREFIX):]))
+    return [p.name for p in tags if (p / META_FILE).is_file()]
+
+
+def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None) -> str | None:
+    """The checkpoint tag this run resumes from, or None for a fresh start; refuses to start over a run's history."""
+    if resume_from is not None:
+        tag = Path(resume_from).name
+        if not (output_dir / tag / META_FILE).is_file():
+            found = list_checkpoints(output_dir)
+            raise RunDirError(f"--resume-from {resume_from}: {output_dir / tag / META_FILE} not found; complete "
+                              f"checkpoints in {output_dir}: {', '.join(found) or 'none'}")
+        return tag
+    latest = output_dir / "latest"
+    found = list_checkpoints(output_dir)
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (output_dir / tag / META_FILE).is_file():
+            return tag
+        problem = f"{latest} names {tag!r}, which is not a complete checkpoint ({output_dir / tag / META_FILE} missing)"
+    elif found:
+        problem = f"{output_dir} holds checkpoints but no `latest` file"
+    elif require:
+        raise RunDirError(f"--resume: no checkpoint in {output_dir} (no `latest` file and no {TAG_PREFIX}N directory)")
+    else:
+        return None
+    newest = found[-1] if found else "global_stepN"
+    raise RunDirError(
+        f"{problem}. Checkpoints found: {', '.join(found) or 'none'}. Nothing was changed. To continue, pass "
+        f"--resume-from {newest} (or another one listed); to start a new run, pass another --output-dir.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+@dataclass
+class ConfigChanges:
+    refused: list[str]
+    """Differences a resume cannot accept, one line each."""
+    applied: list[str]
+    """Differences that take effect from the resumed step, one line each."""
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> ConfigChanges:
+    """Compare the checkpoint's config (``lavis_meta.json`` ``config``) with this run's, key by key (pure). A key the
+    checkpoint's config lacks (written by an older version) counts as its default value (``defaults``)."""
+    old_flat, new_flat, default_flat = _flatten(saved), _flatten(new), _flatten(defaults)
+    for key, value in default_flat.items():
+        old_flat.setdefault(key, value)
+    refused, applied = [], []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if key == "model.llm.tokenizer":  # the saved config names the run's own copy; compared by content instead
+            continue
+        a, b = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if a == b:
+            continue
+        line = f"{key}: {a!r} -> {b!r}"
+        if key in WEIGHT_PATH_KEYS:
+            applied.append(f"{line} (weights read from a new path: they must be the same weights)")
+        elif key.startswith("model.") or key in FIXED_TRAIN_KEYS:
+            refused.append(line)
+        else:
+            applied.append(line)
+    return ConfigChanges(refused, applied)
+
+
+def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dict[str, Any]
+                        ) -> tuple[dict[str, Any], list[str]]:
+    """Read the checkpoint's metadata; refuse a resume that changes what cannot change. Returns (meta, changes)."""
+    meta = load_meta(tag_dir)
+    changes = config_changes(meta["config"], new_config, defaults)
+    if changes.refused:
+        raise RunDirError(
+            f"cannot resume from {tag_dir} with this config: it changes what a checkpoint fixes (the model, the data "
+            f"order or the optimizer state layout):\n  " + "\n  ".join(changes.refused)
+            + "\nNothing was written. Use the checkpoint's config (" + str(tag_dir.parent / "config.yaml")
+            + "), or start a new run with another --output-dir.")
+    return meta, changes.applied
+
+
+PROBE_TEXT = "A red circle. What is in the image? 1234 ÄÖü 漢字 <|im_start|> ###Human: [INST] \n\t x"
+
+
+def tokenizer_fingerprint(tok: Any) -> tuple[int, tuple[int, ...]]:
+    """Vocabulary size and the ids of a probe text: differs between any two tokenizers a user could mix up."""
+    return tok.vocab_size, tuple(tok.encode(PROBE_TEXT))
+
+
+def check_tokenizer(saved_file: Path, new_tokenizer: Any) -> None:
+    """Refuse a resume whose tokenizer differs from the run's saved copy."""
+    from lavis.data.tokenizer import load_tokenizer
+
+    if not saved_file.is_file():
+        return  # nothing to compare with
+    if tokenizer_fingerprint(load_tokenizer(str(saved_file))) != tokenizer_fingerprint(new_tokenizer):
+        raise RunDirError(f"cannot resume: this config's tokenizer ({new_tokenizer.source}) differs from the run's "
+                          f"({saved_file}); resume with the run's config.yaml or start a new run with another "
+                          "--output-dir. Nothing was written.")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,42 @@
+"""train_pipeline.py with a fault injected: ``--poison-steps 2,3`` makes the first stage's output NaN at those
+optimizer steps (1-based), as a corrupt batch would. Everything else is the real trainer."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lavis.engine.distributed import init_distributed, shutdown
+from lavis.engine.hooks import Hook
+from lavis.engine.trainer import parse_args, resolve_config, train
+
+
+class PoisonHook(Hook):
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.handle = None
+
+    def before_step(self, run, step):  # noqa: ANN001, ANN201
+        if step in self.steps and run.is_first_stage:
+            first = next(f for f in run.pipe.forward_funcs if isinstance(f, torch.nn.Module))
+            self.handle = first.register_forward_hook(lambda m, i, out: type(out)(out[0] * float("nan"), *out[1:]))
+
+    def after_step(self, run, step, row):  # noqa: ANN001, ANN201
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    i = argv.index("--poison-steps")
+    steps = {int(s) for s in argv[i + 1].split(",")}
+    args = parse_args(argv[:i] + argv[i + 2:])
+    init_distributed()
+    train(resolve_config(args), require_resume=args.resume, stop_at_step=args.stop_at_step, hooks=[PoisonHook(steps)])
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
