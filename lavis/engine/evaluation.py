@@ -23,6 +23,7 @@ from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, Record, load_records
 from lavis.data.tokenizer import ENDOFTEXT
+from lavis.engine.hooks import Hook
 from lavis.pipeline.plan import LayerEntry, layers_to_plain
 
 
@@ -142,7 +143,7 @@ def better(value: float, best: float | None, metric: str, mode: str) -> bool:
 BEST_FILE = "best"
 
 
-class TrainEvalHook:
+class TrainEvalHook(Hook):
     """``train.eval`` and ``train.save_best`` as a trainer hook.
 
     ``after_step``: on every ``train.eval.every``-th step, the held-out loss (all ranks) and, with ``generate``,
@@ -158,7 +159,6 @@ class TrainEvalHook:
         self.best: float | None = None
         self.best_tag: str | None = None
 
-    # The trainer's run object: cfg, engine, stage, rank, out dir, template, layer table, keep_tags.
     def on_start(self, run: Any) -> None:
         e = run.cfg.train.eval
         if not e.every:
@@ -166,7 +166,7 @@ class TrainEvalHook:
         grid = run.engine.grid
         self.dp_rank, dp_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
         if e.data:
-            first, last = run.engine.is_first_stage(), run.engine.is_last_stage()
+            first, last = run.is_first_stage, run.is_last_stage
             self.batches, self.num_micro, used = build_eval_batches(run.cfg, run.tpl, first=first, last=last,
                                                                     dp_rank=self.dp_rank, dp_size=dp_size)
             if run.rank == 0:
@@ -179,7 +179,7 @@ class TrainEvalHook:
             rec = json.loads(best.read_text())
             if rec.get("metric") == run.cfg.train.save_best and (Path(run.out) / rec["tag"]).is_dir():
                 self.best, self.best_tag = float(rec["value"]), rec["tag"]
-                run.keep_tags.add(rec["tag"])
+                run.protected_tags.add(rec["tag"])
 
     def after_step(self, run: Any, step: int, row: dict[str, Any] | None) -> None:
         e = run.cfg.train.eval
@@ -189,7 +189,7 @@ class TrainEvalHook:
         if e.data:
             metrics["eval_loss"] = eval_loss(run.engine, self.batches, self.num_micro)
         if e.generate:
-            state = gather_plain_state(run.engine.module, run.table, self.dp_rank)
+            state = gather_plain_state(run.pipe, run.table, self.dp_rank)
             if state is not None:
                 metrics.update(score_benchmarks(run.cfg, run.tpl, state, Path(run.out), step))
         self.last = (step, metrics)
@@ -214,9 +214,9 @@ class TrainEvalHook:
         if not better(value, self.best, metric, run.cfg.train.save_best_mode):
             return
         if self.best_tag is not None:
-            run.keep_tags.discard(self.best_tag)
+            run.protected_tags.discard(self.best_tag)
         self.best, self.best_tag = value, tag_dir.name
-        run.keep_tags.add(tag_dir.name)
+        run.protected_tags.add(tag_dir.name)
         if run.rank == 0:
             import json
 
@@ -227,3 +227,8 @@ class TrainEvalHook:
 
     def on_end(self, run: Any) -> None:
         self.batches = None
+
+
+def config_hooks(cfg: Config) -> list[Hook]:
+    """The hooks the config asks for: :class:`TrainEvalHook` when ``train.eval.every`` is set."""
+    return [TrainEvalHook()] if cfg.train.eval.every else []
