@@ -68,7 +68,8 @@ def launch_training(num_stages: int, extra: list[str]) -> float:
     if gpus < num_stages:  # one GPU per rank; with fewer GPUs than stages, train on the CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_stages),
-           "--master_port", str(free_port()), "train_pipeline.py", "--cfg-path", str(CFG), "--num-stages", str(num_stages), *extra]
+           "--master_port", str(free_port()), "train_pipeline.py", "--cfg-path", str(CFG),
+           "--num-stages", str(num_stages), *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)

@@ -32,7 +32,7 @@ def touch_images(d: Path, names: list[str]) -> None:
         (d / n).write_bytes(png_bytes())
 
 
-# --- VQA ---------------------------------------------------------------------------------------------------------------
+# --- VQA --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,norm", [
     ("Two.", "2"), ("An apple", "apple"), ("dont", "don't"), ("yes!", "yes"), ("3,000", "3000"),
     ("The red, cat.", "red cat"), ("ten\tdogs\n", "10 dogs"), ("3.5", "3.5"), ("black-and-white", "black and white"),
@@ -55,7 +55,9 @@ def test_vqav2_files_and_score(tmp_path: Path) -> None:
         {"image_id": 42, "question": "How many?", "question_id": 420},
         {"image_id": 7, "question": "What animal?", "question_id": 70},
     ]}))
-    ans = lambda xs: [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(xs)]  # noqa: E731
+    def ans(xs: list[str]) -> list[dict]:
+        return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(xs)]
+
     (tmp_path / "a.json").write_text(json.dumps({"annotations": [
         {"question_id": 420, "image_id": 42, "answer_type": "number", "answers": ans(["2"] * 3 + ["two"] * 7)},
         {"question_id": 70, "image_id": 7, "answer_type": "other", "answers": ans(["cat"] * 2 + ["dog"] * 8)},
@@ -83,7 +85,7 @@ def test_textvqa_file_and_missing_image(tmp_path: Path) -> None:
     assert vqa.score(rows_for(samples, {"1": "Nike."}))["accuracy"] == 1.0
 
 
-# --- MCQ ---------------------------------------------------------------------------------------------------------------
+# --- MCQ --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply,letter", [
     ("B", "B"), ("(C)", "C"), ("B. a cat", "B"), ("The answer is C.", "C"), ("Answer: B", "B"),
     ("A red circle", "B"), ("I think it is a dog", "A"), ("no idea", None), ("A", "A"),
@@ -143,7 +145,7 @@ def test_scienceqa_img(tmp_path: Path) -> None:
     assert mcq.score(rows_for(samples, {"11": "B"}))["accuracy"] == 1.0
 
 
-# --- yes/no ------------------------------------------------------------------------------------------------------------
+# --- yes/no -----------------------------------------------------------------------------------------------------------
 def test_pope_metrics_by_hand(tmp_path: Path) -> None:
     recs = [{"question_id": i, "image": "COCO_val2014_000000000001.jpg", "text": f"Is there a thing {i}?",
              "label": lab} for i, lab in enumerate(["yes", "yes", "yes", "no", "no", "no"])]
@@ -197,7 +199,7 @@ def test_mme_bad_line_names_file(tmp_path: Path) -> None:
         yesno.load(tmp_path / "mme", None, yesno.PROMPT)
 
 
-# --- caption and video QA ----------------------------------------------------------------------------------------------
+# --- caption and video QA ---------------------------------------------------------------------------------------------
 def test_coco_caption_bleu4_by_hand(tmp_path: Path) -> None:
     doc = {"images": [{"id": 1, "file_name": "1.jpg"}],
            "annotations": [{"image_id": 1, "id": 9, "caption": "A red circle on white."}]}
@@ -213,7 +215,9 @@ def test_coco_caption_bleu4_by_hand(tmp_path: Path) -> None:
 def test_coco_caption_cider_ranks_and_python_tokenizer(tmp_path: Path) -> None:
     refs = {"1": ["a red circle on white", "red circle"], "2": ["a blue square", "a small blue square"],
             "3": ["a green triangle", "green triangle on white"]}
-    rows = lambda preds: [{"id": k, "prediction": preds[k], "gold": {"references": v}} for k, v in refs.items()]  # noqa: E731
+    def rows(preds: dict[str, str]) -> list[dict]:
+        return [{"id": k, "prediction": preds[k], "gold": {"references": v}} for k, v in refs.items()]
+
     good = caption.score(rows({"1": "a red circle", "2": "a blue square", "3": "a green triangle"}))
     bad = caption.score(rows({"1": "a blue square", "2": "a green triangle", "3": "a red circle"}))
     assert good["cider"] > 1.0 > bad["cider"]

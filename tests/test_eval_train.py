@@ -61,7 +61,7 @@ def test_micro_batch_split_over_replicas() -> None:
     keys, used = micro_batch_keys(10, 4, dp_rank=1, dp_size=2)
     assert keys == [[(4, 0), (5, 0), (6, 0), (7, 0)]] and used == 8
     keys, used = micro_batch_keys(10, 4, dp_rank=0, dp_size=1)
-    assert [len(k) for k in keys] == [4, 4, 2] and used == 10
+    assert [len(k) for k in keys] == [4, 4] and used == 8
     with pytest.raises(ValueError, match="max_samples"):
         micro_batch_keys(3, 4, dp_rank=0, dp_size=2)
 

@@ -193,8 +193,8 @@ class TrainEvalConfig:
     max_samples: int = 64
     """Use the first N records of ``data`` (in order) for the loss, and at most N samples per benchmark."""
     generate: bool = False
-    """Also generate answers to ``benchmarks`` and log their scores (rank 0 gathers the full model: costs host
-    memory of one full copy of the weights and generation time; keep the sets small)."""
+    """Also generate answers to ``benchmarks`` and log their scores (rank 0 gathers the full model and runs it on
+    its device: one extra full copy of the weights there, plus generation time; keep the sets small)."""
     benchmarks: list[EvalBenchmarkConfig] = field(default_factory=list)
     """Benchmarks scored when ``generate`` is true."""
     batch_size: int = 8

@@ -1,11 +1,12 @@
 """Held-out evaluation during training (``train.eval``) and keeping the best checkpoint (``train.save_best``).
 
 * Held-out loss: the first ``train.eval.max_samples`` records of ``train.eval.data``, read with the eval transform
-  and no augmentation, cut into micro-batches of ``train.micro_batch_size`` (micro-batch i goes to data-parallel
-  replica i mod D), run through DeepSpeed's ``PipelineEngine.eval_batch`` on every stage. The value is the mean of
+  and no augmentation, cut into full micro-batches of ``train.micro_batch_size`` (micro-batch i goes to
+  data-parallel replica i mod D; a tail that fills no micro-batch on every replica is left out, the count printed),
+  run through DeepSpeed's ``PipelineEngine.eval_batch`` on every stage. The value is the mean of
   the micro-batches' token-mean losses, as the training loss is.
-* Benchmarks (``train.eval.generate``): rank 0 gathers the full model from all stages (host memory for one full
-  copy), loads it into the plain model and scores ``train.eval.benchmarks`` with ``lavis.eval``.
+* Benchmarks (``train.eval.generate``): rank 0 gathers the full model from all stages (one extra full copy of
+  the weights on its device), loads it into the plain model and scores ``train.eval.benchmarks`` with ``lavis.eval``.
 """
 
 from __future__ import annotations
@@ -41,17 +42,19 @@ def micro_batch_keys(num_records: int, micro_batch_size: int, dp_rank: int, dp_s
         list[list[tuple[int, int]]], int]:
     """This replica's micro-batches of ``(record index, seed 0)`` keys and how many records are used in all.
 
-    Micro-batch i holds records ``[i*m, (i+1)*m)`` (the last one may be shorter) and goes to replica ``i % D``;
-    every replica must run the same number of micro-batches, so a tail of fewer than D micro-batches is dropped
-    (the returned count says how many records are evaluated)."""
-    chunks = [list(range(i, min(i + micro_batch_size, num_records))) for i in range(0, num_records, micro_batch_size)]
-    usable = len(chunks) - len(chunks) % dp_size
+    Micro-batch i holds records ``[i*m, (i+1)*m)`` and goes to replica ``i % D``. Only full micro-batches are used
+    (the pipeline's inter-stage buffers may be sized by the first one) and every replica must run the same number,
+    so up to ``m * D - 1`` trailing records are left out; the returned count says how many are evaluated (the
+    trainer prints it)."""
+    full = num_records // micro_batch_size
+    usable = full - full % dp_size
     if usable == 0:
-        raise ValueError(f"train.eval: {num_records} held-out records make fewer micro-batches of "
-                         f"{micro_batch_size} than there are data-parallel replicas ({dp_size}); raise "
-                         f"train.eval.max_samples or add records")
-    mine = [[(k, 0) for k in chunks[i]] for i in range(dp_rank, usable, dp_size)]
-    return mine, sum(len(c) for c in chunks[:usable])
+        raise ValueError(f"train.eval: {num_records} held-out records do not fill one micro-batch of "
+                         f"{micro_batch_size} per data-parallel replica ({dp_size}); raise train.eval.max_samples "
+                         f"or add records")
+    mine = [[(k, 0) for k in range(i * micro_batch_size, (i + 1) * micro_batch_size)]
+            for i in range(dp_rank, usable, dp_size)]
+    return mine, usable * micro_batch_size
 
 
 def build_eval_batches(

@@ -148,7 +148,8 @@ def _load_textvqa(data: Path, doc: dict[str, Any], images: Path | None, prompt: 
         image = media_path(images, f"{need(q, 'image_id', where)}.jpg", where)
         out.append(Sample(str(need(q, "question_id", where)),
                           fmt(prompt.template, where, question=need(q, "question", where)), [image],
-                          gold={"answers": list(need(q, "answers", where)), "answer_type": q.get("answer_type", "all")}))
+                          gold={"answers": list(need(q, "answers", where)),
+                                "answer_type": q.get("answer_type", "all")}))
     return out
 
 
