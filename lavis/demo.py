@@ -3,7 +3,8 @@
 1. generate the shapes dataset under ``cache/dataset/shapes`` (images, multi-turn, two-image, mp4 videos);
 2. train ``lavis/projects/demo/shapes.yaml`` with 2 pipeline stages (CPU gloo; NCCL when 2+ GPUs are present);
 3. fold the checkpoint into ``output/shapes/unfreeze_llm_model.pth``;
-4. ask "What is in the image?" about freshly generated held-out images and print the accuracy;
+4. score it with ``lavis.eval`` on held-out benchmark files about freshly drawn images (VQA accuracy on colour,
+   shape and "what is in the image" questions; POPE-style F1 on yes/no questions) and print both;
 5. print the command to chat with the result (the last line).
 
 Re-running resumes an interrupted training run and skips steps already done.
@@ -25,11 +26,12 @@ from lavis.config.load import load_config
 
 CFG = Path("lavis/projects/demo/shapes.yaml")
 DATA_DIR = Path("cache/dataset/shapes")
-EVAL_DIR = Path("cache/dataset/shapes_eval")
+BENCH_DIR = Path("cache/dataset/shapes_bench")
+DEMO_PROMPT = "{question}"
+"""The demo model was trained on bare questions, so the benchmarks ask them without the tasks' answer-style hints."""
 DATA_SPEC = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
 DATA_VERSION = 3  # bump when the generator's output changes, so `make demo` regenerates
-QUESTION = "What is in the image?"
 
 
 def step(n: int, text: str) -> None:
@@ -50,6 +52,15 @@ def generate_data() -> None:
     print(f"wrote {ann} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (the launcher's default 29500 may be taken by another job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_training(num_stages: int, extra: list[str]) -> float:
     """Run train_pipeline.py under the DeepSpeed launcher; returns wall seconds."""
     env = dict(os.environ)
@@ -57,35 +68,41 @@ def launch_training(num_stages: int, extra: list[str]) -> float:
     if gpus < num_stages:  # one GPU per rank; with fewer GPUs than stages, train on the CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_stages),
-           "train_pipeline.py", "--cfg-path", str(CFG), "--num-stages", str(num_stages), *extra]
+           "--master_port", str(free_port()), "train_pipeline.py", "--cfg-path", str(CFG),
+           "--num-stages", str(num_stages), *extra]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     return time.perf_counter() - t0
 
 
-def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int) -> float:
-    from lavis.chat.engine import ChatEngine, GenerationSettings
-    from lavis.data import shapes
+def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int, out: Path) -> dict[str, dict]:
+    """Write the held-out benchmark files and score the checkpoint on them with ``lavis.eval`` (vqa, yesno)."""
+    import shutil
 
-    pairs = shapes.generate_eval_images(EVAL_DIR, n, seed)
+    from lavis.chat.engine import ChatEngine
+    from lavis.data import shapes
+    from lavis.eval.runner import format_table, run_task
+    from lavis.eval.tasks import Source
+
+    files = shapes.write_benchmarks(BENCH_DIR / str(seed), n, seed)
     engine = ChatEngine.from_files(cfg_path, ckpt)
-    settings = GenerationSettings(max_new_tokens=16)
-    right = 0
-    for i, (path, spec) in enumerate(pairs):
-        reply = engine.answer([path], QUESTION, settings)
-        ok = shapes.parse_answer(reply) == (spec.colour, spec.shape)
-        right += ok
-        if i < 5:
-            print(f"  {path.name}: truth '{shapes.answer(spec)}' -> model '{reply}' {'ok' if ok else 'WRONG'}",
-                  file=sys.stderr)
-    return right / n
+    shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier checkpoint must not be resumed
+    summaries = {}
+    for task in ("vqa", "yesno"):
+        summaries[task] = run_task(engine, task, Source(files[task], files["images"]), out / task, prompt=DEMO_PROMPT,
+                                   batch_size=16, meta={"config": str(cfg_path), "checkpoint": str(ckpt)})
+        print(format_table(summaries[task]), file=sys.stderr)
+        rows = [json.loads(ln) for ln in (out / task / "predictions.jsonl").read_text().splitlines()[:3]]
+        for r in rows:
+            print(f"  {r['query']!r} -> {r['prediction']!r} (gold {r['gold']})", file=sys.stderr)
+    return summaries
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-stages", type=int, default=2)
-    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--eval-images", type=int, default=200, help="held-out images in the benchmark files")
     p.add_argument("--eval-seed", type=int, default=2024)
     p.add_argument("--options", nargs="+", default=[], help="config overrides passed to train_pipeline.py")
     args = p.parse_args()
@@ -106,9 +123,13 @@ def main() -> None:
     ckpt = convert(out, "model")
     print(f"wrote {ckpt}", file=sys.stderr)
 
-    step(4, f"evaluating on {args.eval_images} freshly generated held-out images")
-    acc = evaluate(out / "config.yaml", ckpt, args.eval_images, args.eval_seed)
-    print(f"held-out accuracy (colour and shape both right): {acc:.3f}", flush=True)
+    step(4, f"scoring with lavis.eval on benchmark files about {args.eval_images} freshly drawn held-out images")
+    res = evaluate(out / "config.yaml", ckpt, args.eval_images, args.eval_seed, out / "eval")
+    vqa, pope = res["vqa"]["scores"], res["yesno"]["scores"]
+    print(f"held-out VQA accuracy: {vqa['accuracy']:.3f} ({vqa['count']} questions); "
+          f"POPE-style yes/no F1: {pope['f1']:.3f} (accuracy {pope['accuracy']:.3f}, yes-ratio "
+          f"{pope['yes_ratio']:.2f}, {pope['count']} questions)", flush=True)
+    print(f"predictions and summaries: {out / 'eval'}", file=sys.stderr)
 
     step(5, "chat with the result (add --image PATH --query TEXT for one answer, or --batch IN --out OUT)")
     py = Path(sys.executable)

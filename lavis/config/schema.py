@@ -290,6 +290,54 @@ class DataConfig:
 
 
 @dataclass
+class EvalBenchmarkConfig:
+    """One benchmark file scored with ``lavis.eval`` during training (``train.eval.generate``)."""
+
+    task: Literal["vqa", "mcq", "yesno", "caption", "video-qa"]
+    data: str
+    """The benchmark file as distributed (see README "Evaluate")."""
+    images: str | None = None
+    """Directory its image / video names are relative to."""
+    annotations: str | None = None
+    """vqa: the VQAv2 / OK-VQA annotations file for ``data``'s questions."""
+    split: str | None = None
+    """mcq ScienceQA: only this split."""
+    prompt: str | None = None
+    """Prompt template instead of the task's (``str.format`` fields, e.g. ``"{question}"``)."""
+    name: str | None = None
+    """Metric name prefix: the row gets ``eval_<name>_<metric>``; default the task name."""
+
+
+@dataclass
+class TrainEvalConfig:
+    """Held-out evaluation during training (every ``every`` optimizer steps, after the step)."""
+
+    every: int = 0
+    """Evaluate after every N-th optimizer step (0: never)."""
+    data: list[DatasetConfig] = field(default_factory=list)
+    """Held-out conversation datasets (same formats as ``data.train``); their loss is ``eval_loss``, computed
+    through the pipeline on all stages (eval transform, no augmentation)."""
+    max_samples: int = 64
+    """Use the first N records of ``data`` (in order) for the loss, and at most N samples per benchmark."""
+    generate: bool = False
+    """Also generate answers to ``benchmarks`` and log their scores (rank 0 gathers the full model and runs it on
+    its device: one extra full copy of the weights there, plus generation time; keep the sets small)."""
+    benchmarks: list[EvalBenchmarkConfig] = field(default_factory=list)
+    """Benchmarks scored when ``generate`` is true."""
+    batch_size: int = 8
+    """Generation batch size for ``benchmarks``."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.max_samples < 1 or self.batch_size < 1:
+            raise ValueError("train.eval.every must be >= 0, train.eval.max_samples and train.eval.batch_size >= 1")
+        if self.every and not self.data and not (self.generate and self.benchmarks):
+            raise ValueError("train.eval.every is set but there is nothing to evaluate: add train.eval.data "
+                             "(held-out loss) and/or train.eval.generate: true with train.eval.benchmarks")
+        if self.generate and not self.benchmarks:
+            raise ValueError("train.eval.generate: true needs train.eval.benchmarks (the files to score)")
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "output/run"
     seed: int = 42
@@ -340,6 +388,15 @@ class TrainConfig:
     """Write TensorBoard events to ``<output_dir>/tensorboard`` (rank 0)."""
     wandb_project: str | None = None
     """Also log to Weights & Biases under this project (needs ``pip install wandb``); None = off."""
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    """Held-out loss and benchmark scores during training (README "Evaluate")."""
+    save_best: str | None = None
+    """Keep the checkpoint with the best value of this metric (a key of the metrics row, e.g. ``eval_loss`` or
+    ``eval_vqa_accuracy``) besides the last ``keep_last``; its tag is written to ``<output_dir>/best``. Only
+    checkpoints saved at a step where the metric was computed compete (make ``save_every`` a multiple of
+    ``eval.every``)."""
+    save_best_mode: Literal["auto", "min", "max"] = "auto"
+    """``auto``: lower is better for metrics whose name contains "loss", higher otherwise."""
     max_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient norm that may be skipped (no weight update, logged with
     ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
@@ -363,6 +420,9 @@ class TrainConfig:
                 "train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
+        if self.save_best is not None and not self.eval.every:
+            raise ValueError(f"train.save_best: {self.save_best} needs train.eval.every > 0 (the metric comes from "
+                             f"the held-out evaluation)")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"train.max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
 

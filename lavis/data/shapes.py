@@ -503,3 +503,57 @@ def generate_eval_images(out_dir: Path, n: int, seed: int) -> list[tuple[Path, S
         draw(spec).save(path)
         items.append((path, spec))
     return items
+
+
+# --- held-out benchmark files (read by ``python -m lavis.eval``) ------------------------------------------------------
+BENCH_VQA_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("describe", DESCRIBE_QUESTIONS[0]),
+    ("colour", COLOUR_QUESTIONS[0]),
+    ("shape", SHAPE_QUESTIONS[1]),
+)
+"""(answer type, question) asked in turn about the benchmark images."""
+
+
+def _bench_answer(kind: str, spec: ShapeSpec) -> str:
+    return {"describe": f"{spec.colour} {spec.shape}", "colour": spec.colour, "shape": spec.shape}[kind]
+
+
+def write_benchmarks(out_dir: Path, n: int, seed: int) -> dict[str, Path]:
+    """Held-out benchmark files about ``n`` freshly drawn images ``out_dir/images/<id>.jpg``:
+
+    * ``vqa.json`` in TextVQA's layout (``{"data": [{"question_id", "image_id", "question", "answers"}]}``, ten
+      identical lower-case human answers), one question per image cycling through :data:`BENCH_VQA_QUESTIONS`;
+    * ``pope.jsonl`` in POPE's layout (``{"question_id", "image", "text", "label"}``), two questions per image
+      ("Is it a <shape>?" and "Is it <colour>?"), each asking about the true value or a wrong one with equal odds.
+
+    The generator is seeded with ``f"bench-{seed}"`` (a stream distinct from training's and
+    :func:`generate_eval_images`'). Returns ``{"vqa": path, "yesno": path, "images": dir}``.
+
+    Raises:
+        ValueError: If ``n`` is negative.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"bench-{seed}")
+    vqa: list[dict[str, Any]] = []
+    pope: list[dict[str, Any]] = []
+    for i in range(n):
+        spec = sample_spec(rng)
+        image_id = f"{i:06d}"
+        draw(spec).save(image_dir / f"{image_id}.jpg", quality=JPEG_QUALITY)
+        kind, question = BENCH_VQA_QUESTIONS[i % len(BENCH_VQA_QUESTIONS)]
+        vqa.append({"question_id": i, "image_id": image_id, "question": question,
+                    "answers": [_bench_answer(kind, spec)] * 10, "answer_type": kind})
+        shape = spec.shape if rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != spec.shape])
+        colour = spec.colour if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != spec.colour])
+        pope.append({"question_id": 2 * i, "image": f"{image_id}.jpg", "text": f"Is it a {shape}?",
+                     "label": "yes" if shape == spec.shape else "no"})
+        pope.append({"question_id": 2 * i + 1, "image": f"{image_id}.jpg", "text": f"Is it {colour}?",
+                     "label": "yes" if colour == spec.colour else "no"})
+    vqa_path, pope_path = out_dir / "vqa.json", out_dir / "pope.jsonl"
+    vqa_path.write_text(json.dumps({"dataset_name": "shapes", "dataset_type": "test", "data": vqa}), encoding="utf-8")
+    pope_path.write_text("".join(json.dumps(r) + "\n" for r in pope), encoding="utf-8")
+    return {"vqa": vqa_path, "yesno": pope_path, "images": image_dir}

@@ -30,6 +30,7 @@ from lavis.engine import checkpoint, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
 from lavis.engine.hardware import known_peak_tflops
+from lavis.engine.evaluation import config_hooks
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed()
     # No `finally`: a rank that fails must not wait in shutdown's barrier while the others wait in a collective;
     # it exits with its traceback and the launcher stops the rest.
-    train(cfg, require_resume=args.resume, resume_from=args.resume_from, stop_at_step=args.stop_at_step)
+    train(cfg, require_resume=args.resume, resume_from=args.resume_from, stop_at_step=args.stop_at_step,
+          hooks=config_hooks(cfg))
     shutdown()
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m lavis.eval`` (see ``lavis/eval/__main__.py``) and the pieces it is made of."""

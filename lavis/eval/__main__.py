@@ -1,0 +1,69 @@
+"""Score a checkpoint on a benchmark in its own file format.
+
+    python -m lavis.eval --cfg-path RUN/config.yaml -c RUN/model.pth --task vqa --data questions.json \\
+        --annotations annotations.json --images val2014/ --out eval/vqav2
+
+Tasks: vqa (VQAv2, OK-VQA, TextVQA), mcq (MMBench .tsv with circular evaluation, ScienceQA-IMG problems.json),
+yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines). Writes
+``<out>/predictions.jsonl`` (resumed when re-run) and ``<out>/summary.json``, and prints the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lavis.chat.engine import ChatEngine, add_model_arguments
+from lavis.config.presets import preset_path
+from lavis.eval.common import BenchmarkFileError
+from lavis.eval.runner import format_table, run_task
+from lavis.eval.tasks import TASKS, Source, get_task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lavis.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--data", required=True, help="the benchmark file (or MME's directory) as distributed")
+    p.add_argument("--images", help="directory the file's image/video names are relative to")
+    p.add_argument("--annotations", help="vqa: the VQAv2/OK-VQA annotations file (answers) for --data's questions")
+    p.add_argument("--split", help="mcq ScienceQA: only problems of this split (e.g. test)")
+    p.add_argument("--out", help="output directory (default: eval/<task>-<data name>)")
+    p.add_argument("--limit", type=int, help="only the first N samples (N rotations for MMBench)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="answer length (default: the task's)")
+    p.add_argument("--prompt", help="prompt template instead of the task's (str.format fields, e.g. '{question}'); "
+                                    "recorded in the summary as version 'custom'")
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = Path(args.data)
+    out = Path(args.out) if args.out else Path("eval") / f"{args.task}-{data.stem}"
+    src = Source(data, Path(args.images) if args.images else None,
+                 Path(args.annotations) if args.annotations else None, args.split)
+    cfg_path = args.cfg_path or preset_path(args.model_type)
+    try:
+        get_task(args.task)
+        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
+                                       options=args.options, load_8bit=args.load_8bit,
+                                       llm_device_map=args.llm_device_map)
+        summary = run_task(engine, args.task, src, out, prompt=args.prompt, batch_size=args.batch_size,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens,
+                           meta={"config": str(cfg_path), "checkpoint": args.checkpoint_path},
+                           progress=not args.quiet)
+    except (BenchmarkFileError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

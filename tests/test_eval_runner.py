@@ -1,0 +1,145 @@
+"""The benchmark runner: resume without recomputing, batched generation equal to the chat engine's one-by-one
+answers, and the command line end to end on the tiny shapes model (random weights)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from lavis.chat.engine import ChatEngine, GenerationSettings, load_model
+from lavis.config.load import load_config
+from lavis.data import shapes
+from lavis.data.conversation import template_from_config
+from lavis.data.tokenizer import load_tokenizer
+from lavis.eval import yesno
+from lavis.eval.__main__ import main as eval_main
+from lavis.eval.common import BenchmarkFileError, Sample
+from lavis.eval.generate import generate_answers
+from lavis.eval.runner import answer_all, evaluate
+from lavis.eval.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = REPO / "lavis/projects/demo/shapes.yaml"
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class FakeModel:
+    """Answers "yes" to even ids, "no" to odd ones; records what it was asked; can fail on the N-th call."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.asked: list[str] = []
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, samples: Sequence[Sample], settings: GenerationSettings, batch_size: int) -> list[str]:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise Interrupt("killed")
+        self.asked += [s.id for s in samples]
+        return ["Yes" if int(s.id) % 2 == 0 else "No" for s in samples]
+
+
+def pope_samples(n: int) -> list[Sample]:
+    return [Sample(str(i), f"Is there a thing {i}?", ["x.jpg"], gold={"label": "yes" if i % 3 else "no"})
+            for i in range(n)]
+
+
+def test_interrupted_eval_resumes_without_recomputing(tmp_path: Path) -> None:
+    samples = pope_samples(10)
+    task = get_task("yesno")
+    first = FakeModel(fail_on_call=3)  # batches of 4: two finish (8 samples), the third is interrupted
+    with pytest.raises(Interrupt):
+        evaluate(task, samples, first, tmp_path, settings=GenerationSettings(), batch_size=4, prompt=task.prompt,
+                 meta={}, progress=False)
+    assert first.asked == [str(i) for i in range(8)]
+    with open(tmp_path / "predictions.jsonl", "a") as fh:  # a line half-written when the process was killed
+        fh.write('{"id": "8", "que')
+    second = FakeModel()
+    summary = evaluate(task, samples, second, tmp_path, settings=GenerationSettings(), batch_size=4,
+                       prompt=task.prompt, meta={}, progress=False)
+    assert second.asked == ["8", "9"] and summary["generated_now"] == 2
+    rows = [json.loads(ln) for ln in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(10)]
+    assert summary["scores"] == yesno.score_pope(rows)
+    assert json.loads((tmp_path / "summary.json").read_text())["prompt"] == {"template": "{question}",
+                                                                             "version": "yesno-v1"}
+    third = FakeModel()
+    answer_all(samples, third, GenerationSettings(), 4, tmp_path / "predictions.jsonl", progress=False)
+    assert third.asked == []
+
+
+def test_resume_refuses_predictions_of_another_prompt(tmp_path: Path) -> None:
+    samples = pope_samples(3)
+    answer_all(samples, FakeModel(), GenerationSettings(), 2, tmp_path / "p.jsonl", progress=False)
+    changed = [Sample(s.id, s.query + " Answer yes or no.", s.media, gold=s.gold) for s in samples]
+    with pytest.raises(BenchmarkFileError, match="another prompt"):
+        answer_all(changed, FakeModel(), GenerationSettings(), 2, tmp_path / "p.jsonl", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine() -> ChatEngine:
+    cfg = load_config(CFG)
+    tok = load_tokenizer(cfg.model.llm.tokenizer)
+    model = load_model(cfg, None, tok, torch.device("cpu"), torch.float32)
+    return ChatEngine(model, template_from_config(tok, cfg), cfg.model.vision.image_size, torch.device("cpu"))
+
+
+def test_batched_left_padded_generation_matches_the_chat_engine(tiny_engine: ChatEngine, tmp_path: Path) -> None:
+    """Prompts of different lengths (one without an image) in one left-padded batch give the chat engine's
+    one-at-a-time greedy answers."""
+    pairs = shapes.generate_eval_images(tmp_path, 2, seed=0)
+    samples = [Sample("a", "What is in the image?", [str(pairs[0][0])]),
+               Sample("b", "Is it a red circle? Tell me in one short sentence please.", [str(pairs[1][0])]),
+               Sample("c", "Hello", [])]
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = generate_answers(tiny_engine, samples, settings, batch_size=3)
+    tiny_engine.settings = settings
+    assert batched == [tiny_engine.answer(s.media, s.query) for s in samples]
+    assert any(batched)  # random weights still emit some text
+
+
+def test_cli_writes_predictions_summary_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = shapes.write_benchmarks(tmp_path / "bench", 3, seed=1)
+    pope = [json.loads(ln) for ln in files["yesno"].read_text().splitlines()]
+    assert len(pope) == 6 and {r["label"] for r in pope} <= {"yes", "no"}
+    out = tmp_path / "out"
+    args = ["--cfg-path", str(CFG), "--cpu-only", "--task", "vqa", "--data", str(files["vqa"]), "--images",
+            str(files["images"]), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3", "--quiet",
+            "--prompt", "{question}"]
+    assert eval_main([*args, "--limit", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["generated_now"] == 2
+    assert eval_main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generated_now"] == 1 and summary["samples"] == 3
+    assert summary["prompt"] == {"template": "{question}", "version": "custom"}
+    assert 0.0 <= summary["scores"]["accuracy"] <= 1.0
+    assert "vqa (3 samples, prompt custom)" in capsys.readouterr().out
+    assert eval_main([*args[:-2], "--task", "yesno"]) == 2  # the vqa file is not POPE's layout
+    assert "missing key 'label'" in capsys.readouterr().err
+
+
+def test_shapes_benchmark_files_are_deterministic_and_consistent(tmp_path: Path) -> None:
+    a = shapes.write_benchmarks(tmp_path / "a", 9, seed=7)
+    b = shapes.write_benchmarks(tmp_path / "b", 9, seed=7)
+    assert a["vqa"].read_text() == b["vqa"].read_text() and a["yesno"].read_text() == b["yesno"].read_text()
+    vqa_rows = json.loads(a["vqa"].read_text())["data"]
+    assert [r["answer_type"] for r in vqa_rows] == ["describe", "colour", "shape"] * 3
+    pope = [json.loads(ln) for ln in a["yesno"].read_text().splitlines()]
+    for q, (shape_q, colour_q) in zip(vqa_rows, zip(pope[::2], pope[1::2])):
+        truth = q["answers"][0]
+        assert q["answers"] == [truth] * 10 and truth == truth.lower()
+        assert shape_q["image"] == colour_q["image"] == f"{q['image_id']}.jpg"
+        asked_shape = shape_q["text"].removeprefix("Is it a ").rstrip("?")
+        asked_colour = colour_q["text"].removeprefix("Is it ").rstrip("?")
+        if q["answer_type"] == "shape":
+            assert (shape_q["label"] == "yes") == (asked_shape == truth)
+        if q["answer_type"] == "colour":
+            assert (colour_q["label"] == "yes") == (asked_colour == truth)
+    assert {r["label"] for r in pope} == {"yes", "no"}
