@@ -31,7 +31,7 @@ DEMO_PROMPT = "{question}"
 """The demo model was trained on bare questions, so the benchmarks ask them without the tasks' answer-style hints."""
 DATA_SPEC = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
-DATA_VERSION = 3  # bump when the generator's output changes, so `make demo` regenerates
+DATA_VERSION = 4  # bump when the generator's output changes, so `make demo` regenerates
 
 
 def step(n: int, text: str) -> None:

@@ -338,14 +338,26 @@ def _turns(*texts: str) -> list[dict[str, str]]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(texts)]
 
 
-SINGLE_MIX = (("describe", 0.35), ("shape", 0.5), ("colour", 0.15))
+SINGLE_MIX = (("describe", 0.25), ("shape", 0.5), ("colour", 0.1), ("yesno", 0.15))
 """Question kinds of single-image samples. Shape-only answers ("A circle.") give the vision tower a direct shape
 signal: trained from scratch on mostly "A red circle." answers, the tiny model learned colour within 100 steps but
-sat at chance on shape for 1,000+ steps (measured, batch 32); on shape-only answers it broke out after ~500-650."""
+sat at chance on shape for 1,000+ steps (measured, batch 32); on shape-only answers it broke out after ~500-650.
+Yes/no questions asked first (as POPE asks them), half about the true value: without them the model saw yes/no
+questions only as follow-ups in dialogues and answered a first "Is it a ...?" mostly "No" (POPE F1 0.24)."""
+
+
+def _yes_no_exchange(rng: random.Random, spec: ShapeSpec) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        asked = spec.shape if rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != spec.shape])
+        return _is_shape_exchange(asked, spec)
+    asked = spec.colour if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != spec.colour])
+    return _is_colour_exchange(asked, spec)
 
 
 def _single_exchange(rng: random.Random, spec: ShapeSpec) -> tuple[str, str]:
     kind = rng.choices([k for k, _ in SINGLE_MIX], weights=[w for _, w in SINGLE_MIX])[0]
+    if kind == "yesno":
+        return _yes_no_exchange(rng, spec)
     if kind == "shape":
         return rng.choice(SHAPE_QUESTIONS[1:]), _shape_answer(spec)
     if kind == "colour":
