@@ -228,7 +228,7 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
     """Derive the DeepSpeed dict from ``train``. The optimizer and scheduler are built by us, not by DeepSpeed.
 
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
-    (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (DEEPSPEED_PIPE.md 2.5),
+    (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
     so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``).
     """
     ds_clips = train.precision != "fp32" or train.zero_stage > 0

@@ -1,6 +1,6 @@
 """Checkpoints: DeepSpeed's files plus our metadata, an atomic ``latest``, keep-last-K, resume.
 
-Layout of ``output_dir`` (DESIGN.md contracts)::
+Layout of ``output_dir`` (docs/FORMATS.md section 8)::
 
     config.yaml  metrics.jsonl  tokenizer.json  latest
     global_step{N}/layer_XX-model_states.pt  (trainable weights of layer XX, DeepSpeed)

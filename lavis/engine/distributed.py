@@ -47,7 +47,8 @@ def print0(*args: object) -> None:
 
 
 def shutdown() -> None:
-    """End cleanly: exiting without destroy_process_group once aborted a finished gloo run (DEEPSPEED_PIPE.md)."""
+    """End cleanly: exiting without destroy_process_group once aborted a finished gloo run (docs/PIPELINE.md
+    section 10)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -5,7 +5,7 @@
 - Every stage gets the same optimizer parameter groups (weight-decay and no-decay): a group this stage has no
   trainable parameter for gets one zero "anchor" parameter that the forward uses (``out + 0 * anchor.sum()``).
   So a fully frozen stage still has a parameter with a real (zero) gradient and a frozen first stage's output has a
-  grad_fn (DEEPSPEED_PIPE.md section 3), and ZeRO-1, which runs one gradient-norm all-reduce across stages per group,
+  grad_fn (docs/PIPELINE.md section 5), and ZeRO-1, which runs one gradient-norm all-reduce across stages per group,
   issues the same number of collectives on every stage (a frozen stage with one group hung the others). Zero
   anchors stay exactly zero under AdamW. They are not part of any layer, so layer files and converters never see
   them.
