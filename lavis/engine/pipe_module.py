@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lavis.config.schema import ModelConfig
+from lavis.engine import ds_compat
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts
 from lavis.model.mllm import lm_loss
@@ -48,12 +49,10 @@ class LavisPipelineModule(PipelineModule):
         self.group_anchors = nn.ParameterList()
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = list(self._planned_parts)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        ds_compat.set_stage_bounds(self, self._planned_parts)
 
     def local_layers(self) -> dict[int, nn.Module]:
-        return {self._local_start + i: f for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)}
+        return ds_compat.local_layers(self)
 
     def load_weights(self, cfg: ModelConfig, table: list[LayerEntry]) -> list[FileReport]:
         """This rank reads only its own layers' tensors from the configured files (``lavis.weights.base``); raises
@@ -85,12 +84,10 @@ class LavisPipelineModule(PipelineModule):
         been in its layer file and the file must hold nothing the layer lacks (keys read via mmap, no tensor data)."""
         super().load_state_dir(load_dir, checkpoint_engine, strict=False)
         problems = []
-        for i, layer in enumerate(self.forward_funcs):
-            if not isinstance(layer, nn.Module):
-                continue
-            files = self.ckpt_layer_path_list(load_dir, i)
+        for idx, layer in self.local_layers().items():
+            files = ds_compat.layer_files(self, load_dir, idx - ds_compat.local_start(self))
             if not files:
-                problems.append(f"layer {self._local_start + i}: no layer file in {load_dir}")
+                problems.append(f"layer {idx}: no layer file in {load_dir}")
                 continue
             keys = set(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True))
             own = layer.state_dict()

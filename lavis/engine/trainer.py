@@ -26,7 +26,7 @@ from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
-from lavis.engine import checkpoint, safe_load
+from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
 from lavis.engine.hardware import known_peak_tflops
@@ -235,7 +235,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     optimizer = PipeAdamW(
         param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
-        norm_group=pipe._grid.get_pipe_parallel_group() if own_clip else None,
+        norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
@@ -306,7 +306,7 @@ def build_data(run: Run) -> StepLoader:
     if cfg.data.on_bad_sample == "skip" and cfg.data.fixed_length:
         raise ValueError("data.on_bad_sample=skip shrinks micro-batches, which needs data.fixed_length=false")
     dataset = sampler = collate = None
-    dp_rank = run.engine.grid.get_data_parallel_rank()
+    dp_rank = ds_compat.data_parallel_rank(run.engine)
     if run.is_first_stage or run.is_last_stage:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
