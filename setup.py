@@ -20,7 +20,6 @@ setup(
         "tiktoken",  # Qwen v1 tokenizer (qwen.tiktoken)
         "sentencepiece",  # LLaMA / Vicuna tokenizers
         "safetensors",  # per-tensor reads of HF weight shards
-        "einops",  # tensor reshapes in the vision/LLM glue
         "pillow",  # image decoding
         "decord",  # video decoding (fast path)
         "av",  # video decoding fallback and the demo's mp4 writer

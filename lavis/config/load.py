@@ -150,12 +150,11 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
                 return None
             raise bad(" or ".join(_name(a) for a in args))
         non_none = [a for a in args if a is not type(None)]
-        errors = []
         for a in non_none:
             try:
                 return _convert(a, value, source=source, key=key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue  # try the next member; the error below names them all
         raise bad(" or ".join(_name(a) for a in args))
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):
