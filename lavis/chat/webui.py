@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from lavis.chat.engine import VIDEO_SUFFIXES, ChatEngine, GenerationSettings, Media, Turn, add_model_arguments
 from lavis.config.presets import preset_path
+from lavis.data.conversation import IMAGE_MARKER
 from lavis.data.media import MediaError
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class WebChat:
                 self.discard(path)
                 continue
             usable.append(m)
-            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != "<image>" else ""))
+            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != IMAGE_MARKER else ""))
         return usable, notes
 
     def discard(self, path: Path) -> None:
