@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
     hook = MeasureHook(measure_from=args.warmup + 1)
     run = train(cfg, hooks=[hook], resume=False, save=False)
-    result = {**hook.result, "parts": run.parts, "rows_path": str(run.out / "metrics.jsonl")}
+    result = {**hook.result, "parts": run.boundaries, "rows_path": str(run.out / "metrics.jsonl")}
     if dist.get_rank() == 0:
         rep = summarize(cfg, result, args)
         print(format_report(rep), flush=True)

@@ -114,11 +114,12 @@ def pipe_stage(module: Any) -> int:
     return module._topo.get_coord(module.global_rank).pipe
 
 
-def set_stage_bounds(module: Any, parts: list[int]) -> None:
-    """Own layers ``parts[s]`` to ``parts[s+1]-1`` on stage ``s``: what ``_partition_layers`` must do."""
-    module.parts = list(parts)
+def set_stage_bounds(module: Any, boundaries: list[int]) -> None:
+    """Own layers ``boundaries[s]`` to ``boundaries[s+1]-1`` on stage ``s``: what ``_partition_layers`` must do
+    (DeepSpeed keeps them as ``module.parts``)."""
+    module.parts = list(boundaries)
     stage = pipe_stage(module)
-    module._set_bounds(start=parts[stage], stop=parts[stage + 1])
+    module._set_bounds(start=boundaries[stage], stop=boundaries[stage + 1])
 
 
 def local_start(module: Any) -> int:

@@ -31,25 +31,25 @@ from lavis.weights.report import FileReport
 
 def layer_specs(
     cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int,
-    checkpoint_blocks: frozenset[int] = frozenset(),
+    recompute_blocks: frozenset[int] = frozenset(),
 ) -> list[LayerSpec]:
-    """``checkpoint_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``)."""
+    """``recompute_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``)."""
     seed, std = cfg.init_seed, cfg.init_std
     n = hf.num_hidden_layers
     specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed)]
-    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in checkpoint_blocks) for j in range(n)]
+    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in recompute_blocks) for j in range(n)]
     specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]
     return specs
 
 
 class LavisPipelineModule(PipelineModule):
-    def __init__(self, specs: list[LayerSpec], parts: list[int], **kwargs: object) -> None:
-        object.__setattr__(self, "_planned_parts", list(parts))
-        super().__init__(specs, num_stages=len(parts) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
+    def __init__(self, specs: list[LayerSpec], boundaries: list[int], **kwargs: object) -> None:
+        object.__setattr__(self, "_planned_boundaries", list(boundaries))
+        super().__init__(specs, num_stages=len(boundaries) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
         self.group_anchors = nn.ParameterList()
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        ds_compat.set_stage_bounds(self, self._planned_parts)
+        ds_compat.set_stage_bounds(self, self._planned_boundaries)
 
     def local_layers(self) -> dict[int, nn.Module]:
         return ds_compat.local_layers(self)
