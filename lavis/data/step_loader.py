@@ -126,6 +126,16 @@ class StepLoader:
             )
             self._iter = iter(loader)
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now. They ignore SIGTERM (:func:`ignore_stop_signals`), and at interpreter exit
+        multiprocessing terminates its daemonic children and then joins them, so a worker still alive then blocks the
+        exit forever (a finished run hung after its last checkpoint). The loader's own shutdown, which its iterator's
+        ``__del__`` would run, stops them cleanly; the iterator sits in a reference cycle, so it is called here."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # absent when there are no worker processes
+        if shutdown is not None:
+            shutdown()
+
     def next_step(self, step: int) -> Iterator[PipeBatch] | list[PipeBatch] | None:
         """This rank's micro-batches of ``step`` (None on stages that read no data). ``skip``: a collective that
         fetches the whole step, agrees on bad samples across all ranks and drops them; ``raise``: a lazy stream."""

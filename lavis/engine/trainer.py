@@ -367,6 +367,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
                 h.on_end(run)
     finally:
         stop_signal.uninstall()
+        run.steps.close()
         if rank0:
             bar.close()
             logger.close()
