@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch>=2.4",  # everything
         "torchvision",  # BLIP-2 image transforms (and timm needs it)
-        "deepspeed==0.19.8",  # pipeline engine; DEEPSPEED_PIPE.md facts were measured on this exact version
+        "deepspeed==0.19.8",  # pipeline engine; docs/PIPELINE.md and engine/ds_compat.py are checked against it
         "transformers>=5.0",  # LLM decoder classes, Blip2QFormerModel, masks, generation
         "timm>=1.0",  # EVA ViT (same parameter names as LAVIS)
         "omegaconf>=2.3",  # YAML + dot-list overrides (then converted strictly to our dataclasses)
@@ -20,7 +20,6 @@ setup(
         "tiktoken",  # Qwen v1 tokenizer (qwen.tiktoken)
         "sentencepiece",  # LLaMA / Vicuna tokenizers
         "safetensors",  # per-tensor reads of HF weight shards
-        "einops",  # tensor reshapes in the vision/LLM glue
         "pillow",  # image decoding
         "decord",  # video decoding (fast path)
         "av",  # video decoding fallback and the demo's mp4 writer

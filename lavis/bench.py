@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from lavis.config.load import load_config
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
+from lavis.engine import ds_compat
 from lavis.engine.distributed import init_distributed, print0, shutdown
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
@@ -230,7 +231,7 @@ class MeasureHook(Hook):
     def on_end(self, run: Any) -> None:
         from lavis.engine.trainer import peak_memory_gib
 
-        mine = {"rank": run.rank, "stage": run.stage, "dp_rank": run.engine.grid.get_data_parallel_rank(),
+        mine = {"rank": run.rank, "stage": run.stage, "dp_rank": ds_compat.data_parallel_rank(run.engine),
                 "instruction_seconds": dict(self.timer.seconds), "compute_seconds": self.timer.compute_seconds(),
                 "peak_memory_gib": peak_memory_gib(), "memory_kind": "gpu" if torch.cuda.is_available() else "host_rss"}
         ranks: list[Any] = [None] * dist.get_world_size()
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
     hook = MeasureHook(measure_from=args.warmup + 1)
     run = train(cfg, hooks=[hook], resume=False, save=False)
-    result = {**hook.result, "parts": run.parts, "rows_path": str(run.out / "metrics.jsonl")}
+    result = {**hook.result, "parts": run.boundaries, "rows_path": str(run.out / "metrics.jsonl")}
     if dist.get_rank() == 0:
         rep = summarize(cfg, result, args)
         print(format_report(rep), flush=True)

@@ -124,7 +124,7 @@ def test_checkpointed_decoder_block_gives_same_output_and_gradients(tiny_cfg: Co
     hf = llm_hf_config(tiny_cfg.model.llm)
     parts = decoder_parts(hf)
     plain = DecoderBlockPipe(hf, parts, 0, seed=3, std=0.05)
-    ckpt = DecoderBlockPipe(hf, parts, 0, seed=3, std=0.05, checkpoint=True)
+    ckpt = DecoderBlockPipe(hf, parts, 0, seed=3, std=0.05, recompute=True)
     x = torch.randn(2, 12, hf.hidden_size, requires_grad=True)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0

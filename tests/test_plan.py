@@ -130,7 +130,7 @@ def test_cost_model_counts_full_size_qwen7b_layout_exactly() -> None:
         model = MultimodalLM(cfg.model, placeholder_id=151646)
     model.apply_trainable()
     n_vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual_encoder."))
-    # FORMATS.md section 1: 39 x (4*1408^2 + 2*1408*6144 + 8*1408 + 6144) + patch (3*14^2*1408 + 1408)
+    # docs/FORMATS.md section 1: 39 x (4*1408^2 + 2*1408*6144 + 8*1408 + 6144) + patch (3*14^2*1408 + 1408)
     # + pos_embed 257*1408 + cls 1408
     assert n_vit == 39 * 25_248_768 + 829_312 + 361_856 + 1_408 == 985_894_528
     assert sum(c.params for c in costs) == sum(p.numel() for p in model.parameters())

@@ -41,7 +41,7 @@ def test_special_tokens(tok: QwenTokenizer) -> None:
 def test_chatml_prompt_matches_mpp_qwen_next(tok: QwenTokenizer) -> None:
     tpl = ChatTemplate(tok, "You are a helpful assistant.", "<|extra_0|>", 32, 32)
     ids = encode_prompt([("<image>What is in the image?", None)], tpl)
-    # MPP-Qwen-Next's cli_demo on one image + this question: 63 prompt ids (FORMATS.md section 5).
+    # MPP-Qwen-Next's cli_demo on one image + this question: 63 prompt ids (docs/FORMATS.md section 5).
     assert len(ids) == 63 and ids.count(151646) == 32
     assert ids[:11] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
     assert ids[-5:] == [151645, 198, 151644, 77091, 198]

@@ -1,6 +1,6 @@
 """Every shipped recipe loads strictly and, at full size, plans within its own per-GPU memory limit on its GPU count.
 
-The LLM shapes are the published ones (FORMATS.md): the weights themselves are not needed to plan."""
+The LLM shapes are the published ones (docs/FORMATS.md sections 5-6): the weights themselves are not needed to plan."""
 
 from __future__ import annotations
 

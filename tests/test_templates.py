@@ -82,7 +82,8 @@ def test_every_template_prompt_is_a_prefix_of_training(byte_tok, name: str) -> N
         trained = byte_tok.decode([t for t in enc.labels[len(prompt):] if t != IGNORE_INDEX])
         assert trained.startswith("Grey.") or trained.startswith(" Grey.")
         assert enc.input_ids.count(byte_tok.token_id("<|extra_0|>")) == 4 and enc.num_media == 1
-    assert tpl.stop_sequences() and tpl.media_text("<image>").startswith(tpl.spec.media_open)
+    media = tpl.spec.media_open + tpl.placeholder * tpl.num_query + tpl.spec.media_close
+    assert tpl.stop_sequences() and media in byte_tok.decode(enc.input_ids, skip_special_tokens=False)
 
 
 @needs_llama

@@ -38,7 +38,7 @@ from lavis.weights.synthetic import (
 from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
 from lavis.weights.vision import plan_blip2, plan_eva_vit
 
-# --- an independent Qwen v1 reference (FORMATS.md section 5), tiny sizes ---------------------------------------------
+# --- an independent Qwen v1 reference (docs/FORMATS.md section 5), tiny sizes ---------------------------------------------
 H, NH, HD, FF, V, NL, EPS, BASE = 32, 4, 8, 48, 97, 2, 1e-6, 10000.0
 V1_CONFIG = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": H, "num_attention_heads": NH,
              "kv_channels": HD, "intermediate_size": 2 * FF, "vocab_size": V, "num_hidden_layers": NL,

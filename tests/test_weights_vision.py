@@ -1,6 +1,6 @@
 """Vision-side weights: synthetic LAVIS-layout files -> readers -> our ViT / Q-Former, with LAVIS numerics.
 
-The references below are written from FORMATS.md sections 1-2 (not from timm or transformers) and read the raw
+The references below are written from docs/FORMATS.md sections 1-2 (not from timm or transformers) and read the raw
 LAVIS-named file tensors, so a wrong rename, bias layout, eps or activation in our path shows up as a difference.
 """
 
@@ -59,7 +59,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"eva": d / "eva_vit_g.pth", "blip2": d / "blip2.pth"}
 
 
-# ---------------------------------------------------------------- independent references (FORMATS.md facts)
+# ---------------------------------------------------------------- independent references (docs/FORMATS.md facts)
 
 
 def gelu_erf(x: torch.Tensor) -> torch.Tensor:

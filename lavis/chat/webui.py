@@ -38,6 +38,7 @@ from lavis.chat.engine import (
     set_seed,
 )
 from lavis.config.presets import preset_path
+from lavis.data.conversation import IMAGE_MARKER
 from lavis.data.media import MediaError
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class WebChat:
                 self.discard(path)
                 continue
             usable.append(m)
-            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != "<image>" else ""))
+            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != IMAGE_MARKER else ""))
         return usable, notes
 
     def discard(self, path: Path) -> None:

@@ -150,12 +150,11 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
                 return None
             raise bad(" or ".join(_name(a) for a in args))
         non_none = [a for a in args if a is not type(None)]
-        errors = []
         for a in non_none:
             try:
                 return _convert(a, value, source=source, key=key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue  # try the next member; the error below names them all
         raise bad(" or ".join(_name(a) for a in args))
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):
@@ -228,7 +227,7 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
     """Derive the DeepSpeed dict from ``train``. The optimizer and scheduler are built by us, not by DeepSpeed.
 
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
-    (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (DEEPSPEED_PIPE.md 2.5),
+    (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
     so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``).
     """
     ds_clips = train.precision != "fp32" or train.zero_stage > 0

@@ -21,7 +21,7 @@ import torch
 
 from lavis.config.load import from_dict, save_config
 from lavis.config.schema import Config
-from lavis.engine.checkpoint import load_meta
+from lavis.engine.checkpoint import META_FILE, load_meta
 
 
 def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -29,7 +29,7 @@ def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype 
     from lavis.data.tokenizer import load_tokenizer
 
     meta = load_meta(tag_dir)
-    cfg = from_dict(Config, meta["config"], source=str(tag_dir / "lavis_meta.json"))
+    cfg = from_dict(Config, meta["config"], source=str(tag_dir / META_FILE))
     tok_file = tag_dir / meta["tokenizer"]
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} missing: the checkpoint directory lacks the run's tokenizer")

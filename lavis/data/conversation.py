@@ -76,11 +76,6 @@ class ChatTemplate:
     def placeholder_id(self) -> int:
         return self.tokenizer.token_id(self.placeholder)
 
-    def media_text(self, marker: str) -> str:
-        run = self.placeholder * self.num_query
-        frames = 1 if marker == IMAGE_MARKER else self.num_video_frames
-        return self.spec.media_open + run * frames + self.spec.media_close
-
     def stop_sequences(self) -> list[list[int]]:
         """Token sequences that end an answer, the trained end first: every encoding of each stop text (at a word
         start and inside a word, e.g. LLaMA's ``###`` = ``[835]`` or ``[2277, 29937]``), then each stop token."""

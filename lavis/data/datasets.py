@@ -323,10 +323,6 @@ class StepSampler:
         chunks = [flat[c * self.m:(c + 1) * self.m] for c in range(self.gas * self.dp_size)]
         return [[chunks[mb * self.dp_size + r] for r in range(self.dp_size)] for mb in range(self.gas)]
 
-    def step_indices(self, step: int) -> list[int]:
-        """Every record index of optimizer step ``step`` over all DP ranks (for token accounting on rank 0)."""
-        return [i for mb in self.step_keys(step) for rank in mb for i, _ in rank]
-
     def __iter__(self) -> Iterator[list[Key]]:
         step = self.start_step
         while True:

@@ -26,6 +26,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -43,9 +45,6 @@ TRIANGLE_ASPECT = (0.8, 1.15)
 """Triangle height range as a factor of the equilateral height ``side * sqrt(3) / 2``."""
 BACKGROUND = (255, 255, 255)
 JPEG_QUALITY = 92
-
-IMAGE_MARKER = "<image>"
-VIDEO_MARKER = "<video>"
 
 DESCRIBE_QUESTIONS: tuple[str, ...] = (
     "What is in the image?",

@@ -12,9 +12,9 @@ is decided for the whole step before ``train_batch``:
 2. Every rank (middle stages too) calls one ``all_reduce(MAX)`` over the world group on a ``[D, GAS, m]`` flag
    tensor, at the same point of the loop (outside ``train_batch``, never inside the data iterator, which the two
    stages call at different times). If any flag is set, one ``all_gather_object`` shares the reasons.
-3. ``raise``: every rank raises :class:`BadSampleError` naming the record(s). ``skip``: the flagged samples are left
-   out of their micro-batch on both stages, logged with record id and reason, and counted; a micro-batch whose
-   samples are all bad raises (an empty micro-batch cannot run through the pipeline).
+3. The flagged samples are left out of their micro-batch on both stages, logged with record id and reason, and
+   counted; a micro-batch whose samples are all bad raises :class:`BadSampleError` (an empty micro-batch cannot run
+   through the pipeline).
 
 Skipping changes a micro-batch's size, which needs DeepSpeed's ``dynamic_shape`` (``data.fixed_length: false``).
 """
@@ -157,10 +157,6 @@ class StepLoader:
                         reasons[(r, mb, slot)] = (rid, err)
             lines = [f"step {step + 1}, dp rank {r}, micro-batch {mb}: record {rid}: {err}"
                      for (r, mb, slot), (rid, err) in sorted(reasons.items())]
-            if self.on_bad_sample == "raise":
-                raise BadSampleError(
-                    "bad training sample(s) (data.on_bad_sample=raise; fix the data, run `python -m lavis.data.check`"
-                    ", or set data.on_bad_sample=skip):\n  " + "\n  ".join(lines))
             for (r, mb, slot), (rid, err) in sorted(reasons.items()):
                 self.skipped.append((step + 1, rid, err.split(":", 1)[0]))
             for r in range(self.dp_size):

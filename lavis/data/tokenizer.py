@@ -71,7 +71,7 @@ class TextTokenizer:
         return path
 
 
-# Qwen v1 (Qwen-7B/14B-Chat) tokenizer facts (FORMATS.md section 5): byte-level BPE ranks in `qwen.tiktoken`,
+# Qwen v1 (Qwen-7B/14B-Chat) tokenizer facts (docs/FORMATS.md section 5): byte-level BPE ranks in `qwen.tiktoken`,
 # this pre-tokenizer regex, NFC normalisation, and specials defined in code after the 151,643 regular tokens.
 QWEN_PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501

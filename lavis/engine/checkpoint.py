@@ -1,6 +1,6 @@
 """Checkpoints: DeepSpeed's files plus our metadata, an atomic ``latest``, keep-last-K, resume.
 
-Layout of ``output_dir`` (DESIGN.md contracts)::
+Layout of ``output_dir`` (docs/FORMATS.md section 8)::
 
     config.yaml  metrics.jsonl  tokenizer.json  latest
     global_step{N}/layer_XX-model_states.pt  (trainable weights of layer XX, DeepSpeed)
@@ -26,10 +26,18 @@ import torch.distributed as dist
 from lavis.pipeline.plan import LayerEntry
 
 META_FILE = "lavis_meta.json"
+LATEST_FILE = "latest"
+TAG_PREFIX = "global_step"
+
+
+def tag_dirs(output_dir: Path) -> list[Path]:
+    """``global_step{N}`` directories of ``output_dir`` (complete or not), oldest first."""
+    tags = [p for p in output_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()]
+    return sorted(tags, key=lambda p: int(p.name[len(TAG_PREFIX):]))
 
 
 def read_latest(output_dir: str | Path) -> str | None:
-    f = Path(output_dir) / "latest"
+    f = Path(output_dir) / LATEST_FILE
     if not f.is_file():
         return None
     tag = f.read_text().strip()
@@ -60,7 +68,7 @@ def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_la
          protected: set[str] | frozenset[str] = frozenset()) -> Path:
     """Collective: every rank calls it. Returns the tag directory. Rotation keeps the last ``keep_last`` checkpoints
     and every tag in ``protected``."""
-    tag = f"global_step{step}"
+    tag = f"{TAG_PREFIX}{step}"
     engine.save_checkpoint(str(output_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     tag_dir = output_dir / tag
@@ -69,18 +77,14 @@ def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_la
         tok = output_dir / meta["tokenizer"]
         if tok.is_file():
             shutil.copy2(tok, tag_dir / tok.name)
-        write_atomic(output_dir / "latest", tag)
+        write_atomic(output_dir / LATEST_FILE, tag)
         _prune(output_dir, keep_last, keep={tag, *protected})
     dist.barrier()
     return tag_dir
 
 
 def _prune(output_dir: Path, keep_last: int, keep: set[str]) -> None:
-    tags = sorted(
-        (p for p in output_dir.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()),
-        key=lambda p: int(p.name[len("global_step"):]),
-    )
-    for p in tags[:-keep_last]:
+    for p in tag_dirs(output_dir)[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p)
 

@@ -33,10 +33,6 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
@@ -47,7 +43,8 @@ def print0(*args: object) -> None:
 
 
 def shutdown() -> None:
-    """End cleanly: exiting without destroy_process_group once aborted a finished gloo run (DEEPSPEED_PIPE.md)."""
+    """End cleanly: exiting without destroy_process_group once aborted a finished gloo run (docs/PIPELINE.md
+    section 10)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

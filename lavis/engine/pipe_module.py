@@ -5,7 +5,7 @@
 - Every stage gets the same optimizer parameter groups (weight-decay and no-decay): a group this stage has no
   trainable parameter for gets one zero "anchor" parameter that the forward uses (``out + 0 * anchor.sum()``).
   So a fully frozen stage still has a parameter with a real (zero) gradient and a frozen first stage's output has a
-  grad_fn (DEEPSPEED_PIPE.md section 3), and ZeRO-1, which runs one gradient-norm all-reduce across stages per group,
+  grad_fn (docs/PIPELINE.md section 5), and ZeRO-1, which runs one gradient-norm all-reduce across stages per group,
   issues the same number of collectives on every stage (a frozen stage with one group hung the others). Zero
   anchors stay exactly zero under AdamW. They are not part of any layer, so layer files and converters never see
   them.
@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lavis.config.schema import ModelConfig
+from lavis.engine import ds_compat
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts
 from lavis.model.lora import check_quantize_runtime, is_adapter_key
@@ -31,9 +32,9 @@ from lavis.weights.report import FileReport
 
 def layer_specs(
     cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int,
-    checkpoint_blocks: frozenset[int] = frozenset(), feature_cache: str | None = None, float_mask: bool = False,
+    recompute_blocks: frozenset[int] = frozenset(), feature_cache: str | None = None, float_mask: bool = False,
 ) -> list[LayerSpec]:
-    """``checkpoint_blocks``: decoder block indices recomputed in backward (``train.activation_checkpoint_blocks``);
+    """``recompute_blocks``: decoder block indices recomputed in backward (``train.activation_recompute_blocks``);
     ``feature_cache``: ``data.feature_cache`` (stage 0 then builds no frozen vision module); ``float_mask``:
     ``train.inter_stage_mask == "float_additive"``."""
     check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
@@ -41,25 +42,23 @@ def layer_specs(
     n = hf.num_hidden_layers
     lora, quantize = cfg.llm.lora, cfg.llm.quantize
     specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed, feature_cache, float_mask)]
-    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in checkpoint_blocks, lora, quantize)
+    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in recompute_blocks, lora, quantize)
               for j in range(n)]
     specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]
     return specs
 
 
 class LavisPipelineModule(PipelineModule):
-    def __init__(self, specs: list[LayerSpec], parts: list[int], **kwargs: object) -> None:
-        object.__setattr__(self, "_planned_parts", list(parts))
-        super().__init__(specs, num_stages=len(parts) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
+    def __init__(self, specs: list[LayerSpec], boundaries: list[int], **kwargs: object) -> None:
+        object.__setattr__(self, "_planned_boundaries", list(boundaries))
+        super().__init__(specs, num_stages=len(boundaries) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
         self.group_anchors = nn.ParameterList()
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = list(self._planned_parts)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        ds_compat.set_stage_bounds(self, self._planned_boundaries)
 
     def local_layers(self) -> dict[int, nn.Module]:
-        return {self._local_start + i: f for i, f in enumerate(self.forward_funcs) if isinstance(f, nn.Module)}
+        return ds_compat.local_layers(self)
 
     def load_weights(self, cfg: ModelConfig, table: list[LayerEntry]) -> list[FileReport]:
         """This rank reads only its own layers' tensors from the configured files (``lavis.weights.base``); raises
@@ -93,12 +92,10 @@ class LavisPipelineModule(PipelineModule):
         been in its layer file and the file must hold nothing the layer lacks (keys read via mmap, no tensor data)."""
         super().load_state_dir(load_dir, checkpoint_engine, strict=False)
         problems = []
-        for i, layer in enumerate(self.forward_funcs):
-            if not isinstance(layer, nn.Module):
-                continue
-            files = self.ckpt_layer_path_list(load_dir, i)
+        for idx, layer in self.local_layers().items():
+            files = ds_compat.layer_files(self, load_dir, idx - ds_compat.local_start(self))
             if not files:
-                problems.append(f"layer {self._local_start + i}: no layer file in {load_dir}")
+                problems.append(f"layer {idx}: no layer file in {load_dir}")
                 continue
             keys = set(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True))
             own = layer.state_dict()

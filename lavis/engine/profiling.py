@@ -2,7 +2,8 @@
 
 DeepSpeed's ``PipelineEngine`` runs its schedule through the class-level ``_INSTRUCTION_MAP``; an instance copy of
 that map with timed wrappers measures every instruction without changing what runs. On CUDA each instruction is
-synchronised before and after, so times are wall times of the work, not of the launch.
+synchronised before and after, so times are wall times of the work, not of the launch. The map is reached through
+``lavis.engine.ds_compat``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lavis.engine import ds_compat
+
 COMPUTE = ("ForwardPass", "BackwardPass", "OptimizerStep")
 
 
@@ -22,9 +25,9 @@ class InstructionTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.enabled = False
         timed = {}
-        for cls, fn in type(engine)._INSTRUCTION_MAP.items():
+        for cls, fn in ds_compat.instruction_map(engine).items():
             timed[cls] = self._wrap(cls.__name__, fn)
-        engine._INSTRUCTION_MAP = timed
+        ds_compat.set_instruction_map(engine, timed)
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(engine: Any, **kwargs: Any) -> Any:

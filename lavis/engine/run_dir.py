@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavis.engine.checkpoint import META_FILE, load_meta
+from lavis.engine.checkpoint import LATEST_FILE, META_FILE, TAG_PREFIX, load_meta, tag_dirs
 
 LOCK_FILE = ".lock"
-TAG_PREFIX = "global_step"
 
 # Model keys that name where weights are read from, not what the model is: moving files is allowed (with a note).
 WEIGHT_PATH_KEYS = frozenset({
@@ -88,8 +87,7 @@ class RunLock:
 
 def list_checkpoints(output_dir: Path) -> list[str]:
     """Complete checkpoints (with our metadata) in step order."""
-    tags = [p for p in output_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()]
-    tags.sort(key=lambda p: int(p.name[len(TAG_PREFIX):]))
+    tags = tag_dirs(output_dir)
     return [p.name for p in tags if (p / META_FILE).is_file()]
 
 
@@ -102,7 +100,7 @@ def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None)
             raise RunDirError(f"--resume-from {resume_from}: {output_dir / tag / META_FILE} not found; complete "
                               f"checkpoints in {output_dir}: {', '.join(found) or 'none'}")
         return tag
-    latest = output_dir / "latest"
+    latest = output_dir / LATEST_FILE
     found = list_checkpoints(output_dir)
     if latest.is_file():
         tag = latest.read_text().strip()
@@ -115,7 +113,7 @@ def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None)
         raise RunDirError(f"--resume: no checkpoint in {output_dir} (no `latest` file and no {TAG_PREFIX}N directory)")
     else:
         return None
-    newest = found[-1] if found else "global_stepN"
+    newest = found[-1] if found else f"{TAG_PREFIX}N"
     raise RunDirError(
         f"{problem}. Checkpoints found: {', '.join(found) or 'none'}. Nothing was changed. To continue, pass "
         f"--resume-from {newest} (or another one listed); to start a new run, pass another --output-dir.")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from lavis.engine import ds_compat
+
 
 def _allowed_globals() -> list[Any]:
     """Non-tensor objects DeepSpeed 0.19.8 writes into ``mp_rank_*`` / ``*_optim_states.pt`` files."""
@@ -51,5 +53,5 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 def install(engine: Any) -> None:
     """Make ``engine`` (a DeepSpeed engine) read every checkpoint file through :func:`safe_torch_load`."""
     safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
-    safe.__dict__.update(engine.checkpoint_engine.__dict__)
-    engine.checkpoint_engine = safe
+    safe.__dict__.update(ds_compat.checkpoint_engine(engine).__dict__)
+    ds_compat.set_checkpoint_engine(engine, safe)

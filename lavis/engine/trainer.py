@@ -26,7 +26,7 @@ from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
-from lavis.engine import checkpoint, safe_load
+from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
 from lavis.engine.hardware import known_peak_tflops
@@ -104,7 +104,8 @@ class Run:
     tok: Any
     tpl: Any
     table: list
-    parts: list[int]
+    boundaries: list[int]
+    """Stage s owns layers ``boundaries[s]`` to ``boundaries[s+1]-1`` (saved as ``parts`` in lavis_meta.json)."""
     dp: int
     own_clip: bool
     """fp32 without ZeRO: our optimizer clips with the all-stage norm (DeepSpeed's norm is wrong there)."""
@@ -132,7 +133,7 @@ class Run:
 
     def meta(self) -> dict[str, Any]:
         """What ``lavis_meta.json`` records besides the step (converters and resume read it)."""
-        return {"layers": checkpoint.table_to_json(self.table), "parts": self.parts, "dp_size": self.dp,
+        return {"layers": checkpoint.table_to_json(self.table), "parts": self.boundaries, "dp_size": self.dp,
                 "config": to_dict(self.cfg), "tokenizer": self.tok.file_name,
                 "placeholder_id": self.tpl.placeholder_id, "nonfinite_steps": self.nonfinite_steps}
 
@@ -222,14 +223,14 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
 
     table = layer_table(hf.num_hidden_layers)
     plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
-    parts = plan.parts
-    print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {parts}\n"
-           + format_plan(parts, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
+    boundaries = plan.parts
+    print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
+           + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
     pipe = LavisPipelineModule(
         layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
                     feature_cache=cfg.data.feature_cache, float_mask=t.inter_stage_mask == "float_additive"),
-        parts,
+        boundaries,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],
         dynamic_shape=not cfg.data.fixed_length,
@@ -241,7 +242,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     optimizer = PipeAdamW(
         param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
-        norm_group=pipe._grid.get_pipe_parallel_group() if own_clip else None,
+        norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
@@ -252,7 +253,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     print0(f"optimizer: {type(engine.optimizer).__name__} ({t.precision}, ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
-               parts=parts, dp=dp, own_clip=own_clip)
+               boundaries=boundaries, dp=dp, own_clip=own_clip)
 
 
 def _lr_lambda(t: Any) -> Any:
@@ -273,7 +274,7 @@ def restore(run: Run, tag: str | None) -> None:
     if tag is None:
         return
     meta = checkpoint.load_meta(run.out / tag)
-    same_layout = meta["parts"] == run.parts and meta["dp_size"] == run.dp
+    same_layout = meta["parts"] == run.boundaries and meta["dp_size"] == run.dp
     # Layer files hold only trainable weights (saved with exclude_frozen_parameters), hence non-strict here; the
     # frozen ones were just built from the config's base weights. LavisPipelineModule.load_state_dir then checks
     # that every trainable weight was in its file.
@@ -285,7 +286,7 @@ def restore(run: Run, tag: str | None) -> None:
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
     if not same_layout:
         print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
-               f"uses {run.parts} x dp {run.dp}: module weights were loaded, optimizer state was reset")
+               f"uses {run.boundaries} x dp {run.dp}: module weights were loaded, optimizer state was reset")
 
 
 def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
@@ -312,7 +313,7 @@ def build_data(run: Run) -> StepLoader:
     if cfg.data.on_bad_sample == "skip" and cfg.data.fixed_length:
         raise ValueError("data.on_bad_sample=skip shrinks micro-batches, which needs data.fixed_length=false")
     dataset = sampler = collate = None
-    dp_rank = run.engine.grid.get_data_parallel_rank()
+    dp_rank = ds_compat.data_parallel_rank(run.engine)
     if run.is_first_stage or run.is_last_stage:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")

@@ -80,7 +80,7 @@ def _check_layout(model: nn.Module) -> None:
 
 
 # --- Qwen v1 (Qwen-7B/14B-Chat remote code) as transformers' native Qwen2 ------------------------------------------
-# FORMATS.md sections 5, 6 and 9. The key map is literal: no trust_remote_code, no pattern guessing.
+# docs/FORMATS.md sections 5, 6 and 10. The key map is literal: no trust_remote_code, no pattern guessing.
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def _pick(raw: dict[str, Any], where: str, *names: str) -> Any:
     for n in names:
         if n in raw:
             return raw[n]
-    raise KeyError(f"{where}: Qwen v1 config.json has none of {names} (see FORMATS.md section 5 for both layouts)")
+    raise KeyError(f"{where}: Qwen v1 config.json has none of {names} (see docs/FORMATS.md section 5 for both layouts)")
 
 
 def qwen_v1_to_qwen2_config(raw: dict[str, Any], where: str | Path = "config.json") -> Qwen2Config:
@@ -221,7 +221,7 @@ def to_qwen_v1_names(state: dict[str, torch.Tensor], prefix: str = "llm_model.")
             continue
         src = qwen_v1_source(k[len(prefix):])
         if src is None:
-            raise KeyError(f"{k} has no Qwen v1 counterpart (FORMATS.md section 5)")
+            raise KeyError(f"{k} has no Qwen v1 counterpart (docs/FORMATS.md section 5)")
         name, third = src
         if third is None:
             out[prefix + name] = v

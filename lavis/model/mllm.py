@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavis.config.schema import ModelConfig, ProjectionConfig, QFormerConfig
+from lavis.data.conversation import IGNORE_INDEX
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision, vit_features
 from lavis.model.freezing import is_trainable
 from lavis.model.init import init_modules_
 from lavis.model.llm import build_llm, llm_hf_config
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
-
-IGNORE_INDEX = -100
 
 
 def build_qformer_parts(cfg: QFormerConfig, encoder_width: int) -> tuple[nn.Module | None, nn.Parameter | None]:

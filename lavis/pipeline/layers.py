@@ -111,12 +111,12 @@ class DecoderBlockPipe(nn.Module):
 
     def __init__(
         self, hf: PretrainedConfig, parts: DecoderParts, block_index: int, seed: int | None, std: float,
-        checkpoint: bool = False, lora: LoRAConfig | None = None, quantize: str | None = None,
+        recompute: bool = False, lora: LoRAConfig | None = None, quantize: str | None = None,
     ) -> None:
         super().__init__()
         self.hf = hf
         self.block_index = block_index
-        self.checkpoint = checkpoint
+        self.recompute = recompute
         """Recompute this block in backward instead of keeping its activations (non-reentrant)."""
         self.layer = parts.block(hf, layer_idx=block_index)
         # Held outside the module tree so precision casts (DeepSpeed's bf16) never round inv_freq.
@@ -145,7 +145,7 @@ class DecoderBlockPipe(nn.Module):
                 position_ids=pos_1L,
             )
         cos_sin = rotary(hidden_BLD, pos_1L)
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._block, hidden_BLD, attn_mask, pos_1L, *cos_sin,
                                                     use_reentrant=False)
         else:

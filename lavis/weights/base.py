@@ -11,7 +11,6 @@ before training).
 from __future__ import annotations
 
 import pickle
-import sys
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -171,11 +170,6 @@ def copy_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], to_local: 
             dst.copy_(t)
             n += 1
     return n
-
-
-def print_reports(reports: list[FileReport], file=sys.stderr) -> None:  # noqa: ANN001
-    for rep in reports:
-        print(rep.format(), file=file)
 
 
 def raise_if_bad(reports: list[FileReport]) -> None:

@@ -1,6 +1,6 @@
 """``model.checkpoint`` / ``-c``: a ``.pth`` loaded on top of the base weights, ours or a predecessor's.
 
-Recognised key families (FORMATS.md sections 7-9), each mapped to our plain-model names:
+Recognised key families (docs/FORMATS.md sections 7-8), each mapped to our plain-model names:
 
 - ours (``lavis.convert``): ``llm_proj.*``, ``llm_model.model.*``, ``llm_model.lm_head.weight``, and any other
   plain-model key (``visual_encoder.*``, ``qformer.*``, ...) as is;

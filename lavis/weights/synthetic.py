@@ -47,11 +47,11 @@ _LLAMA_COMMON = {
     "vocab_size": 32000,
 }
 LLM_CONFIGS: dict[str, dict[str, Any]] = {
-    # FORMATS.md section 5 (Sep-2023 layout)
+    # docs/FORMATS.md section 5 (Sep-2023 layout)
     "qwen7b_chat": {**_QWEN_V1_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                     "intermediate_size": 22016, "vocab_size": 151936, "seq_length": 8192,
                     "max_position_embeddings": 8192},
-    # FORMATS.md section 6
+    # docs/FORMATS.md section 6
     "qwen14b_chat": {**_QWEN_V1_COMMON, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
                      "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048,
                      "max_position_embeddings": 8192},

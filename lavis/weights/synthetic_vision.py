@@ -1,4 +1,4 @@
-"""Synthetic vision weight files with the real key names and shapes (FORMATS.md sections 1-2), random values.
+"""Synthetic vision weight files with the real key names and shapes (docs/FORMATS.md sections 1-2), random values.
 
 No real weights can be downloaded here, so tests and ``lavis.inspect`` checks use these: ``eva_vit_g.pth`` (flat
 LAVIS state dict; by default with the 40th EVA-CLIP-g block) and ``blip2_pretrained_flant5xxl.pth``

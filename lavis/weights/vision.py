@@ -6,14 +6,14 @@ accounting for every key of the file (loaded / missing / unexpected / ignored wi
 They never raise on content problems; the caller decides (``report.raise_if_bad()``). The key bookkeeping is done
 on shapes alone (``plan_eva_vit`` / ``plan_blip2``), so full-size layouts can be checked without allocating.
 
-``eva_vit_g.pth`` (FORMATS.md section 1): a flat state dict with LAVIS names, which equal timm ``Eva``'s, so the
+``eva_vit_g.pth`` (docs/FORMATS.md section 1): a flat state dict with LAVIS names, which equal timm ``Eva``'s, so the
 only rename is our ``visual_encoder.`` prefix. A ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper is accepted
 and noted. Ignored with reason: one block beyond ``model.vision.depth`` (EVA-CLIP-g has 40 blocks; BLIP-2 uses 39),
 ``norm.*`` and ``head.*`` (EVA-CLIP's final norm and projection head; BLIP-2 uses neither). More than one extra block
 is *unexpected* (probably a wrong ``depth``). ``pos_embed`` for another grid is resized like LAVIS
 ``interpolate_pos_embed``: cls row kept, grid bicubic (``align_corners=False``, no antialias) in fp32.
 
-``blip2_pretrained_flant5xxl.pth`` (FORMATS.md sections 2-3): ``{"model": {...}}``. Renames:
+``blip2_pretrained_flant5xxl.pth`` (docs/FORMATS.md sections 2-3): ``{"model": {...}}``. Renames:
 ``Qformer.bert.embeddings.LayerNorm`` -> ``qformer.layernorm``; ``...{attention,crossattention}.self.`` ->
 ``...{attention,crossattention}.attention.``; other ``Qformer.bert.`` keys -> ``qformer.``; ``query_tokens`` and
 ``ln_vision.*`` keep their names. See ``BLIP2_IGNORED`` for what is deliberately not loaded. A ViT inside the file

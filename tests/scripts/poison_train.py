@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from lavis.engine.distributed import init_distributed, shutdown
 from lavis.engine.hooks import Hook
 from lavis.engine.trainer import parse_args, resolve_config, train
@@ -19,7 +17,7 @@ class PoisonHook(Hook):
 
     def before_step(self, run, step):  # noqa: ANN001, ANN201
         if step in self.steps and run.is_first_stage:
-            first = next(f for f in run.pipe.forward_funcs if isinstance(f, torch.nn.Module))
+            first = next(iter(run.pipe.local_layers().values()))
             self.handle = first.register_forward_hook(lambda m, i, out: type(out)(out[0] * float("nan"), *out[1:]))
 
     def after_step(self, run, step, row):  # noqa: ANN001, ANN201

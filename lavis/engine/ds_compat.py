@@ -1,0 +1,168 @@
+"""Every private DeepSpeed attribute lavis touches, behind small named functions (docs/PIPELINE.md section 9).
+
+DeepSpeed has no public API for explicit stage boundaries, per-layer checkpoint files, instruction timing or a
+replaceable checkpoint reader, so we reach into its classes. Each such access is a function here, so an upgrade has
+one file to re-check. :data:`REQUIREMENTS` lists what the functions assume, with the version it was checked against
+(:data:`CHECKED_VERSION`); :func:`problems` checks it against the installed classes, and ``tests/test_ds_compat.py``
+fails, naming the attribute, when an upgrade removes or changes one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+CHECKED_VERSION = "0.19.8"
+"""The DeepSpeed release every requirement below was read in (setup.py pins it)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    owner: str
+    """Dotted path of the DeepSpeed class."""
+    name: str
+    kind: Literal["method", "class_attr", "instance_attr"]
+    """``method``: a function on the class; ``class_attr``: a class-level value; ``instance_attr``: set as
+    ``self.<name> = ...`` somewhere in the class's source (or a base class's)."""
+    why: str
+    params: tuple[str, ...] | None = None
+    """For methods: the parameter names, ``self`` included, in order."""
+
+
+PIPE_MODULE = "deepspeed.runtime.pipe.module.PipelineModule"
+PIPE_ENGINE = "deepspeed.runtime.pipe.engine.PipelineEngine"
+DS_ENGINE = "deepspeed.runtime.engine.DeepSpeedEngine"
+TORCH_CKPT_ENGINE = "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine.TorchCheckpointEngine"
+
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement(PIPE_MODULE, "_partition_layers", "method", "overridden for explicit stage boundaries; must be "
+                "called from __init__", ("self", "method")),
+    Requirement(PIPE_MODULE, "_set_bounds", "method", "sets this stage's layer range", ("self", "start", "stop")),
+    Requirement(PIPE_MODULE, "_topo", "instance_attr", "this rank's pipeline coordinate"),
+    Requirement(PIPE_MODULE, "global_rank", "instance_attr", "this rank, before the engine exists"),
+    Requirement(PIPE_MODULE, "_grid", "instance_attr", "the pipeline process group (all-stage gradient norm)"),
+    Requirement(PIPE_MODULE, "_local_start", "instance_attr", "global index of this stage's first layer"),
+    Requirement(PIPE_MODULE, "forward_funcs", "instance_attr", "this stage's layers, in order"),
+    Requirement(PIPE_MODULE, "ckpt_layer_path_list", "method", "layer files of a local layer (resume check)",
+                ("self", "ckpt_dir", "local_layer_idx")),
+    Requirement(PIPE_MODULE, "load_state_dir", "method", "overridden: non-strict per-layer load plus our check",
+                ("self", "load_dir", "checkpoint_engine", "strict")),
+    Requirement(PIPE_ENGINE, "_INSTRUCTION_MAP", "class_attr", "schedule instruction -> method; an instance copy "
+                "times each instruction (profiling)"),
+    Requirement(PIPE_ENGINE, "grid", "instance_attr", "data-parallel rank of this process"),
+    Requirement(DS_ENGINE, "checkpoint_engine", "instance_attr", "replaced by the restricted reader (safe_load)"),
+    Requirement(TORCH_CKPT_ENGINE, "load", "method", "overridden by safe_load.SafeCheckpointEngine",
+                ("self", "path", "map_location")),
+)
+
+_USED_IN_SOURCE: tuple[tuple[str, str, str], ...] = (
+    (PIPE_MODULE, "__init__", "self._partition_layers("),
+    (PIPE_ENGINE, "_exec_schedule", "self._INSTRUCTION_MAP["),
+)
+"""(class, method, text): how DeepSpeed must use an attribute for our override / instance copy to take effect."""
+
+
+def _resolve(dotted: str) -> type:
+    module, _, cls = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _class_source(cls: type) -> str:
+    return "\n".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("deepspeed"))
+
+
+def _problem(req: Requirement) -> str | None:
+    where = f"{req.owner}.{req.name} ({req.why})"
+    cls = _resolve(req.owner)
+    if req.kind == "instance_attr":
+        if f"self.{req.name} =" not in _class_source(cls):
+            return f"{where}: no longer assigned in the class"
+        return None
+    if not hasattr(cls, req.name):
+        return f"{where}: missing"
+    value = getattr(cls, req.name)
+    if req.kind == "method":
+        if not callable(value):
+            return f"{where}: no longer a method"
+        params = tuple(inspect.signature(value).parameters)
+        if req.params is not None and params != req.params:
+            return f"{where}: parameters changed from {req.params} to {params}"
+    elif req.kind == "class_attr" and not isinstance(value, dict):
+        return f"{where}: expected a dict, found {type(value).__name__}"
+    return None
+
+
+def problems() -> list[str]:
+    """One line per requirement the installed DeepSpeed no longer meets (empty when all hold)."""
+    out = [p for p in map(_problem, REQUIREMENTS) if p is not None]
+    for owner, method, text in _USED_IN_SOURCE:
+        if text not in inspect.getsource(getattr(_resolve(owner), method)):
+            out.append(f"{owner}.{method} no longer contains {text!r}, which our override relies on")
+    return out
+
+
+# --- PipelineModule ---------------------------------------------------------------------------------------------
+
+
+def pipe_stage(module: Any) -> int:
+    """This rank's pipeline stage (valid inside ``_partition_layers``, before DeepSpeed sets ``stage_id``)."""
+    return module._topo.get_coord(module.global_rank).pipe
+
+
+def set_stage_bounds(module: Any, boundaries: list[int]) -> None:
+    """Own layers ``boundaries[s]`` to ``boundaries[s+1]-1`` on stage ``s``: what ``_partition_layers`` must do
+    (DeepSpeed keeps them as ``module.parts``)."""
+    module.parts = list(boundaries)
+    stage = pipe_stage(module)
+    module._set_bounds(start=boundaries[stage], stop=boundaries[stage + 1])
+
+
+def local_start(module: Any) -> int:
+    """Global index of this stage's first layer."""
+    return module._local_start
+
+
+def local_layers(module: Any) -> dict[int, nn.Module]:
+    """This stage's layers that are modules, by global layer index."""
+    start = local_start(module)
+    return {start + i: f for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)}
+
+
+def layer_files(module: Any, load_dir: str, local_index: int) -> list[str]:
+    """The checkpoint file(s) DeepSpeed reads for local layer ``local_index`` in ``load_dir``."""
+    return module.ckpt_layer_path_list(load_dir, local_index)
+
+
+def pipe_parallel_group(module: Any) -> Any:
+    """The process group of this rank's pipeline (all its stages)."""
+    return module._grid.get_pipe_parallel_group()
+
+
+# --- PipelineEngine / DeepSpeedEngine -----------------------------------------------------------------------------
+
+
+def instruction_map(engine: Any) -> dict[type, Callable[..., Any]]:
+    """DeepSpeed's class-level schedule map: instruction class -> unbound engine method."""
+    return dict(type(engine)._INSTRUCTION_MAP)
+
+
+def set_instruction_map(engine: Any, mapping: dict[type, Callable[..., Any]]) -> None:
+    """Give this engine instance its own map (the class's stays untouched)."""
+    engine._INSTRUCTION_MAP = mapping
+
+
+def data_parallel_rank(engine: Any) -> int:
+    return engine.grid.get_data_parallel_rank()
+
+
+def checkpoint_engine(engine: Any) -> Any:
+    return engine.checkpoint_engine
+
+
+def set_checkpoint_engine(engine: Any, reader: Any) -> None:
+    engine.checkpoint_engine = reader
