@@ -35,7 +35,8 @@ def test_unknown_key_names_file_key_and_closest(tmp_path: Path) -> None:
 
 def test_misspelled_key_suggests_closest(tmp_path: Path) -> None:
     p = write(tmp_path, "model:\n  qformer:\n    num_query_token: 16\n")
-    with pytest.raises(ConfigError, match=r"model\.qformer\.num_query_token.*did you mean `model\.qformer\.num_query_tokens`"):
+    with pytest.raises(ConfigError,
+                       match=r"model\.qformer\.num_query_token.*did you mean `model\.qformer\.num_query_tokens`"):
         load_config(p)
 
 

@@ -23,7 +23,8 @@ def tpl() -> ChatTemplate:
     return ChatTemplate(load_tokenizer("builtin:shapes"), "You are a helpful assistant.", "<|extra_0|>", NQ, 4)
 
 
-CONV = [{"role": "user", "content": "<image>\nWhat is in the image?"}, {"role": "assistant", "content": "A red circle."}]
+CONV = [{"role": "user", "content": "<image>\nWhat is in the image?"},
+        {"role": "assistant", "content": "A red circle."}]
 
 
 def test_demo_tokenizer_round_trip_and_specials(tpl: ChatTemplate) -> None:
@@ -40,7 +41,8 @@ def test_chatml_rendering_and_mpp_labels(tpl: ChatTemplate) -> None:
     assert len(enc.input_ids) == len(enc.labels) and enc.num_media == 1
     assert tok.decode(enc.input_ids, skip_special_tokens=False) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<Img>"
-        + "<|extra_0|>" * NQ + "</Img>\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
+        + "<|extra_0|>" * NQ
+        + "</Img>\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
     )
     s, e, nl = tok.token_id(IM_START), tok.token_id(IM_END), tok.encode("\n")
     trained = [t for t in enc.labels if t != IGNORE_INDEX]
@@ -209,7 +211,8 @@ def test_llama_family_templates_golden(byte_tok, name: str) -> None:
 
     tpl = ChatTemplate(byte_tok, SYSTEM_PROMPTS[name], "<|extra_0|>", 4, 2, name=name)
     S, E, P = byte_tok.token_id("<s>"), byte_tok.token_id("</s>"), byte_tok.token_id("<|extra_0|>")
-    T = lambda s: _T(byte_tok, s)
+    def T(s: str) -> list[int]:
+        return _T(byte_tok, s)
     sys_ = SYSTEM_PROMPTS[name]
     img = [P] * 4
     if name == "vicuna_v0":  # MiniGPT-4: {sys}###Human: <Img><ImageHere></Img> q###Assistant: a###
@@ -350,7 +353,8 @@ def test_padding_efficiency() -> None:
     assert padding_efficiency([[10, 70]], 64, 1536) == pytest.approx(80 / 3072)
     lengths = torch.randint(50, 1000, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     kw = {"micro_batch_size": 4, "grad_accum_steps": 8, "dp_size": 2, "steps": 8}
-    plain, grouped = microbatches(lengths, group_by_length=False, **kw), microbatches(lengths, group_by_length=True, **kw)
+    plain = microbatches(lengths, group_by_length=False, **kw)
+    grouped = microbatches(lengths, group_by_length=True, **kw)
     assert sorted(x for mb in plain for x in mb) == sorted(x for mb in grouped for x in mb)
     fixed, dyn, grp = (padding_efficiency(plain, 1, 1536), padding_efficiency(plain, 64, None),
                        padding_efficiency(grouped, 64, None))

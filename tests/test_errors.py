@@ -30,7 +30,7 @@ from lavis.pipeline.plan import layer_table
 from .conftest import DEMO_CFG, PRETRAIN_CFG, REPO, data_options
 
 
-def _run_cli(main, capsys: pytest.CaptureFixture) -> tuple[int, str]:  # noqa: ANN001
+def _run_cli(main, capsys: pytest.CaptureFixture) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
         errors.run_cli(main)
     return info.value.code, capsys.readouterr().err

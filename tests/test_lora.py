@@ -64,7 +64,7 @@ def test_unknown_target_is_refused_with_the_valid_names() -> None:
         DecoderBlockPipe(hf, decoder_parts(hf), 0, seed=1, std=0.02, lora=LoRAConfig(targets=["q_proj", "c_attn"]))
 
 
-def test_lora_config_rules(tiny_cfg) -> None:  # noqa: ANN001
+def test_lora_config_rules(tiny_cfg) -> None:
     llm = tiny_cfg.model.llm
     with pytest.raises(ValueError, match="set model.llm.frozen: true"):
         replace(llm, lora=LoRAConfig(), frozen=False)

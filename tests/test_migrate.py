@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lavis.config.load import ConfigError, load_config, to_dict
-from lavis.config.migrate import Args, yaml_literal, flatten, main, migrate, mpp_lr
+from lavis.config.migrate import Args, flatten, main, migrate, mpp_lr, yaml_literal
 
 from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses
 

@@ -59,10 +59,10 @@ def test_sft_recipe_on_qwen_v1_layout_trains_converts_and_inspects(tiny_data: Pa
 def test_chat_loads_base_files_and_mpp_sft_checkpoint_with_mangled_names(tmp_path: Path, monkeypatch) -> None:
     """cli_demo's loader on MPP-Qwen's 7B SFT release layout: the tuned final norm and LM head, which MPP's own
     loader drops under their mangled names, land on the model; the base weights come from the files."""
-    from lavis.model.load import load_model
     from lavis.config.load import load_config
     from lavis.config.presets import preset_path
     from lavis.data.tokenizer import load_tokenizer
+    from lavis.model.load import load_model
 
     files = write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=2, tiny=True)
     monkeypatch.chdir(tmp_path)

@@ -121,7 +121,7 @@ def test_resume_refuses_a_model_change_before_writing_anything(stopped_run: Path
 
 
 class _Marker:
-    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+    def __reduce__(self):
         return (os.system, (f"touch {os.environ['LAVIS_TEST_MARKER']}",))
 
 

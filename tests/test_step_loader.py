@@ -14,7 +14,7 @@ from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 
 
 def test_close_stops_the_workers(tiny_cfg: Config) -> None:
-    cfg, t = tiny_cfg, tiny_cfg.train
+    cfg = tiny_cfg
     tok = load_tokenizer(cfg.model.llm.tokenizer)
     records = load_records(cfg.data.train[0])
     dataset = ConversationDataset(records, template_from_config(tok, cfg), cfg.data, cfg.model.vision.image_size,

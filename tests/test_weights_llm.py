@@ -38,7 +38,7 @@ from lavis.weights.synthetic import (
 from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
 from lavis.weights.vision import plan_blip2, plan_eva_vit
 
-# --- an independent Qwen v1 reference (docs/FORMATS.md section 5), tiny sizes ---------------------------------------------
+# --- an independent Qwen v1 reference (docs/FORMATS.md section 5), tiny sizes -----------------------------------------
 H, NH, HD, FF, V, NL, EPS, BASE = 32, 4, 8, 48, 97, 2, 1e-6, 10000.0
 V1_CONFIG = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": H, "num_attention_heads": NH,
              "kv_channels": HD, "intermediate_size": 2 * FF, "vocab_size": V, "num_hidden_layers": NL,
@@ -157,7 +157,7 @@ def test_first_release_qwen_config_layout(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen7b(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def tiny_qwen7b(tmp_path_factory: pytest.TempPathFactory):
     """The qwen7b_chat preset with tiny synthetic files (2 LLM layers, 1 ViT block) and its config."""
     root = tmp_path_factory.mktemp("w")
     files = write_preset("qwen7b_chat", root, num_layers=2, vision_depth=1, tiny=True)
@@ -169,7 +169,7 @@ def tiny_qwen7b(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return load_config(preset_path("qwen7b_chat"), opts), files, root
 
 
-def test_mpp_sft_7b_mangled_names_land_on_norm_and_head(tiny_qwen7b) -> None:  # noqa: ANN001
+def test_mpp_sft_7b_mangled_names_land_on_norm_and_head(tiny_qwen7b) -> None:
     cfg, files, _ = tiny_qwen7b
     want = model_shapes(cfg.model)
     sd = torch.load(files["mpp_sft"], weights_only=True)
@@ -181,12 +181,13 @@ def test_mpp_sft_7b_mangled_names_land_on_norm_and_head(tiny_qwen7b) -> None:  #
     c = sd["llm_model.transformer.h.1.attn.c_attn.weight"]
     n = c.shape[0] // 3
     assert torch.equal(got["llm_model.model.layers.1.self_attn.k_proj.weight"], c[n:2 * n])
-    assert torch.equal(got["llm_model.model.layers.1.mlp.gate_proj.weight"], sd["llm_model.transformer.h.1.mlp.w2.weight"])
+    w2 = sd["llm_model.transformer.h.1.mlp.w2.weight"]
+    assert torch.equal(got["llm_model.model.layers.1.mlp.gate_proj.weight"], w2)
     # every file key is accounted for: 3 c_attn tensors fan out to 3 each
     assert len(rep.loaded) == len(sd) + 2 * 2 * 2
 
 
-def test_predecessor_formats_every_key_accounted(tiny_qwen7b, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predecessor_formats_every_key_accounted(tiny_qwen7b, tmp_path: Path) -> None:
     cfg, files, _ = tiny_qwen7b
     want = model_shapes(cfg.model)
     hidden, qh = want["llm_proj.weight"]
@@ -220,7 +221,7 @@ def test_predecessor_formats_every_key_accounted(tiny_qwen7b, tmp_path: Path) ->
 # --- per-stage loading -----------------------------------------------------------------------------------------------
 
 
-def test_two_stage_ranks_read_only_their_tensors_and_chain_equals_plain(tiny_qwen7b, monkeypatch) -> None:  # noqa: ANN001
+def test_two_stage_ranks_read_only_their_tensors_and_chain_equals_plain(tiny_qwen7b, monkeypatch) -> None:
     cfg, files, _ = tiny_qwen7b
     cfg = replace(cfg, model=replace(cfg.model, checkpoint=str(files["mpp_pretrain"])))
     read: list[str] = []
@@ -230,17 +231,17 @@ def test_two_stage_ranks_read_only_their_tensors_and_chain_equals_plain(tiny_qwe
         def __init__(self, path: Path) -> None:
             self.f = real_open(path)
 
-        def __enter__(self):  # noqa: ANN204
+        def __enter__(self):
             self.inner = self.f.__enter__()
             return self
 
         def __exit__(self, *a: object) -> None:
             self.f.__exit__(*a)
 
-        def keys(self):  # noqa: ANN201
+        def keys(self):
             return self.inner.keys()
 
-        def get_slice(self, k: str):  # noqa: ANN201
+        def get_slice(self, k: str):
             read.append(k)
             return self.inner.get_slice(k)
 

@@ -21,7 +21,6 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-
 from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments, device_from_args, set_seed
 from lavis.chat.session import ChatSession
 from lavis.config.presets import preset_path

@@ -456,7 +456,8 @@ class ChatEngine:
         embeds = self.model.embed(pixels.to(vision_dev), input_ids)
         s = settings
         # MiniGPT-4's context window: prompt + answer within max_length; the oldest prompt embeddings are dropped.
-        begin = context_start(embeds.shape[1], max(row.max_new for row in rows), s.max_length or self.tpl.spec.max_length)
+        max_new = max(row.max_new for row in rows)
+        begin = context_start(embeds.shape[1], max_new, s.max_length or self.tpl.spec.max_length)
         embeds, mask = embeds[:, begin:], mask[:, begin:]
         gen = GenerationConfig(
             max_new_tokens=max(row.max_new for row in rows), min_new_tokens=s.min_new_tokens or None,

@@ -18,6 +18,7 @@ from transformers import StoppingCriteria
 
 from lavis.data.conversation import ChatTemplate
 
+
 class StopOnSequences(StoppingCriteria):
     """Stops a sequence once its generated ids (after the prompt) end with one of ``sequences``."""
 

@@ -93,7 +93,8 @@ class WebChat:
                 self.discard(path)
                 continue
             usable.append(m)
-            notes.append(f"{path.name}: attached" + (f" ({m.pixels.shape[0]} frames)" if m.marker != IMAGE_MARKER else ""))
+            frames = f" ({m.pixels.shape[0]} frames)" if m.marker != IMAGE_MARKER else ""
+            notes.append(f"{path.name}: attached{frames}")
         return usable, notes
 
     def discard(self, path: Path) -> None:

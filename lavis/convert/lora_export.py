@@ -23,7 +23,7 @@ import torch
 
 from lavis.config.load import from_dict
 from lavis.config.schema import Config
-from lavis.engine.checkpoint import load_meta
+from lavis.engine.checkpoint import META_FILE, load_meta
 from lavis.model.lora import ADAPTER_NAME, is_adapter_key, merge_adapters_, peft_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,7 +35,7 @@ PEFT_PREFIX = "base_model.model."
 def run_config(tag_dir: Path) -> tuple[Config, Path]:
     """The run's config and its tokenizer file, from a checkpoint directory."""
     meta = load_meta(tag_dir)
-    cfg = from_dict(Config, meta["config"], source=str(tag_dir / "lavis_meta.json"))
+    cfg = from_dict(Config, meta["config"], source=str(tag_dir / META_FILE))
     tok_file = tag_dir / meta["tokenizer"]
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} missing: the checkpoint directory lacks the run's tokenizer")
@@ -52,8 +52,8 @@ def without_lora(cfg: Config) -> Config:
 
 def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (MultimodalLM, Config, Path)
     """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left."""
-    from lavis.model.load import load_model
     from lavis.data.tokenizer import load_tokenizer
+    from lavis.model.load import load_model
 
     cfg, tok_file = run_config(tag_dir)
     model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"),
@@ -109,9 +109,9 @@ def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
     """A peft adapter directory: ``PeftModel.from_pretrained(base_llm, DIR)`` gives the trained LLM."""
     from safetensors.torch import save_file
 
-    from lavis.model.load import load_model
     from lavis.convert.hf_export import write_sidecar
     from lavis.data.tokenizer import load_tokenizer
+    from lavis.model.load import load_model
 
     cfg, tok_file = run_config(tag_dir)
     lora = cfg.model.llm.lora

@@ -15,7 +15,6 @@ weights are refused, naming them, unless ``--allow-nonfinite``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,8 +27,8 @@ from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
 from lavis.model.components import COMPONENTS
 from lavis.model.freezing import is_trainable
-from lavis.model.lora import model_targets
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
+from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
 from lavis.weights.base import load_torch_file
@@ -51,7 +50,8 @@ def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
 
 
 def read_meta(tag_dir: Path) -> dict:
-    """``lavis_meta.json`` (``checkpoint.load_meta`` names the file when it is damaged) with the keys converters read."""
+    """``lavis_meta.json`` (``checkpoint.load_meta`` names the file when it is damaged) with the keys converters
+    read."""
     meta = load_meta(tag_dir)
     missing = [k for k in ("layers", "config", "placeholder_id") if k not in meta]
     if missing:

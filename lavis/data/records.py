@@ -3,10 +3,10 @@
 A Python list of parsed records costs about 2 KB per record in every rank, and grows in every loader worker as
 reference counting touches (and so copies) its pages; 558k LLaVA-Pretrain records are over 1 GB per process.
 Instead, each annotation file gets one index, built once and then memory-mapped: an ``int64 [n, 4]`` array of
-``(first byte, end byte, position, ordinal)`` per record (position: the record's index in a JSON list, or its 1-based line in
-JSONL). A record is read by slicing the memory-mapped annotation file and parsing that one JSON value. Both maps are
-shared through the page cache by every rank and worker of a node, so the per-process cost is the page tables of the
-pages touched.
+``(first byte, end byte, position, ordinal)`` per record (position: the record's index in a JSON list, or its
+1-based line in JSONL; ordinal: its index among the file's records). A record is read by slicing the memory-mapped
+annotation file and parsing that one JSON value. Both maps are shared through the page cache by every rank and worker
+of a node, so the per-process cost is the page tables of the pages touched.
 
 The index is validated when built: every record is parsed once and converted (``parse_record``), so a malformed
 record fails at start-up with the same ``file:index`` / ``file:line`` message as before, and a written index

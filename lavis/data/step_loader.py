@@ -157,7 +157,7 @@ class StepLoader:
                         reasons[(r, mb, slot)] = (rid, err)
             lines = [f"step {step + 1}, dp rank {r}, micro-batch {mb}: record {rid}: {err}"
                      for (r, mb, slot), (rid, err) in sorted(reasons.items())]
-            for (r, mb, slot), (rid, err) in sorted(reasons.items()):
+            for _, (rid, err) in sorted(reasons.items()):
                 self.skipped.append((step + 1, rid, err.split(":", 1)[0]))
             for r in range(self.dp_size):
                 for mb in range(self.gas):

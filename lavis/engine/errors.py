@@ -95,7 +95,7 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - reported (with its traceback unless a user error), then exit 1
+    except Exception as e:
         report(e)
         sys.exit(1)
     sys.exit(status or 0)
@@ -146,7 +146,7 @@ def run_rank(main: Callable[[], None]) -> NoReturn:
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - classified and reported below, never swallowed
+    except Exception as e:
         if is_peer_loss(e) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             _wait_to_be_stopped(e)
         _fail_as_root_cause(e)

@@ -86,7 +86,7 @@ class LavisPipelineModule(PipelineModule):
             self.group_anchors.append(nn.Parameter(torch.zeros(1)))
         return count
 
-    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):  # noqa: ANN001 - DeepSpeed's signature
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True) -> None:  # noqa: ANN001 - DeepSpeed's signature
         """Resume: layer files hold only the weights that train (saved with ``exclude_frozen_parameters``), so
         DeepSpeed's per-layer load must run non-strict; afterwards every trainable parameter of this stage must have
         been in its layer file and the file must hold nothing the layer lacks (keys read via mmap, no tensor data)."""
@@ -107,7 +107,7 @@ class LavisPipelineModule(PipelineModule):
             raise ValueError("checkpoint does not fit this model (another config or a damaged file?):\n  "
                              + "\n  ".join(problems))
 
-    def forward(self, forward_input):  # noqa: ANN001 - DeepSpeed's signature
+    def forward(self, forward_input) -> torch.Tensor | tuple:  # noqa: ANN001 - DeepSpeed's signature
         out = super().forward(forward_input)
         if len(self.group_anchors):
             zero = sum(0.0 * a.sum() for a in self.group_anchors)

@@ -28,9 +28,9 @@ from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
+from lavis.engine.evaluation import config_hooks
 from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
 from lavis.engine.hardware import known_peak_tflops
-from lavis.engine.evaluation import config_hooks
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups

@@ -18,8 +18,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from lavis.config.schema import LoRAConfig, ModelConfig
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
-from lavis.model.lora import add_block_adapters, is_adapter_key, plain_key, quantize_block_
 from lavis.model.llm import DecoderParts
+from lavis.model.lora import add_block_adapters, is_adapter_key, plain_key, quantize_block_
 from lavis.model.mllm import (
     build_projection,
     build_qformer_parts,

@@ -23,7 +23,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lavis.chat.engine import Answer, ChatEngine, ContextError, GenerationSettings, add_model_arguments, device_from_args
+from lavis.chat.engine import (
+    Answer,
+    ChatEngine,
+    ContextError,
+    GenerationSettings,
+    add_model_arguments,
+    device_from_args,
+)
 from lavis.chat.engine import Request as GenRequest
 from lavis.serve.messages import to_conversation
 from lavis.serve.protocol import APIError, ChatCompletionRequest, loc_to_param

@@ -15,12 +15,12 @@ class PoisonHook(Hook):
         self.steps = steps
         self.handle = None
 
-    def before_step(self, run, step):  # noqa: ANN001, ANN201
+    def before_step(self, run, step):
         if step in self.steps and run.is_first_stage:
             first = next(iter(run.pipe.local_layers().values()))
             self.handle = first.register_forward_hook(lambda m, i, out: type(out)(out[0] * float("nan"), *out[1:]))
 
-    def after_step(self, run, step, row):  # noqa: ANN001, ANN201
+    def after_step(self, run, step, row):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
