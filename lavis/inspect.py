@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lavis.config.schema import Config
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +36,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _forward(cfg, tok, checkpoint: str | None, dtype: torch.dtype) -> bool:  # noqa: ANN001
+def _forward(cfg: Config, tok: Any, checkpoint: str | None, dtype: torch.dtype) -> bool:
     from lavis.data import shapes
     from lavis.data.conversation import encode_prompt, template_from_config
     from lavis.data.media import image_transform

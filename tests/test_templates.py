@@ -56,8 +56,10 @@ def test_schema_template_names_are_the_table() -> None:
     assert set(typing.get_args(hint)) == set(TEMPLATES) and set(SYSTEM_PROMPTS) == set(TEMPLATES)
     from lavis.config.load import ConfigError, from_dict
 
+    def text(segs: tuple | None) -> str:
+        return "".join(seg.text for seg in segs or ())
+
     for name, spec in TEMPLATES.items():  # the fields each part of a template may use
-        text = lambda segs: "".join(seg.text for seg in segs or ())  # noqa: E731
         assert "{query}" in text(spec.user) and "{answer}" in text(spec.answer), name
         assert "{query}" in text(spec.first_user or spec.user), name
         others = text(spec.begin) + text(spec.assistant) + text(spec.last_assistant) + text(spec.answer)

@@ -241,7 +241,7 @@ def choose_placement(
             raise ValueError("--load-8bit needs a CUDA GPU (bitsandbytes int8 kernels); drop it to run in fp32 on "
                              "the CPU" + (" (you passed --cpu-only)" if device == "cpu" else ""))
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 - only whether it is installed
         except ImportError as e:
             raise ValueError("--load-8bit needs bitsandbytes: pip install -e '.[quant]'") from e
         return torch.device("cpu"), torch.float16, "8bit"

@@ -9,6 +9,7 @@ clipping is correct and is used instead (``lavis.config.load.deepspeed_config``)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,5 +69,6 @@ def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: floa
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def lr_lambda(*, warmup: int, total: int, lr: float, min_lr: float):  # noqa: ANN201
+def lr_lambda(*, warmup: int, total: int, lr: float, min_lr: float) -> Callable[[int], float]:
+    """``LambdaLR``'s factor for step ``step``: :func:`warmup_cosine` relative to ``lr``."""
     return lambda step: warmup_cosine(step, warmup=warmup, total=total, lr=lr, min_lr=min_lr) / lr

@@ -133,7 +133,7 @@ def check_quantize_runtime(cfg: ModelConfig) -> None:
         raise RuntimeError(f"model.llm.quantize: {q} needs a CUDA GPU (bitsandbytes kernels); none is visible. "
                            "Remove model.llm.quantize to train LoRA over unquantized weights")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 - only whether it is installed
     except ImportError as e:
         raise RuntimeError(f"model.llm.quantize: {q} needs bitsandbytes: pip install -e '.[quant]'") from e
 
