@@ -7,7 +7,7 @@ Writes one JSON report (``--out``, default ``<output-dir>/gpu_check.json``) with
    tokens/s, their ratio, MFU and peak memory per side;
 2. ``memory``: our side's measured peak GPU memory next to the planner's estimate for the same stage;
 3. ``chat_bf16``: a greedy answer about a shapes image from synthetic files in the real layout (EVA ViT-g, BLIP-2,
-   Qwen-7B-Chat directory with 2 blocks; ``lavis.weights.synthetic``), with the time it took;
+   Qwen-7B-Chat directory with 2 blocks; ``lavis.testing.synthetic``), with the time it took;
 4. ``chat_8bit``: the same with the LLM's linear layers in int8 (bitsandbytes), or why it was skipped.
 
 Each part records its own error instead of stopping the others. ``--device cpu`` is a dry run of the same code
@@ -80,7 +80,7 @@ def _part(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _compare(dry: bool, out_dir: Path) -> dict[str, Any]:
     args = list(CPU_COMPARE if dry else GPU_COMPARE)
     if not dry:  # no weight files: Qwen-7B-Chat's real config.json (4 blocks) is all --random-init needs
-        from lavis.weights.synthetic import llm_config_json
+        from lavis.testing.synthetic import llm_config_json
 
         cfg_dir = out_dir / "qwen7b_config"
         cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -128,8 +128,8 @@ def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
 def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
     from lavis.chat.engine import ChatEngine
     from lavis.config.presets import preset_path
-    from lavis.data import shapes
-    from lavis.weights.synthetic import TINY_OPTIONS, write_preset
+    from lavis.demo import shapes
+    from lavis.testing.synthetic import TINY_OPTIONS, write_preset
 
     opts = [*(TINY_OPTIONS if dry else []), "model.vision.depth=2"]
     if not (root / "cache" / "ckpt").is_dir():

@@ -201,7 +201,7 @@ def test_vicuna0_chat_prompt_is_minigpt4s(tmp_path: Path) -> None:
     from lavis.chat.engine import ChatEngine, Media
     from lavis.data.conversation import IMAGE_MARKER, SYSTEM_PROMPTS, ChatTemplate, encode_prompt
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.weights.synthetic import write_sentencepiece
+    from lavis.testing.synthetic import write_sentencepiece
 
     model_file = write_sentencepiece(tmp_path)
     tok = load_tokenizer(str(tmp_path))

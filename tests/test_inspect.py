@@ -12,7 +12,7 @@ import pytest
 
 from lavis.config.presets import model_types
 from lavis.inspect import main
-from lavis.weights.synthetic import LLM_CONFIGS, TINY_OPTIONS, write_mpp_pretrain, write_preset
+from lavis.testing.synthetic import LLM_CONFIGS, TINY_OPTIONS, write_mpp_pretrain, write_preset
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = [*TINY_OPTIONS, "model.vision.depth=1"]

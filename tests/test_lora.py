@@ -235,8 +235,8 @@ def test_qwen_v1_base_weights_load_into_adapted_stages_and_chain_equals_plain(tm
     from lavis.model.mllm import MultimodalLM
     from lavis.pipeline.layers import load_layer_weights
     from lavis.pipeline.plan import layer_table
+    from lavis.testing.synthetic import TINY_OPTIONS, write_preset
     from lavis.weights.base import stream_into
-    from lavis.weights.synthetic import TINY_OPTIONS, write_preset
 
     write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=1, tiny=True)
     cfg = load_config(preset_path("qwen7b_chat"), [

@@ -12,7 +12,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from lavis.data import media, shapes
+from lavis.data import media
+from lavis.demo import shapes
 
 from .conftest import write_png_header_only
 

@@ -197,7 +197,7 @@ def test_meta_shards_plus_v0_delta_equal_the_all_in_ram_reference(files: dict[st
 def test_output_loads_through_the_vicuna_preset(files: dict[str, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from lavis.inspect import main as inspect_main
-    from lavis.weights.synthetic import TINY_OPTIONS, write_preset
+    from lavis.testing.synthetic import TINY_OPTIONS, write_preset
 
     written = write_preset("vicuna0_7b", tmp_path, num_layers=1, vision_depth=1, tiny=True)
     shutil.rmtree(written["llm"])

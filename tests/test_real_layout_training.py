@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lavis.weights.synthetic import TINY_OPTIONS, write_preset
+from lavis.testing.synthetic import TINY_OPTIONS, write_preset
 
 from .conftest import REPO
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavis.data import media, shapes
+from lavis.data import media
+from lavis.demo import shapes
 
 W = 224
 

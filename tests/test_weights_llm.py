@@ -22,10 +22,7 @@ from lavis.model.llm import build_llm, decoder_parts, llm_hf_config, to_qwen_v1_
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.layers import load_layer_weights
 from lavis.pipeline.plan import layer_table
-from lavis.weights.base import copy_into, default_init_keys, load_weights, model_shapes
-from lavis.weights.llm import LLMFiles, plan_llm, read_llm
-from lavis.weights.predecessors import read_checkpoint
-from lavis.weights.synthetic import (
+from lavis.testing.synthetic import (
     LLM_CONFIGS,
     TINY_OPTIONS,
     llm_config_json,
@@ -35,7 +32,10 @@ from lavis.weights.synthetic import (
     write_mpp_sft,
     write_preset,
 )
-from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
+from lavis.testing.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
+from lavis.weights.base import copy_into, default_init_keys, load_weights, model_shapes
+from lavis.weights.llm import LLMFiles, plan_llm, read_llm
+from lavis.weights.predecessors import read_checkpoint
 from lavis.weights.vision import plan_blip2, plan_eva_vit
 
 # --- an independent Qwen v1 reference (docs/FORMATS.md section 5), tiny sizes -----------------------------------------
@@ -341,7 +341,7 @@ def test_mpp_pretrain_full_width(tmp_path: Path) -> None:
 def test_llama_sentencepiece_placeholder_is_unk_and_never_from_text(tmp_path: Path) -> None:
     from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_prompt
     from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer, load_tokenizer
-    from lavis.weights.synthetic import write_sentencepiece
+    from lavis.testing.synthetic import write_sentencepiece
 
     write_sentencepiece(tmp_path)
     tok = load_tokenizer(str(tmp_path))
@@ -362,7 +362,7 @@ def test_llama_sentencepiece_placeholder_is_unk_and_never_from_text(tmp_path: Pa
 
 def test_qwen25_tokenizer_json_placeholder(tmp_path: Path) -> None:
     from lavis.data.tokenizer import TextTokenizer, load_tokenizer
-    from lavis.weights.synthetic import write_bpe_tokenizer_json
+    from lavis.testing.synthetic import write_bpe_tokenizer_json
 
     write_bpe_tokenizer_json(tmp_path)
     tok = load_tokenizer(str(tmp_path))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lavis.config.schema import ModelConfig, QFormerConfig, VisionConfig
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision, vit_features
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
-from lavis.weights.synthetic_vision import (
+from lavis.testing.synthetic_vision import (
     blip2_file_shapes,
     eva_vit_file_shapes,
     write_synthetic_blip2,

@@ -6,7 +6,7 @@ under ``ROOT`` in the predecessors' ``cache/ckpt/`` layout (WEIGHT.md): ``eva/ev
 dimensions and ``num_hidden_layers`` reduced, weights in two shards with an index, the family's tokenizer file) and the
 predecessors' checkpoints for that family under ``predecessors/``.
 
-    python -m lavis.weights.synthetic --model-type qwen7b_chat --root /tmp/w --num-layers 2 --vision-depth 2
+    python -m lavis.testing.synthetic --model-type qwen7b_chat --root /tmp/w --num-layers 2 --vision-depth 2
     cd /tmp/w && python -m lavis.inspect --model-type qwen7b_chat --options model.vision.depth=2 --forward
 
 Tokenizer files are synthetic too except ``qwen.tiktoken``, which is copied from ``../shared/data`` when present
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lavis.config.schema import ModelConfig
-from lavis.weights.synthetic_vision import random_tensor, write_synthetic_blip2, write_synthetic_eva_vit
+from lavis.testing.synthetic_vision import random_tensor, write_synthetic_blip2, write_synthetic_eva_vit
 
 Shape = tuple[int, ...]
 REPO = Path(__file__).resolve().parents[2]
@@ -202,7 +202,7 @@ def write_sentencepiece(directory: str | Path) -> Path:
 
     import sentencepiece as spm
 
-    from lavis.data import shapes
+    from lavis.demo import shapes
 
     corpus = shapes.corpus() + ["Describe this image in detail.", "What is in the image?", "###Human: ###Assistant:"]
     buf = io.BytesIO()
@@ -233,7 +233,7 @@ def write_bpe_tokenizer_json(directory: str | Path, specials: tuple[str, ...] = 
     default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lavis.data import shapes
+    from lavis.demo import shapes
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -327,7 +327,7 @@ def write_mpp_pipeline_dir(
     layer table): ``latest`` and ``global_step{step}/layer_XX-model_states.pt`` for every pipeline layer (bf16, frozen
     weights included, ``{}`` for parameterless layers; ``occupy.weight`` in pretrain), ``mp_rank_00_model_states.pt``
     with ``module: None``. ``inv_freq``: the rotary buffer older Qwen remote code saved in layer 0."""
-    from lavis.weights.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
+    from lavis.testing.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
 
     gen = torch.Generator().manual_seed(seed)
     tag = Path(run_dir) / f"global_step{step}"
@@ -423,7 +423,7 @@ def write_preset(
 def main(argv: list[str] | None = None) -> None:
     from lavis.config.presets import model_types
 
-    ap = argparse.ArgumentParser(prog="python -m lavis.weights.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.testing.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-type", required=True, help=", ".join(model_types()))
     ap.add_argument("--root", required=True, help="directory to write cache/ckpt/... under (run inspect there)")
     ap.add_argument("--num-layers", type=int, default=2, help="LLM decoder blocks (real: 28-40)")

@@ -1,0 +1,2 @@
+"""The embedded default: the shapes data generator (``shapes``) and ``make demo``'s runner (``run``;
+``python -m lavis.demo``)."""

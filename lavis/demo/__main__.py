@@ -1,0 +1,3 @@
+from lavis.demo.run import main
+
+main()
