@@ -126,7 +126,7 @@ def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
 
 
 def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
-    from lavis.chat.engine import ChatEngine
+    from lavis.chat.engine import ChatEngine, GenerationSettings
     from lavis.config.presets import preset_path
     from lavis.demo import shapes
     from lavis.testing.synthetic import TINY_OPTIONS, write_preset
@@ -145,11 +145,10 @@ def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
         engine = ChatEngine.from_files(preset_path("qwen7b_chat"), None, device="cpu" if dry else "auto",
                                        options=opts, load_8bit=load_8bit)
         load_s = time.perf_counter() - t0
-        engine.settings.max_new_tokens = 16
         if torch.cuda.is_available() and not dry:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        answer = engine.answer([image], "What is in the image?")
+        answer = engine.answer([image], "What is in the image?", GenerationSettings(max_new_tokens=16))
         gen_s = time.perf_counter() - t0
     finally:
         os.chdir(cwd)

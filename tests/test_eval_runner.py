@@ -100,8 +100,7 @@ def test_batched_left_padded_generation_matches_the_chat_engine(tiny_engine: Cha
                Sample("c", "Hello", [])]
     settings = GenerationSettings(max_new_tokens=6)
     batched = generate_answers(tiny_engine, samples, settings, batch_size=3)
-    tiny_engine.settings = settings
-    assert batched == [tiny_engine.answer(s.media, s.query) for s in samples]
+    assert batched == [tiny_engine.answer(s.media, s.query, settings) for s in samples]
     assert any(batched)  # random weights still emit some text
 
 

@@ -26,7 +26,7 @@ from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
 from lavis.model.components import COMPONENTS
-from lavis.model.freezing import is_trainable
+from lavis.model.freezing import component_trains, is_trainable
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
@@ -72,7 +72,7 @@ def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def trained_components(cfg: ModelConfig) -> list[str]:
-    return [c for c in COMPONENTS if not getattr(cfg, c).frozen]
+    return [c for c in COMPONENTS if component_trains(c, cfg)]
 
 
 def describe_run(trained: list[str]) -> str:

@@ -12,6 +12,11 @@ from lavis.model.components import component_of
 _EMBEDDINGS = ("llm_model.model.embed_tokens.", "llm_model.lm_head.")
 
 
+def component_trains(component: str, cfg: ModelConfig) -> bool:
+    """Whether anything of ``component`` trains: its ``frozen`` flag, or LoRA adapters on a frozen LLM."""
+    return not getattr(cfg, component).frozen or (component == "llm" and cfg.llm.lora is not None)
+
+
 def is_trainable(name: str, cfg: ModelConfig) -> bool:
     """With ``model.llm.lora`` the LLM's adapters train (names with ``.lora_``, peft's) and its base weights stay
     frozen, except the embeddings and LM head under ``lora.train_embeddings``."""
