@@ -8,6 +8,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -107,3 +109,29 @@ def write_png_header_only(path: Path, width: int, height: int) -> None:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) +
                      chunk(b"IEND", b""))
+
+
+def wait_until_served(proc: subprocess.Popen, url: str, log: Path, name: str, timeout: float = 180) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or stays silent."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise AssertionError(f"{name} did not serve {url} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -24,7 +24,7 @@ import pytest
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, Request
 
-from .conftest import DEMO_CFG, REPO
+from .conftest import DEMO_CFG, REPO, stop_server, wait_until_served
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra: pip install -e '.[dev]'")
 
@@ -60,27 +60,10 @@ def server(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                 cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"lavis.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"lavis.serve did not answer within 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until_served(proc, url + "/health", log, "lavis.serve")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:

@@ -14,14 +14,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, stop_server, wait_until_served
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -57,28 +55,11 @@ def server(chat_checkpoint: tuple[Path, Path], tmp_path_factory: pytest.TempPath
                                 cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"webui_demo.py exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        UPLOADS["dir"] = Path(re.search(r"uploads are kept in (\S+)", log.read_text())[1])
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"webui_demo.py did not serve {url} within 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until_served(proc, url, log, "webui_demo.py")
+        UPLOADS["dir"] = Path(re.search(r"uploads are kept in (\S+)", log.read_text())[1])
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     assert "dir" in UPLOADS and not UPLOADS["dir"].exists(), "the upload folder outlived the server"
 
 
