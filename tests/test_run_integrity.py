@@ -278,3 +278,13 @@ def test_config_changes_sees_a_section_saved_in_another_shape_as_present() -> No
     assert config_changes(saved, saved, defaults={"model": {"llm": {"lora": None}}}).refused == []
     assert config_changes({"model": {"llm": {}}}, saved, defaults={"model": {"llm": {"lora": None}}}).refused == [
         "model.llm.lora: None -> '<absent>'", "model.llm.lora.r: '<absent>' -> 8"]
+
+
+def test_bf16_zero1_checkpoint_resumes_through_the_restricted_unpickler(tiny_data: Path, tmp_path: Path) -> None:
+    """ZeRO-1's optimizer files hold DeepSpeed objects (loss scaler, ...): the allow-list must cover them."""
+    out = tmp_path / "z1"
+    extra = ("train.precision=bf16", "train.zero_stage=1")
+    launch(2, _args(out, tiny_data, 3, *extra, stop_at=2))
+    proc = launch(2, _args(out, tiny_data, 3, *extra))
+    assert f"resumed from {out / 'global_step2'} at step 2" in proc.stdout + proc.stderr
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
