@@ -71,7 +71,7 @@ def _part(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         res = fn()
-    except Exception as e:
+    except Exception as e:  # recorded in the JSON with its traceback, so one failing part keeps the others' numbers
         res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res

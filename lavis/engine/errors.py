@@ -95,7 +95,7 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:
+    except Exception as e:  # the top level: report() prints a user error in one line, anything else in full
         report(e)
         sys.exit(1)
     sys.exit(status or 0)
@@ -146,7 +146,7 @@ def run_rank(main: Callable[[], None]) -> NoReturn:
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:
+    except Exception as e:  # the top level of a rank: every failure is reported (root cause or peer loss), none hidden
         if is_peer_loss(e) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             _wait_to_be_stopped(e)
         _fail_as_root_cause(e)

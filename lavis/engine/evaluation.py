@@ -114,10 +114,7 @@ def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tens
     e = cfg.train.eval
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = MultimodalLM(cfg.model, tpl.placeholder_id)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"gathered pipeline weights do not fit the model: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}")
+    model.load_state_dict(state, strict=True)  # the gathered stages must give exactly the plain model
     model = model.to(device=device, dtype=torch.float32).eval()
     engine = ChatEngine(model, tpl, cfg.model.vision.image_size, device, cfg.data.video_fps)
     metrics: dict[str, float] = {}
