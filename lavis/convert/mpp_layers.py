@@ -140,11 +140,7 @@ def read_mpp_dir(tag_dir: Path, num_blocks: int) -> tuple[dict[str, torch.Tensor
             where = f"{path.name}:{key}"
             targets = _targets(role, key) if isinstance(value, torch.Tensor) else []
             if not targets:
-                reason = next((r for p, r in IGNORED.items() if re.fullmatch(p, key)), None)
-                if reason is not None:
-                    report.ignored[where] = reason
-                else:
-                    report.unexpected.append(where)
+                report.unplaced(where, next((r for p, r in IGNORED.items() if re.fullmatch(p, key)), None))
                 continue
             for ours, third in targets:
                 if ours in state:

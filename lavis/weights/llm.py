@@ -155,11 +155,7 @@ def plan_llm(
     for fkey, fshape in files.shapes.items():
         targets = [(o, t) for o, t in file_targets(fkey, files.qwen_v1) if o in known]
         if not targets:
-            reason = _ignore_reason(fkey)
-            if reason is not None:
-                report.ignored[fkey] = reason
-            else:
-                report.unexpected.append(fkey)
+            report.unplaced(fkey, _ignore_reason(fkey))
             continue
         for ours, third in targets:
             if ours not in want:

@@ -97,11 +97,7 @@ def read_checkpoint(
         targets, note = checkpoint_targets(fkey, num_layers)
         targets = [(o, t) for o, t in targets if o in known]
         if not targets:
-            reason = next((r for p, r in CKPT_IGNORED.items() if re.fullmatch(p, fkey)), None)
-            if reason is not None:
-                report.ignored[fkey] = reason
-            else:
-                report.unexpected.append(fkey)
+            report.unplaced(fkey, next((r for p, r in CKPT_IGNORED.items() if re.fullmatch(p, fkey)), None))
             continue
         if note:
             notes[note] = notes.get(note, 0) + 1

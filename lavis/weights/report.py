@@ -50,6 +50,13 @@ class FileReport:
     notes: list[str] = field(default_factory=list)
     """Facts worth printing (e.g. 'position embedding interpolated 16x16 -> 32x32')."""
 
+    def unplaced(self, key: str, reason: str | None) -> None:
+        """A file key that maps to nothing in the model: ignored with ``reason``, or unexpected when there is none."""
+        if reason is not None:
+            self.ignored[key] = reason
+        else:
+            self.unexpected.append(key)
+
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)

@@ -209,11 +209,7 @@ def plan_eva_vit(
         if our in want:
             _check_shape(our, fkey, tuple(file_shapes[fkey]), want, take, report, cfg)
             continue
-        reason = extra_block(key) or _ignore_reason(key, EVA_IGNORED)
-        if reason is not None:
-            report.ignored[fkey] = reason
-        else:
-            report.unexpected.append(fkey)
+        report.unplaced(fkey, extra_block(key) or _ignore_reason(key, EVA_IGNORED))
     matched = set(take) | {m.key for m in report.mismatched}
     report.missing += [k for k in want if k.startswith(VIT_PREFIX) and k not in matched]
     return take, report
@@ -268,11 +264,7 @@ def plan_blip2(
         if our is not None and our in want:
             _check_shape(our, fkey, tuple(fshape), want, take, report, cfg)
             continue
-        reason = _ignore_reason(fkey, BLIP2_IGNORED)
-        if reason is not None:
-            report.ignored[fkey] = reason
-        else:
-            report.unexpected.append(fkey)
+        report.unplaced(fkey, _ignore_reason(fkey, BLIP2_IGNORED))
     matched = set(take) | {m.key for m in report.mismatched}
     report.missing += [k for k in want if _blip2_owns(k) and k not in matched]
     return take, report
