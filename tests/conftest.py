@@ -17,6 +17,7 @@ import pytest
 
 from lavis.config.load import load_config
 from lavis.config.schema import Config
+from lavis.data.tokenizer import TextTokenizer
 from lavis.demo import shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +136,15 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def byte_level_tokenizer(specials: list[str]) -> TextTokenizer:
+    """A byte-level tokenizer without merges (one id per byte, so ids are easy to predict) plus ``specials``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return TextTokenizer(tok, source="test:bytes")

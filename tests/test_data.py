@@ -15,6 +15,8 @@ from lavis.data.conversation import IGNORE_INDEX, ChatTemplate, SampleError, enc
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.tokenizer import ENDOFTEXT, IM_END, IM_START, load_tokenizer
 
+from .conftest import byte_level_tokenizer
+
 NQ = 8
 
 
@@ -179,16 +181,7 @@ LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<|extra_0|>"]
 @pytest.fixture(scope="module")
 def byte_tok():
     """A byte-level tokenizer without merges (one id per byte) plus LLaMA-style specials: ids are easy to predict."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from lavis.data.tokenizer import TextTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(LLAMA_SPECIALS)
-    return TextTokenizer(tok, source="test:bytes")
+    return byte_level_tokenizer(LLAMA_SPECIALS)
 
 
 def _T(tok, text: str) -> list[int]:

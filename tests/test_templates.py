@@ -19,6 +19,8 @@ from lavis.data.conversation import (
 )
 from lavis.data.templates import TEMPLATES
 
+from .conftest import byte_level_tokenizer
+
 LLAMA_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llama_tokenizer.model"
 needs_llama = pytest.mark.skipif(not LLAMA_MODEL.is_file(), reason=f"LLaMA tokenizer not found at {LLAMA_MODEL}")
 CONV2 = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
@@ -30,16 +32,7 @@ ALL_SPECIALS = ["<s>", "</s>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_e
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from lavis.data.tokenizer import TextTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(ALL_SPECIALS)
-    return TextTokenizer(tok, source="test:bytes")
+    return byte_level_tokenizer(ALL_SPECIALS)
 
 
 @pytest.fixture(scope="module")
