@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision first, pinned to the releases this machine image provides (CPU use; CUDA when present).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint venv clean-demo gpu-check
+.PHONY: demo test test-fast lint venv clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The in-process tests only (no training launches, servers, CLI subprocesses or browsers): the edit-test loop.
+# A test that starts a process without the `process` marker fails (tests/conftest.py), so the split stays true.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not process" tests
 
 # ruff (settings in pyproject.toml): lint and import order, a few seconds; `make test` runs it first.
 lint: $(STAMP)

@@ -27,6 +27,37 @@ DEMO_CFG = REPO / "lavis/projects/demo/shapes.yaml"
 PRETRAIN_CFG = REPO / "lavis/projects/demo/shapes_pretrain.yaml"
 
 
+# The two test tiers (`make test-fast` = `-m "not process"`) rest on one marker: a test that starts a process
+# (itself or through a fixture it is the first to use) must carry @pytest.mark.process, or it fails here, naming
+# the command, so the fast tier can never quietly start launches or servers.
+_ACTIVE: list[pytest.Item] = []
+_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+
+def _refuse_unmarked_process(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
+    item = _ACTIVE[-1] if _ACTIVE else None
+    if item is not None and item.get_closest_marker("process") is None:
+        raise AssertionError(f"{item.nodeid} starts a process ({str(args)[:120]}) but is not marked "
+                             "@pytest.mark.process (tests/conftest.py: the fast tier runs only unmarked tests)")
+    _execute_child(self, args, *rest, **kw)
+
+
+subprocess.Popen._execute_child = _refuse_unmarked_process  # type: ignore[attr-defined]
+
+
+def _track(item: pytest.Item):
+    _ACTIVE.append(item)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_track)
+pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_track)
+pytest_runtest_teardown = pytest.hookimpl(hookwrapper=True)(_track)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")

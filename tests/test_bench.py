@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import PRETRAIN_CFG, REPO
 
 
+@pytest.mark.process
 def test_bench_reports_throughput_padding_memory_and_balance(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lavis.bench import apply_variant
@@ -50,6 +51,7 @@ def test_float_additive_mask_gives_the_padding_masks_block_output() -> None:
     assert fmask.grad is not None
 
 
+@pytest.mark.process
 def test_compare_predecessor_runs_both_sides_on_the_tiny_config(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

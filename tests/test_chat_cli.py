@@ -29,6 +29,7 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           text=True, input=stdin, timeout=300, check=False)
 
 
+@pytest.mark.process
 def test_one_shot_and_batch_agree(chat_args: list[str], tiny_data: Path, tmp_path: Path) -> None:
     img1, img2 = tiny_data / "images/train/000000.jpg", tiny_data / "images/train/000001.jpg"
     vid = next((tiny_data / "videos/train").glob("*.mp4"))
@@ -46,6 +47,7 @@ def test_one_shot_and_batch_agree(chat_args: list[str], tiny_data: Path, tmp_pat
     assert rows[0]["answer"] == one.stdout.strip()  # greedy: same image + question, same answer
 
 
+@pytest.mark.process
 def test_batch_bad_image_names_line_and_file(chat_args: list[str], tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "x", "images": [str(tmp_path / "nope.png")], "query": "hi"}) + "\n")
@@ -53,6 +55,7 @@ def test_batch_bad_image_names_line_and_file(chat_args: list[str], tmp_path: Pat
     assert proc.returncode != 0 and "in.jsonl:1" in proc.stderr and "nope.png" in proc.stderr
 
 
+@pytest.mark.process
 def test_batch_checks_field_types_and_keeps_answers_before_a_failing_line(chat_args: list[str], tiny_data: Path,
                                                                           tmp_path: Path) -> None:
     img = str(tiny_data / "images/train/000000.jpg")
@@ -74,6 +77,7 @@ def test_batch_checks_field_types_and_keeps_answers_before_a_failing_line(chat_a
     assert [r["id"] for r in rows] == ["a"] and rows[0]["answer"]  # the answer before the failing line is kept
 
 
+@pytest.mark.process
 def test_interactive_session(chat_args: list[str], tiny_data: Path) -> None:
     img = tiny_data / "images/train/000000.jpg"
     script = "\n".join([str(img), "/no/such/file.png", ":f", "What is in the image?", ":his",
@@ -97,12 +101,14 @@ def test_conf_parsing_is_literal_only() -> None:
 
 @pytest.mark.parametrize("script", ["train_pipeline.py", "pipe_proj2pth.py", "pipemodel2pth.py", "cli_demo.py",
                                     "webui_demo.py"])
+@pytest.mark.process
 def test_entry_points_help(script: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=REPO, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0 and "usage:" in proc.stdout
 
 
+@pytest.mark.process
 def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Path) -> None:
     from lavis.chat.webui import WebChat, build_app
 
@@ -134,6 +140,7 @@ def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Pat
     build_app(web)  # the gradio layout builds without a server
 
 
+@pytest.mark.process
 def test_stop_event_cuts_the_answer(chat_args: list[str], tiny_data: Path) -> None:
     engine = ChatEngine.from_files(chat_args[1], chat_args[3], device="cpu")
     session = ChatSession(engine, GenerationSettings(max_new_tokens=200, min_new_tokens=200))

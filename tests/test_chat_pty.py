@@ -35,6 +35,7 @@ def read_some(child: pexpect.spawn, timeout: float) -> str:
     return child.read_nonblocking(size=65536, timeout=timeout)
 
 
+@pytest.mark.process
 def test_cli_in_a_terminal(chat_checkpoint: tuple[Path, Path], tiny_data: Path, tmp_path: Path) -> None:
     img1, img2 = tiny_data / "images/train/000000.jpg", tiny_data / "images/train/000001.jpg"
     child = spawn(*chat_checkpoint)

@@ -116,6 +116,7 @@ def _broken_copy(tiny_data: Path, out: Path) -> tuple[Path, str]:
     return out, victim["id"]
 
 
+@pytest.mark.process
 def test_on_bad_sample_skip_and_raise_with_two_stages(tiny_data: Path, tmp_path: Path) -> None:
     from .conftest import COMMON, DEMO_CFG, data_options, launch
 

@@ -68,6 +68,7 @@ def one_stage() -> Iterator[_Manual]:
             dist.destroy_process_group()
 
 
+@pytest.mark.process
 def test_accessors_on_a_real_pipeline_module(one_stage: _Manual, tmp_path: Path) -> None:
     pipe = one_stage
     assert pipe.parts == [0, 3] and ds_compat.pipe_stage(pipe) == 0 and ds_compat.local_start(pipe) == 0

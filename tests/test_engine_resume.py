@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train
 
@@ -42,6 +43,7 @@ def _launch_and_kill_after(out: Path, data: Path, kill_after_step: int) -> None:
     assert not (out / f"global_step{STEPS}").exists(), "the run finished before it was killed"
 
 
+@pytest.mark.process
 def test_sigkill_then_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
     full = losses(train(tmp_path, "full", 2, 2, gas=4, data=tiny_data, steps=STEPS))
     out = tmp_path / "killed"
@@ -75,6 +77,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_p
     assert (backup / "latest").read_text() == "global_step7"
 
 
+@pytest.mark.process
 def test_interrupted_save_never_becomes_latest(tiny_data: Path, tmp_path: Path) -> None:
     """A tag directory without our metadata (a save killed half-way) is never resumed from."""
     from lavis.engine import checkpoint
@@ -94,6 +97,7 @@ def test_interrupted_save_never_becomes_latest(tiny_data: Path, tmp_path: Path) 
         raise AssertionError("a pointer to an incomplete checkpoint was accepted")
 
 
+@pytest.mark.process
 def test_resume_refuses_a_layer_file_missing_trained_weights(tiny_data: Path, tmp_path: Path) -> None:
     """Layer files are loaded non-strict (frozen weights are not saved), so a trained weight missing from one must
     be caught by our own check, not silently left at its initial value."""

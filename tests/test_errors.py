@@ -117,6 +117,7 @@ def test_a_rank_whose_peer_vanished_reports_only_if_nobody_stops_it(
     assert "lost the connection" in json.loads((tmp_path / "error.json").read_text())["message"]["message"]
 
 
+@pytest.mark.process
 def test_root_cause_of_a_two_rank_failure_is_the_failing_rank_even_when_it_is_the_higher_one() -> None:
     """Rank 1 fails, rank 0 then loses its connection; torchrun must name rank 1 (it loses timestamp ties)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -200,6 +200,7 @@ def test_mme_bad_line_names_file(tmp_path: Path) -> None:
 
 
 # --- caption and video QA ---------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_coco_caption_bleu4_by_hand(tmp_path: Path) -> None:
     doc = {"images": [{"id": 1, "file_name": "1.jpg"}],
            "annotations": [{"image_id": 1, "id": 9, "caption": "A red circle on white."}]}
@@ -212,6 +213,7 @@ def test_coco_caption_bleu4_by_hand(tmp_path: Path) -> None:
     assert caption.score(rows_for(samples, {"1": "A red circle on white"}))["bleu4"] == pytest.approx(1.0, rel=1e-6)
 
 
+@pytest.mark.process
 def test_coco_caption_cider_ranks_and_python_tokenizer(tmp_path: Path) -> None:
     refs = {"1": ["a red circle on white", "red circle"], "2": ["a blue square", "a small blue square"],
             "3": ["a green triangle", "green triangle on white"]}

@@ -66,6 +66,7 @@ def test_micro_batch_split_over_replicas() -> None:
         micro_batch_keys(3, 4, dp_rank=0, dp_size=2)
 
 
+@pytest.mark.process
 def test_train_eval_loss_matches_plain_model_and_save_best(tiny_data: Path, held_out: Path,
                                                             tmp_path: Path) -> None:
     bench = shapes.write_benchmarks(tmp_path / "bench", 4, seed=3)

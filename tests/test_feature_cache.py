@@ -33,6 +33,7 @@ def cache_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.mark.process
 def test_training_from_cache_equals_training_from_pixels(cache_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
     """fp32, eval transform: a 5-step 2-stage run reading cached Q-Former outputs gives the pixel run's losses."""
     pixels = train(tmp_path, "pixels", 2, 2, gas=2, data=tiny_data, steps=5, cfg=PRETRAIN_CFG, extra=tuple(EVAL))

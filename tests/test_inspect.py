@@ -42,6 +42,7 @@ def test_inspect_forward_passes_on_synthetic_files(name: str, tmp_path: Path, mo
         assert "0 keep the seeded init" in out
 
 
+@pytest.mark.process
 def test_wrong_size_checkpoint_fails_with_key_shapes_and_hint(tmp_path: Path) -> None:
     write_preset("qwen7b_chat", tmp_path, num_layers=1, vision_depth=1, tiny=True)
     bad = write_mpp_pretrain(tmp_path / "model_14b.pth", llm_hidden=5120, qformer_hidden=64)  # MPP-Qwen14B projection

@@ -118,6 +118,7 @@ def lora_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return runs
 
 
+@pytest.mark.process
 def test_pp1_pp2_same_losses_with_a_resume_in_between(lora_runs: dict[str, Path]) -> None:
     """PP2 (stopped after step 3 with a checkpoint, then resumed) gives the uninterrupted PP1 run's losses: the
     partition does not change the adapters' init, and resume restores adapters, optimizer and data order."""
@@ -136,6 +137,7 @@ def test_pp1_pp2_same_losses_with_a_resume_in_between(lora_runs: dict[str, Path]
     assert sum(int(a.replace(",", "") or 0) for _, _, a in counts) == ADAPTERS
 
 
+@pytest.mark.process
 def test_checkpoint_holds_only_adapters_and_projection(lora_runs: dict[str, Path]) -> None:
     tag = lora_runs["pp2"] / f"global_step{STEPS}"
     keys = set()
@@ -154,6 +156,7 @@ def _probe(cfg: ModelConfig, placeholder_id: int) -> tuple[torch.Tensor, torch.T
     return pixels, ids, torch.ones_like(ids)
 
 
+@pytest.mark.process
 def test_converters_merged_pth_and_peft_directory(lora_runs: dict[str, Path], tmp_path: Path) -> None:
     from peft import PeftModel
 

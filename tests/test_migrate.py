@@ -200,6 +200,7 @@ def test_every_tool_refuses_a_predecessor_yaml_with_the_command(tmp_path: Path) 
         load_config(base)
 
 
+@pytest.mark.process
 def test_a_migrated_config_trains(tmp_path: Path, tiny_data: Path) -> None:
     """MPP's 7B pretrain config, migrated, trains on the tiny demo model and data (2 stages, 2 steps)."""
     src = write(tmp_path, "pretrain.yaml", mpp_config("qwen7b_chat", "pretrain"))

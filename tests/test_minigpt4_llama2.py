@@ -168,6 +168,7 @@ def test_chat_prompt_is_minigpt4_demo_token_for_token() -> None:
     assert ours == demo
 
 
+@pytest.mark.process
 def test_pipeline_training_without_qformer(tiny_data: Path, tmp_path: Path) -> None:
     """Two pipeline stages on the demo model without a Q-Former: the data carries 64 / 8^2 / 4 = 16 placeholders per
     image (the template follows the config), only the projection (4 x 128 -> 128) trains and is saved."""

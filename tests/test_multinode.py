@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import COMMON, DEMO_CFG, REPO, data_options, losses
 from .test_train_launch import reference_losses
 
@@ -22,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.process
 def test_two_node_pp2_dp2_matches_one_node(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     port = _free_port()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lavis.testing.synthetic import TINY_OPTIONS, write_preset
@@ -19,6 +20,7 @@ from .conftest import REPO
 RECIPE = REPO / "lavis/projects/qwen7b/sft_video_8x3090.yaml"
 
 
+@pytest.mark.process
 def test_sft_recipe_on_qwen_v1_layout_trains_converts_and_inspects(tiny_data: Path, tmp_path: Path) -> None:
     files = write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=2, tiny=True)
     opts = [*TINY_OPTIONS, "model.vision.depth=2", "model.qformer.dropout=0.0",

@@ -45,6 +45,7 @@ def _rows(out: Path) -> list[dict]:
 
 # --- non-finite guard ------------------------------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_nonfinite_step_stops_the_run_without_a_nan_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     proc = launch(2, ["--poison-steps", "2", *_args(out, tiny_data, 4, "train.save_every=1")], check=False,
@@ -58,6 +59,7 @@ def test_nonfinite_step_stops_the_run_without_a_nan_checkpoint(tiny_data: Path, 
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["nonfinite"] is True and rows[1]["loss"] is None
 
 
+@pytest.mark.process
 def test_nonfinite_steps_are_skipped_up_to_the_limit(tiny_data: Path, tmp_path: Path) -> None:
     """A poisoned step (as a corrupt batch would be) is logged and skipped; training goes on."""
     from lavis.engine.optim import warmup_cosine
@@ -92,6 +94,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.process
 def test_resume_applies_a_new_learning_rate_and_says_so(stopped_run: Path, tiny_data: Path, tmp_path: Path) -> None:
     from lavis.engine.optim import warmup_cosine
 
@@ -107,6 +110,7 @@ def test_resume_applies_a_new_learning_rate_and_says_so(stopped_run: Path, tiny_
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.process
 def test_resume_refuses_a_model_change_before_writing_anything(stopped_run: Path, tiny_data: Path,
                                                                 tmp_path: Path) -> None:
     run = _copy(stopped_run, tmp_path)
@@ -125,6 +129,7 @@ class _Marker:
         return (os.system, (f"touch {os.environ['LAVIS_TEST_MARKER']}",))
 
 
+@pytest.mark.process
 def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(stopped_run: Path, tiny_data: Path,
                                                                    tmp_path: Path) -> None:
     run = _copy(stopped_run, tmp_path)
@@ -143,6 +148,7 @@ def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(stopped_run: P
     assert not marker.exists()
 
 
+@pytest.mark.process
 def test_missing_latest_is_refused_with_the_checkpoints_found(stopped_run: Path, tiny_data: Path,
                                                                tmp_path: Path) -> None:
     run = _copy(stopped_run, tmp_path)
@@ -155,6 +161,7 @@ def test_missing_latest_is_refused_with_the_checkpoints_found(stopped_run: Path,
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.process
 def test_a_second_run_on_a_locked_directory_fails_at_once(stopped_run: Path, tiny_data: Path,
                                                           tmp_path: Path) -> None:
     run = _copy(stopped_run, tmp_path)
@@ -172,6 +179,7 @@ def test_a_second_run_on_a_locked_directory_fails_at_once(stopped_run: Path, tin
 
 # --- preemption ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_sigterm_saves_and_exits_zero_then_resume_matches(runs: dict[str, Path], tiny_data: Path,
                                                           tmp_path: Path) -> None:
     """Same arguments as the session's uninterrupted `pp2` run (6 steps, GAS 4); SIGTERM one worker mid-run."""
@@ -280,6 +288,7 @@ def test_config_changes_sees_a_section_saved_in_another_shape_as_present() -> No
         "model.llm.lora: None -> '<absent>'", "model.llm.lora.r: '<absent>' -> 8"]
 
 
+@pytest.mark.process
 def test_bf16_zero1_checkpoint_resumes_through_the_restricted_unpickler(tiny_data: Path, tmp_path: Path) -> None:
     """ZeRO-1's optimizer files hold DeepSpeed objects (loss scaler, ...): the allow-list must cover them."""
     out = tmp_path / "z1"

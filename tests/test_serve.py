@@ -102,6 +102,7 @@ def test_batched_decoding_equals_one_at_a_time(engine: ChatEngine, images: list[
     assert short[2:] == alone[2:]
 
 
+@pytest.mark.process
 def test_image_data_url_answer_usage_and_stream(server: str, engine: ChatEngine, images: list[Path]) -> None:
     api = client(server)
     assert [m.id for m in api.models.list().data] == ["shapes"]
@@ -123,6 +124,7 @@ def test_image_data_url_answer_usage_and_stream(server: str, engine: ChatEngine,
     assert chunks[-1].usage.completion_tokens == 12
 
 
+@pytest.mark.process
 def test_concurrent_streams_and_closing_one(server: str, engine: ChatEngine, images: list[Path]) -> None:
     """Two streams at once; the first is closed after two pieces and is cancelled on the server (it was asked for
     400 tokens and could not end before); the second's answer is unchanged."""
@@ -161,6 +163,7 @@ def test_concurrent_streams_and_closing_one(server: str, engine: ChatEngine, ima
         time.sleep(0.2)
 
 
+@pytest.mark.process
 def test_four_concurrent_greedy_requests_equal_one_at_a_time(server: str, images: list[Path]) -> None:
     api = client(server)
     asks = [user(QUESTION, data_url(images[0])), user("Describe both.", data_url(images[1]), data_url(images[2])),
@@ -180,6 +183,7 @@ def test_four_concurrent_greedy_requests_equal_one_at_a_time(server: str, images
     assert [answers.get(i) for i in range(4)] == one_by_one
 
 
+@pytest.mark.process
 def test_errors_are_openai_shaped(server: str, images: list[Path], tmp_path: Path) -> None:
     api = client(server)
     bad = "data:image/png;base64," + base64.b64encode(b"this is text, not an image").decode()

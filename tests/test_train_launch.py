@@ -56,6 +56,7 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.process
 def test_pp1_pp2_pp2xdp2_match_plain_torch(runs: dict[str, Path], tiny_data: Path) -> None:
     """fp32 with gradient clipping active: every layout gives the reference's losses (same global batch of 16)."""
     ref = reference_losses(tiny_data, gas=4, steps=STEPS)
@@ -71,6 +72,7 @@ def test_pp1_pp2_pp2xdp2_match_plain_torch(runs: dict[str, Path], tiny_data: Pat
     assert rows[0]["grad_norm"] > 1.0  # clipping was active in the compared steps
 
 
+@pytest.mark.process
 def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], tiny_data: Path) -> None:
     run = runs["pp2"]
     assert (run / "latest").read_text() == "global_step6"
@@ -93,6 +95,7 @@ def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], 
 @pytest.mark.parametrize(("stages", "precision", "zero", "offload"),
                          [(2, "fp32", 0, False), (3, "fp32", 0, False), (2, "bf16", 0, False), (3, "bf16", 0, False),
                           (3, "bf16", 1, False), (2, "bf16", 1, True)])
+@pytest.mark.process
 def test_pretrain_recipe_frozen_stages(
     tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int, offload: bool
 ) -> None:
@@ -120,6 +123,7 @@ def test_pretrain_recipe_frozen_stages(
     assert not torch.equal(before.llm_proj.weight, state["llm_proj.weight"].float())  # it trained
 
 
+@pytest.mark.process
 def test_hf_out_directory_loads_with_automodel_and_matches(runs: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -149,6 +153,7 @@ def test_hf_out_directory_loads_with_automodel_and_matches(runs: dict[str, Path]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("option", ["train.activation_checkpoint_interval=1", "train.activation_checkpoint_blocks=[1]"])
 def test_activation_checkpointing_keeps_the_losses(runs: dict[str, Path], tiny_data: Path, tmp_path: Path,
                                                    option: str) -> None:

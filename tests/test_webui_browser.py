@@ -74,6 +74,7 @@ def api_answer(server: str, tiny_data: Path) -> str:
     return answer
 
 
+@pytest.mark.process
 def test_gradio_client_answer_and_refusal(server: str, api_answer: str, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -85,6 +86,7 @@ def test_gradio_client_answer_and_refusal(server: str, api_answer: str, tmp_path
     assert "000000.jpg" in uploaded and "notes.png" not in uploaded  # the refused upload was deleted
 
 
+@pytest.mark.process
 def test_browser_upload_ask_and_bad_upload(server: str, api_answer: str, tiny_data: Path, tmp_path: Path) -> None:
     chromium = chromium_path()
     try:
