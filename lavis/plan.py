@@ -1,0 +1,225 @@
+"""``python -m lavis.plan``: does a recipe fit my cards? Answered before any download.
+
+    python -m lavis.plan --cfg-path CFG [--gpus N] [--gpu-memory-gib G] [--options k=v ...]
+
+Prints the stage table of the run the recipe would start (the planner of ``lavis/pipeline/plan.py``: layers,
+parameters, trainable parameters, estimated GiB and compute share per stage) without building the model or reading
+any weight: the LLM's shape comes from ``model.llm.path``'s ``config.json`` when it is there, else from the
+published shape of the shipped model config with that path (``lavis/model/published.py``). Exit status 0 when every
+stage fits the per-GPU memory, 1 otherwise; then it tries, in order of cost, the knobs that change the estimate
+(more stages, recomputation, optimizer state in host RAM, LoRA, a shorter ``data.max_txt_len``) and prints which of
+them make it fit. Estimates, not measurements: weights, gradients, optimizer state and the activations of the
+micro-batches in flight under 1F1B; not the CUDA context, allocator fragmentation or temporary buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lavis.config.schema import Config
+    from lavis.pipeline.plan import StagePlan
+
+DEFAULT_GPU_GIB = 24.0
+"""The card this trainer is built for (RTX 3090 / 4090) when neither the recipe nor ``--gpu-memory-gib`` says."""
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m lavis.plan", description=__doc__.split("\n\n")[0])
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cfg-path", help="a recipe YAML")
+    which.add_argument("--fits-table", action="store_true",
+                       help="print README's 'what fits' table: the shipped LLMs x full / LoRA / QLoRA x 2-8 GPUs")
+    ap.add_argument("--gpus", type=int, help="GPUs of the run (default: train.num_stages, one replica)")
+    ap.add_argument("--gpu-memory-gib", type=float,
+                    help=f"memory per GPU (default: train.gpu_memory_gib, else {DEFAULT_GPU_GIB:g})")
+    ap.add_argument("--options", nargs="*", default=[], help="config overrides key=value")
+    return ap.parse_args(argv)
+
+
+def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
+    """The cost model's LLM dimensions and where they came from; reads at most a ``config.json``."""
+    from lavis.model.llm import llm_hf_config
+    from lavis.pipeline.plan import LLM_DIMS
+
+    llm = cfg.model.llm
+    if llm.path is None or (Path(llm.path) / "config.json").is_file():
+        hf = llm_hf_config(llm)
+        where = f"{llm.path}/config.json" if llm.path else "model.llm.hf_config"
+    else:
+        name, raw = published_config_for(llm.path)
+        hf = hf_config_from_raw(raw, llm.hf_config)
+        where = f"the published shape of {name} ({llm.path} holds no config.json yet)"
+    return {k: getattr(hf, k) for k in LLM_DIMS}, where
+
+
+def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
+    """The shipped model config whose ``model.llm.path`` is ``llm_path``, and its LLM's published config.json."""
+    from lavis.config.load import load_config
+    from lavis.config.presets import model_types, preset_path
+    from lavis.model.published import PUBLISHED_LLM_CONFIGS
+
+    for name in model_types():
+        if name in PUBLISHED_LLM_CONFIGS and load_config(preset_path(name)).model.llm.path == llm_path:
+            return name, PUBLISHED_LLM_CONFIGS[name]
+    raise FileNotFoundError(
+        f"model.llm.path={llm_path}: no config.json there and no shipped model config uses this path, so its shape "
+        "is unknown; put the model's config.json there (no weights needed) or set model.llm.hf_config")
+
+
+def hf_config_from_raw(raw: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """A transformers config from a config.json's content (Qwen v1 through our key map), with ``overrides``."""
+    from transformers import AutoConfig
+
+    from lavis.model.llm import is_qwen_v1, qwen_v1_to_qwen2_config
+
+    if is_qwen_v1(raw):
+        hf = qwen_v1_to_qwen2_config(raw)
+    else:
+        fields = {k: v for k, v in raw.items() if k != "model_type"}
+        hf = AutoConfig.for_model(raw["model_type"], **fields)
+    for k, v in overrides.items():
+        if k != "model_type":
+            setattr(hf, k, v)
+    return hf
+
+
+@dataclass(frozen=True)
+class Verdict:
+    plan: StagePlan
+    stage_gib: list[float]
+    limit_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return max(self.stage_gib) <= self.limit_gib
+
+
+def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
+    """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
+    each stage's estimated GiB."""
+    from lavis.pipeline.plan import plan_for_config, stage_memory_bytes
+
+    limited = replace(cfg, train=replace(cfg.train, gpu_memory_gib=limit_gib))
+    try:
+        plan = plan_for_config(limited, dims, dp)
+    except ValueError as e:
+        if "fits" not in str(e):
+            raise
+        plan = plan_for_config(replace(cfg, train=replace(cfg.train, gpu_memory_gib=None)), dims, dp)
+    n = len(plan.parts) - 1
+    gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
+           for s in range(n)]
+    return Verdict(plan, gib, limit_gib)
+
+
+def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
+    """What could make a run fit, cheapest first, as ``--options`` to try; only knobs not already turned."""
+    t, llm = cfg.train, cfg.model.llm
+    knobs: list[tuple[str, list[str]]] = []
+    for stages in range(t.num_stages + 1, gpus + 1):
+        if gpus % stages == 0:
+            knobs.append((f"more stages: train.num_stages={stages}", [f"train.num_stages={stages}"]))
+            break
+    if t.partition is None and t.num_stages * 2 > gpus:
+        stages = t.num_stages * 2
+        knobs.append((f"more stages on more GPUs: train.num_stages={stages} (needs {stages} GPUs)",
+                      [f"train.num_stages={stages}"]))
+    if t.activation_checkpoint_interval == 0:
+        knobs.append(("recompute every decoder block: train.activation_checkpoint_interval=1",
+                      ["train.activation_checkpoint_interval=1"]))
+    if not t.offload_optimizer and t.precision != "fp32":
+        knobs.append(("optimizer state in host RAM: train.zero_stage=1 train.offload_optimizer=true",
+                      ["train.zero_stage=1", "train.offload_optimizer=true"]))
+    if not llm.frozen and llm.lora is None:
+        knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
+                      "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
+    if cfg.data.max_txt_len >= 256:
+        half = cfg.data.max_txt_len // 2
+        knobs.append((f"shorter samples: data.max_txt_len={half}", [f"data.max_txt_len={half}"]))
+    return knobs
+
+
+def _layout(cfg: Config, gpus: int | None) -> tuple[int, int]:
+    stages = cfg.train.num_stages
+    gpus = stages if gpus is None else gpus
+    if gpus < 1 or gpus % stages:
+        raise ValueError(f"--gpus {gpus}: the recipe has train.num_stages={stages}; the GPU count must be a multiple "
+                         "of it (stages x data-parallel replicas)")
+    return gpus, gpus // stages
+
+
+FITS_MODELS = ("qwen7b_chat", "qwen14b_chat", "vicuna0_7b", "vicuna0_13b")
+FITS_MODES = {
+    "full SFT, AdamW states on the GPU": ["model.llm.frozen=false"],
+    "full SFT, ZeRO-1 + optimizer offload": ["model.llm.frozen=false", "train.zero_stage=1",
+                                             "train.offload_optimizer=true"],
+    "LoRA r=64 all-linear": ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"],
+    "QLoRA (NF4) r=64 all-linear": ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}",
+                                    "model.llm.quantize=nf4"],
+}
+FITS_COMMON = ["train.precision=bf16", "train.micro_batch_size=1", "data.max_txt_len=512",
+               "train.activation_checkpoint_interval=1", "model.projection.frozen=false"]
+FITS_GPUS = (2, 4, 6, 8)
+
+
+def fits_table(limit_gib: float) -> str:
+    """Markdown: for each shipped LLM and training mode, the largest stage's estimate with N stages on N GPUs."""
+    from lavis.config.load import load_config
+    from lavis.config.presets import preset_path
+
+    head = f"| model | training | {' | '.join(f'{n} x {limit_gib:g} GB' for n in FITS_GPUS)} |"
+    rows = [head, "|" + "---|" * (2 + len(FITS_GPUS))]
+    for name in FITS_MODELS:
+        for mode, options in FITS_MODES.items():
+            cells = []
+            for n in FITS_GPUS:
+                cfg = load_config(preset_path(name), [*FITS_COMMON, *options, f"train.num_stages={n}"])
+                v = assess(cfg, llm_dims(cfg)[0], 1, limit_gib)
+                cells.append(f"{'fits' if v.fits else 'no'} ({max(v.stage_gib):.1f})")
+            rows.append(f"| {name} | {mode} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lavis.config.load import load_config
+    from lavis.pipeline.plan import format_plan
+
+    a = _args(argv)
+    if a.fits_table:
+        print(fits_table(a.gpu_memory_gib or DEFAULT_GPU_GIB))
+        return 0
+    cfg = load_config(a.cfg_path, a.options)
+    gpus, dp = _layout(cfg, a.gpus)
+    limit = a.gpu_memory_gib or cfg.train.gpu_memory_gib or DEFAULT_GPU_GIB
+    dims, where = llm_dims(cfg)
+    t = cfg.train
+    print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
+          f"{dims['vocab_size']} ({where})\nlayout: {t.num_stages} stage(s) x {dp} replica(s) on {gpus} GPU(s) of "
+          f"{limit:g} GiB; micro-batch {t.micro_batch_size} x {cfg.data.max_txt_len} tokens, {t.precision}, "
+          f"ZeRO-{t.zero_stage}{' + optimizer offload' if t.offload_optimizer else ''}")
+    verdict = assess(cfg, dims, dp, limit)
+    p = verdict.plan
+    print(format_plan(p.parts, p.costs, p.work, p.optim_bytes))
+    worst = max(range(len(verdict.stage_gib)), key=verdict.stage_gib.__getitem__)
+    if verdict.fits:
+        print(f"fits: every stage's estimate is within {limit:g} GiB (largest: stage {worst}, "
+              f"{verdict.stage_gib[worst]:.2f} GiB). Estimates, not measurements.")
+        return 0
+    print(f"does not fit: stage {worst} needs about {verdict.stage_gib[worst]:.2f} GiB > {limit:g} GiB")
+    print("knobs, cheapest first (each tried alone on top of this recipe):")
+    for text, options in knob_options(cfg, gpus):
+        tried = load_config(a.cfg_path, [*a.options, *options])
+        tried_gpus = max(gpus, tried.train.num_stages)
+        v = assess(tried, llm_dims(tried)[0], tried_gpus // tried.train.num_stages, limit)
+        print(f"  {'FITS' if v.fits else 'no  '}  {text}: largest stage {max(v.stage_gib):.2f} GiB")
+    return 1
+
+
+if __name__ == "__main__":
+    from lavis.engine.errors import run_cli
+
+    run_cli(main)

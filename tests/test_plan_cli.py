@@ -1,0 +1,63 @@
+"""`python -m lavis.plan`: the stage table and whether it fits, before any download (no weights, no model built)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lavis import plan
+from lavis.config.load import load_config
+
+from .conftest import REPO
+from .test_recipes import RECIPES
+
+SHIPPED = sorted([*RECIPES, *(REPO / "lavis/projects/demo").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_recipe_fits_its_cards(recipe: Path, capsys: pytest.CaptureFixture[str]):
+    assert plan.main(["--cfg-path", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "fits: every stage" in out and "est.mem GiB" in out
+
+
+def test_14b_sft_on_6_gib_cards_does_not_fit_and_names_the_knobs_that_would(capsys: pytest.CaptureFixture[str]):
+    recipe = REPO / "lavis/projects/qwen14b/sft_6x4090.yaml"
+    assert plan.main(["--cfg-path", str(recipe), "--options", "train.gpu_memory_gib=6"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit: stage 0 needs about" in out and "> 6 GiB" in out
+    fitting = [ln for ln in out.splitlines() if ln.strip().startswith("FITS")]
+    assert any("model.llm.lora" in ln for ln in fitting), out  # LoRA brings the 14B under 6 GiB per stage
+    assert "published shape of qwen14b_chat" in out  # no config.json under cache/ckpt: the published shape
+
+
+def test_gpu_memory_flag_and_gpus_layout(capsys: pytest.CaptureFixture[str]):
+    recipe = REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml"
+    assert plan.main(["--cfg-path", str(recipe), "--gpus", "8", "--gpu-memory-gib", "1"]) == 1
+    assert "2 stage(s) x 4 replica(s) on 8 GPU(s) of 1 GiB" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="multiple"):
+        plan.main(["--cfg-path", str(recipe), "--gpus", "3"])
+
+
+def test_config_json_beside_the_recipe_wins_over_the_published_shape(tmp_path: Path):
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    raw = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": False}
+    (llm / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(REPO / "lavis/projects/models/vicuna0_7b.yaml", [f"model.llm.path={llm}"])
+    dims, where = plan.llm_dims(cfg)
+    assert dims["hidden_size"] == 256 and dims["num_hidden_layers"] == 3 and "config.json" in where
+
+
+def test_an_unknown_path_without_config_json_is_a_clear_error(tmp_path: Path):
+    cfg = load_config(REPO / "lavis/projects/models/vicuna0_7b.yaml", [f"model.llm.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="no config.json there and no shipped model config uses this path"):
+        plan.llm_dims(cfg)
+
+
+def test_published_shapes_equal_the_planner_dims_the_recipe_tests_use():
+    dims, _ = plan.llm_dims(load_config(REPO / "lavis/projects/models/qwen7b_chat.yaml"))
+    assert (dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]) == (4096, 11008, 32)
