@@ -16,9 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 
-class PipeAdamW(torch.optim.AdamW):
+class GlobalNormClip:
+    """Mixed into an optimizer class: with ``norm_group``, the gradient norm over every pipeline stage, a skipped
+    step when it is not finite, and clipping to ``clip`` before the base class steps."""
+
     def __init__(self, params: list[dict], *, clip: float, norm_group: object | None, **kwargs: object) -> None:
-        super().__init__(params, **kwargs)
+        super().__init__(params, **kwargs)  # type: ignore[call-arg]
         self.clip = clip
         self.norm_group = norm_group
         self.last_grad_norm: float | None = None
@@ -46,7 +49,26 @@ class PipeAdamW(torch.optim.AdamW):
                 coef = self.clip / (norm + 1e-6)
                 for g in grads:
                     g.mul_(coef)
-        return super().step(closure)
+        return super().step(closure)  # type: ignore[misc]
+
+
+class PipeAdamW(GlobalNormClip, torch.optim.AdamW):
+    """torch's AdamW (``train.optimizer: adamw``)."""
+
+
+def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: object | None,
+                    **kwargs: object) -> torch.optim.Optimizer:
+    """``train.optimizer`` -> the optimizer with our global-norm clipping (see :class:`GlobalNormClip`)."""
+    if kind == "adamw":
+        return PipeAdamW(groups, clip=clip, norm_group=norm_group, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise RuntimeError(f"train.optimizer: {kind} needs bitsandbytes: pip install -e '.[quant]' (or use "
+                           "train.optimizer: adamw)") from e
+    base = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[kind]
+    cls = type(f"Pipe{base.__name__}", (GlobalNormClip, base), {})
+    return cls(groups, clip=clip, norm_group=norm_group, **kwargs)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

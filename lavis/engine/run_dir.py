@@ -38,7 +38,7 @@ WEIGHT_PATH_KEYS = frozenset({
 # Train keys that fix the data order or the optimizer state's layout.
 FIXED_TRAIN_KEYS = frozenset({
     "train.seed", "train.micro_batch_size", "train.grad_accum_steps", "train.precision", "train.zero_stage",
-    "train.offload_optimizer",
+    "train.offload_optimizer", "train.optimizer",
 })
 
 

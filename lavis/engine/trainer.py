@@ -33,7 +33,7 @@ from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, no
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
-from lavis.engine.optim import PipeAdamW, lr_lambda, param_groups
+from lavis.engine.optim import build_optimizer, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
 from lavis.engine.run_dir import RunDirError, RunLock, check_resume_config, check_tokenizer, find_resume_tag
 from lavis.model.llm import decoder_parts, llm_hf_config
@@ -100,7 +100,7 @@ class Run:
     out: Path
     engine: Any
     pipe: LavisPipelineModule
-    optimizer: PipeAdamW
+    optimizer: torch.optim.Optimizer
     tok: Any
     tpl: Any
     table: list
@@ -239,8 +239,9 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
         print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     pipe.apply_trainable(cfg.model, table)
     own_clip = t.precision == "fp32" and t.zero_stage == 0  # DeepSpeed's norm is wrong here (see engine.optim)
-    optimizer = PipeAdamW(
-        param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+    optimizer = build_optimizer(
+        t.optimizer, param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
+        weight_decay=t.weight_decay,
         clip=t.grad_clip if own_clip else 0.0,
         norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
     )
@@ -250,7 +251,8 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     safe_load.install(engine)
     if t.precision != "fp32":
         cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
-    print0(f"optimizer: {type(engine.optimizer).__name__} ({t.precision}, ZeRO stage {engine.zero_optimization_stage()}"
+    print0(f"optimizer: {t.optimizer}, {type(engine.optimizer).__name__} ({t.precision}, "
+           f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
                boundaries=boundaries, dp=dp, own_clip=own_clip)

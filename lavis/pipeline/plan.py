@@ -206,16 +206,22 @@ def lora_params_per_block(cfg: ModelConfig, hf_dims: dict[str, int]) -> int:
     return sum(lora.r * (shapes[n][0] + shapes[n][1]) for n in names)
 
 
-def optimizer_bytes_per_param(precision: str, zero_stage: int, offload: bool, dp: int) -> float:
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0}
+"""``train.optimizer`` -> bytes of Adam's two moments per trainable parameter (blockwise 8-bit: one byte each; its
+per-block scales, 4 bytes per 2,048 values, are left out)."""
+
+
+def optimizer_bytes_per_param(precision: str, zero_stage: int, offload: bool, dp: int,
+                              optimizer: str = "adamw") -> float:
     """GPU bytes per trainable parameter beyond its weight and gradient (``Workload.param_bytes`` each).
 
-    fp32: Adam's two moments (8). bf16/fp16 (DeepSpeed's BF16/FP16 optimizers): fp32 master weight, two fp32
-    moments and an fp32 gradient buffer (16). ZeRO-1 shards the fp32 state over the ``dp`` replicas; offload moves it
-    to host RAM (0 on the GPU).
+    The moments (:data:`OPTIMIZER_STATE_BYTES`: 8 for AdamW, 2 for 8-bit AdamW); in bf16/fp16 DeepSpeed's
+    BF16/FP16 optimizers add an fp32 master weight and an fp32 gradient buffer (8). ZeRO-1 shards that state over
+    the ``dp`` replicas; offload moves it to host RAM (0 on the GPU).
     """
     if offload:
         return 0.0
-    per = 8.0 if precision == "fp32" else 16.0
+    per = OPTIMIZER_STATE_BYTES[optimizer] + (0.0 if precision == "fp32" else 8.0)
     return per / dp if zero_stage >= 1 else per
 
 
@@ -362,7 +368,7 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
 
         cached = cache_level(cfg.model)
     costs = layer_costs(cfg.model, dims, work, cached)
-    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp)
+    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp, t.optimizer)
     if t.partition is not None:
         parts = check_partition(list(t.partition), len(costs), t.num_stages)
     else:
