@@ -141,6 +141,7 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
 PREDECESSOR_ARCHS = {
     "minigpt4qwen": "MPP-Qwen-Next / MiniGPT4Qwen",
     "minigpt4": "MiniGPT-4",
+    "mini_gpt4": "MiniGPT-4",
     "minigpt_v2": "MiniGPT-v2",
 }
 """``model.arch`` of the predecessors' LAVIS-style configs -> the project's name."""
