@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lavis.config.predecessor_keys import habit_hint
 from lavis.config.schema import Config, TrainConfig
 
 
@@ -99,6 +100,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.lr=1e-4")
+        refuse_predecessor_key(key)
         value = parse_yaml(text, f"bad --options item {item!r}", lines=False) if text else ""
         refuse_interpolation(value, "--options", key)
         try:
@@ -111,6 +113,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     return from_dict(Config, data, source=source)
+
+
+def refuse_predecessor_key(key: str) -> None:
+    """``--options run.init_lr=...`` typed by a predecessor's habit: say what the key is here."""
+    if schema_has_key(Config, key):
+        return
+    hint = habit_hint(key)
+    if hint is not None:
+        raise ConfigError(f"--options {key}: not a key of ours; {hint}")
+
+
+def schema_has_key(cls: type, key: str) -> bool:
+    """Whether the dotted ``key`` names a field of the dataclass tree (list indices and free-form mappings pass)."""
+    node: Any = cls
+    for part in key.split("."):
+        if part.isdigit() or not dataclasses.is_dataclass(node):
+            continue
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = next((a for a in (hints[part], *_type_args(hints[part])) if dataclasses.is_dataclass(a)), None)
+        if node is None:
+            return True
+    return True
+
+
+def _type_args(tp: Any) -> tuple[Any, ...]:
+    """The dataclasses inside ``X | None`` and ``list[X]``."""
+    return tuple(b for a in typing.get_args(tp) for b in (a, *typing.get_args(a)))
 
 
 def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
