@@ -137,7 +137,11 @@ def mpp_nonpipeline_config(kind: str) -> dict[str, Any]:
     run = {"task": "image_text_pretrain", "lr_sched": "linear_warmup_cosine_lr", "init_lr": "1e-4", "min_lr": "1e-6",
            "warmup_lr": 0, "warmup_steps": 500, "max_epoch": 5, "batch_size_eval": 1, "num_workers": 4, "seed": 42,
            "evaluate": False, "train_splits": ["train"], "world_size": 1, "dist_url": "env://", "distributed": True}
-    if kind == "train":
+    if kind == "train_3090x4":  # its amp and dtype sit under run:, with loss_scale; no max_new_tokens, fsdp
+        run.update(weight_decay=0.05, grad_norm_clip=1.0, batch_size_train=1, accum_grad_iters=32, max_epoch=10,
+                   output_dir="output/instruction_tuning/lr1e-4_4x3090", amp=True, autocast_dtype="bf16",
+                   loss_scale=False, resume_ckpt_path=None, device="cuda")
+    elif kind == "train":
         model["autocast_dtype"] = "bfloat16"
         run.update(weight_decay=0.05, grad_norm_clip=1.0, batch_size_train=4, accum_grad_iters=4, max_new_tokens=100,
                    min_new_tokens=1, num_beams=5, output_dir="output/instruction_tuning", amp=True,
@@ -180,6 +184,7 @@ CASES = {  # file -> (config, --num-samples)
     "minigpt4_llama2_stage2_finetune.yaml": (minigpt4_v1_config("stage2", "llama2"), None),
     "minigpt4_llama2_eval.yaml": (minigpt4_v1_config("eval", "llama2"), None),
     "instruction_tuning_train.yaml": (mpp_nonpipeline_config("train"), [30000, 150000]),
+    "instruction_tuning_train_3090x4.yaml": (mpp_nonpipeline_config("train_3090x4"), [30000, 150000]),
     "train_zero0_3090x4.yaml": (mpp_nonpipeline_config("zero"), [30000, 150000]),
     "pp_qwen14b_train_pp.yaml": (mpp_14b_train_pp(), [30000, 150000]),
 }
@@ -431,6 +436,10 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
     assert table["global batch"][1].startswith("128 = ")
     assert any("assumed 4 from its name" in ln for ln in zero.assumed)
     assert zero.cfg.train.precision == "bf16" and zero.cfg.train.weight_decay == 0.05
+    x4 = migrate(write(tmp_path, "train_3090x4.yaml", mpp_nonpipeline_config("train_3090x4")), tmp_path / "o.yaml",
+                 Args(num_samples=[30000, 150000]))
+    assert x4.cfg.train.precision == "bf16" and dict((q, a) for q, a, _ in x4.table)["global batch"] == \
+        "128 = 1 x 32 x DP4 (assumed)"
     given = migrate(write(tmp_path, "train_zero0_3090x4.yaml", mpp_nonpipeline_config("zero")), tmp_path / "o.yaml",
                     Args(num_samples=[30000, 150000], pred_gpus=8))
     assert dict((q, a) for q, a, _ in given.table)["global batch"] == "256 = 2 x 16 x DP8" and not given.assumed

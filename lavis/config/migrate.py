@@ -497,12 +497,13 @@ def _lavis_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int
         _deepspeed(m, micro, our_gas, lr)
     else:
         amp = bool(m.get("run.amp", False))
-        dtype = str(m.get("model.autocast_dtype", "bfloat16"))
+        dtype = str(m.get("run.autocast_dtype", m.get("model.autocast_dtype", "bfloat16")))
         precision = ("bf16" if dtype in ("bfloat16", "bf16") else "fp16") if amp else "fp32"
         m.map("run.amp", "train.precision", precision, f"amp {amp} with autocast_dtype {dtype}" if amp else
               "amp false: fp32 as the original")
-        if m.has("model.autocast_dtype"):
-            m.note("model.autocast_dtype", f"train.precision: {precision}")
+        for k in ("model.autocast_dtype", "run.autocast_dtype"):
+            if m.has(k):
+                m.note(k, f"train.precision: {precision}")
         m.map("run.weight_decay", "train.weight_decay", _float(m.get("run.weight_decay", 0.05)))
         clip = _float(m.get("run.grad_norm_clip", 0.0))
         m.map("run.grad_norm_clip", "train.grad_clip", clip, "global norm" if clip else "no clipping")

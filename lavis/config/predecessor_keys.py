@@ -119,6 +119,9 @@ MPP_KEYS: dict[str, Rule] = {
     "run.accum_grad_iters": Rule("train.grad_accum_steps", "non-pipeline files (x the GPU count / our DP to keep the "
                                                            "global batch)"),
     "run.amp": Rule("train.precision", "true: bf16 (MPP's autocast_dtype); false: fp32"),
+    "run.autocast_dtype": Rule("train.precision", "non-pipeline files: bf16 / fp16 with run.amp: true"),
+    "run.loss_scale": Rule("", "GradScaler switch of the non-pipeline runner: ours scales fp16 losses dynamically "
+                               "(fp16 only); bf16 needs none"),
     "run.batch_size_eval": _NO_EVAL_LOOP,
     "run.max_new_tokens": _NO_EVAL_LOOP,
     "run.min_new_tokens": _NO_EVAL_LOOP,
