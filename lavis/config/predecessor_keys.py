@@ -126,6 +126,8 @@ MPP_KEYS: dict[str, Rule] = {
     "run.max_new_tokens": _NO_EVAL_LOOP,
     "run.min_new_tokens": _NO_EVAL_LOOP,
     "run.num_beams": _NO_EVAL_LOOP,
+    "run.max_len": _NO_EVAL_LOOP,
+    "run.min_len": _NO_EVAL_LOOP,
     "run.evaluate": _NO_EVAL_LOOP,
     "run.train_splits": Rule("", "data.train lists the training files"),
     "run.valid_splits": _NO_EVAL_LOOP,
