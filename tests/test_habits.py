@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_gpu_id_and_seed_flags() -> None:
     assert device_from_args(argparse.Namespace(cpu_only=True, gpu_id=1)) == "cpu"
 
 
-def test_predecessor_options_keys_get_their_equivalent() -> None:
+def test_predecessor_options_keys_get_their_equivalent(tmp_path: Path) -> None:
     from lavis.config.load import ConfigError, load_config
 
     from .conftest import DEMO_CFG
@@ -43,6 +44,10 @@ def test_predecessor_options_keys_get_their_equivalent() -> None:
             load_config(DEMO_CFG, [f"{key}=3"])
         msg = str(e.value)
         assert msg.startswith(f"--options {key}: not a key of ours; ") and ours in msg and "lavis.config.migrate" in msg
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"base: {DEMO_CFG}\nmodel:\n  max_txt_len: 96\n")  # in a file of ours, too
+    with pytest.raises(ConfigError, match=r"unknown key `model.max_txt_len`; .*is `data.max_txt_len` here"):
+        load_config(cfg_file)
     with pytest.raises(ConfigError, match=r"unknown key `train.lrr`"):  # not a predecessor key: the usual error
         load_config(DEMO_CFG, ["train.lrr=1"])
     assert load_config(DEMO_CFG, ["data.max_txt_len=96", "model.llm.hf_config.rope_theta=10000.0"]).data.max_txt_len \

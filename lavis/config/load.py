@@ -224,6 +224,8 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(names)}"
+            habit = habit_hint(f"{prefix}{key}") if isinstance(key, str) else None
+            hint = f"; {habit}" if habit else hint
             raise ConfigError(f"{source}: unknown key `{prefix}{key}`{hint}")
         kwargs[key] = _convert(hints[key], value, source=source, key=f"{prefix}{key}")
     try:

@@ -944,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.out is not None:
             refuse_overwriting_input(a.path, a.out)
         res = migrate(a.path, a.out, args)
-    except (ConfigError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError and a malformed value (e.g. int("abc")): the user's input
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = sys.stderr if a.out is None else sys.stdout

@@ -272,16 +272,18 @@ def rule_for(family: str, key: str) -> Rule | None:
 
 def habit_hint(key: str) -> str | None:
     """A predecessor's config key typed where ours is expected (``--options run.init_lr=...``): where it went."""
-    hints = []
-    for family, table in TABLES.items():
-        r = table.get(table_key(key))
-        if r is not None:
-            hints.append(f"{family}'s `{key}` is " + (f"`{r.ours}` here" if r.ours else "not a setting here") +
-                         (f" ({r.note})" if r.note else ""))
-    if not hints:
+    found = [(family, r) for family, table in TABLES.items() if (r := table.get(table_key(key))) is not None]
+    tail = "; translate a whole file with python -m lavis.config.migrate"
+    if not found:
+        section = key.split(".", 1)[0]
+        if section in ("run", "datasets"):
+            where = "train.* (DeepSpeed's dict is derived from it)" if section == "run" else "data.train"
+            return f"`{section}.*` is the predecessors' (LAVIS-style) section; ours is {where}{tail}"
         return None
-    unique = list(dict.fromkeys(hints))
-    return "; ".join(unique) + "; translate a whole file with python -m lavis.config.migrate"
+    families = " / ".join(dict.fromkeys(f.split(" / ")[0] for f, _ in found))
+    r = found[0][1]
+    what = f"`{r.ours}` here" if r.ours else "not a setting here"
+    return f"{families}'s `{key}` is {what}" + (f" ({r.note})" if r.note else "") + tail
 
 
 def flag_hint(flag: str) -> str | None:
