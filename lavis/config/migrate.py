@@ -11,9 +11,11 @@ or MiniGPT-4 (``train_configs/*.yaml``, ``eval_configs/*.yaml``) and writes one 
   counts them, from the dataset sizes (the annotation files are read when present) or ``--num-samples``;
 - DeepSpeed settings: micro-batch, gradient accumulation, precision, ZeRO stage and offload, clipping, AdamW.
 
-Every key of the file gets one printed line: what it maps to, or that it has no equivalent and why. The result is
-loaded strictly (:func:`lavis.config.load.load_config`) before the command returns. For MPP files it also prints the
-original's and our global batch, LR schedule shape, max length and precision side by side.
+Every key of the file gets one printed line: what it maps to, or that it has no equivalent and why; a key or value
+it cannot translate is refused naming it (the key table is :mod:`lavis.config.predecessor_keys`, which also generates
+docs/MIGRATING.md's list: ``--table-md``). The result is loaded strictly (:func:`lavis.config.load.load_config`)
+before the command returns. For MPP files it also prints the original's and our global batch, LR schedule shape, max
+length and precision side by side; a value the original file does not state is marked ``(assumed)``, with why.
 """
 
 from __future__ import annotations
@@ -932,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MiniGPT-4: split its per-GPU batch into micro-batches of this size (same global batch)")
     ap.add_argument("--gpu-memory-gib", type=float, help="also set train.gpu_memory_gib (the planner's per-GPU limit)")
     ap.add_argument("--pred-gpus", type=int,
-                    help="MiniGPT-4: GPUs the original run used (its global batch = batch_size x this)")
+                    help="GPUs the original run used when its file does not say (MiniGPT-4, MPP's non-pipeline "
+                         "files): its global batch = per-GPU batch x accumulation x this")
     a = ap.parse_args(argv)
     if a.table_md:
         print(f"{DOC}: {'updated' if write_docs_table() else 'already up to date'}")
