@@ -500,3 +500,25 @@ def test_every_key_of_every_case_is_in_the_table() -> None:
         family = MPP if cfg["model"]["arch"] == "minigpt4qwen" else MINIGPT4
         for key in flatten(cfg):
             assert rule_for(family, key) is not None, (name, key)
+
+
+@pytest.mark.process
+def test_migrate_command_exit_status_and_one_line(tmp_path: Path) -> None:
+    """As a user runs it: an input error is one `error:` line and status 1; the training command names a
+    predecessor's flag's equivalent."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: [minigpt4\n")
+    r = subprocess.run([sys.executable, "-m", "lavis.config.migrate", str(bad), "-o", str(tmp_path / "o.yaml")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"error: {bad}:3: invalid YAML")
+    src = write(tmp_path, "pretrain.yaml", mpp_config("qwen7b_chat", "pretrain"))
+    r = subprocess.run([sys.executable, "-m", "lavis.config.migrate", str(src), "-o", str(src), "--num-samples",
+                        "558128"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "is the input file" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "train_pipeline.py", "--cfg-path", str(DEMO_CFG), "--llm-grad-ckpt"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--options train.activation_checkpoint_interval=0" in r.stderr, r.stderr

@@ -158,6 +158,13 @@ class Migration:
                 self.drop(key, r.note or r.describe())
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Every value written out: a recipe never holds anchors or aliases (which ``load_config`` refuses)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def yaml_literal(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
@@ -875,7 +882,7 @@ def migrate(path: str | Path, out: str | Path | None = None, args: Args | None =
     body = {k: m.out[k] for k in ("base", "model", "data", "train") if k in m.out}
     header = (f"# Translated from {path} ({kind}) by python -m lavis.config.migrate.\n"
               "# Every source key and what became of it is printed by that command.\n")
-    text = header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=118)
+    text = header + yaml.dump(body, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None, width=118)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out_dir, delete=False) as fh:
         fh.write(text)
     try:
