@@ -434,6 +434,9 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
     table = {q: (a, b) for q, a, b in zero.table}
     assert table["global batch"][0] == "128 = 2 x 16 x DP4 (assumed)"
     assert table["global batch"][1].startswith("128 = ")
+    from lavis.config.migrate import format_rows
+
+    assert "<- differs" not in format_rows([r for r in zero.table if r[0] == "global batch"])  # same global batch
     assert any("assumed 4 from its name" in ln for ln in zero.assumed)
     assert zero.cfg.train.precision == "bf16" and zero.cfg.train.weight_decay == 0.05
     x4 = migrate(write(tmp_path, "train_3090x4.yaml", mpp_nonpipeline_config("train_3090x4")), tmp_path / "o.yaml",

@@ -502,7 +502,7 @@ def _lavis_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int
     if m.has("run.warmup_lr"):
         m.note("run.warmup_lr", "ours warms up linearly from lr / warmup_steps")
     if any(k.startswith(ds) for k in m.src):
-        precision = _precision(m)
+        precision = _precision(m, pipeline=False)
         _deepspeed(m, micro, our_gas, lr)
     else:
         amp = bool(m.get("run.amp", False))
@@ -620,12 +620,12 @@ def _storage(m: Migration, key: str, spec: DatasetSpec) -> dict[str, str]:
     return {"ann_path": f"{base}/filter_cap.json", "vis_root": f"{base}/image"}
 
 
-def _precision(m: Migration) -> str:
+def _precision(m: Migration, pipeline: bool = True) -> str:
     ds = "run.deepspeed_config."
     bf16, fp16 = bool(m.get(ds + "bf16.enabled", False)), bool(m.get(ds + "fp16.enabled", False))
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     m.map(ds + "bf16.enabled", "train.precision", precision,
-          "MPP also casts every weight to bf16 (model.cuda().bfloat16())" if bf16 else "")
+          "MPP's pipeline also casts every weight to bf16 (model.cuda().bfloat16())" if bf16 and pipeline else "")
     m.note(ds + "fp16.enabled", f"train.precision: {precision}")
     return precision
 
@@ -633,7 +633,9 @@ def _precision(m: Migration) -> str:
 def _deepspeed(m: Migration, micro: int, gas: int, lr: float) -> None:
     ds = "run.deepspeed_config."
     m.map(ds + "train_micro_batch_size_per_gpu", "train.micro_batch_size", micro)
-    m.map(ds + "gradient_accumulation_steps", "train.grad_accum_steps", gas)
+    m.map(ds + "gradient_accumulation_steps", "train.grad_accum_steps", gas,
+          "" if int(m.get(ds + "gradient_accumulation_steps", gas)) == gas else "the original's global batch kept on "
+          "our layout (above)")
     if m.has(ds + "gradient_clipping"):
         m.map(ds + "gradient_clipping", "train.grad_clip", _float(m.get(ds + "gradient_clipping")),
               "global norm over all stages")
@@ -831,12 +833,16 @@ def assumptions(orig: Original) -> list[str]:
     return [f"(assumed) {row}: {why}" for row, why in orig.assumed.items()]
 
 
+def _value(cell: str) -> str:
+    """What a table cell states: ``128 = 2 x 16 x DP4 (assumed)`` -> ``128``."""
+    return cell.removesuffix(" (assumed)").split(" = ")[0]
+
+
 def format_rows(rows: list[tuple[str, str, str]]) -> str:
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "MPP (original)", "")])
     lines = [f"{'':{w0}}  {'MPP (original)':{w1}}  ours (migrated)"]
-    lines += [f"{a:{w0}}  {b:{w1}}  {c}" + ("" if b.removesuffix(" (assumed)") == c else "   <- differs")
-              for a, b, c in rows]
+    lines += [f"{a:{w0}}  {b:{w1}}  {c}" + ("" if _value(b) == _value(c) else "   <- differs") for a, b, c in rows]
     return "\n".join(lines)
 
 
