@@ -105,3 +105,61 @@ def test_base_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("base: b.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(tmp_path / "b.yaml")
+
+
+# --- values are literals; every YAML error is one line naming the file ------------------------------------------
+
+
+def test_interpolation_is_refused_in_a_file_and_in_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAVIS_TEST_SECRET", "hunter2")
+    p = write(tmp_path, f"base: {DEMO_CFG}\ntrain:\n  output_dir: runs/${{oc.env:LAVIS_TEST_SECRET}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "`train.output_dir`" in str(e.value) and "literals" in str(e.value)
+    assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"--options: `train.output_dir`.*interpolation is not supported"):
+        load_config(DEMO_CFG, ["train.output_dir=${oc.env:LAVIS_TEST_SECRET}"])
+    with pytest.raises(ConfigError, match=r"`model.llm.system_prompt\[1\]`"):  # inside a list too
+        load_config(DEMO_CFG, ["model.llm.system_prompt=[a, '${train.lr}']"])
+
+
+def test_literal_dollar_text_that_is_not_interpolation_is_kept(tmp_path: Path) -> None:
+    cfg = load_config(DEMO_CFG, ["model.llm.system_prompt=costs $5 {not a field}"])
+    assert cfg.model.llm.system_prompt == "costs $5 {not a field}"
+
+
+def test_python_tags_and_alias_bombs_are_one_line_naming_file_and_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  lr: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:2: invalid YAML: could not determine a constructor.*python/object"):
+        load_config(p)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{prev}'] * 9)}]\n" for prev, n in zip("abcdefgh", "bcdefghi"))
+    p = write(tmp_path, bomb)
+    with pytest.raises(ConfigError, match=rf"^{p}:2: invalid YAML: alias \*a is not allowed"):
+        load_config(p)
+    p = write(tmp_path, "train:\n  lr: [1, 2\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}:3: invalid YAML") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^bad --options item 'train.lr=\[1': invalid YAML"):
+        load_config(DEMO_CFG, ["train.lr=[1"])
+    with pytest.raises(ConfigError, match=r"^bad --options item .*could not determine a constructor"):
+        load_config(DEMO_CFG, ["train.lr=!!python/object/apply:os.system [x]"])
+    p = write(tmp_path, "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+@pytest.mark.process
+def test_a_bad_config_file_is_one_error_line_and_status_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    p = write(tmp_path, "a: &a [x, x]\nb: [*a, *a]\n")
+    r = subprocess.run([sys.executable, "-m", "lavis.inspect", "--cfg-path", str(p)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {p}:2: invalid YAML: alias *a is not allowed in a config file "
+                                             "(anchors and aliases are refused): write the value out"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import pytest
 import torch
 
 from lavis.chat.cli import build_parser as cli_parser
@@ -28,3 +30,40 @@ def test_gpu_id_and_seed_flags() -> None:
         args = parser.parse_args(["--model-type", "qwen7b_chat", "--gpu_id", "1", "-s", "7"])
         assert device_from_args(args) == "cuda:1" and args.seed == 7
     assert device_from_args(argparse.Namespace(cpu_only=True, gpu_id=1)) == "cpu"
+
+
+def test_predecessor_options_keys_get_their_equivalent(tmp_path: Path) -> None:
+    from lavis.config.load import ConfigError, load_config
+
+    from .conftest import DEMO_CFG
+
+    for key, ours in (("run.init_lr", "`train.lr` here"), ("model.max_txt_len", "`data.max_txt_len` here"),
+                      ("run.deepspeed_config.gradient_accumulation_steps", "`train.grad_accum_steps` here"),
+                      ("run.deepspeed_config.zero_optimization.stage", "`train.zero_stage` here")):
+        with pytest.raises(ConfigError) as e:
+            load_config(DEMO_CFG, [f"{key}=3"])
+        msg = str(e.value)
+        assert msg.startswith(f"--options {key}: not a key of ours; ") and ours in msg and "lavis.config.migrate" in msg
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"base: {DEMO_CFG}\nmodel:\n  max_txt_len: 96\n")  # in a file of ours, too
+    with pytest.raises(ConfigError, match=r"unknown key `model.max_txt_len`; .*is `data.max_txt_len` here"):
+        load_config(cfg_file)
+    with pytest.raises(ConfigError, match=r"unknown key `train.lrr`"):  # not a predecessor key: the usual error
+        load_config(DEMO_CFG, ["train.lrr=1"])
+    assert load_config(DEMO_CFG, ["data.max_txt_len=96", "model.llm.hf_config.rope_theta=10000.0"]).data.max_txt_len \
+        == 96
+
+
+def test_predecessor_training_flag_gets_its_equivalent(capsys: pytest.CaptureFixture) -> None:
+    from lavis.engine.trainer import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--cfg-path", "x.yaml", "--llm-grad-ckpt"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --llm-grad-ckpt" in err
+    assert "--options train.activation_checkpoint_interval=0" in err and "turns LLM checkpointing OFF" in err
+    with pytest.raises(SystemExit):
+        parse_args(["--cfg-path", "x.yaml", "--bogus"])
+    assert "unrecognized arguments: --bogus\n" in capsys.readouterr().err
+    assert parse_args(["--cfg-path", "x.yaml", "--options", "train.lr=1"]).options == ["train.lr=1"]

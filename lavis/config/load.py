@@ -1,8 +1,10 @@
 """Strict YAML -> :class:`~lavis.config.schema.Config`, overrides, and the derived DeepSpeed dict.
 
-OmegaConf reads the YAML and applies ``--options key=value`` dot-list overrides; the merged plain dict is then
-converted into the dataclass tree by :func:`from_dict`, which rejects unknown keys (naming the file, the full
-key and the closest valid key) and wrong types. Nothing else in the project reads YAML.
+:func:`read_yaml` reads a config file as literals (``yaml.SafeLoader``: no Python tags, no anchors or aliases, and
+any ``${...}`` interpolation refused): every YAML error is one line naming the file and line. OmegaConf only merges
+``base:`` chains and applies ``--options key=value`` dot-list overrides, and is never asked to resolve anything. The
+merged plain dict is converted into the dataclass tree by :func:`from_dict`, which rejects unknown keys (naming the
+file, the full key and the closest valid key) and wrong types. Nothing else in the project reads config YAML.
 """
 
 from __future__ import annotations
@@ -19,11 +21,71 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lavis.config.predecessor_keys import habit_hint
 from lavis.config.schema import Config, TrainConfig
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the fix."""
+
+
+class _LiteralLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases: an alias bomb (``&a [*b, *b, ...]``) is refused before it
+    expands, and a value means what it says where it is written."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config file "
+                                              "(anchors and aliases are refused): write the value out",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml_error(source: str, e: yaml.YAMLError, lines: bool) -> ConfigError:
+    """One line: ``FILE:LINE: what is wrong`` (PyYAML's own message spans several lines with a code excerpt)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark is not None and lines else source
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    text = f"{context}: {problem}" if context and "constructor" not in problem else problem
+    return ConfigError(f"{where}: invalid YAML: {' '.join(str(text).split())}")
+
+
+def parse_yaml(text: str, source: str, lines: bool = True) -> Any:
+    """Parse ``text`` as literal YAML (see :class:`_LiteralLoader`); errors are one line naming ``source`` (and the
+    line when ``lines``)."""
+    try:
+        return yaml.load(text, Loader=_LiteralLoader)  # a SafeLoader subclass: no Python tags
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e, lines) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as plain literals, with interpolation (``${...}``) refused naming the file and key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): a config file must be UTF-8 YAML") from None
+    data = parse_yaml(text, str(path))
+    refuse_interpolation(data, str(path))
+    return data
+
+
+def refuse_interpolation(value: Any, source: str, key: str = "") -> None:
+    """Config values are literals: a string holding ``${`` (OmegaConf interpolation such as ``${oc.env:VAR}``) is
+    refused, naming ``source`` and the key, so nothing is ever resolved from the environment or other keys."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_interpolation(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_interpolation(v, source, f"{key}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(f"{source}: `{key or '<root>'}`: {value!r} holds `${{...}}`: interpolation is not "
+                          "supported, config values are literals (write the value itself)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -38,17 +100,48 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.lr=1e-4")
+        refuse_predecessor_key(key)
+        value = parse_yaml(text, f"bad --options item {item!r}", lines=False) if text else ""
+        refuse_interpolation(value, "--options", key)
         try:
-            value = yaml.safe_load(text) if text else ""
             OmegaConf.update(raw, key, value, merge=True)
-        except (yaml.YAMLError, OmegaConfBaseException, IndexError, ValueError) as e:
-            raise ConfigError(f"bad --options item {item!r}: {e}") from e
+        except (OmegaConfBaseException, IndexError, ValueError) as e:
+            raise ConfigError(f"bad --options item {item!r}: {' '.join(str(e).split())}") from e
     if overrides:
         source += f" (with --options {' '.join(overrides)})"
-    data = OmegaConf.to_container(raw, resolve=True)
+    data = OmegaConf.to_container(raw, resolve=False)  # literals only: interpolation was refused on reading
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     return from_dict(Config, data, source=source)
+
+
+def refuse_predecessor_key(key: str) -> None:
+    """``--options run.init_lr=...`` typed by a predecessor's habit: say what the key is here."""
+    if schema_has_key(Config, key):
+        return
+    hint = habit_hint(key)
+    if hint is not None:
+        raise ConfigError(f"--options {key}: not a key of ours; {hint}")
+
+
+def schema_has_key(cls: type, key: str) -> bool:
+    """Whether the dotted ``key`` names a field of the dataclass tree (list indices and free-form mappings pass)."""
+    node: Any = cls
+    for part in key.split("."):
+        if part.isdigit() or not dataclasses.is_dataclass(node):
+            continue
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = next((a for a in (hints[part], *_type_args(hints[part])) if dataclasses.is_dataclass(a)), None)
+        if node is None:
+            return True
+    return True
+
+
+def _type_args(tp: Any) -> tuple[Any, ...]:
+    """The dataclasses inside ``X | None`` and ``list[X]``."""
+    return tuple(b for a in typing.get_args(tp) for b in (a, *typing.get_args(a)))
 
 
 def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
@@ -59,7 +152,12 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
         raise ConfigError(f"config file {path} not found{via}")
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base:` chain loops: {' -> '.join(str(p) for p in (*chain, path.resolve()))}")
-    raw = OmegaConf.load(path)
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    raw = OmegaConf.create(data)
     if isinstance(raw, DictConfig):
         refuse_predecessor_config(path, raw)
     if not isinstance(raw, DictConfig) or "base" not in raw:
@@ -74,6 +172,7 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
 PREDECESSOR_ARCHS = {
     "minigpt4qwen": "MPP-Qwen-Next / MiniGPT4Qwen",
     "minigpt4": "MiniGPT-4",
+    "mini_gpt4": "MiniGPT-4",
     "minigpt_v2": "MiniGPT-v2",
 }
 """``model.arch`` of the predecessors' LAVIS-style configs -> the project's name."""
@@ -125,6 +224,8 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(names)}"
+            habit = habit_hint(f"{prefix}{key}") if isinstance(key, str) else None
+            hint = f"; {habit}" if habit else hint
             raise ConfigError(f"{source}: unknown key `{prefix}{key}`{hint}")
         kwargs[key] = _convert(hints[key], value, source=source, key=f"{prefix}{key}")
     try:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
+from lavis.config.predecessor_keys import flag_hint
 from lavis.config.schema import Config
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
@@ -58,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.lr=1e-4 data.max_txt_len=256")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # a predecessor's flag gets its equivalent (lavis.config.predecessor_keys.FLAGS)
+        hints = [h for h in map(flag_hint, unknown) if h]
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {h}" for h in hints))
+    return args
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
