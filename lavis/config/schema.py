@@ -361,6 +361,12 @@ class TrainConfig:
     CPU time per step."""
     eps: float = 1e-8
     """AdamW epsilon (MPP-Qwen uses 1e-7)."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """``adamw``: torch's AdamW, fp32 moments (8 bytes per trained parameter). ``adamw8bit``: bitsandbytes'
+    blockwise 8-bit AdamW (2 bytes for both moments; tensors under 4,096 elements keep fp32 moments, as
+    bitsandbytes does). ``paged_adamw8bit``: the same with its state in CUDA unified memory, paged to host RAM under
+    memory pressure (on a CPU it runs as ``adamw8bit``). All of them under the same global-norm clipping and
+    non-finite guard; the 8-bit ones need bitsandbytes (``pip install -e '.[quant]'``)."""
     num_stages: int = 1
     partition: list[int] | None = None
     gpu_memory_gib: float | None = None
