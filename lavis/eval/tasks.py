@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lavis.eval import caption, mcq, videoqa, vqa, yesno
-from lavis.eval.common import Prompt, Sample
+from lavis.eval.common import Prompt, Sample, check_unique_ids
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,14 @@ def get_task(name: str) -> Task:
 
 
 def load_samples(task: Task, src: Source, work: Path, prompt: Prompt) -> tuple[list[Sample], dict[str, Any]]:
-    """The benchmark's samples (prompt applied) and notes on the file's format for the summary."""
+    """The benchmark's samples (prompt applied) and notes on the file's format for the summary; a file that repeats
+    a question id is refused, naming both places."""
+    samples, notes = _read_samples(task, src, work, prompt)
+    check_unique_ids(samples)
+    return samples, notes
+
+
+def _read_samples(task: Task, src: Source, work: Path, prompt: Prompt) -> tuple[list[Sample], dict[str, Any]]:
     if task.name == "vqa":
         return vqa.load(src.data, src.images, src.annotations, prompt), {}
     if task.name == "mcq":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lavis.eval.common import BenchmarkFileError, Prompt, Sample, fmt, media_path, need, read_json
+from lavis.eval.common import BenchmarkFileError, Prompt, Sample, fmt, index_unique, media_path, need, read_json
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -124,9 +124,8 @@ def _load_vqav2(data: Path, doc: dict[str, Any], images: Path | None, annotation
                                  f"(e.g. v2_mscoco_val2014_annotations.json)")
     subtype = need(doc, "data_subtype", str(data))
     ann_doc = read_json(annotations)
-    answers: dict[Any, dict[str, Any]] = {}
-    for i, a in enumerate(need(ann_doc, "annotations", str(annotations))):
-        answers[need(a, "question_id", f"{annotations} annotations[{i}]")] = a
+    answers = index_unique(need(ann_doc, "annotations", str(annotations)), "question_id",
+                           f"{annotations} annotations")
     out = []
     for i, q in enumerate(doc["questions"]):
         where = f"{data} questions[{i}]"
@@ -137,7 +136,7 @@ def _load_vqav2(data: Path, doc: dict[str, Any], images: Path | None, annotation
         humans = [need(x, "answer", f"{annotations} question_id {qid}") for x in need(a, "answers", str(annotations))]
         image = media_path(images, f"COCO_{subtype}_{int(need(q, 'image_id', where)):012d}.jpg", where)
         out.append(Sample(str(qid), fmt(prompt.template, where, question=need(q, "question", where)), [image],
-                          gold={"answers": humans, "answer_type": a.get("answer_type", "all")}))
+                          gold={"answers": humans, "answer_type": a.get("answer_type", "all")}, where=where))
     return out
 
 
@@ -149,7 +148,7 @@ def _load_textvqa(data: Path, doc: dict[str, Any], images: Path | None, prompt: 
         out.append(Sample(str(need(q, "question_id", where)),
                           fmt(prompt.template, where, question=need(q, "question", where)), [image],
                           gold={"answers": list(need(q, "answers", where)),
-                                "answer_type": q.get("answer_type", "all")}))
+                                "answer_type": q.get("answer_type", "all")}, where=where))
     return out
 
 
