@@ -4,7 +4,8 @@
         --annotations annotations.json --images val2014/ --out eval/vqav2
 
 Tasks: vqa (VQAv2, OK-VQA, TextVQA), mcq (MMBench .tsv with circular evaluation, ScienceQA-IMG problems.json),
-yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines). Writes
+yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines), gqa (GQA
+testdev_balanced_questions.json), vizwiz (VizWiz-VQA val.json), okvqa (OK-VQA questions + --annotations). Writes
 ``<out>/predictions.jsonl`` (resumed when re-run with the same checkpoint, config and settings; another checkpoint
 is refused: use a new --out or --overwrite) and ``<out>/summary.json``, and prints the scores.
 """
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the benchmark file (or MME's directory) as distributed")
     p.add_argument("--images", help="directory the file's image/video names are relative to")
-    p.add_argument("--annotations", help="vqa: the VQAv2/OK-VQA annotations file (answers) for --data's questions")
+    p.add_argument("--annotations", help="vqa, okvqa: the VQAv2/OK-VQA annotations file (answers) for --data's "
+                                         "questions")
     p.add_argument("--split", help="mcq ScienceQA: only problems of this split (e.g. test)")
     p.add_argument("--out", help="output directory (default: eval/<task>-<data name>)")
     p.add_argument("--limit", type=int, help="only the first N samples (N rotations for MMBench)")
