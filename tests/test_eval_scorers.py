@@ -313,3 +313,12 @@ def test_okvqa_released_files_vqa_accuracy_by_hand(tmp_path: Path) -> None:
     assert s["accuracy"] == pytest.approx(0.5) and s["count"] == 2
     with pytest.raises(BenchmarkFileError, match="pass its answers with --annotations"):
         score_task("okvqa", Source(src.data, src.images), tmp_path, {})
+
+
+def test_train_time_benchmarks_accept_every_registered_task() -> None:
+    import typing
+
+    from lavis.config.schema import EvalBenchmarkConfig
+    from lavis.eval.tasks import TASKS
+
+    assert set(typing.get_args(typing.get_type_hints(EvalBenchmarkConfig)["task"])) == set(TASKS)
