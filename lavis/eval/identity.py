@@ -51,8 +51,8 @@ def _hash_into(h: Any, path: Path) -> int:
 def model_identity(cfg_path: str | Path, options: Sequence[str], checkpoint: str | Path | None) -> dict[str, Any]:
     """The identity of the model a run evaluates: checkpoint (None: the config's own weights only), config file and
     ``--options``. The runner adds the generation settings."""
-    return {"checkpoint": None if checkpoint is None else file_fingerprint(checkpoint, "checkpoint (-c)"),
-            "config": file_fingerprint(cfg_path, "config (--cfg-path)"), "options": list(options)}
+    ckpt = None if checkpoint is None else file_fingerprint(checkpoint, "checkpoint (-c / model.checkpoint)")
+    return {"checkpoint": ckpt, "config": file_fingerprint(cfg_path, "config (--cfg-path)"), "options": list(options)}
 
 
 def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
