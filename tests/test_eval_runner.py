@@ -3,7 +3,10 @@ answers, and the command line end to end on the tiny shapes model (random weight
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from lavis.eval import yesno
 from lavis.eval.__main__ import main as eval_main
 from lavis.eval.common import BenchmarkFileError, Sample
 from lavis.eval.generate import generate_answers
+from lavis.eval.identity import file_fingerprint, mismatch
 from lavis.eval.runner import answer_all, evaluate, full_identity
 from lavis.eval.tasks import Source, get_task, load_samples
 from lavis.weights.base import model_shapes
@@ -103,6 +107,25 @@ def test_resume_refuses_predictions_of_other_settings_or_without_a_record(tmp_pa
     (tmp_path / "predictions.identity.json").unlink()  # e.g. written before identities were recorded
     with pytest.raises(BenchmarkFileError, match="predictions.identity.json.*is missing.*--overwrite"):
         answer_all(samples, FakeModel(), GenerationSettings(), 2, path, progress=False, identity=IDENT)
+
+
+def test_fingerprint_reuses_a_hash_only_for_the_unchanged_file(tmp_path: Path) -> None:
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"weights-1")
+    first = file_fingerprint(ckpt)
+    assert first["blake2b"] == hashlib.blake2b(b"weights-1", digest_size=16).hexdigest() and first["size"] == 9
+    planted = {**first, "blake2b": "from-the-record"}
+    assert file_fingerprint(ckpt, known=planted)["blake2b"] == "from-the-record"  # unchanged: not read again
+    time.sleep(0.05)  # let the clock move past the file's ctime granularity
+    st = ckpt.stat()
+    ckpt.write_bytes(b"weights-2")  # same size, mtime put back: only the ctime tells
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = file_fingerprint(ckpt, known=planted)
+    assert again["blake2b"] == hashlib.blake2b(b"weights-2", digest_size=16).hexdigest()
+    assert mismatch({"checkpoint": first}, {"checkpoint": again}) is not None
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(b"weights-1")
+    assert mismatch({"checkpoint": first}, {"checkpoint": file_fingerprint(copy)}) is None  # same content elsewhere
 
 
 def test_duplicate_ids_are_refused_naming_both_places(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from lavis.chat.engine import ChatEngine, add_model_arguments
 from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.eval.common import BenchmarkFileError
-from lavis.eval.identity import model_identity
+from lavis.eval.identity import model_identity, read_identity
 from lavis.eval.runner import format_table, full_identity, refuse_foreign_predictions, run_task, task_settings
 from lavis.eval.tasks import TASKS, Source, get_task
 
@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = args.cfg_path or preset_path(args.model_type)
     try:
         task = get_task(args.task)
-        identity = model_identity(cfg_path, args.options, args.checkpoint_path
-                                  or load_config(cfg_path, list(args.options)).model.checkpoint)
+        predictions = out / "predictions.jsonl"
+        identity = model_identity(cfg_path, args.options,
+                                  args.checkpoint_path or load_config(cfg_path, list(args.options)).model.checkpoint,
+                                  known=None if args.overwrite else read_identity(predictions))
         if not args.overwrite:  # before the model loads: refuse another model's predictions at once
-            refuse_foreign_predictions(out / "predictions.jsonl",
-                                       full_identity(identity, task_settings(task, args.max_new_tokens)))
+            refuse_foreign_predictions(predictions, full_identity(identity, task_settings(task, args.max_new_tokens)))
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)

@@ -18,25 +18,34 @@ from typing import Any
 
 CHUNK = 4 << 20
 IDENTITY_KEYS = ("checkpoint", "config", "options", "generation")
-"""What must be equal to resume (the ``path`` inside the file fingerprints is informative only)."""
+"""What must be equal to resume (of a file fingerprint: ``size`` and ``blake2b``; ``path`` and ``stat`` only say
+where it was and let an unchanged file skip hashing)."""
 
 
-def file_fingerprint(path: str | Path, what: str = "file") -> dict[str, Any]:
-    """``{"path", "size", "blake2b"}`` of a file, or of a directory's files (relative names and contents, sorted);
-    a missing one raises naming ``what`` it is."""
+def file_fingerprint(path: str | Path, what: str = "file", known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"path", "size", "blake2b", "stat"}`` of a file, or of a directory's files (relative names and contents,
+    sorted); a missing one raises naming ``what`` it is. ``known``: an earlier fingerprint; its hash is reused when
+    it names the same file unchanged (same path, size, mtime, ctime, inode and device: an edit, even one that
+    restores the mtime, changes the ctime; a replaced file has another inode), so a re-run does not read a large
+    checkpoint again."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    h = hashlib.blake2b(digest_size=16)
+    resolved = str(path.resolve())
     if path.is_dir():
+        h = hashlib.blake2b(digest_size=16)
         files = sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
             h.update(str(f.relative_to(path)).encode() + b"\0")
             _hash_into(h, f)
-        size = sum(f.stat().st_size for f in files)
-    else:
-        size = _hash_into(h, path)
-    return {"path": str(path.resolve()), "size": size, "blake2b": h.hexdigest()}
+        return {"path": resolved, "size": sum(f.stat().st_size for f in files), "blake2b": h.hexdigest()}
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    if known and known.get("path") == resolved and known.get("stat") == stamp and "blake2b" in known:
+        return {"path": resolved, "size": st.st_size, "blake2b": known["blake2b"], "stat": stamp}
+    h = hashlib.blake2b(digest_size=16)
+    size = _hash_into(h, path)
+    return {"path": resolved, "size": size, "blake2b": h.hexdigest(), "stat": stamp}
 
 
 def _hash_into(h: Any, path: Path) -> int:
@@ -48,16 +57,21 @@ def _hash_into(h: Any, path: Path) -> int:
     return n
 
 
-def model_identity(cfg_path: str | Path, options: Sequence[str], checkpoint: str | Path | None) -> dict[str, Any]:
+def model_identity(cfg_path: str | Path, options: Sequence[str], checkpoint: str | Path | None,
+                   known: dict[str, Any] | None = None) -> dict[str, Any]:
     """The identity of the model a run evaluates: checkpoint (None: the config's own weights only), config file and
-    ``--options``. The runner adds the generation settings."""
-    ckpt = None if checkpoint is None else file_fingerprint(checkpoint, "checkpoint (-c / model.checkpoint)")
-    return {"checkpoint": ckpt, "config": file_fingerprint(cfg_path, "config (--cfg-path)"), "options": list(options)}
+    ``--options``; ``known``: the identity recorded by an earlier run (hashes of unchanged files are reused). The
+    runner adds the generation settings."""
+    known = known or {}
+    ckpt = None if checkpoint is None else file_fingerprint(checkpoint, "checkpoint (-c / model.checkpoint)",
+                                                            known.get("checkpoint"))
+    return {"checkpoint": ckpt, "config": file_fingerprint(cfg_path, "config (--cfg-path)", known.get("config")),
+            "options": list(options)}
 
 
 def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
     def strip(v: Any) -> Any:
-        return {k: x for k, x in v.items() if k != "path"} if isinstance(v, dict) and "blake2b" in v else v
+        return {k: x for k, x in v.items() if k in ("size", "blake2b")} if isinstance(v, dict) and "blake2b" in v else v
 
     return {k: strip(identity.get(k)) for k in IDENTITY_KEYS}
 
