@@ -62,12 +62,15 @@ class _DuplicateKey(ValueError):
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook``: the JSON parser keeps the last of two equal keys and drops the first without a word;
     a benchmark keyed by question id (GQA, ScienceQA) would then lose a question."""
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
     first_at: dict[str, int] = {}
     for i, (k, _) in enumerate(pairs):
         if first_at.setdefault(k, i) != i:
             raise _DuplicateKey(f"key {k!r} appears twice in one object: entries {first_at[k] + 1} and {i + 1} of "
                                 f"{len(pairs)}; every question id must be unique: fix the file")
-    return dict(pairs)
+    return out
 
 
 def read_json(path: Path) -> Any:
