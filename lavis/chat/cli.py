@@ -230,6 +230,8 @@ def run_batch(session: ChatSession, src: Path, dest: Path, resume: bool = False,
         print(f"skipped {where}", file=sys.stderr)
     jobs = {b.line: b.job for b in lines if b.problem is None}
     done = read_answered(dest, src, jobs) if resume else {}
+    if not resume and dest.is_file() and dest.stat().st_size:
+        print(f"--out {dest} exists: answering every line again (--resume keeps its answers)", file=sys.stderr)
     _rewrite(dest, [done[n] for n in sorted(done)])  # a fresh file, or the resumed rows without a torn last line
     todo = [(n, job) for n, job in jobs.items() if n not in done]
     answered = 0

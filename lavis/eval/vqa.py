@@ -114,7 +114,7 @@ def load(data: Path, images: Path | None, annotations: Path | None, prompt: Prom
     if isinstance(doc, dict) and "data" in doc:
         return _load_textvqa(data, doc, images, prompt)
     raise BenchmarkFileError(f"{data}: neither a VQAv2/OK-VQA questions file (key 'questions') nor a TextVQA file "
-                             f"(key 'data')")
+                             f"(key 'data'); VizWiz's val.json is --task vizwiz, GQA's questions --task gqa")
 
 
 def _load_vqav2(data: Path, doc: dict[str, Any], images: Path | None, annotations: Path | None,
