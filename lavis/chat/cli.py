@@ -173,7 +173,10 @@ def read_answered(dest: Path, src: Path, jobs: dict[int, dict]) -> dict[int, dic
     if not dest.is_file():
         return {}
     fix = "use another --out, or run without --resume to start over"
-    lines = dest.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = dest.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: --out {dest} is not UTF-8 text, so not an answers file to resume; {fix}") from None
     done: dict[int, dict] = {}
     for k, text in enumerate(lines, 1):
         if not text.strip():
