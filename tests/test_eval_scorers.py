@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lavis.eval import caption, mcq, videoqa, vqa, yesno
+from lavis.eval import caption, gqa, mcq, videoqa, vqa, yesno
 from lavis.eval.common import BenchmarkFileError
+from lavis.eval.tasks import Source, get_task, load_samples
 
 
 def rows_for(samples, predictions: dict[str, str]) -> list[dict]:
@@ -236,3 +237,90 @@ def test_video_qa_exact_and_contains(tmp_path: Path) -> None:
     assert samples[0].video and [s.id for s in samples] == ["q1", "2"]
     scores = videoqa.score(rows_for(samples, {"q1": "A red circle moves left.", "2": "Left"}))
     assert scores["exact"] == 0.5 and scores["contains"] == 1.0
+
+
+# --- GQA, VizWiz, OK-VQA (as released) -------------------------------------------------------------------------------
+def score_task(name: str, src: Source, tmp_path: Path, predictions: dict[str, str]) -> dict:
+    """Read the files through the registered task (as ``python -m lavis.eval --task NAME`` does) and score."""
+    task = get_task(name)
+    samples, _ = load_samples(task, src, tmp_path, task.prompt)
+    return task.score(rows_for(samples, predictions))
+
+
+def test_gqa_testdev_balanced_exact_match_by_hand(tmp_path: Path) -> None:
+    def q(image: str, question: str, answer: str, structural: str, semantic: str) -> dict:
+        return {"imageId": image, "question": question, "answer": answer, "fullAnswer": f"It is {answer}.",
+                "isBalanced": True, "types": {"structural": structural, "semantic": semantic, "detailed": "x"},
+                "semantic": [], "entailed": [], "equivalent": [], "groups": {"global": None, "local": "x"},
+                "annotations": {"answer": {}, "question": {}, "fullAnswer": {}}, "semanticStr": "x"}
+    doc = {"201307251": q("n161313", "Is it overcast?", "no", "verify", "attr"),
+           "201640614": q("n235859", "What is he wearing?", "t-shirt", "query", "obj"),
+           "20968379": q("n161313", "Which side is the cup on?", "left", "choose", "rel")}
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(doc))
+    touch_images(tmp_path / "images", ["n161313.jpg", "n235859.jpg"])
+    src = Source(tmp_path / "testdev_balanced_questions.json", tmp_path / "images")
+    # GQA normalisation: trim, lower-case, trailing period dropped; then exact match ("the left" is not "left")
+    s = score_task("gqa", src, tmp_path, {"201307251": " No.", "201640614": "T-Shirt", "20968379": "The left"})
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["count"] == 3
+    assert s["by_structural"] == {"choose": 0.0, "query": 1.0, "verify": 1.0}
+    assert s["by_semantic"] == {"attr": 1.0, "obj": 1.0, "rel": 0.0}
+    assert gqa.normalize("  Two  cups. ") == "two cups"  # no VQA number-word or article rewriting
+    (tmp_path / "dup.json").write_text('{"7": {"imageId": "n161313", "question": "a", "answer": "b"}, '
+                                       '"7": {"imageId": "n161313", "question": "c", "answer": "d"}}')
+    with pytest.raises(BenchmarkFileError, match=r"dup.json: key '7' appears twice in one object: entries 1 and 2"):
+        score_task("gqa", Source(tmp_path / "dup.json", tmp_path / "images"), tmp_path, {})
+    (tmp_path / "images" / "n235859.jpg").unlink()
+    with pytest.raises(BenchmarkFileError, match=r"question '201640614': media file .*n235859.jpg not found"):
+        score_task("gqa", src, tmp_path, {})
+
+
+def test_vizwiz_val_vqa_accuracy_by_hand(tmp_path: Path) -> None:
+    def rec(image: str, answers: list[str], answer_type: str, answerable: int) -> dict:
+        return {"image": image, "question": "What is this?", "answer_type": answer_type, "answerable": answerable,
+                "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}
+    doc = [rec("VizWiz_val_00000000.jpg", ["unanswerable"] * 6 + ["blue"] * 4, "unanswerable", 0),
+           rec("VizWiz_val_00000001.jpg", ["blue"] * 2 + ["navy blue"] * 8, "other", 1)]
+    (tmp_path / "val.json").write_text(json.dumps(doc))
+    touch_images(tmp_path / "val", [d["image"] for d in doc])
+    s = score_task("vizwiz", Source(tmp_path / "val.json", tmp_path / "val"), tmp_path,
+                   {"VizWiz_val_00000000.jpg": "Unanswerable.", "VizWiz_val_00000001.jpg": "Blue"})
+    # 1st: every 9-subset keeps >= 3 "unanswerable" -> 1. 2nd: leaving a "blue" out (2 subsets) keeps 1 -> 1/3,
+    # leaving a "navy blue" out (8 subsets) keeps 2 -> 2/3: (2/3 + 16/3) / 10 = 0.6
+    assert s["accuracy"] == pytest.approx((1 + 0.6) / 2)
+    assert s["by_answer_type"] == pytest.approx({"other": 0.6, "unanswerable": 1.0})
+    assert "When the provided information is insufficient" in get_task("vizwiz").prompt.template
+    (tmp_path / "dup.json").write_text(json.dumps([doc[0], doc[1], doc[0]]))
+    with pytest.raises(BenchmarkFileError, match=r"id 'VizWiz_val_00000000.jpg' appears twice: .*dup.json \[0\] "
+                                                 r"and .*dup.json \[2\]"):
+        score_task("vizwiz", Source(tmp_path / "dup.json", tmp_path / "val"), tmp_path, {})
+
+
+def test_okvqa_released_files_vqa_accuracy_by_hand(tmp_path: Path) -> None:
+    questions = {"info": {}, "license": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+                 "questions": [{"image_id": 9, "question": "What sport can you use this for?", "question_id": 90},
+                               {"image_id": 25, "question": "What is this man doing?", "question_id": 250}]}
+    def ann(qid: int, image_id: int, answers: list[str]) -> dict:
+        return {"image_id": image_id, "answer_type": "other", "question_type": "eight", "question_id": qid,
+                "confidence": 3, "answers": [{"answer_id": i + 1, "raw_answer": a + "ing", "answer_confidence": "yes",
+                                              "answer": a} for i, a in enumerate(answers)]}
+    annotations = {"info": {}, "license": {}, "data_subtype": "val2014",
+                   "annotations": [ann(90, 9, ["race"] * 4 + ["motocross"] * 6), ann(250, 25, ["surf"] * 10)]}
+    (tmp_path / "OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "mscoco_val2014_annotations.json").write_text(json.dumps(annotations))
+    touch_images(tmp_path / "val2014", ["COCO_val2014_000000000009.jpg", "COCO_val2014_000000000025.jpg"])
+    src = Source(tmp_path / "OpenEnded_mscoco_val2014_questions.json", tmp_path / "val2014",
+                 tmp_path / "mscoco_val2014_annotations.json")
+    # "A race." normalises to "race": every 9-subset keeps >= 3 of the 4 -> 1; "surfing" is not the processed "surf"
+    s = score_task("okvqa", src, tmp_path, {"90": "A race.", "250": "surfing"})
+    assert s["accuracy"] == pytest.approx(0.5) and s["count"] == 2
+    with pytest.raises(BenchmarkFileError, match="pass its answers with --annotations"):
+        score_task("okvqa", Source(src.data, src.images), tmp_path, {})
+
+
+def test_train_time_benchmarks_accept_every_registered_task() -> None:
+    import typing
+
+    from lavis.config.schema import EvalBenchmarkConfig
+    from lavis.eval.tasks import TASKS
+
+    assert set(typing.get_args(typing.get_type_hints(EvalBenchmarkConfig)["task"])) == set(TASKS)

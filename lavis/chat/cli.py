@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import shlex
 import signal
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments, device_from_args, set_seed
@@ -49,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", help="video file: one-shot mode with --query")
     p.add_argument("--query", help="question for one-shot mode; the answer is printed on stdout")
     p.add_argument("--batch", help="JSONL input: {\"id\", \"images\": [...] | \"video\": ..., \"query\"} per line")
-    p.add_argument("--out", help="JSONL output of --batch: {\"id\", \"answer\"} per line")
+    p.add_argument("--out", help="JSONL output of --batch: {\"id\", \"line\", \"answer\"} per line (never one of "
+                                 "the inputs)")
+    p.add_argument("--resume", action="store_true",
+                   help="--batch: keep the answers already in --out (checked to be this input's) and answer the rest")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="--batch: report bad lines (number and reason) and answer the others instead of stopping")
     p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (matters when sampling)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -65,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--image/--video need --query (or omit them for interactive mode)")
     if args.query and args.batch:
         parser.error("--query (one-shot) and --batch are separate modes; pick one")
+    if (args.resume or args.skip_bad) and not args.batch:
+        parser.error("--resume and --skip-bad belong to --batch")
+    if args.batch:
+        check_output_not_input(Path(args.out), {"--batch": args.batch, "--cfg-path": args.cfg_path,
+                                                "-c": args.checkpoint_path})
     try:
         cfg_path = args.cfg_path or preset_path(args.model_type)
         set_seed(args.seed)
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     session = ChatSession(engine, GenerationSettings(max_new_tokens=args.max_new_tokens))
     if args.batch:
-        return run_batch(session, Path(args.batch), Path(args.out))
+        return run_batch(session, Path(args.batch), Path(args.out), resume=args.resume, skip_bad=args.skip_bad)
     if args.query:
         try:
             for path in args.image:
@@ -91,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     return Interactive(session, args.seed, args.max_new_tokens).run()
 
 
-def check_batch_line(job: object) -> str | None:
-    """What is wrong with one parsed ``--batch`` line (None: nothing)."""
+def check_batch_line(job: object, dest: Path | None = None) -> str | None:
+    """What is wrong with one parsed ``--batch`` line (None: nothing); ``dest``: the output, which no line's media
+    may be."""
     if not isinstance(job, dict) or "id" not in job or not isinstance(job.get("query"), str):
         return "each line needs \"id\" and a string \"query\""
     images = job.get("images", [])
@@ -100,42 +112,157 @@ def check_batch_line(job: object) -> str | None:
         return f"\"images\" must be a list of path strings, got {images!r}"
     if "video" in job and job["video"] is not None and not isinstance(job["video"], str):
         return f"\"video\" must be a path string, got {job['video']!r}"
+    for path in [*images, *([job["video"]] if job.get("video") else [])]:
+        if dest is not None and same_file(Path(path), dest):
+            return f"media {path} is the --out file {dest}; answers would overwrite it"
     return None
 
 
-def run_batch(session: ChatSession, src: Path, dest: Path) -> int:
-    """Answer every line of ``src`` into ``dest``, written line by line: a failing line stops the run with an error
-    naming it, and the answers before it stay in ``dest``."""
-    from tqdm import tqdm
-
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same resolved path (symlinks followed), or, when both exist, the
+    same file on disk (hard links, bind mounts, case-insensitive file systems)."""
+    if a.resolve() == b.resolve():
+        return True
     try:
-        text = src.read_text()
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_output_not_input(out: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an output path that is one of the command's inputs (``{flag: path}``), before anything is written."""
+    for flag, path in inputs.items():
+        if path is not None and same_file(out, Path(path)):
+            raise SystemExit(f"error: --out {out} is the {flag} input file {path}: writing the answers would destroy "
+                             f"it; choose another --out")
+
+
+@dataclass
+class BatchLine:
+    """One non-blank line of a ``--batch`` file: its number, the parsed job, or what is wrong with it."""
+
+    line: int
+    job: dict = field(default_factory=dict)
+    problem: str | None = None
+
+
+def read_batch_lines(src: Path, dest: Path) -> list[BatchLine]:
+    try:
+        text = src.read_text(encoding="utf-8")
     except OSError as e:
         raise SystemExit(f"error: cannot read --batch file {src}: {e.strerror}") from e
-    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
-    jobs = []
-    for n, ln in lines:
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --batch file {src} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    out = []
+    for n, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
         try:
             job = json.loads(ln)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{src}:{n}: invalid JSON ({e.msg})") from e
-        if (problem := check_batch_line(job)) is not None:
-            raise SystemExit(f"{src}:{n}: {problem}")
-        jobs.append((n, job))
-    with open(dest, "w") as fh:
-        for n, job in tqdm(jobs, desc="batch", unit="q", file=sys.stderr, disable=len(jobs) < 2):
-            session.clear()
+            out.append(BatchLine(n, problem=f"invalid JSON ({e.msg})"))
+            continue
+        problem = check_batch_line(job, dest)
+        out.append(BatchLine(n, job if problem is None else {}, problem))
+    return out
+
+
+def read_answered(dest: Path, src: Path, jobs: dict[int, dict]) -> dict[int, dict]:
+    """``--resume``: the rows of ``dest`` by input line number; refuses a file that does not answer ``src``'s lines
+    (another input, or a line whose id changed). A last line cut by an interruption is dropped (answered again)."""
+    if not dest.is_file():
+        return {}
+    fix = "use another --out, or run without --resume to start over"
+    try:
+        lines = dest.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: --out {dest} is not UTF-8 text, so not an answers file to resume; {fix}") from None
+    done: dict[int, dict] = {}
+    for k, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            if k == len(lines):
+                continue
+            raise SystemExit(f"error: {dest}:{k}: not valid JSON, so not an answers file to resume; {fix}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("line"), int) or "id" not in row:
+            raise SystemExit(f"error: {dest}:{k}: no \"line\" and \"id\", so not written by --batch; {fix}")
+        n = row["line"]
+        if n not in jobs or jobs[n].get("id") != row["id"]:
+            now = f"id {jobs[n]['id']!r}" if n in jobs else "no question"
+            raise SystemExit(f"error: --out {dest} does not belong to --batch {src}: its line {k} answers id "
+                             f"{row['id']!r} of line {n}, but {src}:{n} has {now}; {fix}")
+        done[n] = row
+    return done
+
+
+def _rewrite(dest: Path, rows: list[dict]) -> None:
+    """Replace ``dest`` by ``rows`` atomically (a kill leaves the old file or the new one, never a mix)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, dest)
+
+
+def answer_job(session: ChatSession, job: dict) -> str:
+    session.clear()
+    for path in job.get("images", []):
+        session.attach_image(path)
+    if job.get("video"):
+        session.attach_video(job["video"])
+    return session.ask(job["query"])
+
+
+def run_batch(session: ChatSession, src: Path, dest: Path, resume: bool = False, skip_bad: bool = False) -> int:
+    """Answer every line of ``src`` into ``dest`` (``{"id", "line", "answer"}`` per line), each answer appended and
+    flushed as it comes.
+
+    Without ``skip_bad`` the first bad line stops the run with an error naming it (lines that are not valid jobs are
+    found before any answer; a line whose media fail, when it is reached), and the answers before it stay in
+    ``dest``. With ``skip_bad`` a bad line is reported on stderr with its number and reason, the others are answered,
+    and a summary lists every skipped line. ``resume`` keeps the answers already in ``dest`` (checked to be this
+    input's, by line number and id) and answers only the rest."""
+    from tqdm import tqdm
+
+    lines = read_batch_lines(src, dest)
+    bad = {b.line: f"{src}:{b.line}: {b.problem}" for b in lines if b.problem is not None}
+    if bad and not skip_bad:
+        raise SystemExit(f"error: {next(iter(bad.values()))} (--skip-bad answers the other lines)")
+    for where in bad.values():
+        print(f"skipped {where}", file=sys.stderr)
+    jobs = {b.line: b.job for b in lines if b.problem is None}
+    done = read_answered(dest, src, jobs) if resume else {}
+    if not resume and dest.is_file() and dest.stat().st_size:
+        print(f"--out {dest} exists: answering every line again (--resume keeps its answers)", file=sys.stderr)
+    _rewrite(dest, [done[n] for n in sorted(done)])  # a fresh file, or the resumed rows without a torn last line
+    todo = [(n, job) for n, job in jobs.items() if n not in done]
+    answered = 0
+    with open(dest, "a", encoding="utf-8") as fh:
+        for n, job in tqdm(todo, desc="batch", unit="q", file=sys.stderr, disable=len(todo) < 2):
             try:
-                for path in job.get("images", []):
-                    session.attach_image(path)
-                if job.get("video"):
-                    session.attach_video(job["video"])
-                answer = session.ask(job["query"])
+                answer = answer_job(session, job)
             except (MediaError, ValueError) as e:
-                raise SystemExit(f"{src}:{n} (id {job['id']}): {e}; the answers before this line are in {dest}") from e
-            fh.write(json.dumps({"id": job["id"], "answer": answer}) + "\n")
+                if not skip_bad:
+                    raise SystemExit(f"error: {src}:{n} (id {job['id']}): {e}; the answers before this line are in "
+                                     f"{dest} (--resume continues from there, --skip-bad answers the other lines)"
+                                     ) from e
+                bad[n] = f"{src}:{n} (id {job['id']}): {e}"
+                print(f"skipped {bad[n]}", file=sys.stderr)
+                continue
+            fh.write(json.dumps({"id": job["id"], "line": n, "answer": answer}) + "\n")
             fh.flush()
-    print(f"wrote {len(jobs)} answers to {dest}", file=sys.stderr)
+            os.fsync(fh.fileno())
+            answered += 1
+    if resume and done and answered:  # answers of lines fixed since the last run go back into input order
+        rows = [json.loads(t) for t in dest.read_text(encoding="utf-8").splitlines() if t.strip()]
+        _rewrite(dest, sorted(rows, key=lambda r: r["line"]))
+    resumed = f" ({len(done)} kept from the earlier run)" if done else ""
+    print(f"wrote {answered + len(done)} answers to {dest}{resumed}", file=sys.stderr)
+    if bad:
+        listing = "\n".join(f"  {bad[n]}" for n in sorted(bad))
+        print(f"skipped {len(bad)} bad line(s) of {src} (fix them and re-run with --resume to answer only those):\n"
+              f"{listing}", file=sys.stderr)
     return 0
 
 

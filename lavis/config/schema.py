@@ -293,7 +293,7 @@ class DataConfig:
 class EvalBenchmarkConfig:
     """One benchmark file scored with ``lavis.eval`` during training (``train.eval.generate``)."""
 
-    task: Literal["vqa", "mcq", "yesno", "caption", "video-qa"]
+    task: Literal["vqa", "mcq", "yesno", "caption", "video-qa", "gqa", "vizwiz", "okvqa"]
     data: str
     """The benchmark file as distributed (see README "Evaluate")."""
     images: str | None = None

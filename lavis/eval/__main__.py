@@ -4,8 +4,10 @@
         --annotations annotations.json --images val2014/ --out eval/vqav2
 
 Tasks: vqa (VQAv2, OK-VQA, TextVQA), mcq (MMBench .tsv with circular evaluation, ScienceQA-IMG problems.json),
-yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines). Writes
-``<out>/predictions.jsonl`` (resumed when re-run) and ``<out>/summary.json``, and prints the scores.
+yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines), gqa (GQA
+testdev_balanced_questions.json), vizwiz (VizWiz-VQA val.json), okvqa (OK-VQA questions + --annotations). Writes
+``<out>/predictions.jsonl`` (resumed when re-run with the same checkpoint, config and settings; another checkpoint
+is refused: use a new --out or --overwrite) and ``<out>/summary.json``, and prints the scores.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 from pathlib import Path
 
 from lavis.chat.engine import ChatEngine, add_model_arguments
+from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.eval.common import BenchmarkFileError
-from lavis.eval.runner import format_table, run_task
+from lavis.eval.identity import model_identity, read_identity
+from lavis.eval.runner import format_table, full_identity, refuse_foreign_predictions, run_task, task_settings
 from lavis.eval.tasks import TASKS, Source, get_task
 
 
@@ -28,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="the benchmark file (or MME's directory) as distributed")
     p.add_argument("--images", help="directory the file's image/video names are relative to")
-    p.add_argument("--annotations", help="vqa: the VQAv2/OK-VQA annotations file (answers) for --data's questions")
+    p.add_argument("--annotations", help="vqa, okvqa: the VQAv2/OK-VQA annotations file (answers) for --data's "
+                                         "questions")
     p.add_argument("--split", help="mcq ScienceQA: only problems of this split (e.g. test)")
     p.add_argument("--out", help="output directory (default: eval/<task>-<data name>)")
     p.add_argument("--limit", type=int, help="only the first N samples (N rotations for MMBench)")
@@ -37,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt template instead of the task's (str.format fields, e.g. '{question}'); "
                                     "recorded in the summary as version 'custom'")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out's predictions over instead of resuming them (needed when they were written by "
+                        "another checkpoint, config or generation settings)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -49,17 +57,23 @@ def main(argv: list[str] | None = None) -> int:
                  Path(args.annotations) if args.annotations else None, args.split)
     cfg_path = args.cfg_path or preset_path(args.model_type)
     try:
-        get_task(args.task)
+        task = get_task(args.task)
+        predictions = out / "predictions.jsonl"
+        identity = model_identity(cfg_path, args.options,
+                                  args.checkpoint_path or load_config(cfg_path, list(args.options)).model.checkpoint,
+                                  known=None if args.overwrite else read_identity(predictions))
+        if not args.overwrite:  # before the model loads: refuse another model's predictions at once
+            refuse_foreign_predictions(predictions, full_identity(identity, task_settings(task, args.max_new_tokens)))
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
         summary = run_task(engine, args.task, src, out, prompt=args.prompt, batch_size=args.batch_size,
                            limit=args.limit, max_new_tokens=args.max_new_tokens,
                            meta={"config": str(cfg_path), "checkpoint": args.checkpoint_path},
-                           progress=not args.quiet)
-    except (BenchmarkFileError, ValueError, FileNotFoundError) as e:
+                           progress=not args.quiet, identity=identity, overwrite=args.overwrite)
+    except (BenchmarkFileError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(format_table(summary))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}", file=sys.stderr)
     return 0

@@ -36,7 +36,8 @@ def load(data: Path, images: Path | None, prompt: Prompt) -> list[Sample]:
         if iid not in refs:
             raise BenchmarkFileError(f"{where}: image id {iid} has no caption in 'annotations'")
         out.append(Sample(str(iid), fmt(prompt.template, where), [media_path(images, need(im, "file_name", where),
-                                                                             where)], gold={"references": refs[iid]}))
+                                                                             where)], gold={"references": refs[iid]},
+                          where=where))
     return out
 
 

@@ -120,7 +120,7 @@ def _load_mmbench(data: Path, work: Path, prompt: Prompt) -> tuple[list[Sample],
                         options=options_block(opts))
             out.append(Sample(str(idx), query, [str(path)],
                               gold={"answer": ans, "options": opts, "group": str(group),
-                                    "category": _cell(row, "category") or "all"}))
+                                    "category": _cell(row, "category") or "all"}, where=where))
     return out, not has_copies
 
 
@@ -142,7 +142,8 @@ def _load_scienceqa(data: Path, images: Path | None, split: str | None, prompt: 
         query = fmt(prompt.template, where, hint=f"Context: {hint}\n" if hint else "",
                     question=need(p, "question", where), options=options_block(options))
         out.append(Sample(str(pid), query, [image], gold={"answer": answer, "options": options, "group": str(pid),
-                                                          "category": p.get("subject") or "all"}))
+                                                          "category": p.get("subject") or "all"},
+                          where=where))
     if not out:
         raise BenchmarkFileError(f"{data}: no problem with an image{f' in split {split!r}' if split else ''}")
     return out

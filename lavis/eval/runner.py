@@ -2,6 +2,10 @@
 
 ``<out>/predictions.jsonl`` gets one line per answered sample (``id``, ``query``, ``media``, ``prediction``,
 ``gold``), appended batch by batch; a run that stops part-way resumes from it and answers only the samples not in it.
+It resumes only for the model that wrote it: ``<out>/predictions.identity.json`` (:mod:`lavis.eval.identity`)
+records the checkpoint and config (by content) and the generation settings, and a run with another identity is
+refused (a new ``--out``, or ``--overwrite`` to start over). A run without an identity (train-time evaluation) never
+resumes: it starts the file over.
 ``<out>/summary.json`` holds the scores with everything needed to reproduce them (prompt template and version,
 generation settings, files, checkpoint).
 """
@@ -17,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from lavis.chat.engine import ChatEngine, GenerationSettings
-from lavis.eval.common import BenchmarkFileError, Prompt, Sample
+from lavis.eval.common import BenchmarkFileError, Prompt, Sample, check_unique_ids
 from lavis.eval.generate import generate_answers
+from lavis.eval.identity import identity_path, mismatch, read_identity, write_identity
 from lavis.eval.tasks import Source, Task, get_task, load_samples
 
 Generate = Callable[[Sequence[Sample], GenerationSettings, int], list[str]]
@@ -55,11 +60,49 @@ def _rewrite_clean(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _has_rows(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return any(line.strip() for line in fh)
+
+
+def refuse_foreign_predictions(path: Path, identity: dict[str, Any]) -> None:
+    """Raise when ``path`` holds predictions that ``identity`` (checkpoint, config, generation) did not write."""
+    if not _has_rows(path):
+        return
+    recorded = read_identity(path)
+    fix = "use a new --out, or --overwrite to start over"
+    if not recorded:
+        state = "is missing" if recorded is None else "is unreadable"
+        raise BenchmarkFileError(f"{path} holds predictions but {identity_path(path).name}, the record of the "
+                                 f"checkpoint that wrote them, {state}: they may be another model's answers; {fix}")
+    if (diff := mismatch(recorded, identity)) is not None:
+        raise BenchmarkFileError(f"{path} was written by another model or settings, refusing to resume from it "
+                                 f"({diff}); {fix}")
+
+
+def start_or_resume(path: Path, identity: dict[str, Any] | None, overwrite: bool) -> None:
+    """Make ``path`` safe to resume from: kept only when ``identity`` is given, equal to the recorded one and not
+    ``overwrite``; otherwise removed. The identity is recorded before the first prediction is written."""
+    if identity is not None and not overwrite:
+        refuse_foreign_predictions(path, identity)
+    else:
+        path.unlink(missing_ok=True)
+        identity_path(path).unlink(missing_ok=True)
+    if identity is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_identity(path, identity)
+
+
 def answer_all(
     samples: Sequence[Sample], generate: Generate, settings: GenerationSettings, batch_size: int, path: Path,
-    progress: bool = True,
+    progress: bool = True, identity: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Every sample's row (in order) and how many were generated now (the rest came from ``path``)."""
+    """Every sample's row (in order) and how many were generated now (the rest came from ``path``, resumed only
+    when written under the same ``identity``; see :func:`start_or_resume`)."""
+    check_unique_ids(samples)
+    start_or_resume(path, identity, overwrite)
     done = read_predictions(path, samples)
     _rewrite_clean(path, [done[s.id] for s in samples if s.id in done])  # drops a half-written last line
     todo = [s for s in samples if s.id not in done]
@@ -84,20 +127,33 @@ def answer_all(
     return [done[s.id] for s in samples], len(todo)
 
 
+def full_identity(model: dict[str, Any] | None, settings: GenerationSettings) -> dict[str, Any] | None:
+    """The model's identity (:func:`lavis.eval.identity.model_identity`) with the generation settings."""
+    return None if model is None else {**model, "generation": asdict(settings)}
+
+
+def task_settings(task: Task, max_new_tokens: int | None) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=max_new_tokens or task.max_new_tokens)
+
+
 def evaluate(
     task: Task, samples: Sequence[Sample], generate: Generate, out: Path, *, settings: GenerationSettings,
     batch_size: int, prompt: Prompt, meta: dict[str, Any], progress: bool = True,
+    identity: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Answer, score and write ``summary.json``; returns the summary."""
+    """Answer, score and write ``summary.json``; returns the summary. ``identity``: the model's (see
+    :func:`answer_all`); without one nothing is resumed."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, generated = answer_all(samples, generate, settings, batch_size, out / "predictions.jsonl", progress)
+    ident = full_identity(identity, settings)
+    rows, generated = answer_all(samples, generate, settings, batch_size, out / "predictions.jsonl", progress,
+                                 identity=ident, overwrite=overwrite)
     scores = task.score(rows)
     summary = {
         "task": task.name, "main_metric": task.main_metric(scores), "scores": scores, "samples": len(rows),
         "generated_now": generated, "prompt": {"template": prompt.template, "version": prompt.version},
         "generation": asdict(settings), "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 2),
-        **meta,
+        **meta, "identity": ident,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -129,19 +185,20 @@ def format_table(summary: dict[str, Any]) -> str:
 def run_task(
     engine: ChatEngine, task_name: str, src: Source, out: Path, *, prompt: str | None = None, batch_size: int = 8,
     limit: int | None = None, max_new_tokens: int | None = None, meta: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool = True, identity: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Everything ``python -m lavis.eval`` does after loading the model: read the benchmark, answer (resuming from
-    ``out/predictions.jsonl``), score, write ``out/summary.json``; returns the summary. ``prompt`` replaces the
-    task's template (recorded as version "custom")."""
+    ``out/predictions.jsonl`` when it was written under the same ``identity``), score, write ``out/summary.json``;
+    returns the summary. ``prompt`` replaces the task's template (recorded as version "custom")."""
     task = get_task(task_name)
     tpl = Prompt(prompt, "custom") if prompt else task.prompt
     samples, notes = load_samples(task, src, out, tpl)
     if limit is not None:
         samples = samples[:limit]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens or task.max_new_tokens)
+    settings = task_settings(task, max_new_tokens)
     info = {"data": str(src.data), "images": None if src.images is None else str(src.images),
             "annotations": None if src.annotations is None else str(src.annotations), "split": src.split,
             "limit": limit, **notes, **(meta or {})}
     return evaluate(task, samples, lambda ss, st, bs: generate_answers(engine, ss, st, bs), out, settings=settings,
-                    batch_size=batch_size, prompt=tpl, meta=info, progress=progress)
+                    batch_size=batch_size, prompt=tpl, meta=info, progress=progress, identity=identity,
+                    overwrite=overwrite)

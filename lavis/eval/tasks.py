@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavis.eval import caption, mcq, videoqa, vqa, yesno
-from lavis.eval.common import Prompt, Sample
+from lavis.eval import caption, gqa, mcq, videoqa, vqa, yesno
+from lavis.eval.common import Prompt, Sample, check_unique_ids
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ TASKS: dict[str, Task] = {
     "yesno": Task("yesno", yesno.PROMPT, 16, yesno.score, ("f1", "perception")),
     "caption": Task("caption", caption.PROMPT, 40, caption.score, ("cider",)),
     "video-qa": Task("video-qa", videoqa.PROMPT, 16, videoqa.score, ("contains",)),
+    "gqa": Task("gqa", gqa.PROMPT, 16, gqa.score, ("accuracy",)),
+    "vizwiz": Task("vizwiz", vqa.VIZWIZ_PROMPT, 16, vqa.score, ("accuracy",)),
+    "okvqa": Task("okvqa", vqa.OKVQA_PROMPT, 16, vqa.score, ("accuracy",)),
 }
 
 
@@ -51,7 +54,14 @@ def get_task(name: str) -> Task:
 
 
 def load_samples(task: Task, src: Source, work: Path, prompt: Prompt) -> tuple[list[Sample], dict[str, Any]]:
-    """The benchmark's samples (prompt applied) and notes on the file's format for the summary."""
+    """The benchmark's samples (prompt applied) and notes on the file's format for the summary; a file that repeats
+    a question id is refused, naming both places."""
+    samples, notes = _read_samples(task, src, work, prompt)
+    check_unique_ids(samples)
+    return samples, notes
+
+
+def _read_samples(task: Task, src: Source, work: Path, prompt: Prompt) -> tuple[list[Sample], dict[str, Any]]:
     if task.name == "vqa":
         return vqa.load(src.data, src.images, src.annotations, prompt), {}
     if task.name == "mcq":
@@ -60,4 +70,10 @@ def load_samples(task: Task, src: Source, work: Path, prompt: Prompt) -> tuple[l
         return yesno.load(src.data, src.images, prompt)
     if task.name == "caption":
         return caption.load(src.data, src.images, prompt), {}
+    if task.name == "gqa":
+        return gqa.load(src.data, src.images, prompt), {}
+    if task.name == "vizwiz":
+        return vqa.load_vizwiz(src.data, src.images, prompt), {}
+    if task.name == "okvqa":
+        return vqa.load_okvqa(src.data, src.images, src.annotations, prompt), {}
     return videoqa.load(src.data, src.images, prompt), {}

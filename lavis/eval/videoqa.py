@@ -27,7 +27,7 @@ def load(data: Path, images: Path | None, prompt: Prompt) -> list[Sample]:
         rid = r.get("id", r.get("question_id", i))
         out.append(Sample(str(rid), fmt(prompt.template, where, question=need(r, "question", where)),
                           [media_path(images, need(r, "video", where), where)], video=True,
-                          gold={"answer": str(need(r, "answer", where))}))
+                          gold={"answer": str(need(r, "answer", where))}, where=where))
     return out
 
 

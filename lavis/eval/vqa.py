@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lavis.eval.common import BenchmarkFileError, Prompt, Sample, fmt, media_path, need, read_json
+from lavis.eval.common import BenchmarkFileError, Prompt, Sample, fmt, index_unique, media_path, need, read_json
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -114,19 +114,18 @@ def load(data: Path, images: Path | None, annotations: Path | None, prompt: Prom
     if isinstance(doc, dict) and "data" in doc:
         return _load_textvqa(data, doc, images, prompt)
     raise BenchmarkFileError(f"{data}: neither a VQAv2/OK-VQA questions file (key 'questions') nor a TextVQA file "
-                             f"(key 'data')")
+                             f"(key 'data'); VizWiz's val.json is --task vizwiz, GQA's questions --task gqa")
 
 
 def _load_vqav2(data: Path, doc: dict[str, Any], images: Path | None, annotations: Path | None,
-                prompt: Prompt) -> list[Sample]:
+                prompt: Prompt, default_subtype: str | None = None) -> list[Sample]:
     if annotations is None:
         raise BenchmarkFileError(f"{data} is a VQAv2/OK-VQA questions file: pass its answers with --annotations "
                                  f"(e.g. v2_mscoco_val2014_annotations.json)")
-    subtype = need(doc, "data_subtype", str(data))
+    subtype = doc.get("data_subtype", default_subtype) if default_subtype else need(doc, "data_subtype", str(data))
     ann_doc = read_json(annotations)
-    answers: dict[Any, dict[str, Any]] = {}
-    for i, a in enumerate(need(ann_doc, "annotations", str(annotations))):
-        answers[need(a, "question_id", f"{annotations} annotations[{i}]")] = a
+    answers = index_unique(need(ann_doc, "annotations", str(annotations)), "question_id",
+                           f"{annotations} annotations")
     out = []
     for i, q in enumerate(doc["questions"]):
         where = f"{data} questions[{i}]"
@@ -137,7 +136,7 @@ def _load_vqav2(data: Path, doc: dict[str, Any], images: Path | None, annotation
         humans = [need(x, "answer", f"{annotations} question_id {qid}") for x in need(a, "answers", str(annotations))]
         image = media_path(images, f"COCO_{subtype}_{int(need(q, 'image_id', where)):012d}.jpg", where)
         out.append(Sample(str(qid), fmt(prompt.template, where, question=need(q, "question", where)), [image],
-                          gold={"answers": humans, "answer_type": a.get("answer_type", "all")}))
+                          gold={"answers": humans, "answer_type": a.get("answer_type", "all")}, where=where))
     return out
 
 
@@ -149,7 +148,50 @@ def _load_textvqa(data: Path, doc: dict[str, Any], images: Path | None, prompt: 
         out.append(Sample(str(need(q, "question_id", where)),
                           fmt(prompt.template, where, question=need(q, "question", where)), [image],
                           gold={"answers": list(need(q, "answers", where)),
-                                "answer_type": q.get("answer_type", "all")}))
+                                "answer_type": q.get("answer_type", "all")}, where=where))
+    return out
+
+
+OKVQA_PROMPT = Prompt(PROMPT.template, "okvqa-v1")
+
+
+def load_okvqa(data: Path, images: Path | None, annotations: Path | None, prompt: Prompt) -> list[Sample]:
+    """OK-VQA as released: ``OpenEnded_mscoco_val2014_questions.json`` (``{"questions": [{"image_id", "question",
+    "question_id"}]}``) and ``--annotations mscoco_val2014_annotations.json`` (``{"annotations": [{"question_id",
+    "answers": [{"answer", "raw_answer", ...}] * 10, "answer_type", "question_type"}]}``; the official evaluation
+    scores the processed ``answer``); images COCO val2014 ``COCO_val2014_<image_id:012d>.jpg``. Scored with the VQA
+    accuracy (:func:`vqa_accuracy`)."""
+    doc = read_json(data)
+    if not isinstance(doc, dict) or "questions" not in doc:
+        raise BenchmarkFileError(f"{data}: not an OK-VQA questions file (key 'questions', as "
+                                 f"OpenEnded_mscoco_val2014_questions.json)")
+    return _load_vqav2(data, doc, images, annotations, prompt, default_subtype="val2014")
+
+
+VIZWIZ_PROMPT = Prompt("{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
+                       "Answer the question using a single word or phrase.", "vizwiz-v1")
+
+
+def load_vizwiz(data: Path, images: Path | None, prompt: Prompt) -> list[Sample]:
+    """VizWiz-VQA as released (``Annotations/val.json``): a list of ``{"image", "question", "answers": [{"answer",
+    "answer_confidence"}] * 10, "answerable", "answer_type"}``; ``image`` (e.g. ``VizWiz_val_00000000.jpg``, one
+    question per image, so it is the sample's id) under ``--images`` (the release's ``val/``). Scored with the VQA
+    accuracy (:func:`vqa_accuracy`, the VizWiz evaluation's rule), per answer type too (``unanswerable`` is one)."""
+    doc = read_json(data)
+    if not isinstance(doc, list):
+        raise BenchmarkFileError(f"{data}: a VizWiz annotations file is a list of {{\"image\", \"question\", "
+                                 f"\"answers\"}} records (as Annotations/val.json)")
+    out = []
+    for i, q in enumerate(doc):
+        where = f"{data} [{i}]"
+        name = need(q, "image", where)
+        humans = [need(a, "answer", f"{where} answers") for a in need(q, "answers", where)]
+        if not humans:
+            raise BenchmarkFileError(f"{where}: no human answers")
+        out.append(Sample(str(name), fmt(prompt.template, where, question=need(q, "question", where)),
+                          [media_path(images, name, where)],
+                          gold={"answers": humans, "answer_type": q.get("answer_type", "all"),
+                                "answerable": q.get("answerable")}, where=where))
     return out
 
 

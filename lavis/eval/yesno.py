@@ -48,7 +48,7 @@ def _load_pope(data: Path, images: Path | None, prompt: Prompt) -> list[Sample]:
             raise BenchmarkFileError(f"{where}: label {label!r} is not yes/no")
         out.append(Sample(str(need(r, "question_id", where)),
                           fmt(prompt.template, where, question=need(r, "text", where)),
-                          [media_path(images, need(r, "image", where), where)], gold={"label": label}))
+                          [media_path(images, need(r, "image", where), where)], gold={"label": label}, where=where))
     return out
 
 
@@ -81,7 +81,7 @@ def _load_mme(root: Path, prompt: Prompt) -> list[Sample]:
                     raise BenchmarkFileError(f"{where}: answer {answer!r} is not Yes/No")
                 out.append(Sample(f"{cat_dir.name}/{image.name}/{j}", fmt(prompt.template, where, question=question),
                                   [str(image)], gold={"label": answer.lower(), "category": cat_dir.name,
-                                                      "image": image.name}))
+                                                      "image": image.name}, where=where))
     if not out:
         raise BenchmarkFileError(f"{root}: no MME category directories with question files")
     return out
