@@ -296,7 +296,8 @@ def test_resume_advice_names_the_preset_and_the_sft_converter(tmp_path: Path, mo
 
 @pytest.mark.process
 def test_train_pipeline_resume_on_mpp_dir_exits_1_without_traceback(tmp_path: Path) -> None:
-    from .conftest import DEMO_CFG, launch
+    """A plain ``python train_pipeline.py`` (one rank, as on one GPU): one ``error:`` line, status 1."""
+    from .conftest import DEMO_CFG
 
     cwd = Path.cwd()
     os.chdir(tmp_path)
@@ -305,12 +306,14 @@ def test_train_pipeline_resume_on_mpp_dir_exits_1_without_traceback(tmp_path: Pa
     finally:
         os.chdir(cwd)
     for extra in (["--resume"], ["--resume-from", "global_step2181"]):
-        proc = launch(1, ["--cfg-path", str(DEMO_CFG), "--output-dir", str(tag.parent), *extra], timeout=300,
-                      check=False)
+        proc = subprocess.run([sys.executable, str(REPO / "train_pipeline.py"), "--cfg-path", str(DEMO_CFG),
+                               "--output-dir", str(tag.parent), *extra], cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("error:"))
-        assert "is an MPP-Qwen checkpoint directory" in line and "python pipemodel2pth.py --ckpt-dir" in line
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "is an MPP-Qwen checkpoint directory" in errors[0], proc.stderr[-3000:]
+        assert "python pipemodel2pth.py --ckpt-dir" in errors[0] and "model.checkpoint=" in errors[0]
         assert not (tag.parent / "metrics.jsonl").exists() and not (tag / "lavis_meta.json").exists()
 
 
@@ -328,7 +331,7 @@ def test_cli_demo_input_errors_exit_1_in_one_line(case: str, tmp_path: Path) -> 
         os.chdir(cwd)
     hidden = int(llm_config_json("minigpt4_llama2", 2, tiny=True)["hidden_size"])
     v2 = write_minigpt_v2(tmp_path / "minigptv2_checkpoint.pth", hidden, 2)
-    (tmp_path / "bad.yaml").write_text("model: {llm: [unclosed\n")
+    (tmp_path / "bad.yaml").write_text(f"base: {preset_path('minigpt4_llama2')}\nmodel: {{llm: {{no_such_key: 1}}}}\n")
     args = {"minigpt_v2_checkpoint": ["--model-type", "minigpt4_llama2", "-c", str(v2), "--image", "a.png"],
             "missing_image": ["--model-type", "minigpt4_llama2", "--image", str(tmp_path / "missing.png")],
             "bad_config": ["--cfg-path", str(tmp_path / "bad.yaml")]}[case]
@@ -338,5 +341,5 @@ def test_cli_demo_input_errors_exit_1_in_one_line(case: str, tmp_path: Path) -> 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     want = {"minigpt_v2_checkpoint": MINIGPT_V2_REFUSAL, "missing_image": "missing.png",
-            "bad_config": "bad.yaml"}[case]
+            "bad_config": "no_such_key"}[case]
     assert want in errors[0]
