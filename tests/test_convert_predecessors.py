@@ -283,6 +283,15 @@ def test_resume_on_mpp_dir_says_how_to_convert_and_the_command_works(tmp_path: P
     assert report.ok and sorted(report.loaded) == ["llm_proj.bias", "llm_proj.weight"]
 
 
+def test_an_interrupted_save_of_ours_is_not_taken_for_an_mpp_dir(tmp_path: Path) -> None:
+    """Layer files without lavis_meta.json are also what a save of ours killed midway leaves: the usual refusal."""
+    tag = tmp_path / "global_step4"
+    tag.mkdir()
+    torch.save({"llm_proj.weight": torch.zeros(2, 2)}, tag / "layer_00-model_states.pt")
+    with pytest.raises(RuntimeError, match=r"--resume-from global_step4: .*lavis_meta\.json not found"):
+        find_resume_tag(tmp_path, require=True, resume_from="global_step4")
+
+
 def test_resume_advice_names_the_preset_and_the_sft_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Qwen-7B-Chat SFT directory (32 blocks, no occupy layer): ``pipemodel2pth.py --model-type qwen7b_chat``."""
     monkeypatch.chdir(tmp_path)

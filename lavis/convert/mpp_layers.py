@@ -33,7 +33,7 @@ import torch
 
 from lavis.config.schema import ModelConfig
 from lavis.model.llm import qwen_v1_targets, take_third
-from lavis.weights.predecessors import mpp_llm_frozen
+from lavis.weights.predecessors import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.report import FileReport
 from lavis.weights.vision import blip2_rename
 
@@ -90,11 +90,11 @@ def resolve_mpp_tag_dir(ckpt_dir: str | Path) -> Path | None:
 
     d = Path(ckpt_dir)
     if (d / "layer_00-model_states.pt").is_file():
-        return None if (d / META_FILE).is_file() else d
+        return d if is_mpp_layer_dir(d, META_FILE) else None
     latest = d / "latest"
     if latest.is_file():
         tag = d / latest.read_text().strip()
-        if (tag / "layer_00-model_states.pt").is_file() and not (tag / META_FILE).is_file():
+        if tag.is_dir() and is_mpp_layer_dir(tag, META_FILE):
             return tag
     return None
 

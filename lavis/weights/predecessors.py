@@ -166,11 +166,26 @@ def mpp_llm_frozen(tag_dir: Path) -> bool:
     return isinstance(last, Mapping) and "occupy.weight" in last
 
 
-def mpp_resume_advice(tag_dir: Path, meta_file: str) -> str | None:
-    """For an MPP-Qwen-Next checkpoint directory (MPP layer files without our ``meta_file``): what to do instead of
-    resuming it, with the exact commands; None for anything else. A pretrain run (:func:`mpp_llm_frozen`) converts
-    with ``pipe_proj2pth.py``, an SFT run (LLM trained) with ``pipemodel2pth.py``."""
+def is_mpp_layer_dir(tag_dir: Path, meta_file: str) -> bool:
+    """MPP layer files without our ``meta_file``, told from an interrupted save of ours by MPP's own names in layer 0
+    (its ``TokenizerPipeLayer``: ``visionpipe.*``, ``wtepipe.word_embeddings.weight``; memory-mapped, not read)."""
+    from lavis.weights.base import load_torch_file
+
     if not (tag_dir / MPP_LAYER_ZERO).is_file() or (tag_dir / meta_file).is_file():
+        return False
+    try:
+        layer0 = load_torch_file(tag_dir / MPP_LAYER_ZERO, "MPP layer file")
+    except ValueError:
+        return False  # unreadable: the caller's own checks name it
+    return isinstance(layer0, Mapping) and any(
+        str(k).startswith("visionpipe.") or k == "wtepipe.word_embeddings.weight" for k in layer0)
+
+
+def mpp_resume_advice(tag_dir: Path, meta_file: str) -> str | None:
+    """For an MPP-Qwen-Next checkpoint directory (:func:`is_mpp_layer_dir`): what to do instead of resuming it, with
+    the exact commands; None for anything else. A pretrain run (:func:`mpp_llm_frozen`) converts with
+    ``pipe_proj2pth.py``, an SFT run (LLM trained) with ``pipemodel2pth.py``."""
+    if not is_mpp_layer_dir(tag_dir, meta_file):
         return None
     pretrain = mpp_llm_frozen(tag_dir)
     blocks = len(mpp_layer_files(tag_dir)) - (9 if pretrain else 8)  # layer 0, 4 pads, blocks, norm, head, loss
