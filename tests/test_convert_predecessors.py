@@ -283,6 +283,19 @@ def test_resume_on_mpp_dir_says_how_to_convert_and_the_command_works(tmp_path: P
     assert report.ok and sorted(report.loaded) == ["llm_proj.bias", "llm_proj.weight"]
 
 
+def test_resume_on_a_minigpt4_output_dir_points_to_model_checkpoint(tmp_path: Path) -> None:
+    from lavis.testing.synthetic import write_minigpt4
+
+    out = tmp_path / "minigpt4_stage2_finetune" / "20231012123"  # MiniGPT-4: output_dir / job id
+    for epoch in (0, 2, 10):
+        write_minigpt4(out / f"checkpoint_{epoch}.pth", 64, 48, num_layers=1, head_dim=16)
+    (out / "log.txt").write_text('{"train_lr": "0.000", "train_loss": "1.234"}\n')
+    with pytest.raises(ValueError, match=rf"^{out} is a MiniGPT-4 output directory \(checkpoint_10\.pth\), which this "
+                                         rf"trainer cannot resume .*`--options model\.checkpoint={out}/checkpoint_10"
+                                         r"\.pth` with another --output-dir$"):
+        find_resume_tag(out, require=True, resume_from=None)
+
+
 def test_an_interrupted_save_of_ours_is_not_taken_for_an_mpp_dir(tmp_path: Path) -> None:
     """Layer files without lavis_meta.json are also what a save of ours killed midway leaves: the usual refusal."""
     tag = tmp_path / "global_step4"

@@ -121,14 +121,15 @@ def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None)
 
 
 def refuse_predecessor_dir(output_dir: Path, resume_from: str | None) -> None:
-    """An MPP-Qwen checkpoint directory (the output directory, its ``latest`` or ``--resume-from`` tag) is refused
-    with the commands that convert it (a user error: one line, exit 1)."""
-    from lavis.weights.predecessors import mpp_resume_advice
+    """A predecessor's directory (an MPP-Qwen checkpoint directory as the output directory, its ``latest`` or
+    ``--resume-from`` tag; a MiniGPT-4 output directory) is refused with the commands to use instead (a user error:
+    one line, exit 1)."""
+    from lavis.weights.predecessors import resume_advice
 
     latest = output_dir / LATEST_FILE
     tags = [resume_from or "", latest.read_text().strip() if latest.is_file() else ""]
     for d in {output_dir, *(output_dir / Path(t).name for t in tags if t)}:
-        advice = mpp_resume_advice(d, META_FILE) if d.is_dir() else None
+        advice = resume_advice(d, META_FILE) if d.is_dir() else None
         if advice:
             raise ValueError(advice)
 

@@ -194,3 +194,25 @@ def mpp_resume_advice(tag_dir: Path, meta_file: str) -> str | None:
     return (f"{tag_dir} is an MPP-Qwen checkpoint directory (layer_XX-model_states.pt without {meta_file}), which "
             f"this trainer cannot resume; convert it: `python {script} --ckpt-dir {tag_dir} {model}`, then use it as "
             f"`model.checkpoint`: `--options model.checkpoint={tag_dir / pth}` with another --output-dir")
+
+
+MINIGPT4_CHECKPOINT = re.compile(r"checkpoint_(\d+|best)\.pth")
+"""What MiniGPT-4's runner saves into its output directory (``_save_checkpoint``: per epoch, or the best one)."""
+
+
+def minigpt4_resume_advice(run_dir: Path) -> str | None:
+    """For a MiniGPT-4 output directory (``checkpoint_N.pth`` files): it cannot be resumed here, its newest checkpoint
+    loads as ``model.checkpoint`` (weights only); None for anything else."""
+    found = sorted((int(m[1]) if m[1].isdigit() else -1, p) for p in run_dir.iterdir()
+                   if (m := MINIGPT4_CHECKPOINT.fullmatch(p.name)))
+    if not found:
+        return None
+    newest = found[-1][1]
+    return (f"{run_dir} is a MiniGPT-4 output directory ({newest.name}), which this trainer cannot resume (its "
+            f"optimizer and scaler state do not carry over); start a new run from its weights: `--options "
+            f"model.checkpoint={newest}` with another --output-dir")
+
+
+def resume_advice(run_or_tag_dir: Path, meta_file: str) -> str | None:
+    """What to do with a predecessor's directory given to ``--resume`` / ``--output-dir`` (None: not one)."""
+    return mpp_resume_advice(run_or_tag_dir, meta_file) or minigpt4_resume_advice(run_or_tag_dir)
