@@ -81,8 +81,8 @@ def test_out_naming_an_input_is_refused_and_the_input_kept(victim: str, tmp_path
         out = tmp_path / "alias.pth"
         out.symlink_to(target)
     before = digest(target)
-    with pytest.raises(ValueError, match=r"^--out .* is .*, an input of this conversion; it would be overwritten\. "
-                                         r"Nothing was written: choose another --out$"):
+    with pytest.raises(ValueError, match=r"^--out \S+ is (\S+, )?an input of this conversion; it would be "
+                                         r"overwritten\. Nothing was written: choose another --out$"):
         cli("proj", "pipe_proj2pth.py", ["--ckpt-dir", str(tag.parent), "--cfg-path", str(recipe), "--out", str(out)])
     assert digest(target) == before
     if victim != "recipe":  # the library entry point checks the checkpoint's own files too
@@ -109,7 +109,7 @@ def test_pipemodel2pth_out_over_a_layer_file_exits_1_in_one_line(tmp_path: Path)
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: --out {layer} is {layer}, an input of this conversion; it would be overwritten. Nothing was "
+        f"error: --out {layer} is an input of this conversion; it would be overwritten. Nothing was "
         "written: choose another --out"]
     assert digest(layer) == before and not (tag / "unfreeze_llm_model.pth").exists()
 
@@ -125,7 +125,7 @@ def test_our_run_outputs_over_inputs_are_refused(flag: str, where: str, llama_pr
     before = {p: digest(p) for p in tag.iterdir()}
     argv = ["--ckpt-dir", str(run), "--names", "minigpt4"] + (["--out", str(out)] if flag == "--out" else
                                                              ["--hf-out", str(out), "--out", str(tmp_path / "m.pth")])
-    with pytest.raises(ValueError, match=rf"^{flag} {out} (is|holds) .*, an input of this conversion"):
+    with pytest.raises(ValueError, match=rf"^{flag} {out} (is|holds) (\S+, )?an input of this conversion"):
         cli("proj", "pipe_proj2pth.py", argv)
     assert {p: digest(p) for p in tag.iterdir()} == before and not (tmp_path / "m.pth").exists()
 

@@ -121,8 +121,9 @@ def refuse_output_over_inputs(flag: str, out: str | Path, inputs: list[Path], *,
         for f in files:
             hit = (_same(out, f) or out.resolve() in f.resolve().parents) if is_dir else _same(out, f)
             if hit:
+                which = "" if str(out) == str(f) else f"{f}, "
                 what = "holds" if is_dir and not _same(out, f) else "is"
-                raise ValueError(f"{flag} {out} {what} {f}, an input of this conversion; it would be overwritten. "
+                raise ValueError(f"{flag} {out} {what} {which}an input of this conversion; it would be overwritten. "
                                  f"Nothing was written: choose another {flag}")
 
 
