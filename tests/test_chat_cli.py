@@ -167,7 +167,7 @@ def test_stop_event_cuts_the_answer(chat_args: list[str], tiny_data: Path) -> No
 def test_clear_errors_before_loading(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     from .conftest import DEMO_CFG
 
-    assert main([a.replace("{cfg}", str(DEMO_CFG)) for a in argv]) == 2
+    assert main([a.replace("{cfg}", str(DEMO_CFG)) for a in argv]) == 1  # input errors: status 1 (README)
     assert message in capsys.readouterr().err
 
 

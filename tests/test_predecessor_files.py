@@ -77,7 +77,10 @@ def test_mpp_layer_directory_converts_with_every_key_accounted(model_type: str, 
     assert ("layer_11-model_states.pt:occupy.weight" in report.ignored) == pretrain
     assert any(k.startswith("llm_model.model.layers.2.") for k in keep) and "llm_proj.weight" in keep
 
-    dest = convert(run, "model", model=cfg.model)  # the run directory: its `latest`
+    if pretrain:  # MPP's occupy layer: only the projection trained, so pipemodel2pth.py is the wrong converter
+        with pytest.raises(ValueError, match=r"only the projection trained.*use pipe_proj2pth\.py"):
+            convert(run, "model", model=cfg.model)
+    dest = convert(run, "model", model=cfg.model, allow_kind_mismatch=pretrain)  # the run directory: its `latest`
     assert dest == tag / "unfreeze_llm_model.pth"
     sd = torch.load(dest, weights_only=True)
     assert "llm_model.transformer.h.2.attn.c_attn.weight" in sd and "llm_model.transformer.ln_f.weight" in sd

@@ -275,3 +275,36 @@ def test_delta_added_in_row_blocks_equals_resize_then_add() -> None:
     for chunk in (3, 1 << 22):  # in place: base merged in the output dtype, already grown by a zero row
         assert torch.equal(prep.add_delta(torch.cat([base, torch.zeros(1, 3).half()]), delta, torch.float16,
                                           chunk_elems=chunk), want)
+
+
+@pytest.mark.parametrize("name", ["params.json", "added_tokens.json", "tokenizer_config.json",
+                                  "special_tokens_map.json"])
+def test_damaged_json_is_one_line_naming_the_file(files: dict[str, Path], tmp_path: Path, name: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    meta, delta = tmp_path / "LLaMA" / "7B", tmp_path / "delta"
+    shutil.copytree(files["meta"], meta)
+    shutil.copyfile(files["meta"].parent / "tokenizer.model", meta.parent / "tokenizer.model")
+    shutil.copytree(files["delta"], delta)
+    bad = meta / name if name == "params.json" else delta / name
+    bad.write_text('{"dim": 64,')  # truncated
+    args = ["--meta-dir", str(meta), "--delta", str(delta), "--out", str(tmp_path / "out"), "--dtype", "fp32"]
+    assert prep.main(args) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # progress bars and notes come before
+    assert last.startswith(f"error: {bad}: not valid JSON (") and "; download" in last, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # refused before any shard is written
+
+
+def test_damaged_tokenizer_model_is_one_line_naming_the_file(files: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    meta = tmp_path / "LLaMA" / "7B"
+    shutil.copytree(files["meta"], meta)
+    tok = meta.parent / "tokenizer.model"
+    tok.write_bytes(TOKENIZER.read_bytes()[:1000])  # an interrupted download
+    assert prep.main(["--meta-dir", str(meta), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tok}: not a SentencePiece tokenizer.model") and "--tokenizer PATH" in last, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.safetensors"))

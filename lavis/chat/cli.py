@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # an input error (config, checkpoint, model type, device): README says 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     session = ChatSession(engine, GenerationSettings(max_new_tokens=args.max_new_tokens))
     if args.batch:
         return run_batch(session, Path(args.batch), Path(args.out), resume=args.resume, skip_bad=args.skip_bad)

@@ -33,6 +33,7 @@ import torch
 
 from lavis.config.schema import ModelConfig
 from lavis.model.llm import qwen_v1_targets, take_third
+from lavis.weights.predecessors import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.report import FileReport
 from lavis.weights.vision import blip2_rename
 
@@ -73,6 +74,12 @@ def layer_roles(num_blocks: int, num_files: int) -> dict[int, Role]:
     return roles
 
 
+def mpp_trained(tag_dir: Path) -> list[str]:
+    """What an MPP run trained: the projection alone when its layer list says the LLM was frozen
+    (``predecessors.mpp_llm_frozen``), the projection and the LLM otherwise (ViT and Q-Former are always frozen)."""
+    return ["projection"] if mpp_llm_frozen(tag_dir) else ["projection", "llm"]
+
+
 def is_mpp_checkpoint(ckpt_dir: str | Path) -> bool:
     """A directory of MPP layer files (or an MPP run directory whose ``latest`` names one) without our metadata."""
     return resolve_mpp_tag_dir(ckpt_dir) is not None
@@ -83,11 +90,11 @@ def resolve_mpp_tag_dir(ckpt_dir: str | Path) -> Path | None:
 
     d = Path(ckpt_dir)
     if (d / "layer_00-model_states.pt").is_file():
-        return None if (d / META_FILE).is_file() else d
+        return d if is_mpp_layer_dir(d, META_FILE) else None
     latest = d / "latest"
     if latest.is_file():
         tag = d / latest.read_text().strip()
-        if (tag / "layer_00-model_states.pt").is_file() and not (tag / META_FILE).is_file():
+        if tag.is_dir() and is_mpp_layer_dir(tag, META_FILE):
             return tag
     return None
 
@@ -169,13 +176,22 @@ def select(state: dict[str, torch.Tensor], origin: dict[str, str], report: FileR
 
 
 def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Path | None = None,
-                names: str = "auto", include_frozen: bool = False) -> tuple[Path, FileReport]:
+                names: str = "auto", include_frozen: bool = False, *,
+                allow_kind_mismatch: bool = False) -> tuple[Path, FileReport]:
     """MPP layer files -> ``model.pth`` (``kind="proj"``) or ``unfreeze_llm_model.pth`` (``kind="model"``) beside
     them, checked against a model built from ``cfg`` (every key known, every shape equal, every trained weight
-    present). Returns the file and the report that accounts for every key of every layer file."""
+    present). The wrong converter for what the run trained (:func:`mpp_trained`) is refused as for our runs.
+    Returns the file and the report that accounts for every key of every layer file."""
     import os
+    import sys
 
-    from lavis.convert.pipe_to_pth import OUTPUT_NAME, check_against_model, release_names
+    from lavis.convert.pipe_to_pth import (
+        OUTPUT_NAME,
+        check_against_model,
+        describe_run,
+        kind_mismatch,
+        release_names,
+    )
     from lavis.model.freezing import is_trainable
     from lavis.model.llm import llm_hf_config
 
@@ -187,6 +203,13 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
     if report.unexpected:
         raise ValueError(f"MPP layer files hold keys that fit no layer of a {num_blocks}-block LLM: is --model-type / "
                          "--cfg-path the model this run trained?\n" + report.format())
+    trained = mpp_trained(tag_dir)
+    print(f"{tag_dir}: MPP-Qwen-Next {describe_run(trained)}", file=sys.stderr)
+    mismatch = kind_mismatch(kind, trained)  # type: ignore[arg-type]
+    if mismatch and not allow_kind_mismatch:
+        raise ValueError(f"{tag_dir}: {mismatch} (or pass --allow-kind-mismatch)")
+    if mismatch:
+        print(f"warning: {mismatch} (--allow-kind-mismatch)", file=sys.stderr)
     keep = select(state, origin, report, cfg, kind, include_frozen)
     if not keep:
         raise ValueError(f"{tag_dir}: nothing to write for {OUTPUT_NAME[kind]}")

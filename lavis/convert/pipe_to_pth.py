@@ -10,7 +10,16 @@ Each converter says what kind of run it read (which components trained, from the
 wrong kind: ``pipe_proj2pth.py`` on a run that also trained the LLM (its ``model.pth`` would leave the trained LLM
 out) and ``pipemodel2pth.py`` on a projection-only run (it would write a projection-only
 ``unfreeze_llm_model.pth``); ``--allow-kind-mismatch`` turns the refusal into a warning. Non-finite (NaN / inf)
-weights are refused, naming them, unless ``--allow-nonfinite``.
+weights are refused, naming them, unless ``--allow-nonfinite``. MPP-Qwen-Next layer directories get the same refusal:
+MPP appends its ``occupy`` layer exactly when the LLM is frozen, so the layer list says what trained.
+
+No output may be one of the command's inputs: ``--out`` naming a file of the checkpoint (layer files, metadata,
+optimizer states, ``latest``, the config, the base weights) and ``--hf-out`` naming a directory that holds any of
+them are refused before anything is written.
+
+``--names minigpt4`` (``pipe_proj2pth.py``) writes MiniGPT-4's checkpoint format,
+``{"model": {"llama_proj.weight", "llama_proj.bias"}}`` in fp32, which MiniGPT-4's ``ckpt:`` loading reads
+(``torch.load(path)["model"]``, ``load_state_dict(strict=False)``); only for a LLaMA-family LLM.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,8 +43,10 @@ from lavis.pipeline.plan import layers_to_plain
 from lavis.weights.base import load_torch_file
 
 Kind = Literal["proj", "model"]
-Names = Literal["auto", "ours", "qwen_v1"]
+Names = Literal["auto", "ours", "qwen_v1", "minigpt4"]
 OUTPUT_NAME = {"proj": "model.pth", "model": "unfreeze_llm_model.pth"}
+PREVIOUS_OUTPUTS = frozenset({*OUTPUT_NAME.values(), *(f"lora_{n}" for n in OUTPUT_NAME.values())})
+"""Files a converter writes into a checkpoint directory itself: the only files there that an output may replace."""
 
 
 def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
@@ -57,6 +68,63 @@ def read_meta(tag_dir: Path) -> dict:
     if missing:
         raise ValueError(f"{tag_dir / META_FILE}: missing {missing}; not a checkpoint written by train_pipeline.py")
     return meta
+
+
+def _checkpoint_tag_dir(ckpt_dir: Path) -> Path | None:
+    from lavis.convert.mpp_layers import resolve_mpp_tag_dir
+
+    mpp = resolve_mpp_tag_dir(ckpt_dir)
+    if mpp is not None:
+        return mpp
+    try:
+        return resolve_tag_dir(ckpt_dir)
+    except (FileNotFoundError, ValueError):
+        return None  # convert() reports what is wrong with it
+
+
+def _config_weight_paths(tag_dir: Path) -> list[Path]:
+    """The weight files and directories our checkpoint's config reads (base weights, tokenizer)."""
+    try:
+        model = load_meta(tag_dir).get("config", {}).get("model", {})
+    except (OSError, ValueError):
+        return []
+    found = [model.get("checkpoint"), model.get("vision", {}).get("checkpoint"),
+             model.get("qformer", {}).get("checkpoint"), model.get("llm", {}).get("path"),
+             model.get("llm", {}).get("tokenizer")]
+    return [Path(p) for p in found if isinstance(p, str) and p]
+
+
+def command_inputs(ckpt_dir: str | Path, cfg_path: str | Path | None = None) -> list[Path]:
+    """Every file and directory a conversion of ``ckpt_dir`` reads or that makes up the checkpoint: the checkpoint
+    directory's files (but a converter's own earlier outputs), the run's ``latest``, ``cfg_path`` and the base
+    weights its config names."""
+    d = Path(ckpt_dir)
+    tag = _checkpoint_tag_dir(d)
+    found: list[Path] = [d / "latest"]
+    if tag is not None:
+        found += [p for p in tag.iterdir() if p.name not in PREVIOUS_OUTPUTS]
+        found += [tag.parent / "latest", tag.parent / "config.yaml"] + _config_weight_paths(tag)
+    if cfg_path is not None:
+        found.append(Path(cfg_path))
+    return [p for p in found if p.exists()]
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+
+
+def refuse_output_over_inputs(flag: str, out: str | Path, inputs: list[Path], *, is_dir: bool = False) -> None:
+    """``out`` (a file; with ``is_dir`` a directory written into) must not be, or hold, one of ``inputs``."""
+    out = Path(out)
+    for inp in inputs:
+        files = [p for p in inp.iterdir() if p.is_file()] if inp.is_dir() and not is_dir else [inp]
+        for f in files:
+            hit = (_same(out, f) or out.resolve() in f.resolve().parents) if is_dir else _same(out, f)
+            if hit:
+                which = "" if str(out) == str(f) else f"{f}, "
+                what = "holds" if is_dir and not _same(out, f) else "is"
+                raise ValueError(f"{flag} {out} {what} {which}an input of this conversion; it would be overwritten. "
+                                 f"Nothing was written: choose another {flag}")
 
 
 def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -120,10 +188,29 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
     return sorted(set(expected) - set(state))
 
 
-def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, torch.Tensor]:
+def minigpt4_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, Any]:
+    """MiniGPT-4's checkpoint format (its ``_save_checkpoint`` / released ``pretrained_minigpt4*.pth``): the projection
+    as ``llama_proj.*`` under ``"model"``, fp32 as its model holds it."""
+    from lavis.model.llm import llm_hf_config
+
+    other = sorted(k for k in state if not k.startswith("llm_proj."))
+    if other:
+        raise ValueError(f"--names minigpt4: MiniGPT-4's checkpoint holds only the projection (llama_proj), but this "
+                         f".pth would hold {other[:3]}; use pipe_proj2pth.py --names minigpt4")
+    family = llm_hf_config(cfg.llm).model_type
+    if family != "llama":
+        raise ValueError(f"--names minigpt4: MiniGPT-4 runs LLaMA / Vicuna, but this run's LLM is {family!r}; its "
+                         "projection would not fit MiniGPT-4's model. Use --names auto")
+    return {"model": {"llama_proj." + k[len("llm_proj."):]: v.float() for k, v in state.items()}}
+
+
+def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, Any]:
     """``auto``: Qwen v1 names (``llm_model.transformer.h.N.attn.c_attn...``) when the LLM was read from a Qwen v1
     directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise.
-    A LoRA run's adapters have no Qwen v1 names: its ``.pth`` keeps ours (``--merge-lora`` writes Qwen v1 names)."""
+    A LoRA run's adapters have no Qwen v1 names: its ``.pth`` keeps ours (``--merge-lora`` writes Qwen v1 names).
+    ``minigpt4``: :func:`minigpt4_checkpoint`."""
+    if names == "minigpt4":
+        return minigpt4_checkpoint(state, cfg)
     if cfg.llm.lora is not None:
         if names == "qwen_v1":
             raise ValueError("--names qwen_v1: adapter tensors have no Qwen v1 names; add --merge-lora")
@@ -140,11 +227,14 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
     ``lavis.convert.mpp_layers``); ``include_frozen``: write its frozen weights too."""
     from lavis.convert.mpp_layers import convert_mpp, is_mpp_checkpoint
 
+    if out is not None:
+        refuse_output_over_inputs("--out", out, command_inputs(ckpt_dir))
     if is_mpp_checkpoint(ckpt_dir):
         if model is None:
             raise ValueError(f"{ckpt_dir} holds MPP-Qwen-Next layer files without our lavis_meta.json: name the model "
                              "with --model-type NAME (e.g. qwen7b_chat, qwen14b_chat) or --cfg-path CFG")
-        dest, report = convert_mpp(ckpt_dir, kind, model, out, names, include_frozen)
+        dest, report = convert_mpp(ckpt_dir, kind, model, out, names, include_frozen,
+                                   allow_kind_mismatch=allow_kind_mismatch)
         print(report.format(limit=10))
         return dest
     tag_dir = resolve_tag_dir(ckpt_dir)
@@ -182,9 +272,12 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", "--ckpt_dir", required=True, help="run directory or one global_step* directory")
     p.add_argument("--out", help=f"output file (default: CKPT_DIR/{OUTPUT_NAME[kind]})")
-    p.add_argument("--names", choices=["auto", "ours", "qwen_v1"], default="auto",
+    p.add_argument("--names", choices=["auto", "ours", "qwen_v1", *(["minigpt4"] if kind == "proj" else [])],
+                   default="auto",
                    help="key names of the .pth: auto = Qwen v1 names (llm_model.transformer.*, as MPP-Qwen) for "
-                        "models read from a Qwen v1 directory, our transformers names otherwise")
+                        "models read from a Qwen v1 directory, our transformers names otherwise"
+                        + ("; minigpt4 = MiniGPT-4's checkpoint {'model': {llama_proj.*}} (its `ckpt:`)"
+                           if kind == "proj" else ""))
     p.add_argument("--hf-out", metavar="DIR",
                    help="also write the LLM as a transformers directory (AutoModelForCausalLM.from_pretrained), "
                         "with projector.pth, mm_config.yaml and the tokenizer beside it")
@@ -207,6 +300,7 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     if args.hf_out and (args.model_type or args.cfg_path):
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
                 "train or export from the .pth")
+    refuse_outputs_over_inputs(args, kind)
     pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
                   args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
                   allow_nonfinite=args.allow_nonfinite)
@@ -218,6 +312,18 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
         print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
+
+
+def refuse_outputs_over_inputs(args: Any, kind: Kind) -> None:
+    """Before anything is written: ``--out``, the adapters file ``--merge-lora`` moves it to, and ``--hf-out`` must
+    not be (or, for the directory, hold) one of the conversion's inputs."""
+    inputs = command_inputs(args.ckpt_dir, args.cfg_path)
+    out = Path(args.out) if args.out else Path(args.ckpt_dir) / OUTPUT_NAME[kind]
+    refuse_output_over_inputs("--out", out, inputs)
+    if getattr(args, "merge_lora", False):
+        refuse_output_over_inputs("--out", out.with_name("lora_" + out.name), inputs)
+    if args.hf_out:
+        refuse_output_over_inputs("--hf-out", args.hf_out, inputs, is_dir=True)
 
 
 def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | None:

@@ -93,6 +93,7 @@ def list_checkpoints(output_dir: Path) -> list[str]:
 
 def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None) -> str | None:
     """The checkpoint tag this run resumes from, or None for a fresh start; refuses to start over a run's history."""
+    refuse_predecessor_dir(output_dir, resume_from)
     if resume_from is not None:
         tag = Path(resume_from).name
         if not (output_dir / tag / META_FILE).is_file():
@@ -117,6 +118,20 @@ def find_resume_tag(output_dir: Path, *, require: bool, resume_from: str | None)
     raise RunDirError(
         f"{problem}. Checkpoints found: {', '.join(found) or 'none'}. Nothing was changed. To continue, pass "
         f"--resume-from {newest} (or another one listed); to start a new run, pass another --output-dir.")
+
+
+def refuse_predecessor_dir(output_dir: Path, resume_from: str | None) -> None:
+    """A predecessor's directory (an MPP-Qwen checkpoint directory as the output directory, its ``latest`` or
+    ``--resume-from`` tag; a MiniGPT-4 output directory) is refused with the commands to use instead (a user error:
+    one line, exit 1)."""
+    from lavis.weights.predecessors import resume_advice
+
+    latest = output_dir / LATEST_FILE
+    tags = [resume_from or "", latest.read_text().strip() if latest.is_file() else ""]
+    for d in {output_dir, *(output_dir / Path(t).name for t in tags if t)}:
+        advice = resume_advice(d, META_FILE) if d.is_dir() else None
+        if advice:
+            raise ValueError(advice)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

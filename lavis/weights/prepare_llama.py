@@ -107,11 +107,29 @@ class MetaParams:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file's content; a damaged one is a :class:`PrepareError` naming the file, the position and ``fix``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    obj = read_json(path, fix)
+    if not isinstance(obj, dict):
+        raise PrepareError(f"{path}: a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
+DELTA_FIX = "download the delta directory again (FastChat's release)"
+
+
 def read_params(meta_dir: Path) -> MetaParams:
     path = meta_dir / "params.json"
     if not path.is_file():
         raise PrepareError(f"{path} not found: --meta-dir must be the folder with params.json and consolidated.*.pth")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path, "download it again from Meta (it ships beside consolidated.*.pth)")
     missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps") if k not in raw]
     if missing:
         raise PrepareError(f"{path}: missing {missing}; is this Meta's params.json?")
@@ -433,12 +451,19 @@ def tokenizer_added(src: Path, delta: Path | None, vocab: int) -> tuple[int, dic
     for exactly one extra embedding row), checked against the model's vocabulary before any shard is written."""
     import sentencepiece as spm
 
-    pieces = spm.SentencePieceProcessor(model_file=str(src)).get_piece_size()
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=str(src)).get_piece_size()
+    except (RuntimeError, OSError) as e:  # sentencepiece: "Internal: ... ParseFromArray" for a damaged model
+        raise PrepareError(f"{src}: not a SentencePiece tokenizer.model ({str(e).strip()}); use the tokenizer.model "
+                           "Meta ships beside the size folders (or pass --tokenizer PATH)") from None
     if pieces > vocab:
         raise PrepareError(f"{src} has {pieces} pieces but the model has {vocab} embedding rows: wrong tokenizer?")
     added: dict[str, int] = {}
     if delta is not None and (delta / "added_tokens.json").is_file():
-        added = {str(k): int(v) for k, v in json.loads((delta / "added_tokens.json").read_text()).items()}
+        added_raw = read_json(delta / "added_tokens.json", DELTA_FIX)
+        if not isinstance(added_raw, dict) or not all(isinstance(v, int) for v in added_raw.values()):
+            raise PrepareError(f"{delta / 'added_tokens.json'}: not a {{token: id}} object; {DELTA_FIX}")
+        added = {str(k): int(v) for k, v in added_raw.items()}
         bad = {k: v for k, v in added.items() if not pieces <= v < vocab}
         if bad:
             raise PrepareError(f"{delta / 'added_tokens.json'}: ids {bad} outside {pieces}..{vocab - 1} "
@@ -446,6 +471,13 @@ def tokenizer_added(src: Path, delta: Path | None, vocab: int) -> tuple[int, dic
     elif vocab == pieces + 1:
         added = {PAD_TOKEN: pieces}
     return pieces, added
+
+
+def delta_tokenizer_json(delta: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The delta's ``special_tokens_map.json`` and ``tokenizer_config.json`` ({} where absent)."""
+    found = [delta / n if delta is not None else None for n in ("special_tokens_map.json", "tokenizer_config.json")]
+    specials, cfg = (read_json_object(p, DELTA_FIX) if p is not None and p.is_file() else {} for p in found)
+    return specials, cfg
 
 
 def write_tokenizer(out: Path, src: Path, delta: Path | None, vocab: int, max_pos: int) -> None:
@@ -460,11 +492,8 @@ def write_tokenizer(out: Path, src: Path, delta: Path | None, vocab: int, max_po
     specials: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if PAD_TOKEN in added:
         specials["pad_token"] = PAD_TOKEN
-    if delta is not None and (delta / "special_tokens_map.json").is_file():  # the delta's own entries win
-        specials |= json.loads((delta / "special_tokens_map.json").read_text())
-    cfg: dict[str, Any] = {}
-    if delta is not None and (delta / "tokenizer_config.json").is_file():
-        cfg = json.loads((delta / "tokenizer_config.json").read_text())
+    delta_specials, cfg = delta_tokenizer_json(delta)
+    specials |= delta_specials  # the delta's own entries win
     cfg.update({"tokenizer_class": "LlamaTokenizer", "add_bos_token": cfg.get("add_bos_token", True),
                 "add_eos_token": cfg.get("add_eos_token", False), "model_max_length": max_pos,
                 "clean_up_tokenization_spaces": False, "legacy": cfg.get("legacy", True), **specials})
@@ -493,7 +522,7 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
     fp = fingerprint(meta, shards, delta_dir, dtype)
     state: dict[str, Any] = {"inputs": fp, "verified": {}, "done": []}
     if state_path.is_file():
-        old = json.loads(state_path.read_text())
+        old = read_json_object(state_path, f"delete {state_path} (the shards are then rewritten)")
         if old.get("inputs") == fp:
             state = old
         elif old.get("done"):
@@ -510,6 +539,7 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
     print("rope.freqs ignored: transformers recomputes the rotary frequencies from rope_theta", file=sys.stderr)
     files, target = scan_delta(delta_dir, base) if delta_dir is not None else (None, base)
     tokenizer_added(tok_src, delta_dir, target["model.embed_tokens.weight"][0])  # fail now, not after the shards
+    delta_tokenizer_json(delta_dir)
     plan = Plan(params, shards, base, target, files, DTYPES[dtype], output_groups(params))
     n = len(plan.groups)
     weight_map: dict[str, str] = {}
