@@ -13,6 +13,7 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -143,6 +144,22 @@ def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
                 raise
             errors.append((where, str(e)))
     return records
+
+
+def dataset_fingerprint(ds: DatasetConfig, records: Sequence[Record]) -> dict[str, Any]:
+    """What a checkpoint records about one training dataset (``lavis_meta.json`` ``data``): its annotation path,
+    format, record count and content fingerprint. For a one-file format that is the hash of the file's bytes the
+    records index already computed (free); for the others (shards, directories) a hash of the parsed records."""
+    from lavis.data.records import RecordStore
+
+    if isinstance(records, RecordStore):
+        digest = records.digest
+    else:
+        h = hashlib.blake2b(digest_size=16)
+        for r in records:
+            h.update(repr((r.id, [str(p) for p in r.images], str(r.video), r.conversations)).encode())
+        digest = h.hexdigest()
+    return {"ann_path": ds.ann_path, "format": ds.format, "records": len(records), "fingerprint": digest}
 
 
 def load_record_image(p: MediaRef) -> Image.Image:
