@@ -15,15 +15,15 @@ Layout of DIR: ``index.json`` (format version, level, weights fingerprint, trans
 shards, ``complete``), ``shard_NNNNN.npy`` (``[rows, T, C]``; bf16 stored as uint16) with ``shard_NNNNN.json``
 (the cache's identity, i.e. the ``index.json`` fields above but the shard list; the shard's size in bytes and its
 BLAKE2b checksum; ``keys``: key -> [first row, rows], a video's frames are consecutive rows). A shard is written
-under a temporary name and renamed when complete, so an interrupted build resumes from its finished shards.
+under a temporary name and renamed when complete, so an interrupted build resumes from its finished shards. Keys
+are the absolute media path and the view, ``/abs/path.jpg|0``. Media that fail to decode are reported like
+``python -m lavis.data.check`` (``file:index (id ...): reason: message``), listed in ``failures.json``, and the
+command exits 1; training refuses a sample whose media are not in the cache, naming it.
 
-Opening a cache verifies every shard against its sidecar (size, checksum: about 1 s per GB, once per opening
-process) and the sidecar's identity against ``index.json``: a truncated or damaged shard, or one copied in from
-another cache (other weights, transform or dtype), is refused naming the shard file. Running the build command
-again drops such shards (saying which) and makes them anew. Keys are the absolute media path
-and the view, ``/abs/path.jpg|0``. Media that fail to decode are reported like ``python -m lavis.data.check``
-(``file:index (id ...): reason: message``), listed in ``failures.json``, and the command exits 1; training refuses
-a sample whose media are not in the cache, naming it.
+Opening a cache verifies every shard against its sidecar (size, and the BLAKE2b checksum: a read of every shard,
+once per opening process) and the sidecar's identity against ``index.json``: a truncated or damaged shard, or one
+copied in from another cache (other weights, transform or dtype), is refused naming the shard file and the rebuild
+command. Running the build command again drops such shards (saying which) and makes them anew.
 
 The weights fingerprint is a SHA-256 over the cached modules' architecture config and the content of every frozen
 tensor the configured weight files provide (plus ``model.init_seed`` / ``init_std`` for tensors no file provides);

@@ -12,7 +12,7 @@ The index is validated when built: every record is parsed once and converted (``
 record fails at start-up with the same ``file:index`` / ``file:line`` message as before, and a written index
 means the file (same path and content) and format were clean. It lives in ``$LAVIS_RECORD_INDEX_DIR`` (default
 ``~/.cache/lavis/records``), named after the file's absolute path, format and content: the file's bytes are hashed
-(BLAKE2b, in chunks: about 0.2 s per 100 MB) each time it is opened, so an edit of any kind (same size, mtime put
+(BLAKE2b, in chunks; DATA.md gives the cost) each time it is opened, so an edit of any kind (same size, mtime put
 back) gets a new index, and the run says which file it rebuilt; the stale index is deleted. The hash is also the
 file's content fingerprint (``RecordStore.digest``) that checkpoints record. Building takes a file lock, so the
 ranks of a node build it once (the others wait and map it). A record that no longer decodes (the file was edited
