@@ -70,6 +70,7 @@ def test_checkpoint_records_the_data_and_an_edit_is_refused_then_allowed(stopped
         proc = launch(2, _args(run, data, 3), check=False)
         log = proc.stdout + proc.stderr
         assert proc.returncode != 0, log[-3000:]
+        assert "error: rank 0: cannot resume from" in log, log[-3000:]  # a user error: no traceback of ours
         assert "the training data changed since the checkpoint was written" in log, log[-3000:]
         assert f"data.train.0 ({ann}): {old_n} -> {new_n} records, content fingerprint" in log, log[-3000:]
         assert "--options train.allow_data_change=true" in log and "Nothing was written" in log

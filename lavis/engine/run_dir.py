@@ -46,8 +46,9 @@ FIXED_TRAIN_KEYS = frozenset({
 })
 
 
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked; the message says why and the ways forward."""
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked; the message says why and the ways forward (a user error: one
+    ``error:`` line, exit status 1)."""
 
 
 class RunLock:

@@ -122,7 +122,7 @@ class Run:
     """Checkpoint tags that rotation (``train.keep_last``) never deletes (e.g. the best one by an eval metric)."""
     steps: StepLoader | None = None
     data: list[dict[str, Any]] = field(default_factory=list)
-    """Each training dataset's path, format, record count and content fingerprint (ranks that read data)."""
+    """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
 
     @property
     def rank(self) -> int:
@@ -348,7 +348,8 @@ def build_data(run: Run) -> StepLoader:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
-        run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
+        if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
+            run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
         dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
