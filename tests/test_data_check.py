@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from PIL import Image
 
 from lavis.data import check
 
-from .conftest import train, write_png_header_only
+from .conftest import REPO, train, write_png_header_only
 
 GOOD_CONV = [{"role": "user", "content": "<image>\nWhat is in the image?"},
              {"role": "assistant", "content": "An astronaut."}]
@@ -91,6 +94,41 @@ def test_checker_passes_clean_data_and_flags_too_long(fixture_dir: Path, capsys:
     assert check.main(args + ["--max-txt-len", "16"]) == 1
     out = capsys.readouterr().out
     assert f"{fixture_dir / 'good.json'}:1 (id long): too_long:" in out and "2 over max_txt_len=16" in out
+
+
+def _check_peak_rss(ann: Path, tmp_path: Path) -> tuple[int, str, float]:
+    """``python -m lavis.data.check --ann ANN`` in its own process: (exit status, stdout, its peak RSS in MiB)."""
+    out = tmp_path / f"{ann.stem}.out"
+    with open(out, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "lavis.data.check", "--ann", str(ann), "--tokenizer",
+                                 "builtin:shapes", "--max-txt-len", "128", "--workers", "1"], cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest child's of the session
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out.read_text(), usage.ru_maxrss / 1024
+
+
+@pytest.mark.process
+def test_a_huge_record_is_reported_without_tokenizing_it(tmp_path: Path) -> None:
+    """One 30 MB text cost the checker 8.3 GB and 135 s: it was tokenized whole (the tokenizer's memory grows with
+    the text). A text over 64 characters per data.max_txt_len token is now a too_long finding, found by its length;
+    the checker's memory stays that of a small file (12 MB of text here: about +1.7 GB before)."""
+    words = "a red circle above the blue square "
+    small = [{"id": "small", "conversations": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": words}]}]
+    huge = [{"id": "huge", "conversations": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": words * (12_000_000 // len(words))}]}]
+    chars = 2 + len(huge[0]["conversations"][1]["content"])
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    (tmp_path / "huge.json").write_text(json.dumps(small + huge))
+    rc, text, base = _check_peak_rss(tmp_path / "small.json", tmp_path)
+    assert rc == 0 and "0 bad" in text, text
+    rc, text, peak = _check_peak_rss(tmp_path / "huge.json", tmp_path)
+    assert rc == 1, text
+    assert f"{tmp_path / 'huge.json'}:1 (id huge): too_long: {chars} characters of text, over the 8192 allowed for " \
+           "data.max_txt_len=128 (64 per token); not tokenized" in text, text
+    assert "by reason: too_long 1" in text
+    assert peak - base < 400, (base, peak)
 
 
 def test_checker_reads_a_recipe(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:

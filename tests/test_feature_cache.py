@@ -149,3 +149,50 @@ def test_broken_media_are_reported_and_build_resumes(tiny_data: Path, tmp_path: 
     assert len(findings) == 2 and sorted(p.name for p in out.glob("shard_*.npy")) == shards
     with pytest.raises(CacheError, match="other settings"):
         build_cache(cfg, out, workers=0, dtype="fp32", views=2)
+
+
+def _copy_cache(cache_dir: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(cache_dir, dst))
+
+
+def test_truncated_shard_is_named_and_the_build_command_remakes_it(cache_dir: Path, tiny_data: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: numpy's "mmap length is greater than file size", naming nothing. Now the shard file and the fix."""
+    cache = _copy_cache(cache_dir, tmp_path / "cache")
+    shard = cache / "shard_00000.npy"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size - 1000)
+    with pytest.raises(CacheError) as err:
+        FeatureCache.open(cache)
+    assert str(err.value) == (f"{shard}: it is {size - 1000} bytes, {size} were written (truncated or damaged); "
+                              f"rebuild it: python -m lavis.data.cache_features --cfg-path <your recipe> --out {cache} "
+                              "(remakes only the damaged or foreign shards)")
+    # The same bytes count but other content (bit rot): the checksum catches it.
+    shard.write_bytes((cache_dir / "shard_00000.npy").read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(CacheError, match=f"^{shard}: its content does not match the checksum written with it"):
+        FeatureCache.open(cache)
+    cfg = load_config(PRETRAIN_CFG, [*data_options(tiny_data), *EVAL])
+    assert build_cache(cfg, cache, workers=0, dtype="fp32") == []
+    assert f"feature cache: {shard}: its content does not match the checksum" in capsys.readouterr().err
+    fixed, good = FeatureCache.open(cache), FeatureCache.open(cache_dir)
+    assert fixed.keys.keys() == good.keys.keys()
+    path = Path(next(iter(good.keys)).rpartition("|")[0])
+    assert torch.equal(fixed.get(path, 0), good.get(path, 0))
+
+
+def test_shard_from_another_models_cache_is_refused(cache_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """Before: a shard copied in from a cache of other weights was read silently."""
+    other = tmp_path / "other"
+    assert main(["--cfg-path", str(PRETRAIN_CFG), "--out", str(other), "--workers", "0", "--dtype", "fp32",
+                 "--options", *data_options(tiny_data), *EVAL, "model.init_seed=1"]) == 0
+    cache = _copy_cache(cache_dir, tmp_path / "cache")
+    shard = cache / "shard_00000.npy"
+    shutil.copy(other / "shard_00000.json", cache / "shard_00000.json")
+    shutil.copy(other / "shard_00000.npy", shard)
+    foreign = r": it belongs to another feature cache: its fingerprint differs \(weights fingerprint [0-9a-f]{12}, "
+    with pytest.raises(CacheError, match=f"^{shard}{foreign}" + r"this cache's [0-9a-f]{12}\); rebuild it"):
+        FeatureCache.open(cache)
+    shutil.copy(cache_dir / "shard_00000.json", cache / "shard_00000.json")  # only the array swapped
+    with pytest.raises(CacheError, match=f"^{shard}: its content does not match the checksum"):
+        FeatureCache.open(cache)

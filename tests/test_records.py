@@ -4,7 +4,9 @@ the same file:index / file:line errors, index reuse and rebuild, concatenation a
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from lavis.config.schema import DatasetConfig
 from lavis.data.datasets import load_records, parse_record, read_raw
 from lavis.data.formats import FORMATS
+from lavis.data.records import RecordsChangedError, file_digest
 
 RECORDS = {
     "canonical": [
@@ -104,3 +107,47 @@ def test_changed_file_gets_a_new_index_and_stores_concatenate(tmp_path: Path) ->
     both = sum([load_records(ds), load_records(ds)], [])  # what the trainer does with several datasets
     assert len(both) == 6 and [both[i].id for i in (0, 3, 4, 5)] == ["b", "b", "a", "b"]
     assert [r.id for r in both] == ["b", "a", "b"] * 2
+
+
+def test_same_size_edit_with_restored_mtime_rebuilds_the_index_and_says_so(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """The index keys on the file's content: an in-place edit that keeps the size and puts the mtime back (as
+    `cp -p`, `rsync -t` or an editor preserving times do) is seen, and the run says which file it rebuilt."""
+    one, two = RECORDS["canonical"][1], dict(RECORDS["canonical"][1], id="c")
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps([one, two]))
+    ds = DatasetConfig(ann_path=str(ann), vis_root=str(tmp_path))
+    assert [r.id for r in load_records(ds)] == ["b", "c"]
+    assert "rebuilt" not in capsys.readouterr().err
+    st = ann.stat()
+    ann.write_text(json.dumps([dict(one, id="x"), dict(two, id="y")]))  # same size, same inode
+    os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ann.stat().st_size == st.st_size and ann.stat().st_mtime_ns == st.st_mtime_ns
+    store = load_records(ds)
+    assert [r.id for r in store] == ["x", "y"]
+    assert capsys.readouterr().err.strip() == f"records index: {ann} changed since its index was built; rebuilt it " \
+                                              "(2 records)"
+    assert len(list((tmp_path / "index").glob("*.npy"))) == 1  # the stale index was deleted
+    assert store.digest == file_digest(ann) and load_records(ds).digest == store.digest
+    assert "rebuilt" not in capsys.readouterr().err  # unchanged since: mapped, not rebuilt
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_record_that_no_longer_decodes_names_the_file_ordinal_and_offset(suffix: str, tmp_path: Path) -> None:
+    """Edited after it was opened (a running job): no bare JSONDecodeError, the file and record are named."""
+    recs = [RECORDS["canonical"][1], dict(RECORDS["canonical"][1], id="c")]
+    ann = tmp_path / f"a{suffix}"
+    ann.write_text("[" + ", ".join(json.dumps(r) for r in recs) + "]" if suffix == ".json"
+                   else "".join(json.dumps(r) + "\n" for r in recs))
+    store = load_records(DatasetConfig(ann_path=str(ann)))
+    assert store[0].id == "b"  # the file is mapped now
+    text = ann.read_bytes()
+    start = text.index(b'{"id": "c"')
+    with open(ann, "r+b") as fh:  # in place, same size
+        fh.seek(start)
+        fh.write(b"#")
+    pos = 1 if suffix == ".json" else 2
+    kind = "index" if suffix == ".json" else "line"
+    with pytest.raises(RecordsChangedError, match=rf"^{re.escape(str(ann))}: record 1 \({kind} {pos}, bytes {start}-"
+                                                  r"\d+\) no longer decodes .*restart to re-read it"):
+        store[1]

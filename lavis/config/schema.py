@@ -406,6 +406,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient norm that may be skipped (no weight update, logged with
     ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
+    allow_data_change: bool = False
+    """Resume even though a training dataset's records changed since the checkpoint (record count or content
+    fingerprint in its ``lavis_meta.json``); the data order from the resumed step on then differs from the
+    original run's. Without it such a resume is refused."""
 
     def __post_init__(self) -> None:
         self._check_ranges()

@@ -13,11 +13,17 @@ the choice of view are pure functions of the step.
 
 Layout of DIR: ``index.json`` (format version, level, weights fingerprint, transform, feature shape and dtype,
 shards, ``complete``), ``shard_NNNNN.npy`` (``[rows, T, C]``; bf16 stored as uint16) with ``shard_NNNNN.json``
-(key -> [first row, rows]; a video's frames are consecutive rows). A shard is written under a temporary name and
-renamed when complete, so an interrupted build resumes from its finished shards. Keys are the absolute media path
-and the view, ``/abs/path.jpg|0``. Media that fail to decode are reported like ``python -m lavis.data.check``
-(``file:index (id ...): reason: message``), listed in ``failures.json``, and the command exits 1; training refuses
-a sample whose media are not in the cache, naming it.
+(the cache's identity, i.e. the ``index.json`` fields above but the shard list; the shard's size in bytes and its
+BLAKE2b checksum; ``keys``: key -> [first row, rows], a video's frames are consecutive rows). A shard is written
+under a temporary name and renamed when complete, so an interrupted build resumes from its finished shards. Keys
+are the absolute media path and the view, ``/abs/path.jpg|0``. Media that fail to decode are reported like
+``python -m lavis.data.check`` (``file:index (id ...): reason: message``), listed in ``failures.json``, and the
+command exits 1; training refuses a sample whose media are not in the cache, naming it.
+
+Opening a cache verifies every shard against its sidecar (size, and the BLAKE2b checksum: a read of every shard,
+once per opening process) and the sidecar's identity against ``index.json``: a truncated or damaged shard, or one
+copied in from another cache (other weights, transform or dtype), is refused naming the shard file and the rebuild
+command. Running the build command again drops such shards (saying which) and makes them anew.
 
 The weights fingerprint is a SHA-256 over the cached modules' architecture config and the content of every frozen
 tensor the configured weight files provide (plus ``model.init_seed`` / ``init_std`` for tensors no file provides);
@@ -45,7 +51,9 @@ from torch import nn
 from lavis.config.schema import Config, DataConfig, ModelConfig
 from lavis.data import media
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+IDENTITY_KEYS = ("version", "level", "fingerprint", "transform", "feature_shape", "dtype")
+"""The ``index.json`` fields every shard's sidecar repeats: what its features were computed from and stored as."""
 Level = Literal["vision", "qformer"]
 FROZEN_PREFIXES: dict[str, tuple[str, ...]] = {
     "vision": ("visual_encoder.", "ln_vision."),
@@ -126,6 +134,45 @@ def media_key(path: Path, view: int) -> str:
     return f"{os.path.abspath(path)}|{view}"
 
 
+def rebuild_hint(root: Path) -> str:
+    return (f"rebuild it: python -m lavis.data.cache_features --cfg-path <your recipe> --out {root} (remakes only the "
+            "damaged or foreign shards)")
+
+
+def shard_problem(root: Path, name: str, identity: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(what is wrong with shard ``name`` or None, its sidecar)``: sidecar present and readable, its identity equal
+    to ``identity``, the ``.npy``'s size and BLAKE2b checksum equal to the sidecar's."""
+    from lavis.data.records import file_digest
+
+    side, npy = root / f"{name}.json", root / f"{name}.npy"
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        return f"its sidecar {side.name} is missing or unreadable ({e})", {}
+    if not isinstance(meta, dict) or "keys" not in meta:
+        return f"its sidecar {side.name} holds no identity and checksum (an older cache format)", {}
+    other = sorted(k for k in IDENTITY_KEYS if meta.get(k) != identity[k])
+    if other:
+        fp = f" (weights fingerprint {str(meta.get('fingerprint'))[:12]}, this cache's {identity['fingerprint'][:12]})"
+        return (f"it belongs to another feature cache: its {', '.join(other)} "
+                f"{'differs' if len(other) == 1 else 'differ'}"
+                + (fp if "fingerprint" in other else "")), meta
+    st = npy.stat() if npy.is_file() else None
+    size = st.st_size if st else None
+    if size != meta.get("bytes"):
+        return f"it is {size} bytes, {meta.get('bytes')} were written (truncated or damaged)", meta
+    seen = (str(npy), meta["blake2b"], st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if seen not in _VERIFIED:  # layer 0 and the dataset of one process open the same cache: hash it once
+        if file_digest(npy) != meta.get("blake2b"):
+            return "its content does not match the checksum written with it (damaged)", meta
+        _VERIFIED.add(seen)
+    return None, meta
+
+
+_VERIFIED: set[tuple[Any, ...]] = set()
+"""Shards this process verified, with the stat they had then (any later change to the file changes its ctime)."""
+
+
 # --- reading ----------------------------------------------------------------------------------------------------
 
 
@@ -144,17 +191,25 @@ class FeatureCache:
 
     @classmethod
     def open(cls, root: str | Path) -> FeatureCache:
+        """Open the cache in ``root``, verifying every shard (size, checksum, identity; see the module docstring)."""
         root = Path(root)
         index = _read_index(root)
         if index is None:
             raise CacheError(f"{root}: no feature cache here (index.json missing); build it with "
                              f"`python -m lavis.data.cache_features --cfg-path CFG --out {root}`")
+        if index.get("version") != FORMAT_VERSION:
+            raise CacheError(f"{root}: feature cache format {index.get('version')}, this version reads "
+                             f"{FORMAT_VERSION} (shards now carry checksums); delete it and build it again: "
+                             f"python -m lavis.data.cache_features --cfg-path <your recipe> --out {root}")
         if not index.get("complete"):
             raise CacheError(f"{root}: the feature cache is incomplete (its build was interrupted); "
                              "run `python -m lavis.data.cache_features` again to finish it")
         keys: dict[str, tuple[int, int, int]] = {}
         for i, name in enumerate(index["shards"]):
-            for k, (start, n) in json.loads((root / f"{name}.json").read_text()).items():
+            problem, meta = shard_problem(root, name, index)
+            if problem is not None:
+                raise CacheError(f"{root / f'{name}.npy'}: {problem}; {rebuild_hint(root)}")
+            for k, (start, n) in meta["keys"].items():
                 keys[k] = (i, start, n)
         return cls(root, index, keys)
 
@@ -199,7 +254,11 @@ class FeatureCache:
                                    "the cache was built; see its failures.json)")
         shard, start, n = self.keys[key]
         if shard not in self._shards:
-            self._shards[shard] = np.load(self.root / f"{self.index['shards'][shard]}.npy", mmap_mode="r")
+            file = self.root / f"{self.index['shards'][shard]}.npy"
+            try:
+                self._shards[shard] = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as e:  # changed since the cache was opened and verified
+                raise CacheError(f"{file}: cannot be read ({e}); {rebuild_hint(self.root)}") from e
         rows = torch.from_numpy(np.array(self._shards[shard][start:start + n]))
         return rows.view(self.torch_dtype) if self.torch_dtype == torch.bfloat16 else rows
 
@@ -303,8 +362,9 @@ class FrozenEncoder(nn.Module):
 
 
 class _ShardWriter:
-    def __init__(self, root: Path, first: int, rows: int, np_dtype: type) -> None:
+    def __init__(self, root: Path, first: int, rows: int, np_dtype: type, identity: dict[str, Any]) -> None:
         self.root, self.next, self.rows, self.np_dtype = root, first, rows, np_dtype
+        self.identity = identity
         self.buf: list[np.ndarray] = []
         self.keys: dict[str, list[int]] = {}
         self.count = 0
@@ -326,7 +386,10 @@ class _ShardWriter:
         name = f"shard_{self.next:05d}"
         tmp = self.root / f"{name}.tmp.npy"
         np.save(tmp, np.concatenate(self.buf))
-        (self.root / f"{name}.json.tmp").write_text(json.dumps(self.keys))
+        from lavis.data.records import file_digest
+
+        side = {**self.identity, "bytes": tmp.stat().st_size, "blake2b": file_digest(tmp), "keys": self.keys}
+        (self.root / f"{name}.json.tmp").write_text(json.dumps(side))
         os.replace(self.root / f"{name}.json.tmp", self.root / f"{name}.json")
         os.replace(tmp, self.root / f"{name}.npy")  # the .npy last: a shard counts as done once it exists
         self.written.append(name)
@@ -334,11 +397,23 @@ class _ShardWriter:
         self.buf, self.keys, self.count = [], {}, 0
 
 
-def _done_shards(root: Path) -> tuple[list[str], set[str]]:
-    names = sorted(p.stem for p in root.glob("shard_*.npy") if not p.stem.endswith(".tmp"))
+def _shard_names(root: Path) -> list[str]:
+    return sorted(p.stem for p in root.glob("shard_*.npy") if not p.stem.endswith(".tmp"))
+
+
+def _done_shards(root: Path, identity: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """Finished shards that verify (``shard_problem``) and their keys; the others are deleted, each named."""
+    names: list[str] = []
     keys: set[str] = set()
-    for n in names:
-        keys.update(json.loads((root / f"{n}.json").read_text()))
+    for n in _shard_names(root):
+        problem, meta = shard_problem(root, n, identity)
+        if problem is not None:
+            print(f"feature cache: {root / f'{n}.npy'}: {problem}; making it again", file=sys.stderr)
+            (root / f"{n}.npy").unlink()
+            (root / f"{n}.json").unlink(missing_ok=True)
+            continue
+        names.append(n)
+        keys.update(meta["keys"])
     return names, keys
 
 
@@ -370,13 +445,14 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
 
     findings: list[Any] = []
     items = collect_items(cfg, views, findings)
-    done_names, done_keys = _done_shards(out)
+    done_names, done_keys = _done_shards(out, head)
     todo = [it for it in items if media_key(it.path, it.view) not in done_keys]
     print(f"feature cache {out}: {level}-level features {head['feature_shape']} ({dtype}), {len(items)} item(s), "
           f"{len(items) - len(todo)} already cached", file=sys.stderr)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     enc = FrozenEncoder(model, level).to(dev)
-    writer = _ShardWriter(out, len(done_names), shard_rows, DTYPES[dtype][0])
+    first = int(done_names[-1].removeprefix("shard_")) + 1 if done_names else 0  # never reuse a kept shard's name
+    writer = _ShardWriter(out, first, shard_rows, DTYPES[dtype][0], head)
     loader = torch.utils.data.DataLoader(_PixelItems(todo, model, cfg.data, views), batch_size=None,
                                          num_workers=workers, collate_fn=_identity)
     t0 = time.perf_counter()
@@ -395,7 +471,7 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
             writer.add(media_key(todo[i].path, todo[i].view), feats[row:row + px.shape[0]])
             row += px.shape[0]
     writer.flush()
-    names, _ = _done_shards(out)
+    names = _shard_names(out)
     (out / "failures.json").write_text(json.dumps([asdict(f) for f in sorted(findings, key=_sort_key)], indent=1))
     (out / "index.json").write_text(json.dumps({**head, "shards": names, "complete": True}, indent=1))
     print(f"cached {len(todo) - sum(1 for f in findings if f.reason not in ('malformed', 'marker_count'))} item(s) "

@@ -25,11 +25,12 @@ from lavis.data import media
 from lavis.data.conversation import (
     ChatTemplate,
     SampleError,
+    TooLongError,
     encode_conversation,
     fit_length,
     template_from_config,
 )
-from lavis.data.datasets import MediaRef, Record, load_record_image, load_records
+from lavis.data.datasets import MediaRef, Record, check_text_size, load_record_image, load_records
 from lavis.data.formats import FORMATS, TarMember
 from lavis.data.templates import TEMPLATES
 
@@ -83,11 +84,12 @@ def check_record(r: Record, tpl: ChatTemplate | None, data: DataConfig) -> tuple
     length = None
     if tpl is not None:
         try:
+            check_text_size(r, data.max_txt_len)  # a huge text is reported, never tokenized whole
             enc = encode_conversation(r.conversations, tpl, record_id=r.id, label_mode=data.label_mode)
             length = len(enc.input_ids)
             fit_length(enc, data.max_txt_len, tpl.placeholder_id, r.id, data.length_policy)
         except SampleError as e:
-            reason = "too_long" if length is not None else "malformed"
+            reason = "too_long" if length is not None or isinstance(e, TooLongError) else "malformed"
             out.append(Finding(r.where, r.id, reason, str(e).removeprefix(f"record {r.id}: ")))
     for p in r.images:
         try:

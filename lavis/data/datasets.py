@@ -13,6 +13,7 @@ function of (seed, step), DP ranks get disjoint samples, and the step's sample s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from lavis.data.conversation import (
     Encoded,
     LabelMode,
     SampleError,
+    TooLongError,
     count_markers,
     encode_conversation,
     fit_length,
@@ -145,6 +147,37 @@ def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
     return records
 
 
+MAX_TEXT_CHARS_PER_TOKEN = 64
+"""A record holding more than this many characters of text per ``data.max_txt_len`` token is too long under any
+length policy, and is found before it is tokenized (a 30 MB text costs a tokenizer gigabytes)."""
+
+
+def check_text_size(r: Record, max_txt_len: int) -> None:
+    """Raise :class:`TooLongError` (``record ID: N characters ...``) for a record whose text exceeds
+    ``MAX_TEXT_CHARS_PER_TOKEN x max_txt_len`` characters; linear in the text, no tokenizer."""
+    chars = sum(len(t["content"]) for t in r.conversations if isinstance(t, dict) and isinstance(t.get("content"), str))
+    limit = MAX_TEXT_CHARS_PER_TOKEN * max_txt_len
+    if chars > limit:
+        raise TooLongError(f"record {r.id}: {chars} characters of text, over the {limit} allowed for "
+                           f"data.max_txt_len={max_txt_len} ({MAX_TEXT_CHARS_PER_TOKEN} per token); not tokenized")
+
+
+def dataset_fingerprint(ds: DatasetConfig, records: Sequence[Record]) -> dict[str, Any]:
+    """What a checkpoint records about one training dataset (``lavis_meta.json`` ``data``): its annotation path,
+    format, record count and content fingerprint. For a one-file format that is the hash of the file's bytes the
+    records index already computed (free); for the others (shards, directories) a hash of the parsed records."""
+    from lavis.data.records import RecordStore
+
+    if isinstance(records, RecordStore):
+        digest = records.digest
+    else:
+        h = hashlib.blake2b(digest_size=16)
+        for r in records:
+            h.update(repr((r.id, [str(p) for p in r.images], str(r.video), r.conversations)).encode())
+        digest = h.hexdigest()
+    return {"ann_path": ds.ann_path, "format": ds.format, "records": len(records), "fingerprint": digest}
+
+
 def load_record_image(p: MediaRef) -> Image.Image:
     """Decode one image of a record (a file, or a member of a tar shard); ``media.MediaError`` names it."""
     if isinstance(p, TarMember):
@@ -206,6 +239,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Ids and labels after ``data.length_policy``; :class:`SampleError` names ``file:index`` and the id."""
         r = self.records[index]
         try:
+            check_text_size(r, self.data.max_txt_len)
             enc = encode_conversation(r.conversations, self.tpl, record_id=r.id, label_mode=self.label_mode)
             return fit_length(enc, self.data.max_txt_len, self.tpl.placeholder_id, r.id, self.data.length_policy)
         except SampleError as e:

@@ -10,9 +10,13 @@ of a node, so the per-process cost is the page tables of the pages touched.
 
 The index is validated when built: every record is parsed once and converted (``parse_record``), so a malformed
 record fails at start-up with the same ``file:index`` / ``file:line`` message as before, and a written index
-means the file (same path, size and mtime) and format were clean. It lives in ``$LAVIS_RECORD_INDEX_DIR`` (default
-``~/.cache/lavis/records``), named after the file's absolute path and format; building takes a file lock, so the
-ranks of a node build it once (the others wait and map it); a changed file gets a new index.
+means the file (same path and content) and format were clean. It lives in ``$LAVIS_RECORD_INDEX_DIR`` (default
+``~/.cache/lavis/records``), named after the file's absolute path, format and content: the file's bytes are hashed
+(BLAKE2b, in chunks; DATA.md gives the cost) each time it is opened, so an edit of any kind (same size, mtime put
+back) gets a new index, and the run says which file it rebuilt; the stale index is deleted. The hash is also the
+file's content fingerprint (``RecordStore.digest``) that checkpoints record. Building takes a file lock, so the
+ranks of a node build it once (the others wait and map it). A record that no longer decodes (the file was edited
+after it was opened) raises :class:`RecordsChangedError` naming the file, the record's ordinal and byte offset.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -33,7 +38,7 @@ from lavis.data.formats import read_annotation_text
 if TYPE_CHECKING:
     from lavis.data.datasets import Record
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 Parse = Callable[[Any, str, int], "Record"]
 """``(raw record, where, index) -> Record`` (``datasets.parse_record`` bound to the dataset's config); ``index`` is the
 record's ordinal in the file."""
@@ -43,11 +48,28 @@ def index_dir() -> Path:
     return Path(os.environ.get("LAVIS_RECORD_INDEX_DIR") or Path.home() / ".cache" / "lavis" / "records")
 
 
+def file_digest(path: Path) -> str:
+    """BLAKE2b (128 bit) of the file's bytes, read in chunks (memory stays flat for any file size)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def bytes_digest(data: bytes) -> str:
+    """The :func:`file_digest` of a file holding ``data``."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class RecordsChangedError(ValueError):
+    """A record no longer decodes: its annotation file changed after its index was built."""
+
+
 class RecordStore(Sequence["Record"]):
     """The records of one annotation file (or, after ``+``, several), indexable and iterable like a list."""
 
-    def __init__(self, path: Path, spans: np.ndarray, parse: Parse, jsonl: bool) -> None:
+    def __init__(self, path: Path, spans: np.ndarray, parse: Parse, jsonl: bool, digest: str = "") -> None:
         self.path, self.spans, self.parse, self.jsonl = path, spans, parse, jsonl
+        self.digest = digest
+        """:func:`file_digest` of the file as indexed (its content fingerprint)."""
         self._map: mmap.mmap | None = None
 
     def __len__(self) -> int:
@@ -67,7 +89,14 @@ class RecordStore(Sequence["Record"]):
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} out of range ({len(self)} records in {self.path})")
         start, end, pos, ordinal = (int(x) for x in self.spans[i])
-        return self.parse(json.loads(self._bytes()[start:end]), f"{self.path}:{pos}", ordinal)
+        try:
+            raw = json.loads(self._bytes()[start:end])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecordsChangedError(
+                f"{self.path}: record {ordinal} ({'line' if self.jsonl else 'index'} {pos}, bytes {start}-{end}) no "
+                f"longer decodes ({e}): the file changed after it was opened; restart to re-read it (its index is "
+                "rebuilt)") from e
+        return self.parse(raw, f"{self.path}:{pos}", ordinal)
 
     def __iter__(self) -> Iterator[Record]:
         return (self[i] for i in range(len(self)))
@@ -119,34 +148,49 @@ class ConcatRecords(Sequence["Record"]):
 
 def open_records(path: Path, fmt: str, parse: Parse, errors: list[tuple[str, str]] | None = None,
                  key: str = "") -> RecordStore:
-    """The records of ``path`` from its index (built and validated on first use). With ``errors``, malformed
-    records are appended as ``(where, message)`` and left out (no index is written for such a file); without, the
-    first one raises its ``ValueError``. ``key``: what else the validation depended on (the dataset's config)."""
+    """The records of ``path`` from its index (built and validated on first use, and again whenever the file's
+    content changed). With ``errors``, malformed records are appended as ``(where, message)`` and left out (no
+    index is written for such a file); without, the first one raises its ``ValueError``. ``key``: what else the
+    validation depended on (the dataset's config)."""
     if not path.is_file():
         read_annotation_text(path)  # raises the error naming the file (missing, a directory)
     jsonl = path.suffix == ".jsonl"
-    stat = path.stat()
-    key = f"{path.resolve()}|{fmt}|{stat.st_size}|{stat.st_mtime_ns}|{INDEX_VERSION}|{key}"
-    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    base = hashlib.sha256(f"{path.resolve()}|{fmt}|{INDEX_VERSION}|{key}".encode()).hexdigest()[:24]
+    digest = file_digest(path)
     folder = index_dir()
-    idx = folder / f"{name}.npy"
+    idx = folder / f"{base}-{digest}.npy"
     if not idx.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{name}.lock", "w") as lock:
+        with open(folder / f"{base}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map its file
             if not idx.is_file():
-                spans, bad = _scan(path, jsonl, parse, errors)
+                data = read_annotation_text(path).encode("utf-8")  # the file's own bytes, once known to be UTF-8
+                digest = bytes_digest(data)  # what is indexed (the file may have changed since it was hashed)
+                idx = folder / f"{base}-{digest}.npy"
+                spans, bad = _scan(path, data, jsonl, parse, errors)
                 if bad:
-                    return RecordStore(path, spans, parse, jsonl)
-                tmp = folder / f".{name}.{os.getpid()}.npy"
+                    return RecordStore(path, spans, parse, jsonl, digest)
+                tmp = folder / f".{base}.{os.getpid()}.npy"
                 np.save(tmp, spans)
                 os.replace(tmp, idx)
-    return RecordStore(path, np.load(idx, mmap_mode="r"), parse, jsonl)
+                _drop_stale_indexes(folder, base, idx, path, len(spans))
+    return RecordStore(path, np.load(idx, mmap_mode="r"), parse, jsonl, digest)
 
 
-def _scan(path: Path, jsonl: bool, parse: Parse, errors: list[tuple[str, str]] | None) -> tuple[np.ndarray, int]:
-    """``(spans [n, 4] of the good records, number of bad ones)``; raises on the first bad one without ``errors``."""
-    data = read_annotation_text(path).encode("utf-8")  # the file's own bytes, once it is known to be UTF-8
+def _drop_stale_indexes(folder: Path, base: str, current: Path, path: Path, count: int) -> None:
+    """Delete the indexes of the file's earlier contents (a process that maps one keeps its copy) and say so."""
+    stale = [p for p in folder.glob(f"{base}-*.npy") if p != current]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        print(f"records index: {path} changed since its index was built; rebuilt it ({count} records)",
+              file=sys.stderr, flush=True)
+
+
+def _scan(path: Path, data: bytes, jsonl: bool, parse: Parse, errors: list[tuple[str, str]] | None
+          ) -> tuple[np.ndarray, int]:
+    """``(spans [n, 4] of the good records, number of bad ones)`` of ``data`` (the bytes of ``path``); raises on
+    the first bad one without ``errors``."""
     # Syntax first (the whole file), then records, so errors come in the order parsing the whole file gives them.
     spans = [(start, end, pos) for start, end, pos, _ in (_jsonl_spans if jsonl else _json_list_spans)(path, data)]
     keep: list[tuple[int, int, int, int]] = []

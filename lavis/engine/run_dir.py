@@ -14,6 +14,10 @@
   resume is refused, listing every difference, before anything is written. Everything else (learning rate, warmup,
   min lr, max_steps, save cadence, data files, logging, stage count via the reshard path) takes effect from the
   resumed step, and each change is printed.
+- **What the data may change.** A checkpoint records each training dataset's record count and content fingerprint
+  (``lavis_meta.json`` ``data``). :func:`data_changes` compares them with the data this run reads: a dataset whose
+  file (same path and format) changed in place would change the data order silently, so the resume is refused
+  naming it, before anything is written, unless ``train.allow_data_change`` (then a note is printed).
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ FIXED_TRAIN_KEYS = frozenset({
 })
 
 
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked; the message says why and the ways forward."""
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked; the message says why and the ways forward (a user error: one
+    ``error:`` line, exit status 1)."""
 
 
 class RunLock:
@@ -188,6 +193,40 @@ def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dic
             + "\nNothing was written. Use the checkpoint's config (" + str(tag_dir.parent / "config.yaml")
             + "), or start a new run with another --output-dir.")
     return meta, changes.applied
+
+
+ALLOW_DATA_CHANGE = "train.allow_data_change"
+
+
+def data_changes(saved: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """``(changed, notes)``: one line per dataset whose file (same ``ann_path`` and format as in the checkpoint's
+    ``data``) now holds other records, and notes for what cannot be compared (pure)."""
+    if saved is None:
+        return [], ["the checkpoint records no data fingerprint (written by an older version): the training data "
+                    "is not compared"]
+    changed, notes = [], []
+    for i, now in enumerate(new):
+        then = saved[i] if i < len(saved) else None
+        if then is None or (then.get("ann_path"), then.get("format")) != (now["ann_path"], now["format"]):
+            notes.append(f"data.train.{i} ({now['ann_path']}) was not in the checkpoint's data: not compared")
+        elif (then.get("records"), then.get("fingerprint")) != (now["records"], now["fingerprint"]):
+            changed.append(f"data.train.{i} ({now['ann_path']}): {then.get('records')} -> {now['records']} records, "
+                           f"content fingerprint {str(then.get('fingerprint'))[:12]} -> {now['fingerprint'][:12]}")
+    return changed, notes
+
+
+def check_resume_data(tag_dir: Path, saved: list[dict[str, Any]] | None, new: list[dict[str, Any]],
+                      allow: bool) -> list[str]:
+    """Refuse a resume whose training data changed in place since ``tag_dir`` (unless ``allow``); returns the
+    lines to print."""
+    changed, notes = data_changes(saved, new)
+    if changed and not allow:
+        raise RunDirError(
+            f"cannot resume from {tag_dir}: the training data changed since the checkpoint was written, which "
+            "changes the data order from the resumed step on:\n  " + "\n  ".join(changed)
+            + f"\nNothing was written. Restore the data, or continue on the changed data with --options "
+            f"{ALLOW_DATA_CHANGE}=true, or start a new run with another --output-dir.")
+    return [f"{line} (continuing: {ALLOW_DATA_CHANGE}=true)" for line in changed] + notes
 
 
 PROBE_TEXT = "A red circle. What is in the image? 1234 ÄÖü 漢字 <|im_start|> ###Human: [INST] \n\t x"

@@ -24,7 +24,7 @@ from lavis.config.predecessor_keys import flag_hint
 from lavis.config.schema import Config
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
-from lavis.data.datasets import ConversationDataset, StepSampler, load_records
+from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
 from lavis.engine import checkpoint, ds_compat, safe_load
@@ -36,7 +36,14 @@ from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import build_optimizer, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
-from lavis.engine.run_dir import RunDirError, RunLock, check_resume_config, check_tokenizer, find_resume_tag
+from lavis.engine.run_dir import (
+    RunDirError,
+    RunLock,
+    check_resume_config,
+    check_resume_data,
+    check_tokenizer,
+    find_resume_tag,
+)
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, plan_for_config
 
@@ -119,6 +126,8 @@ class Run:
     protected_tags: set[str] = field(default_factory=set)
     """Checkpoint tags that rotation (``train.keep_last``) never deletes (e.g. the best one by an eval metric)."""
     steps: StepLoader | None = None
+    data: list[dict[str, Any]] = field(default_factory=list)
+    """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
 
     @property
     def rank(self) -> int:
@@ -140,7 +149,7 @@ class Run:
         """What ``lavis_meta.json`` records besides the step (converters and resume read it)."""
         return {"layers": checkpoint.table_to_json(self.table), "parts": self.boundaries, "dp_size": self.dp,
                 "config": to_dict(self.cfg), "tokenizer": self.tok.file_name,
-                "placeholder_id": self.tpl.placeholder_id, "nonfinite_steps": self.nonfinite_steps}
+                "placeholder_id": self.tpl.placeholder_id, "nonfinite_steps": self.nonfinite_steps, "data": self.data}
 
     def save(self, step: int) -> Path:
         """Collective: write the checkpoint of ``step`` (never one with non-finite weights) and make it ``latest``."""
@@ -165,8 +174,9 @@ def train(
         tag = find_resume_tag(out, require=require_resume, resume_from=resume_from) if resume else None
         run = build_run(cfg, tag)
         restore(run, tag)
-        write_run_files(run)
         run.steps = build_data(run)
+        _check_resume_data(run, tag)
+        write_run_files(run)
         fit(run, hooks, stop_at_step=stop_at_step, save=save)
     finally:  # no collective here: a failing rank must not wait for the others
         if run is not None and run.steps is not None:
@@ -296,6 +306,26 @@ def restore(run: Run, tag: str | None) -> None:
                f"uses {run.boundaries} x dp {run.dp}: module weights were loaded, optimizer state was reset")
 
 
+def _check_resume_data(run: Run, tag: str | None) -> None:
+    """Collective: rank 0 compares the training data with the checkpoint's record (``lavis_meta.json`` ``data``);
+    every rank refuses alike when it changed in place (unless ``train.allow_data_change``)."""
+    if tag is None:
+        return
+    lines: list[str] = []
+    shared: list[str | None] = [None]
+    if run.rank == 0:
+        try:
+            lines = check_resume_data(run.out / tag, checkpoint.load_meta(run.out / tag).get("data"), run.data,
+                                      run.cfg.train.allow_data_change)
+        except RunDirError as e:
+            shared = [str(e)]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise RunDirError(shared[0])
+    for line in lines:
+        print0(f"resume: {line}")
+
+
 def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
     """After a resume: the saved scheduler state carries the old base LR and the optimizer state the old group LRs;
     put this config's schedule (its lambda is already this config's) in force at the saved position."""
@@ -325,6 +355,8 @@ def build_data(run: Run) -> StepLoader:
         if not cfg.data.train:
             raise ValueError("data.train is empty: name at least one dataset (see DATA.md)")
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
+        if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
+            run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
         dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
