@@ -24,7 +24,7 @@ import yaml
 from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.convert.pipe_to_pth import cli, convert, load_plain_state, resolve_tag_dir
-from lavis.engine.run_dir import find_resume_tag
+from lavis.engine.run_dir import RunDirError, find_resume_tag
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
 from lavis.weights.base import model_shapes
 from lavis.weights.predecessors import MINIGPT_V2_REFUSAL, read_checkpoint
@@ -301,7 +301,7 @@ def test_an_interrupted_save_of_ours_is_not_taken_for_an_mpp_dir(tmp_path: Path)
     tag = tmp_path / "global_step4"
     tag.mkdir()
     torch.save({"llm_proj.weight": torch.zeros(2, 2)}, tag / "layer_00-model_states.pt")
-    with pytest.raises(RuntimeError, match=r"--resume-from global_step4: .*lavis_meta\.json not found"):
+    with pytest.raises(RunDirError, match=r"--resume-from global_step4: .*lavis_meta\.json not found"):
         find_resume_tag(tmp_path, require=True, resume_from="global_step4")
 
 
