@@ -44,7 +44,7 @@ from lavis.chat.stops import context_start
 from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
-from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer, resolve_tokenizer_ref
+from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 from lavis.model.load import load_model
 from lavis.model.mllm import MultimodalLM
 
@@ -134,16 +134,13 @@ class ContextError(ValueError):
 def answer_stop_ids(tpl: ChatTemplate) -> tuple[list[int], int]:
     """(ids that end an answer, pad id): the one place generation's end tokens are chosen.
 
-    The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and Qwen's
-    <|endoftext|> where the vocabulary has it, which is also the pad id (else the first end token)."""
+    The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and the pad token of
+    :meth:`ChatTemplate.special_ids` (Qwen: <|endoftext|>; a generated pad ends the text too)."""
+    ids = tpl.special_ids()
     stop_ids = list(tpl.stop_token_ids())
-    try:
-        eot = tpl.tokenizer.token_id(ENDOFTEXT)
-    except KeyError:
-        eot = None
-    if eot is not None and eot not in stop_ids:
-        stop_ids.append(eot)
-    return stop_ids, eot if eot is not None else stop_ids[0]
+    if ids.pad not in stop_ids:
+        stop_ids.append(ids.pad)
+    return stop_ids, ids.pad
 
 
 def vision_modules(model: MultimodalLM) -> list[nn.Module]:
