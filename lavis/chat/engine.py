@@ -265,6 +265,8 @@ class _Row:
         self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
         self.stop_sequences = stop_sequences
         self.stop_strings = [s for s in req.stop_strings if s]
+        self.held = [*self.stop_strings, *tpl.spec.stop_texts]
+        """Text whose beginning is held back while streaming (a stop text such as '###' never shows in part)."""
         self.on_text = req.on_text if stream else None
         self.cancel = req.cancel
         self.ids: list[int] = []
@@ -300,7 +302,7 @@ class _Row:
         if not final:
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 return
-            held = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            held = max((k for s in self.held for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             text = text[:len(text) - held]
         text = text.rstrip()
         if len(text) > self.sent and self.on_text is not None:
