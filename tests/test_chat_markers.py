@@ -101,3 +101,19 @@ def test_cli_places_typed_markers_and_lists_attachments(interactive: Interactive
     assert not interactive.session.pending
     interactive.handle("And now without markers?")  # nothing attached: plain text, as before
     assert interactive.session.history[-1].query == "And now without markers?"
+
+
+def test_api_answers_400_for_markers_without_images() -> None:
+    """The API server: markers typed in the text that the request's images do not match are the client's error."""
+    from fastapi.testclient import TestClient
+
+    from lavis.serve.app import ServeOptions, build_app
+    from lavis.serve.scheduler import Scheduler
+
+    from .conftest import DEMO_CFG
+
+    engine = ChatEngine.from_files(DEMO_CFG, None, device="cpu")
+    app = TestClient(build_app(engine, Scheduler(engine, max_queue=1, max_batch=1), ServeOptions()))
+    res = app.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "What is <image>?"}]})
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["message"].startswith("1 image marker but 0 images attached")
