@@ -117,3 +117,19 @@ def test_api_answers_400_for_markers_without_images() -> None:
     res = app.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "What is <image>?"}]})
     assert res.status_code == 400, res.text
     assert res.json()["error"]["message"].startswith("1 image marker but 0 images attached")
+
+
+def test_web_chat_warns_and_keeps_question_and_files(tiny_data: Path) -> None:
+    from lavis.chat.webui import WebChat
+
+    from .conftest import DEMO_CFG
+
+    web = WebChat(ChatEngine.from_files(DEMO_CFG, None, device="cpu"), max_upload_mb=1)
+    img = str(tiny_data / "images/train/000000.jpg")
+    session, _ = web.on_files([img], None)
+    with pytest.warns(UserWarning, match="2 image markers but 1 image attached"):
+        *_, (shown, session, box, _) = web.respond("Compare <image> with <image>", session, 4, "greedy", 1.0, 1.0, 1)
+    assert box == "Compare <image> with <image>" and [m.name for m in session.pending] == [img]
+    assert not session.turns and not shown
+    *_, (shown, session, box, _) = web.respond("Is <ImageHere> a circle?", session, 4, "greedy", 1.0, 1.0, 1)
+    assert session.turns[0].query == "Is <image> a circle?" and session.pending == [] and box == ""
