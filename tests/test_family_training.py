@@ -1,8 +1,9 @@
 """Every shipped model family trains, converts and chats: its recipe (or model preset) at tiny width on the
 predecessors' file layout, with the family's real tokenizer where we have one (Meta's LLaMA ``tokenizer.model`` for
 Vicuna v0 and LLaMA-2, ``qwen.tiktoken`` for Qwen v1; synthetic ``tokenizer.json`` files with the families' special
-tokens for Qwen2.5, Qwen3 and Llama-3): 2 pipeline stages on 2 CPU ranks, 3 steps, ``pipemodel2pth.py``, then one
-greedy answer from the converted checkpoint. Pad, end and placeholder ids come from ``ChatTemplate.special_ids``
+tokens for Qwen2.5, Qwen3 and Llama-3): 2 pipeline stages on 2 CPU ranks, 3 steps, the converter
+(``pipe_proj2pth.py`` for projection-only recipes, ``pipemodel2pth.py`` when the LLM trains), then one greedy answer
+from the converted checkpoint. Pad, end and placeholder ids come from ``ChatTemplate.special_ids``
 (never Qwen's ``<|endoftext|>`` where the tokenizer lacks it)."""
 
 from __future__ import annotations
@@ -104,14 +105,13 @@ def test_family_recipe_trains_converts_and_chats(name: str, tiny_data: Path, tmp
     rows = [json.loads(ln) for ln in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
 
-    converter, pth = ("pipemodel2pth.py", "unfreeze_llm_model.pth") if fam.sft else ("pipe_proj2pth.py", "model.pth")
-    conv = subprocess.run([sys.executable, str(REPO / converter), "--ckpt-dir", "out"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert conv.returncode == 0, conv.stderr[-4000:]
-
     from lavis.chat.engine import ChatEngine, GenerationSettings
+    from lavis.convert.pipe_to_pth import OUTPUT_NAME, cli
 
     monkeypatch.chdir(tmp_path)
+    kind = "model" if fam.sft else "proj"  # pipemodel2pth.py / pipe_proj2pth.py, in this process (no start-up)
+    cli(kind, "", ["--ckpt-dir", "out"])
+    pth = OUTPUT_NAME[kind]
     engine = ChatEngine.from_files("out/config.yaml", f"out/{pth}", device="cpu")
     tok, ids = engine.tpl.tokenizer, engine.tpl.special_ids()
     assert Path(tok.source).resolve().parent == tmp_path / "out"  # the run's own copy of the tokenizer
