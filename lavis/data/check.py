@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.train:
             raise ValueError(f"{args.cfg_path}: data.train is empty (nothing to check)")
         tok_ref = args.tokenizer or resolve_tokenizer_ref(cfg.model.llm.tokenizer, args.cfg_path)
-        tok = load_tokenizer(tok_ref) if tok_ref.lower() != "none" else None
+        tok = load_tokenizer(tok_ref) if tok_ref and tok_ref.lower() != "none" else None
     else:
         tok = load_tokenizer(args.tokenizer) if args.tokenizer and args.tokenizer.lower() != "none" else None
         placeholder = args.image_placeholder or (default_image_placeholder(tok) if tok is not None else None)
