@@ -184,3 +184,30 @@ def test_pipeline_training_without_qformer(tiny_data: Path, tmp_path: Path) -> N
     assert len(got) == 3 and all(math.isfinite(x) for x in got) and got[-1] < got[0]
     state, _ = load_plain_state(resolve_tag_dir(run))
     assert {k: tuple(v.shape) for k, v in state.items()} == {"llm_proj.weight": (128, 512), "llm_proj.bias": (128,)}
+
+
+@pytest.mark.skipif(not LLAMA_MODEL.is_file(), reason=f"LLaMA tokenizer not found at {LLAMA_MODEL}")
+@pytest.mark.parametrize(("tail", "stop"), [("###Human: more", [2277, 29937]), (" ### Human: more", [835]),
+                                            ("</s>", [2])])
+def test_chat_stops_at_minigpt4s_stop_words_and_never_streams_them(tail: str, stop: list[int]) -> None:
+    """MiniGPT-4's demo ends LLaMA-2 answers at '###' (stop_words_ids [835] and [2277, 29937]) or </s>: generation is
+    told to stop on the token that completes one, and no streamed piece ever shows a '#' of it."""
+    from lavis.chat.engine import Request, _Row, _RowsDone
+    from lavis.data.conversation import template_from_config
+    from lavis.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(LLAMA_MODEL))
+    tpl = template_from_config(tok, load_config(preset_path("minigpt4_llama2")))
+    text = "A red circle on a white background."
+    answer = tok.encode(text)
+    generated = tok.encode(text + tail)
+    assert generated[:len(answer) + len(stop)] == answer + stop  # the ids the demo's criteria look for
+    pieces: list[str] = []
+    row = _Row(tpl, tpl.stop_sequences(), Request([], on_text=pieces.append), 100, stream=True)
+    done = _RowsDone([row], num_beams=1)
+    stopped_at = next(n for n in range(1, len(generated) + 1)  # generate() asks after each new token
+                      if bool(done(torch.tensor([generated[:n]]), None)[0]))
+    assert stopped_at == len(answer) + len(stop)
+    assert "".join(pieces) == text and not any("#" in p for p in pieces)
+    got = row.answer(10)
+    assert (got.text, got.finish_reason, got.completion_tokens) == (text, "stop", len(answer))

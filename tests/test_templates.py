@@ -141,8 +141,11 @@ def test_stop_sequences_and_answer_cut_with_llama_vocabulary(llama_tok) -> None:
     v0 = ChatTemplate(llama_tok, SYSTEM_PROMPTS["vicuna_v0"], "<unk>", 32, 4, name="vicuna_v0")
     assert v0.stop_sequences() == [[835], [2277, 29937], [2]]  # MiniGPT-4's two '###' encodings, then </s>
     assert v0.stop_token_ids() == [835, 2]
-    for name in ("llama2", "minigpt4_llama2", "vicuna_v1_1"):
+    for name in ("llama2", "vicuna_v1_1"):
         assert ChatTemplate(llama_tok, "", "<unk>", 32, 4, name=name).stop_sequences() == [[2]]
+    # MiniGPT-4's demo stops its LLaMA-2 answers at '###' as well (demo.py's stop_words_ids [835], [2277, 29937])
+    assert ChatTemplate(llama_tok, "", "<unk>", 64, 4, name="minigpt4_llama2").stop_sequences() == [
+        [835], [2277, 29937], [2]]
     crit = stopping_criteria(v0)
     answer = llama_tok.encode("A red circle.###")
     assert answer[-2:] == [2277, 29937]

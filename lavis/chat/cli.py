@@ -2,7 +2,9 @@
 the stateless :class:`ChatEngine`.
 
 Interactive: enter image or video paths one per line, ``:f`` to finish, then chat; answers stream token by token.
-``:img`` attaches more media mid-conversation; ``:help`` lists every command. ``:conf key=value`` values are parsed
+``:img PATH`` attaches more media mid-conversation (``:img`` alone lists what is attached); a question may say
+where each attached file goes with a marker (``<image>``, ``<ImageHere>`` or ``<Img><ImageHere></Img>``, one per
+file), else the files go before it; ``:help`` lists every command. ``:conf key=value`` values are parsed
 as Python literals (``ast.literal_eval``) and type-checked, never evaluated.
 
 Ctrl-C while an answer is streaming stops that answer (the partial answer stays in the history, marked
@@ -22,7 +24,15 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lavis.chat.engine import ChatEngine, GenerationSettings, add_model_arguments, device_from_args, set_seed
+from lavis.chat.engine import (
+    ChatEngine,
+    GenerationSettings,
+    MediaMarkerError,
+    add_model_arguments,
+    device_from_args,
+    place_media,
+    set_seed,
+)
 from lavis.chat.session import ChatSession
 from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
@@ -34,12 +44,14 @@ HELP = """Commands:
   :clear / :cl             clear the screen
   :clear-his / :clh        (or :clear-history) forget the conversation (and pending media), then enter image paths again
   :history / :his          show the conversation
-  :img [PATH ...]          attach image(s) or a video to the next question; without paths: enter paths until :f
+  :img [PATH ...]          attach image(s) or a video to the next question; without paths: list what is attached
   :video PATH              attach a video to the next question
   :f                       finish entering paths and chat
   :seed [N]                show or set the random seed (matters when sampling)
   :conf [key=value ...]    show or change generation settings, e.g. :conf do_sample=True temperature=0.7
   :reset-conf              restore the default generation settings
+A question may place the attached files: one marker per file (<image>, <ImageHere> or <Img><ImageHere></Img>),
+e.g. "Compare <image> with <image>"; without markers they go before the question.
 Ctrl-C while an answer streams stops that answer."""
 
 
@@ -369,8 +381,7 @@ class Interactive:
             print(f"{len(session.pending)} media attached. Ask away.")
         elif cmd in (":img", ":video"):
             if not rest and cmd == ":img":
-                self.collecting = True
-                print("Enter image or video paths one per line, then :f.")
+                self.show_attached()
                 return None
             try:
                 paths = shlex.split(rest) if cmd == ":img" else [_unquote(rest)]
@@ -420,6 +431,11 @@ class Interactive:
 
     def answer(self, query: str) -> None:
         session = self.session
+        try:
+            place_media(query, session.pending, session.engine.tpl.spec.media_sep)
+        except MediaMarkerError as e:
+            print(f"error: {e}")
+            return
 
         def on_sigint(signum: int, frame: object) -> None:
             if session.stop_event.is_set():  # second Ctrl-C: give up on this answer now
@@ -440,6 +456,13 @@ class Interactive:
             signal.signal(signal.SIGINT, previous)
             session.stop_event.clear()
         print(flush=True)
+
+    def show_attached(self) -> None:
+        pending = self.session.pending
+        if pending:
+            print(f"attached for the next question: {', '.join(m.name for m in pending)}")
+        else:
+            print("nothing attached for the next question; :img PATH attaches a file")
 
     def show_history(self) -> None:
         history = self.session.history

@@ -8,10 +8,12 @@ for the CLI, one ``Session`` per browser session in the web UI, one request in t
 :meth:`ChatEngine.generate_batch` answers many conversations in one batched decode (left padding, each sequence
 stopping on its own); under greedy decoding each gets the tokens it gets alone.
 
-The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatML rendering as training). Images
-attached to a turn are placed as ``<image>`` markers at the start of that turn's query, one per image (then the
-text directly for ChatML, as MPP-Qwen-Next's ``cli_demo.py``; after a space for the Vicuna / LLaMA-2 templates, as
-MiniGPT-4's demo); a video becomes one ``<video>`` marker, its frames sampled as in training
+The prompt is built by ``lavis.data.conversation.encode_prompt`` (the same ChatML rendering as training). Media
+attached to a turn go where the user typed markers (``<image>``, ``<ImageHere>`` or ``<Img><ImageHere></Img>``, in
+order, as MPP-Qwen places them; the number typed must equal the number attached), else as markers at the start of
+that turn's query, one per image (then the text directly for ChatML, as MPP-Qwen-Next's ``cli_demo.py``; after a
+space for the Vicuna / LLaMA-2 templates, as MiniGPT-4's demo); a video becomes one ``<video>`` marker, its frames
+sampled as in training
 (``data.num_video_frames``, ``data.video_fps``). Generation stops at the template's stop sequences
 (``lavis/data/templates.py``, ``lavis/chat/stops.py``; ChatML: ``<|im_end|>`` / ``<|im_start|>`` / ``<|endoftext|>``;
 Vicuna v0: ``###`` as ``[835]`` or ``[2277, 29937]``, ``</s>``; see :func:`answer_stop_ids`), the answer text is cut
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -44,12 +47,12 @@ from lavis.chat.stops import context_start
 from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
-from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer, resolve_tokenizer_ref
+from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 from lavis.model.load import load_model
 from lavis.model.mllm import MultimodalLM
 
-__all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "Request", "Turn",
-           "add_model_arguments", "answer_stop_ids", "load_model", "resolve_tokenizer_ref"]
+__all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "MediaMarkerError", "Request",
+           "Turn", "add_model_arguments", "answer_stop_ids", "load_model", "place_media", "resolve_tokenizer_ref"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 
@@ -131,19 +134,48 @@ class ContextError(ValueError):
     """The prompt does not fit the model's context."""
 
 
+class MediaMarkerError(ValueError):
+    """The media markers typed in a query do not match the files attached to it."""
+
+
+TYPED_MARKER_RE = re.compile(r"<Img>\s*<ImageHere>\s*</Img>|<ImageHere>|<image>|<video>")
+"""Media markers a user may type (MiniGPT-4's and MPP-Qwen's ``<Img><ImageHere></Img>`` and ``<ImageHere>``, our
+``<image>`` and ``<video>``)."""
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def place_media(query: str, attached: Sequence[Media], sep: str) -> str:
+    """The query with the attached media's markers where the user typed markers (in order, as MPP-Qwen places
+    them), or, when none is typed, all first, then ``sep`` and the text. Raises :class:`MediaMarkerError` when the
+    typed markers and the attached files differ in number."""
+    typed = TYPED_MARKER_RE.findall(query)
+    if not typed:
+        markers = "".join(m.marker for m in attached)
+        return markers + (sep if markers else "") + query  # [template media policy]
+    if len(typed) != len(attached):
+        images = all(m.marker == IMAGE_MARKER for m in attached) and VIDEO_MARKER not in typed
+        marker, file = ("image marker", "image") if images else ("media marker", "media file")
+        raise MediaMarkerError(
+            f"{_count(len(typed), marker)} but {_count(len(attached), file)} attached; type one marker "
+            "(<image>, <ImageHere> or <Img><ImageHere></Img>) per attached file where it belongs, or none to put "
+            "them all before the question")
+    it = iter(attached)
+    return TYPED_MARKER_RE.sub(lambda _: next(it).marker, query)
+
+
 def answer_stop_ids(tpl: ChatTemplate) -> tuple[list[int], int]:
     """(ids that end an answer, pad id): the one place generation's end tokens are chosen.
 
-    The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and Qwen's
-    <|endoftext|> where the vocabulary has it, which is also the pad id (else the first end token)."""
+    The template's end tokens (ChatML: <|im_end|>, <|im_start|>; Vicuna v0: ###, </s>; ...) and the pad token of
+    :meth:`ChatTemplate.special_ids` (Qwen: <|endoftext|>; a generated pad ends the text too)."""
+    ids = tpl.special_ids()
     stop_ids = list(tpl.stop_token_ids())
-    try:
-        eot = tpl.tokenizer.token_id(ENDOFTEXT)
-    except KeyError:
-        eot = None
-    if eot is not None and eot not in stop_ids:
-        stop_ids.append(eot)
-    return stop_ids, eot if eot is not None else stop_ids[0]
+    if ids.pad not in stop_ids:
+        stop_ids.append(ids.pad)
+    return stop_ids, ids.pad
 
 
 def vision_modules(model: MultimodalLM) -> list[nn.Module]:
@@ -268,6 +300,8 @@ class _Row:
         self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
         self.stop_sequences = stop_sequences
         self.stop_strings = [s for s in req.stop_strings if s]
+        self.held = [*self.stop_strings, *tpl.spec.stop_texts]
+        """Text whose beginning is held back while streaming (a stop text such as '###' never shows in part)."""
         self.on_text = req.on_text if stream else None
         self.cancel = req.cancel
         self.ids: list[int] = []
@@ -303,7 +337,7 @@ class _Row:
         if not final:
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 return
-            held = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            held = max((k for s in self.held for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             text = text[:len(text) - held]
         text = text.rstrip()
         if len(text) > self.sent and self.on_text is not None:
@@ -395,13 +429,11 @@ class ChatEngine:
         return m
 
     def make_turn(self, query: str, attached: Sequence[Media]) -> Turn:
-        """Media markers first, then the text: joined directly for ChatML (MPP-Qwen's cli_demo), with one space for
-        the Vicuna / LLaMA-2 templates (MiniGPT-4's demo joins ``<Img><ImageHere></Img>`` and the question with
-        ``' '``)."""
-        markers = "".join(m.marker for m in attached)
-        sep = self.tpl.spec.media_sep if markers else ""  # [template media policy]
+        """The attached media where the query has markers (:func:`place_media`), else first, then the text: joined
+        directly for ChatML (MPP-Qwen's cli_demo), with one space for the Vicuna / LLaMA-2 templates (MiniGPT-4's
+        demo joins ``<Img><ImageHere></Img>`` and the question with ``' '``)."""
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
-        return Turn(markers + sep + query, None, pixels, [m.name for m in attached])
+        return Turn(place_media(query, attached, self.tpl.spec.media_sep), None, pixels, [m.name for m in attached])
 
     def encode(self, turns: Sequence[Turn], system_prompt: str | None = None) -> list[int]:
         """Prompt ids of ``turns`` (the last one's answer to be generated); raises :class:`ContextError` when the

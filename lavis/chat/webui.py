@@ -32,6 +32,7 @@ from lavis.chat.engine import (
     ChatEngine,
     GenerationSettings,
     Media,
+    MediaMarkerError,
     Turn,
     add_model_arguments,
     device_from_args,
@@ -127,8 +128,13 @@ class WebChat:
             gr.Warning("Type a question first.")
             yield session.display, session, "", gr.skip()
             return
+        try:
+            turn = self.engine.make_turn(message, session.pending)
+        except MediaMarkerError as e:  # typed markers vs uploaded files: say so, keep the question and the files
+            gr.Warning(str(e))
+            yield session.display, session, message, gr.skip()
+            return
         attached, session.pending = session.pending, []
-        turn = self.engine.make_turn(message, attached)
         session.display += [{"role": "user", "content": [*({"path": m.name} for m in attached), message]},
                             {"role": "assistant", "content": ""}]
         settings = self.settings(max_new_tokens, decoding, temperature, top_p, num_beams)
@@ -227,7 +233,10 @@ class WebChat:
         if not media:
             raise gr.Error(notes[0].replace(", left out", ""))
         with self.lock:
-            turn = self.engine.make_turn(question, media)
+            try:
+                turn = self.engine.make_turn(question, media)
+            except MediaMarkerError as e:
+                raise gr.Error(str(e)) from None
             return self.engine.generate([turn], GenerationSettings(max_new_tokens=self.max_new_tokens)).text
 
 

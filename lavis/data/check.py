@@ -26,6 +26,7 @@ from lavis.data.conversation import (
     ChatTemplate,
     SampleError,
     TooLongError,
+    default_image_placeholder,
     encode_conversation,
     fit_length,
     template_from_config,
@@ -158,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-txt-len", type=int, help="token limit (default: the recipe's data.max_txt_len, or 512)")
     p.add_argument("--num-query", type=int, default=32, help="image tokens per image (with --ann; default 32)")
     p.add_argument("--num-video-frames", type=int, help="frames per video (default: the recipe's, or 32)")
-    p.add_argument("--image-placeholder", default="<|extra_0|>", help="placeholder token (with --ann)")
+    p.add_argument("--image-placeholder", help="placeholder token (with --ann; default: the tokenizer family's, "
+                                               "e.g. <|extra_0|> for Qwen v1, <unk> for LLaMA / Vicuna)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides")
     return p.parse_args(argv)
@@ -175,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.train:
             raise ValueError(f"{args.cfg_path}: data.train is empty (nothing to check)")
         tok_ref = args.tokenizer or resolve_tokenizer_ref(cfg.model.llm.tokenizer, args.cfg_path)
+        tok = load_tokenizer(tok_ref) if tok_ref and tok_ref.lower() != "none" else None
     else:
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer and args.tokenizer.lower() != "none" else None
+        placeholder = args.image_placeholder or (default_image_placeholder(tok) if tok is not None else None)
         m = ModelConfig()
-        m = replace(m, llm=replace(m.llm, template=args.template, image_placeholder=args.image_placeholder),
+        m = replace(m, llm=replace(m.llm, template=args.template,
+                                   image_placeholder=placeholder or m.llm.image_placeholder),
                     qformer=replace(m.qformer, num_query_tokens=args.num_query))
         datasets = [DatasetConfig(ann_path=args.ann, vis_root=args.vis_root, format=args.format)]
         cfg = Config(model=m, data=DataConfig(train=datasets))
-        tok_ref = args.tokenizer
     updates = {}
     if args.max_txt_len is not None:
         updates["max_txt_len"] = args.max_txt_len
@@ -190,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, data=replace(cfg.data, **updates))
     data, datasets = cfg.data, list(cfg.data.train)
     tpl = None
-    if tok_ref and tok_ref.lower() != "none":
-        tpl = template_from_config(load_tokenizer(tok_ref), cfg)
+    if tok is not None:
+        tpl = template_from_config(tok, cfg)
     else:
         print("no tokenizer (--tokenizer): token lengths are not checked", file=sys.stderr)
     report = check_datasets(datasets, tpl, data, workers=args.workers, progress=sys.stderr.isatty())

@@ -74,7 +74,49 @@ class ChatTemplate:
 
     @property
     def placeholder_id(self) -> int:
-        return self.tokenizer.token_id(self.placeholder)
+        tok = self.tokenizer
+        try:
+            return tok.token_id(self.placeholder)
+        except KeyError:
+            raise ValueError(
+                f"model.llm.image_placeholder {self.placeholder!r} is not one token of the tokenizer {tok.source}; "
+                f"for this tokenizer use {default_image_placeholder(tok)!r}") from None
+
+    def special_ids(self) -> SpecialIds:
+        """The one owner of the pad, end and image-placeholder ids of a run (training, evaluation, chat, checker).
+
+        - placeholder: ``model.llm.image_placeholder``, which must be one token of this tokenizer;
+        - eos: the template's trained end token (its first ``stop_tokens`` entry: ``<|im_end|>``, ``</s>``,
+          ``<|eot_id|>``);
+        - pad: the tokenizer's own pad token (Qwen v1: ``<|endoftext|>`` as QwenLM/MPP-Qwen pad; a Vicuna v0 delta's
+          ``[PAD]``; Qwen2.5/3's ``tokenizer_config.json``: ``<|endoftext|>``), else the eos, as MiniGPT-4 first did
+          (Meta's LLaMA / LLaMA-2, Llama-3 have none). Never the placeholder (LLaMA's ``<unk>``): a pad there would
+          count as an image slot. Pad positions carry label -100 and attention 0, so the choice never changes a
+          loss or an answer.
+        """
+        tok = self.tokenizer
+        placeholder = self.placeholder_id
+        end = self.spec.stop_tokens[0]
+        try:
+            eos = tok.token_id(end)
+        except KeyError:
+            raise ValueError(f"model.llm.template {self.name!r} ends answers with {end!r}, which is not a token of "
+                             f"the tokenizer {tok.source}; pick the template of this model family "
+                             "(lavis/data/templates.py)") from None
+        if eos == placeholder:
+            raise ValueError(f"model.llm.image_placeholder {self.placeholder!r} is the template's end token; use "
+                             f"{default_image_placeholder(tok)!r}")
+        pad = eos
+        declared = getattr(tok, "pad_token", None)
+        if declared is not None:
+            try:
+                pad = tok.token_id(declared)
+            except KeyError:
+                raise ValueError(f"the tokenizer {tok.source} declares pad token {declared!r}, which is not one of "
+                                 "its tokens (special_tokens_map.json / tokenizer_config.json beside it)") from None
+            if pad == placeholder:
+                pad = eos
+        return SpecialIds(pad, eos, placeholder)
 
     def stop_sequences(self) -> list[list[int]]:
         """Token sequences that end an answer, the trained end first: every encoding of each stop text (at a word
@@ -100,6 +142,30 @@ class ChatTemplate:
         for sep in self.spec.cut_after:
             text = text.split(sep)[-1]
         return text.strip()
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    eos: int
+    placeholder: int
+
+
+IMAGE_PLACEHOLDERS = ("<|extra_0|>", "<|image_pad|>", "<|reserved_special_token_0|>")
+"""Image placeholders of the families, in order of preference (Qwen v1 and the demo, Qwen2.5/3, Llama-3); a
+sentencepiece (LLaMA / Vicuna) tokenizer uses ``<unk>`` (``LLAMA_IMAGE_PLACEHOLDER``)."""
+
+
+def default_image_placeholder(tok: TextTokenizer) -> str:
+    """The image placeholder of the family ``tok`` belongs to (the presets' ``model.llm.image_placeholder``)."""
+    from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer
+
+    if isinstance(tok, SentencePieceTokenizer):
+        return LLAMA_IMAGE_PLACEHOLDER
+    for token in IMAGE_PLACEHOLDERS:
+        if tok.is_special(token):
+            return token
+    return LLAMA_IMAGE_PLACEHOLDER if tok.is_special(LLAMA_IMAGE_PLACEHOLDER) else IMAGE_PLACEHOLDERS[0]
 
 
 def template_from_config(tok: TextTokenizer, cfg: Config) -> ChatTemplate:

@@ -147,7 +147,7 @@ TEMPLATES: dict[str, TemplateSpec] = {
         first_user=(Seg("{system}[INST] {query} [/INST] "),),
         user=(Seg("<s>[INST] {query} [/INST] "),),
         answer=(Seg("{answer}</s>", "yes"),),
-        stop_tokens=("</s>",), **_MINIGPT4_CUT,
+        stop_texts=("###",), stop_tokens=("</s>",), **_MINIGPT4_CUT,  # its demo stops at '###' too
     ),
     "vicuna_v1_1": TemplateSpec(
         description="FastChat vicuna_v1.1: [S]{sys} USER: <u> ASSISTANT: <a>[/S]",

@@ -26,13 +26,44 @@ DEMO_SPECIALS = (ENDOFTEXT, IM_START, IM_END, "<|extra_0|>")
 DEMO_VOCAB_SIZE = 512
 
 
+SPECIAL_TOKENS_FILES = ("special_tokens_map.json", "tokenizer_config.json")
+"""Hugging Face's files beside a tokenizer that name its pad token (``pad_token``: text or ``{"content": ...}``)."""
+
+
+def declared_pad_token(directory: Path) -> str | None:
+    """The ``pad_token`` that ``special_tokens_map.json`` or ``tokenizer_config.json`` in ``directory`` names (the
+    first file that names one), or None."""
+    for name in SPECIAL_TOKENS_FILES:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            pad = json.loads(file.read_text()).get("pad_token")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{file}: not a JSON object ({e}); fix or remove it") from None
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str) and pad:
+            return pad
+    return None
+
+
+def _save_pad_token(pad_token: str | None, directory: str | Path) -> None:
+    """Keep a declared pad token beside a saved tokenizer (a run directory), so chat pads as training did."""
+    if pad_token is not None:
+        (Path(directory) / SPECIAL_TOKENS_FILES[0]).write_text(json.dumps({"pad_token": pad_token}))
+
+
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` with the few operations the project needs."""
 
-    def __init__(self, tok: Tokenizer, source: str) -> None:
+    def __init__(self, tok: Tokenizer, source: str, pad_token: str | None = None) -> None:
         self._tok = tok
         self.source = source
         self._specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        self.pad_token = pad_token
+        """The pad token the tokenizer's files declare (None: none; ``lavis.data.conversation.special_ids``
+        then pads with the template's end token)."""
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextTokenizer:
@@ -40,7 +71,10 @@ class TextTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file {file} not found (model.llm.tokenizer points here)")
-        return cls(Tokenizer.from_file(str(file)), source=str(file))
+        tok = Tokenizer.from_file(str(file))
+        padding = tok.padding
+        pad = declared_pad_token(file.parent) or (padding or {}).get("pad_token")
+        return cls(tok, source=str(file), pad_token=pad)
 
     @property
     def vocab_size(self) -> int:
@@ -68,6 +102,8 @@ class TextTokenizer:
         """Write ``tokenizer.json`` into ``directory``; returns the file."""
         path = Path(directory) / self.file_name
         self._tok.save(str(path))
+        if self.source != "builtin:shapes":
+            _save_pad_token(self.pad_token, directory)
         return path
 
 
@@ -101,6 +137,8 @@ class QwenTokenizer:
         self._enc = tiktoken.Encoding("qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks,
                                       special_tokens=self.specials)
         self.source = str(self.path)
+        self.pad_token = declared_pad_token(self.path.parent) or ENDOFTEXT
+        """Qwen v1 has no pad token of its own; QwenLM's ``finetune.py`` and MPP-Qwen pad with ``<|endoftext|>``."""
 
     @property
     def vocab_size(self) -> int:
@@ -140,6 +178,10 @@ so no text ever encodes to ``<unk>``; the id only appears where the template put
 stays as it is (no added token, no resized embedding)."""
 
 
+LLAMA_PAD_TOKEN = "[PAD]"
+"""FastChat's pad token, the extra row (id 32000) of Vicuna v0's delta (``added_tokens.json``)."""
+
+
 class SentencePieceTokenizer:
     """LLaMA / Vicuna tokenizer from ``tokenizer.model`` (sentencepiece), plus ``added_tokens.json`` if present.
 
@@ -170,6 +212,12 @@ class SentencePieceTokenizer:
                 if idx < base:
                     raise ValueError(f"{added}: {tok!r} has id {idx}, inside the SentencePiece vocabulary ({base})")
             self.specials.update(self.added)
+        sp_pad = self._sp.pad_id()
+        self.pad_token: str | None = (declared_pad_token(self.path.parent)
+                                      or (self._sp.id_to_piece(sp_pad) if sp_pad >= 0 else None)
+                                      or (LLAMA_PAD_TOKEN if LLAMA_PAD_TOKEN in self.added else None))
+        """``pad_token`` of the files beside it (a prepared Vicuna v0 directory: ``[PAD]``), the model's own pad
+        piece, or an added ``[PAD]``; None for Meta's LLaMA / LLaMA-2 ``tokenizer.model`` alone (no pad)."""
         alternatives = sorted(self.specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
         self.source = str(self.path)
@@ -223,6 +271,7 @@ class SentencePieceTokenizer:
             shutil.copy2(self.path, dest)
             if self.added:
                 (Path(directory) / "added_tokens.json").write_text(json.dumps(self.added))
+            _save_pad_token(self.pad_token, directory)
         return dest
 
 
@@ -241,7 +290,7 @@ def build_demo_tokenizer() -> TextTokenizer:
     )
     corpus = shapes.corpus() + ["You are a helpful assistant.", "user", "assistant", "system", "<Img></Img>"]
     tok.train_from_iterator(corpus, trainer)
-    return TextTokenizer(tok, source="builtin:shapes")
+    return TextTokenizer(tok, source="builtin:shapes", pad_token=ENDOFTEXT)
 
 
 def resolve_tokenizer_ref(ref: str, cfg_path: str | Path | None) -> str:

@@ -23,7 +23,6 @@ from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, Record, load_records
-from lavis.data.tokenizer import ENDOFTEXT
 from lavis.engine.hooks import Hook
 from lavis.pipeline.plan import LayerEntry, layers_to_plain
 
@@ -71,7 +70,7 @@ def build_eval_batches(
         return None, len(keys), used
     ds = ConversationDataset(records, tpl, cfg.data, cfg.model.vision.image_size, train=False, load_media=first,
                              label_mode=cfg.data.label_mode)
-    collate = Collator(tpl.tokenizer.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+    collate = Collator(tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
                        cfg.data.fixed_length)
     return [collate([ds[k] for k in mb]) for mb in keys], len(keys), used
 

@@ -26,7 +26,7 @@ from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.step_loader import StepLoader
-from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
+from lavis.data.tokenizer import load_tokenizer
 from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.evaluation import config_hooks
@@ -363,7 +363,7 @@ def build_data(run: Run) -> StepLoader:
                               micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                               dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,
                               length_of=dataset.num_tokens if cfg.data.group_by_length else None)
-        collate = Collator(run.tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+        collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
                            cfg.data.fixed_length)
     return StepLoader(dataset, sampler, collate, grad_accum_steps=t.grad_accum_steps,
                       micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,

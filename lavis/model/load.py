@@ -17,10 +17,11 @@ def load_model(
 ) -> MultimodalLM:
     """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
     ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
+    from lavis.data.conversation import template_from_config
     from lavis.model.lora import model_targets
     from lavis.weights.base import stream_into
 
-    placeholder_id = tok.token_id(cfg.model.llm.image_placeholder)
+    placeholder_id = template_from_config(tok, cfg).special_ids().placeholder
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
     targets = model_targets(model, cfg.model)  # live parameters and persistent buffers (+ LoRA adapters)

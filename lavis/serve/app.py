@@ -28,6 +28,7 @@ from lavis.chat.engine import (
     ChatEngine,
     ContextError,
     GenerationSettings,
+    MediaMarkerError,
     add_model_arguments,
     device_from_args,
 )
@@ -117,7 +118,10 @@ class _Events:
 
 def _make_job(body: ChatCompletionRequest, engine: ChatEngine, opts: ServeOptions, events: _Events) -> Job:
     """Decode media and check the prompt (400s before anything streams); runs in a worker thread."""
-    conv = to_conversation(body, engine, opts.local_root)
+    try:
+        conv = to_conversation(body, engine, opts.local_root)
+    except MediaMarkerError as e:  # markers typed in the text vs the images sent
+        raise APIError(400, str(e), "messages") from None
     try:
         prompt = engine.encode(conv.turns, conv.system_prompt)
     except ContextError as e:
