@@ -24,7 +24,7 @@ import torch
 
 from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
-from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
+from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
 from lavis.model.components import COMPONENTS
 from lavis.model.freezing import component_trains, is_trainable
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
@@ -61,6 +61,9 @@ def read_meta(tag_dir: Path) -> dict:
 
 def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = read_meta(tag_dir)
+    note = verify_checksums(tag_dir)  # raises naming a damaged file
+    if note:
+        print(note, file=sys.stderr)
     table = table_from_json(meta["layers"])
     states = {}
     for entry in table:
