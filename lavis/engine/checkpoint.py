@@ -44,7 +44,7 @@ CHECKSUM_FILE = "checksums.json"
 SAVING_PREFIX = ".saving-"
 """A save in progress: DeepSpeed writes ``.saving-global_stepN``, renamed to ``global_stepN`` once complete."""
 REPLACED_PREFIX = ".replaced-"
-_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter", "file write failed", "No space left")
+_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter", "inline_container.cc", "file write failed", "No space left")
 """How torch.save's C++ writer words a failed write (a full disk, a file size limit) in its RuntimeError."""
 
 
@@ -135,7 +135,8 @@ def _write_failed(tag_dir: Path, tmp_dir: Path, e: BaseException) -> CheckpointW
     shutil.rmtree(tmp_dir, ignore_errors=True)
     output_dir = tag_dir.parent
     try:
-        free = f"{shutil.disk_usage(output_dir).free / 2**30:.2f} GiB free"
+        free_b = shutil.disk_usage(output_dir).free
+        free = f"{free_b / 2**30:.2f} GiB free" if free_b >= 2**30 else f"{free_b / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
