@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -28,10 +29,29 @@ def init_distributed() -> None:
     else:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    use_private_extensions_dir()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def use_private_extensions_dir() -> str:
+    """Set ``TORCH_EXTENSIONS_DIR`` (unless the user did) to a directory of this Python environment and torch version;
+    returns it. DeepSpeed JIT-compiles its CPU shared-memory comm op (``deepspeed_shm_comm``) at every
+    ``init_distributed``; torch keeps the build in ``~/.cache/torch_extensions/py3X_cuY/<op>`` and ninja rebuilds it
+    whenever ``build.ninja`` changes. That file holds the environment's absolute paths, so checkouts with their own
+    virtual environments sharing the default directory rebuilt the op (about 100 s on 2 cores, behind a lock) at each
+    other's every launch. Keyed on ``sys.prefix`` and the torch version (torch's headers are not in ninja's
+    dependencies), each environment builds once and reuses it."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.blake2b(f"{sys.prefix}|{torch.__version__}".encode(), digest_size=6).hexdigest()
+    path = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}-env-{key}")
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    return path
 
 
 ORPHAN_EXIT_S = 30.0
