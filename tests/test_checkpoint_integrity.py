@@ -167,3 +167,10 @@ def test_replace_dir_swaps_a_whole_directory_for_another(exchange: bool, tmp_pat
     checkpoint.replace_dir(new, old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4"]
     assert [p.name for p in old.iterdir()] == [META_FILE] and (old / META_FILE).read_text() == "new"
+
+
+def test_rotation_after_a_rollback_keeps_the_new_branch_and_leaves_the_abandoned_tags(tmp_path: Path) -> None:
+    for n in range(1, 7):
+        (tmp_path / f"global_step{n}").mkdir()
+    checkpoint._prune(tmp_path, 2, keep={"global_step3"}, step=3)  # resumed from 2, saved 3; 4-6 are abandoned
+    assert [p.name for p in checkpoint.tag_dirs(tmp_path)] == [f"global_step{n}" for n in (2, 3, 4, 5, 6)]

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_la
             raise _write_failed(tag_dir, tmp_dir, e) from e
         replace_dir(tmp_dir, tag_dir)
         write_atomic(output_dir / LATEST_FILE, tag)
-        _prune(output_dir, keep_last, keep={tag, *protected})
+        _prune(output_dir, keep_last, keep={tag, *protected}, step=step)
     dist.barrier()
     return tag_dir
 
@@ -213,10 +214,12 @@ def write_checksums(tag_dir: Path) -> None:
     _fsync_dir(tag_dir)
 
 
-def verify_checksums(tag_dir: str | Path, part: int = 0, parts: int = 1) -> str | None:
+def verify_checksums(tag_dir: str | Path, part: int = 0, parts: int = 1, only: Callable[[str], bool] | None = None
+                     ) -> str | None:
     """Check the files of ``tag_dir`` against its ``checksums.json`` (share ``part`` of ``parts``, so that ranks
-    split the reading); raises :class:`ChecksumError` naming the first damaged or missing file. Returns a one-line
-    note for a checkpoint saved before checksums were written (nothing to check), else None."""
+    split the reading; ``only``: the file names to check, e.g. a converter skips the optimizer state); raises
+    :class:`ChecksumError` naming the first damaged or missing file. Returns a one-line note for a checkpoint saved
+    before checksums were written (nothing to check), else None."""
     tag_dir = Path(tag_dir)
     manifest_file = tag_dir / CHECKSUM_FILE
     if not manifest_file.is_file():
@@ -225,7 +228,7 @@ def verify_checksums(tag_dir: str | Path, part: int = 0, parts: int = 1) -> str 
         files = json.loads(manifest_file.read_text())["files"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ChecksumError(f"{manifest_file}: damaged ({type(e).__name__}: {e}); {_older_advice(tag_dir)}") from e
-    for name in sorted(files)[part::parts]:
+    for name in sorted(n for n in files if only is None or only(n))[part::parts]:
         f, want = tag_dir / name, files[name]
         if not f.is_file():
             problem = "is missing"
@@ -245,8 +248,11 @@ def _older_advice(tag_dir: Path) -> str:
             f"--resume-from global_stepK, or convert that directory; complete ones here: {', '.join(older) or 'none'})")
 
 
-def _prune(output_dir: Path, keep_last: int, keep: set[str]) -> None:
-    for p in tag_dirs(output_dir)[:-keep_last]:
+def _prune(output_dir: Path, keep_last: int, keep: set[str], step: int) -> None:
+    """Keep the last ``keep_last`` checkpoints up to ``step``. Newer tags (a branch abandoned by ``--resume-from`` an
+    older step) are not counted and left alone until this run replaces them, so they never crowd out its own."""
+    history = [p for p in tag_dirs(output_dir) if int(p.name[len(TAG_PREFIX):]) <= step]
+    for p in history[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p)
 
