@@ -70,7 +70,11 @@ def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
 def _term_ranks(ranks: list[psutil.Process]) -> None:
     """As a scheduler does: SIGTERM every rank and every process under it (its data-loader workers)."""
     for rank in ranks:
-        for p in [rank, *rank.children(recursive=True)]:
+        try:
+            tree = [rank, *rank.children(recursive=True)]
+        except psutil.NoSuchProcess:  # it already finished
+            continue
+        for p in tree:
             try:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
@@ -98,6 +102,14 @@ def _kill_leftovers(proc: subprocess.Popen) -> None:
             pass
     if proc.poll() is None:
         proc.wait(timeout=60)
+
+
+def _gone(p: psutil.Process) -> bool:
+    """Exited (a zombie counts: an orphan's new parent reaps it when it pleases)."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _assert_saved_at_step_reached(out: Path, log: str) -> int:
@@ -133,7 +145,8 @@ def test_any_sigterm_pattern_saves_the_step_reached_and_exits_zero(pattern: str,
     finally:
         text = _finish(proc, log)
     assert proc.returncode == 0, text[-3000:]
-    assert "forwarded to 2 rank process(es)" in text, text[-3000:]
+    if pattern != "ranks_first":  # (ranks signalled first may be gone before the launcher's signal arrives)
+        assert "launcher: SIGTERM received, forwarded to 2 rank process(es)" in text, text[-3000:]
     _assert_saved_at_step_reached(out, text)
 
 
@@ -163,11 +176,14 @@ def test_ranks_exit_and_release_the_lock_when_the_launcher_is_killed(tiny_data: 
         ranks = _ranks(proc)
         proc.send_signal(signal.SIGKILL)  # an OOM kill of torchrun
         proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(ranks, timeout=180)
-        assert not alive, f"ranks still running 180 s after the launcher died:\n{log.read_text()[-3000:]}"
+        deadline = time.monotonic() + 180
+        while not all(_gone(p) for p in ranks):
+            assert time.monotonic() < deadline, f"ranks still running 180 s after the launcher died:\n" \
+                                                f"{log.read_text()[-3000:]}"
+            time.sleep(0.5)
     finally:
         for p in ranks:
-            if p.is_running():
+            if not _gone(p):
                 p.kill()
     text = log.read_text()
     assert "the launcher (pid" in text and "is gone" in text, text[-3000:]
