@@ -210,3 +210,41 @@ def test_stop_signal_counts_repeated_sigterms_as_one_and_a_later_one_or_a_second
     ctrl_c = StopSignal(grace_s=60)
     ctrl_c.received, ctrl_c._first_at = signal.SIGINT, time.monotonic()
     assert ctrl_c.forces_exit(signal.SIGINT)
+
+
+CHILD = """
+import signal, sys, time
+from lavis.engine.distributed import watch_launcher
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a rank stuck where the graceful stop cannot finish
+watch_launcher(poll_s=0.1, exit_after_s=1.0)
+print("ready", flush=True)
+time.sleep(600)
+"""
+PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=sys.stdout)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_an_orphaned_rank_that_cannot_stop_gracefully_exits_anyway(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), RANK="1")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.kill()  # the launcher is SIGKILLed
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 120
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the orphan did not exit"
+            time.sleep(0.2)
+    finally:
+        if not _gone(child):
+            child.kill()
+    err = parent.stderr.read()
+    parent.stderr.close()
+    parent.stdout.close()
+    assert "[rank 1] the launcher (pid" in err and "exiting without a checkpoint" in err, err
