@@ -33,7 +33,7 @@ import torch
 
 from lavis.config.load import from_dict
 from lavis.config.schema import ModelConfig
-from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json
+from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
 from lavis.model.components import COMPONENTS
 from lavis.model.freezing import component_trains, is_trainable
 from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
@@ -129,6 +129,9 @@ def refuse_output_over_inputs(flag: str, out: str | Path, inputs: list[Path], *,
 
 def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = read_meta(tag_dir)
+    note = verify_checksums(tag_dir, only=lambda name: name == META_FILE or name.startswith("layer_"))  # the files read
+    if note:
+        print(note, file=sys.stderr)
     table = table_from_json(meta["layers"])
     states = {}
     for entry in table:

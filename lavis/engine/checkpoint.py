@@ -7,17 +7,30 @@ Layout of ``output_dir`` (docs/FORMATS.md section 8)::
                   mp_rank_SS_model_states.pt  (optimizer / scheduler state of stage SS, DeepSpeed)
                   lavis_meta.json             (layer table, partition, model config, tokenizer, step)
 
-Saving order: every rank writes its DeepSpeed files under the new tag (``save_latest=False``), all ranks meet at
-a barrier, then rank 0 writes ``lavis_meta.json`` and only then replaces ``latest`` atomically (write a temporary
-file, ``os.replace``). A crash at any point leaves ``latest`` naming the previous complete checkpoint. Frozen
-weights are not saved: they come from the base weights (or the seeded init) the config names.
+Saving order: every rank writes its DeepSpeed files into a temporary directory ``.saving-global_step{N}``
+(``save_latest=False``), all ranks meet at a barrier, then rank 0 writes ``lavis_meta.json`` and ``checksums.json``
+(a BLAKE2b digest and the size of every file), fsyncs them all, renames the directory to ``global_step{N}`` and only
+then replaces ``latest`` atomically (write a temporary file, ``os.replace``). A save therefore never writes into a
+directory that ``latest`` names: when ``global_step{N}`` exists already (a branch abandoned by ``--resume-from`` an
+older step), the complete new directory takes its place in one rename (an atomic exchange where the filesystem
+supports it). A crash at any point leaves ``latest`` naming a complete checkpoint; the next save removes the partial
+temporary directory. A save that fails (a full disk) removes its temporary directory and raises
+:class:`CheckpointWriteError` naming the directory and the free space. Frozen weights are not saved: they come from
+the base weights (or the seeded init) the config names.
+
+Resume and the converters check every file against ``checksums.json`` (:func:`verify_checksums`) and name a damaged
+one; checkpoints written before checksums existed load with a one-line note.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +41,20 @@ from lavis.pipeline.plan import LayerEntry
 META_FILE = "lavis_meta.json"
 LATEST_FILE = "latest"
 TAG_PREFIX = "global_step"
+CHECKSUM_FILE = "checksums.json"
+SAVING_PREFIX = ".saving-"
+"""A save in progress: DeepSpeed writes ``.saving-global_stepN``, renamed to ``global_stepN`` once complete."""
+REPLACED_PREFIX = ".replaced-"
+_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter", "inline_container.cc", "file write failed", "No space left")
+"""How torch.save's C++ writer words a failed write (a full disk, a file size limit) in its RuntimeError."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the message names the directory."""
+
+
+class ChecksumError(ValueError):
+    """A checkpoint file differs from what was saved (bit-rot, a partial copy, an edit); the message names it."""
 
 
 def tag_dirs(output_dir: Path) -> list[Path]:
@@ -67,24 +94,165 @@ def table_from_json(rows: list[dict[str, Any]]) -> list[LayerEntry]:
 def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
          protected: set[str] | frozenset[str] = frozenset()) -> Path:
     """Collective: every rank calls it. Returns the tag directory. Rotation keeps the last ``keep_last`` checkpoints
-    and every tag in ``protected``."""
+    and every tag in ``protected``. See the module docstring for the order of writes."""
     tag = f"{TAG_PREFIX}{step}"
-    engine.save_checkpoint(str(output_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    tmp_dir, tag_dir = output_dir / f"{SAVING_PREFIX}{tag}", output_dir / tag
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        _remove_leftovers(output_dir)
     dist.barrier()
-    tag_dir = output_dir / tag
-    if dist.get_rank() == 0:
-        write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag}, indent=1))
-        tok = output_dir / meta["tokenizer"]
-        if tok.is_file():
-            shutil.copy2(tok, tag_dir / tok.name)
+    try:
+        engine.save_checkpoint(str(output_dir), tag=tmp_dir.name, save_latest=False, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("iostream error")
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in _WRITE_FAILURES):
+            raise
+        raise _write_failed(tag_dir, tmp_dir, e) from e
+    dist.barrier()
+    if rank0:
+        try:
+            write_atomic(tmp_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag}, indent=1))
+            tok = output_dir / meta["tokenizer"]
+            if tok.is_file():
+                shutil.copy2(tok, tmp_dir / tok.name)
+            write_checksums(tmp_dir)
+        except OSError as e:
+            raise _write_failed(tag_dir, tmp_dir, e) from e
+        replace_dir(tmp_dir, tag_dir)
         write_atomic(output_dir / LATEST_FILE, tag)
-        _prune(output_dir, keep_last, keep={tag, *protected})
+        _prune(output_dir, keep_last, keep={tag, *protected}, step=step)
     dist.barrier()
     return tag_dir
 
 
-def _prune(output_dir: Path, keep_last: int, keep: set[str]) -> None:
-    for p in tag_dirs(output_dir)[:-keep_last]:
+def _remove_leftovers(output_dir: Path) -> None:
+    """Temporary directories of saves that were killed (only one run holds the directory: they are stale)."""
+    for p in [*output_dir.glob(f"{SAVING_PREFIX}*"), *output_dir.glob(f"{REPLACED_PREFIX}*")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_failed(tag_dir: Path, tmp_dir: Path, e: BaseException) -> CheckpointWriteError:
+    """Remove the partial directory and say what happened in one line (the name, the free space, `latest`)."""
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    output_dir = tag_dir.parent
+    try:
+        free_b = shutil.disk_usage(output_dir).free
+        free = f"{free_b / 2**30:.2f} GiB free" if free_b >= 2**30 else f"{free_b / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    latest = output_dir / LATEST_FILE
+    kept = latest.read_text().strip() if latest.is_file() else None
+    return CheckpointWriteError(
+        f"cannot write checkpoint {tag_dir} ({type(e).__name__}: {first}; {free} on {output_dir}): the partial "
+        f"directory was removed and `latest` still names {kept or 'no checkpoint'}. Free disk space (or lower "
+        "train.keep_last) and run the same command to resume.")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem cannot exchange
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Put the complete directory ``new`` at ``dst``. An existing ``dst`` (a checkpoint of an abandoned branch) is
+    swapped out in one atomic exchange where the filesystem allows it (else moved aside first) and then deleted:
+    ``dst`` never holds a mix of the two."""
+    if not dst.exists():
+        os.rename(new, dst)
+    elif _exchange(new, dst):
+        shutil.rmtree(new)  # now the old directory
+    else:
+        aside = dst.with_name(f"{REPLACED_PREFIX}{dst.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(dst, aside)
+        os.rename(new, dst)
+        shutil.rmtree(aside)
+    _fsync_dir(dst.parent)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(tag_dir: Path) -> None:
+    """``checksums.json``: size and BLAKE2b digest of every file of ``tag_dir``; every file (written by any rank of
+    this machine) is fsynced first, so a checksum never describes data that a power loss could still drop."""
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(tag_dir.iterdir()):
+        if not p.is_file() or p.name == CHECKSUM_FILE:
+            continue
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[p.name] = {"size": p.stat().st_size, "blake2b": _digest(p)}
+    write_atomic(tag_dir / CHECKSUM_FILE, json.dumps({"algorithm": "blake2b-128", "files": files}, indent=1))
+    _fsync_dir(tag_dir)
+
+
+def verify_checksums(tag_dir: str | Path, part: int = 0, parts: int = 1, only: Callable[[str], bool] | None = None
+                     ) -> str | None:
+    """Check the files of ``tag_dir`` against its ``checksums.json`` (share ``part`` of ``parts``, so that ranks
+    split the reading; ``only``: the file names to check, e.g. a converter skips the optimizer state); raises
+    :class:`ChecksumError` naming the first damaged or missing file. Returns a one-line note for a checkpoint saved
+    before checksums were written (nothing to check), else None."""
+    tag_dir = Path(tag_dir)
+    manifest_file = tag_dir / CHECKSUM_FILE
+    if not manifest_file.is_file():
+        return f"NOTE: {tag_dir} has no {CHECKSUM_FILE} (saved by an older version): its files are not verified"
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ChecksumError(f"{manifest_file}: damaged ({type(e).__name__}: {e}); {_older_advice(tag_dir)}") from e
+    for name in sorted(n for n in files if only is None or only(n))[part::parts]:
+        f, want = tag_dir / name, files[name]
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != want["size"]:
+            problem = f"has {f.stat().st_size} bytes, {want['size']} were saved (truncated or replaced)"
+        elif _digest(f) != want["blake2b"]:
+            problem = "does not match its checksum (damaged on disk or in a copy)"
+        else:
+            continue
+        raise ChecksumError(f"{f} {problem} ({manifest_file}); {_older_advice(tag_dir)}")
+    return None
+
+
+def _older_advice(tag_dir: Path) -> str:
+    older = [p.name for p in tag_dirs(tag_dir.parent) if p.name != tag_dir.name and (p / META_FILE).is_file()]
+    return ("the checkpoint is damaged: restore the file from a backup, or use an older checkpoint (train with "
+            f"--resume-from global_stepK, or convert that directory; complete ones here: {', '.join(older) or 'none'})")
+
+
+def _prune(output_dir: Path, keep_last: int, keep: set[str], step: int) -> None:
+    """Keep the last ``keep_last`` checkpoints up to ``step``. Newer tags (a branch abandoned by ``--resume-from`` an
+    older step) are not counted and left alone until this run replaces them, so they never crowd out its own."""
+    history = [p for p in tag_dirs(output_dir) if int(p.name[len(TAG_PREFIX):]) <= step]
+    for p in history[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p)
 

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from types import FrameType
 
@@ -34,6 +35,9 @@ class StepVerdict:
     """Some rank saw a non-finite loss or gradient norm at this step."""
     stop: bool
     """Some rank was asked to stop (SIGTERM/SIGINT): finish this step, save, exit 0."""
+    loss: float | None = None
+    """This rank's view of the step's loss (set by the trainer, quoted when the step is non-finite)."""
+    grad_norm: float | None = None
 
 
 def is_finite(value: float | torch.Tensor | None) -> bool:
@@ -69,14 +73,22 @@ def nonfinite_advice(step: int, loss: float | None, grad_norm: float | None, lr:
               "such steps")
 
 
+SIGNAL_GRACE_S = 20.0
+"""Repeated SIGTERMs within this many seconds of the first count as one: a scheduler signals every process of the job
+and the launcher forwards its own SIGTERM a moment later, so a rank often receives two."""
+
+
 class StopSignal:
-    """SIGTERM/SIGINT handler: the first signal asks the run to stop after the current step (with a checkpoint);
-    a second one exits at once."""
+    """SIGTERM/SIGINT handler: the first signal asks the run to stop after the current step (with a checkpoint).
+    Repeated SIGTERMs within :data:`SIGNAL_GRACE_S` of the first are the same request (a scheduler's SIGTERM and the
+    launcher's forwarded copy); a later SIGTERM, or a second SIGINT (Ctrl-C twice), exits at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = SIGNAL_GRACE_S) -> None:
         self.received: int | None = None
+        self.grace_s = grace_s
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopSignal:
@@ -89,16 +101,29 @@ class StopSignal:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
+    def forces_exit(self, signum: int) -> bool:
+        """Whether ``signum``, arriving after a first stop request, means "exit now" rather than the same request."""
+        if self.received is None:
+            return False
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            return True
+        return time.monotonic() - self._first_at > self.grace_s
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.received is not None:
-            print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] second {name}: exiting now, without a "
-                  "checkpoint of the current step", file=sys.stderr, flush=True)
+        who = f"[rank {dist.get_rank() if dist.is_initialized() else 0}]"
+        if self.forces_exit(signum):
+            print(f"{who} second {name}: exiting now, without a checkpoint of the current step", file=sys.stderr,
+                  flush=True)
             os._exit(128 + signum)
-        self.received = signum
-        print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] {name} received: finishing the current "
-              "optimizer step, then saving a checkpoint and exiting (send it again to exit at once)",
-              file=sys.stderr, flush=True)
+        if self.received is not None:
+            print(f"{who} {name} again within {self.grace_s:.0f} s of the first signal: already stopping after "
+                  "this step", file=sys.stderr, flush=True)
+            return
+        self.received, self._first_at = signum, time.monotonic()
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send SIGTERM again after {self.grace_s:.0f} s"
+        print(f"{who} {name} received: finishing the current optimizer step, then saving a checkpoint and exiting "
+              f"({again} to exit at once)", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:

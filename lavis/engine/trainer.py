@@ -30,7 +30,15 @@ from lavis.data.tokenizer import load_tokenizer
 from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.evaluation import config_hooks
-from lavis.engine.guards import NonFiniteError, StopSignal, agree, is_finite, nonfinite_advice, trainable_weights_finite
+from lavis.engine.guards import (
+    NonFiniteError,
+    StepVerdict,
+    StopSignal,
+    agree,
+    is_finite,
+    nonfinite_advice,
+    trainable_weights_finite,
+)
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
@@ -168,6 +176,7 @@ def train(
     """Lock the run directory, build the run, restore it from its checkpoint, fit it. ``resume``/``save`` False
     (``python -m lavis.bench``): start fresh and write no checkpoints."""
     out = Path(cfg.train.output_dir)
+    stop_signal = StopSignal().install()  # from the start: a SIGTERM while the run is built stops it after step 1
     lock = _lock_run_dir(out)
     run = None
     try:
@@ -177,8 +186,9 @@ def train(
         run.steps = build_data(run)
         _check_resume_data(run, tag)
         write_run_files(run)
-        fit(run, hooks, stop_at_step=stop_at_step, save=save)
+        fit(run, hooks, stop_at_step=stop_at_step, save=save, stop_signal=stop_signal)
     finally:  # no collective here: a failing rank must not wait for the others
+        stop_signal.uninstall()
         if run is not None and run.steps is not None:
             run.steps.close()  # data workers ignore SIGTERM (preemption), so they are ended explicitly
         if lock is not None:
@@ -280,9 +290,27 @@ def _lr_lambda(t: Any) -> Any:
 def _check_resume(tag_dir: Path, cfg: Config, tok: Any) -> None:
     """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step."""
     meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
+    _verify_checkpoint_files(tag_dir)
     check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
     for line in changes:
         print0(f"resume: {line} (from step {meta['step']} on)")
+
+
+def _verify_checkpoint_files(tag_dir: Path) -> None:
+    """Collective: each rank checks a share of the checkpoint's files against its checksums; every rank fails alike,
+    naming the damaged file, before anything is loaded or written."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        note, error = checkpoint.verify_checksums(tag_dir, part=rank, parts=world), None
+    except checkpoint.ChecksumError as e:
+        note, error = None, str(e)
+    errors: list[Any] = [None] * world
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise checkpoint.ChecksumError(first)
+    if note:
+        print0(note)
 
 
 def restore(run: Run, tag: str | None) -> None:
@@ -372,12 +400,14 @@ def build_data(run: Run) -> StepLoader:
                       device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
 
 
-def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None, save: bool = True) -> None:
+def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None, save: bool = True,
+        stop_signal: StopSignal | None = None) -> None:
     """The loop: one ``train_batch`` per optimizer step, the guards every rank agrees on, metrics, checkpoints,
-    hooks. Stops early (with a checkpoint, exit 0) on SIGTERM/SIGINT."""
+    hooks. Stops early (with a checkpoint, exit 0) on SIGTERM/SIGINT (``stop_signal``: one installed by the caller)."""
     t = run.cfg.train
     end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
-    stop_signal = StopSignal().install()
+    own_signal = stop_signal is None
+    stop_signal = stop_signal or StopSignal().install()
     rank0 = run.rank == 0
     counter = _PadCounter(None) if rank0 else None  # padding efficiency of the batches stage 0 of replica 0 runs
     bar = _Progress(run.start_step, t.max_steps) if rank0 else None
@@ -396,7 +426,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
                 logger.log(row)
                 bar.update(row)
             if verdict.nonfinite:
-                _count_nonfinite(run, done, row)  # raises past train.max_nonfinite_steps
+                _count_nonfinite(run, done, verdict)  # raises past train.max_nonfinite_steps
             if save and (done == end or verdict.stop or (t.save_every and done % t.save_every == 0)):
                 tag_dir = run.save(done)
                 print0(f"saved {tag_dir}")
@@ -411,7 +441,8 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
             for h in hooks:
                 h.on_end(run)
     finally:
-        stop_signal.uninstall()
+        if own_signal:
+            stop_signal.uninstall()
         if rank0:
             bar.close()
             logger.close()
@@ -433,6 +464,7 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
     grad_norm = run.optimizer.last_grad_norm if run.own_clip else run.engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm)
     verdict = agree(not (is_finite(loss) and is_finite(grad_norm)), stop)
+    verdict.loss, verdict.grad_norm = loss, grad_norm  # every rank holds them (DeepSpeed broadcasts the loss)
     if step == run.start_step:
         _report_memory(run.stage)
     if run.rank != 0:
@@ -447,12 +479,13 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
     return row, verdict
 
 
-def _count_nonfinite(run: Run, step: int, row: dict[str, Any] | None) -> None:
-    """Every rank: count a skipped non-finite step; stop the run (all ranks alike) past ``max_nonfinite_steps``."""
+def _count_nonfinite(run: Run, step: int, verdict: StepVerdict) -> None:
+    """Every rank: count a skipped non-finite step; stop the run (all ranks alike) past ``max_nonfinite_steps``.
+    Each rank names its own values (the loss and the global gradient norm are the same on every rank), so whichever
+    rank torchrun reports as the root cause quotes them."""
     t = run.cfg.train
     run.nonfinite_steps += 1
-    loss, norm = (row["nonfinite_loss"], row["nonfinite_grad_norm"]) if row else ("?", "?")
-    advice = nonfinite_advice(step, loss, norm, run.optimizer.param_groups[0]["lr"], t.precision)
+    advice = nonfinite_advice(step, verdict.loss, verdict.grad_norm, run.optimizer.param_groups[0]["lr"], t.precision)
     if run.nonfinite_steps > t.max_nonfinite_steps:
         latest = checkpoint.read_latest(run.out) if run.out.is_dir() else None
         raise NonFiniteError(f"{advice}. Stopping ({run.nonfinite_steps} non-finite step(s), "

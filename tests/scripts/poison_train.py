@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from lavis.engine.distributed import init_distributed, shutdown
+from lavis.engine.errors import run_rank
 from lavis.engine.hooks import Hook
 from lavis.engine.trainer import parse_args, resolve_config, train
 
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)  # as train_pipeline.py: torchrun's summary quotes the root-cause rank's message
