@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from lavis.chat.stops import context_start
+from lavis.chat.stops import StopStrings, context_start
 from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
@@ -267,7 +267,7 @@ class _Row:
                  stream: bool) -> None:
         self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
         self.stop_sequences = stop_sequences
-        self.stop_strings = [s for s in req.stop_strings if s]
+        self.stop_strings = StopStrings(list(req.stop_strings))
         self.on_text = req.on_text if stream else None
         self.cancel = req.cancel
         self.ids: list[int] = []
@@ -289,9 +289,9 @@ class _Row:
             self.text, self.finish = self.cut(self.tok.decode(self.ids)), "stop"
         else:
             self.text = self.cut(self.tok.decode(self.ids))
-            cuts = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
-            if cuts:
-                self.text, self.finish = self.text[:min(cuts)], "stop"
+            cut = self.stop_strings.first(self.text)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
             elif len(self.ids) >= self.max_new:
                 self.finish = "length"
         self.flush(final=self.finish is not None)
@@ -303,8 +303,7 @@ class _Row:
         if not final:
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 return
-            held = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - held]
+            text = text[:len(text) - self.stop_strings.held(text)]
         text = text.rstrip()
         if len(text) > self.sent and self.on_text is not None:
             self.on_text(text[self.sent:])
