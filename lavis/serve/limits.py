@@ -70,7 +70,8 @@ def check_request(body: ChatCompletionRequest, limits: Limits) -> None:
     if total > limits.max_text_chars:
         raise APIError(413, f"messages: {total} characters of text, over the limit of {limits.max_text_chars} "
                        "(--max-text-chars)", "messages", "text_too_long")
-    texts += [(f"{where}.image_url.url", p.image_url.url) for where, p in parts if isinstance(p, ImagePart)]
+    texts += [(f"{where}.image_url.url", p.image_url.url) for where, p in parts  # data URLs: base64 checks them
+              if isinstance(p, ImagePart) and not p.image_url.url.startswith("data:")]
     texts += [(f"{where}.video_url.url", p.video_url.url) for where, p in parts if isinstance(p, VideoPart)]
     texts += [(f"messages[{i}].name", m.name) for i, m in enumerate(body.messages) if m.name]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
