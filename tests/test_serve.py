@@ -287,6 +287,7 @@ def test_stop_strings_match_as_a_full_search_in_linear_time() -> None:
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.process
 def test_stop_is_bounded_and_a_maximal_stop_holds_no_one(server: str) -> None:
     api = client(server)
     hi = [{"role": "user", "content": "hi"}]
@@ -310,6 +311,7 @@ def test_stop_is_bounded_and_a_maximal_stop_holds_no_one(server: str) -> None:
     assert done["maximal"] < 60 and done["small"] < 60  # generous: seconds under load, minutes when it stalled
 
 
+@pytest.mark.process
 def test_requests_are_bounded_before_any_decoding(server: str, images: list[Path], tmp_path: Path) -> None:
     api = client(server)
     tiny = data_url(images[0])
@@ -340,6 +342,7 @@ def test_requests_are_bounded_before_any_decoding(server: str, images: list[Path
     assert (status, body["error"]["code"]) == (400, "invalid_image")
 
 
+@pytest.mark.process
 def test_seed_bad_characters_and_chunked_bodies(server: str) -> None:
     hi = [{"role": "user", "content": "hi"}]
     status, body = post(server, {"messages": hi, "seed": 2**70, "temperature": 1})
