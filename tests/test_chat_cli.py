@@ -113,7 +113,7 @@ def test_web_chat_callbacks(chat_args: list[str], tiny_data: Path, tmp_path: Pat
     from lavis.chat.webui import WebChat, build_app
 
     engine = ChatEngine.from_files(chat_args[1], chat_args[3], device="cpu")
-    web = WebChat(engine, max_upload_mb=1)
+    web = WebChat(engine, max_upload_mb=1, local_dirs=[tiny_data, tmp_path])  # as --allow-local-files
     bad, big = tmp_path / "notes.png", tmp_path / "big.png"
     bad.write_text("not an image")
     big.write_bytes(b"\0" * (2 * 2**20))

@@ -124,7 +124,8 @@ def test_web_chat_warns_and_keeps_question_and_files(tiny_data: Path) -> None:
 
     from .conftest import DEMO_CFG
 
-    web = WebChat(ChatEngine.from_files(DEMO_CFG, None, device="cpu"), max_upload_mb=1)
+    web = WebChat(ChatEngine.from_files(DEMO_CFG, None, device="cpu"), max_upload_mb=1,
+                  local_dirs=[tiny_data])  # the web UI reads only uploads and --allow-local-files folders
     img = str(tiny_data / "images/train/000000.jpg")
     session, _ = web.on_files([img], None)
     with pytest.warns(UserWarning, match="2 image markers but 1 image attached"):

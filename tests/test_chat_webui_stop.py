@@ -60,3 +60,23 @@ def test_refused_uploads_are_deleted_only_in_the_upload_folder(web: WebChat, tmp
         warnings.simplefilter("ignore")
         chat.on_files([str(refused), str(kept)], None)
     assert not refused.exists() and kept.exists()
+
+
+def test_stop_while_the_question_waits_behind_another_session_ends_it(web: WebChat) -> None:
+    """b's question is sent (its stop token reserved, as the send button does before the question queues) while a
+    generates; b presses stop before its question reached the model: it never runs, and a is untouched."""
+    a, b = Session(), Session()
+    knobs = (LONG, "greedy", 1.0, 1.0, 3)
+    full = web.engine.generate([web.engine.make_turn("Describe it.", [])], GenerationSettings(max_new_tokens=LONG))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gr.Warning outside a request
+        stream_a = web.respond("Describe it.", a, *knobs)
+        next(stream_a)
+        next(stream_a)  # a is generating
+        b = web.reserve(b)  # b sent its question: it waits in the queue
+        web.stop(b)
+        *_, (shown_b, b, _, _) = web.respond("Describe it.", b, *knobs)  # its turn comes
+        *_, (shown_a, a, _, _) = stream_a
+    assert b.turns[0].stopped and b.turns[0].answer == "" and shown_b[-1]["content"].endswith("[stopped]")
+    assert not a.turns[0].stopped and a.turns[0].answer == full.text
+    assert web.waiting == {} and web.stops == {}

@@ -24,7 +24,7 @@ import pytest
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, Request
 
-from .conftest import DEMO_CFG, REPO, stop_server, wait_until_served
+from .conftest import DEMO_CFG, REPO, stop_server, wait_until_served, write_png_header_only
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra: pip install -e '.[dev]'")
 
@@ -194,7 +194,7 @@ def test_errors_are_openai_shaped(server: str, images: list[Path], tmp_path: Pat
     assert err["message"].startswith("messages[0].content[2].image_url.url: not a usable image")
     assert set(err) == {"message", "type", "param", "code"}
 
-    too_many = [data_url(images[0])] * 70  # 70 images x 8 slots over the 512-token context
+    too_many = [data_url(images[0])] * 64  # 64 images x 8 slots over the 512-token context
     with pytest.raises(openai.BadRequestError, match="context of 512"):
         api.chat.completions.create(model="m", messages=user(QUESTION, *too_many))
     with pytest.raises(openai.BadRequestError, match="outside the folder"):
@@ -249,3 +249,157 @@ def test_weights_side_does_not_import_the_chat_package() -> None:
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in names if m.startswith("lavis.chat")], path
+
+
+def post(url: str, body: object, chunks: int = 0) -> tuple[int, dict]:
+    """Plain HTTP POST of ``body`` (JSON; a str is sent as it is); ``chunks``: sent chunked in that many pieces."""
+    data = (body if isinstance(body, str) else json.dumps(body)).encode("utf-8", "surrogatepass")
+    if chunks:
+        size = -(-len(data) // chunks)
+        data = iter([data[i:i + size] for i in range(0, len(data), size)])  # no length: urllib sends it chunked
+    req = urllib.request.Request(url + "/v1/chat/completions", data=data, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_stop_strings_match_as_a_full_search_in_linear_time() -> None:
+    """StopStrings against the plain definition (first occurrence; longest end that starts a stop string) on random
+    growing texts, then a 200,000-character stop string over 16 tokens: the quadratic search took about 2 s per token,
+    this one microseconds (bound: 5 s for all)."""
+    import random
+
+    from lavis.chat.stops import StopStrings
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(0, 4))]
+        matcher, text = StopStrings(stops), ""
+        for _ in range(8):
+            text += "".join(rng.choice("ab") for _ in range(rng.randint(0, 3)))
+            text = text[:-1] if rng.random() < 0.1 else text  # a decode may also shorten the text
+            first = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+            held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            assert (matcher.first(text), matcher.held(text)) == (first, held), (stops, text)
+    start = time.monotonic()
+    matcher = StopStrings(["a" * 200_000 + "b"])
+    for i in range(1, 17):
+        assert matcher.first("a" * 40 * i) == -1 and matcher.held("a" * 40 * i) == 40 * i
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.process
+def test_stop_is_bounded_and_a_maximal_stop_holds_no_one(server: str) -> None:
+    api = client(server)
+    hi = [{"role": "user", "content": "hi"}]
+    for stop in (["a"] * 5, "x" * 257, "x" * 200_000):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="m", messages=hi, stop=stop)
+        assert e.value.response.json()["error"]["param"] == "stop" and "at most 4 stop strings" in str(e.value)
+    maximal = ["a" * 255 + "b", "ab" * 128, " " * 256, "\n" * 256]  # never produced, so each token searches them
+    done: dict[str, float] = {}
+
+    def ask(name: str, **kw: object) -> None:
+        start = time.monotonic()
+        api.chat.completions.create(model="m", messages=hi, temperature=0, **kw)
+        done[name] = time.monotonic() - start
+
+    slow = threading.Thread(target=ask, args=("maximal",), kwargs={"stop": maximal, "max_tokens": 12})
+    slow.start()
+    time.sleep(0.2)
+    ask("small", max_tokens=2)
+    slow.join(timeout=300)
+    assert done["maximal"] < 60 and done["small"] < 60  # generous: seconds under load, minutes when it stalled
+
+
+@pytest.mark.process
+def test_requests_are_bounded_before_any_decoding(server: str, images: list[Path], tmp_path: Path) -> None:
+    api = client(server)
+    tiny = data_url(images[0])
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="m", messages=user(QUESTION, *[tiny] * 65))
+    assert e.value.response.json()["error"]["param"] == "messages[0].content[65]" and "--max-images" in str(e.value)
+
+    start = time.monotonic()  # thousands of parts: refused by counting, nothing decoded or tokenized
+    status, body = post(server, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 5000}]})
+    assert (status, body["error"]["code"]) == (400, "too_many_parts") and time.monotonic() - start < 30
+    status, body = post(server, {"messages": [{"role": "user", "content": "a" * 100_001}]})
+    assert (status, body["error"]["code"], body["error"]["param"]) == (413, "text_too_long", "messages")
+
+    for side in (8000, 30_000):  # over --max-image-pixels; the second over PIL's own limit: the header tells
+        write_png_header_only(tmp_path / "big.png", side, side)
+        big = "data:image/png;base64," + base64.b64encode((tmp_path / "big.png").read_bytes()).decode()
+        status, body = post(server, {"messages": user(QUESTION, tiny, big)})
+        assert (status, body["error"]["code"]) == (413, "image_too_large")
+        assert body["error"]["param"] == "messages[0].content[2].image_url.url"
+
+    # 40 images whose pixels cannot be decoded, and a question that overflows the context: the context check comes
+    # first, so nothing is decoded (decoding would fail on the first image)
+    write_png_header_only(tmp_path / "hollow.png", 64, 64)
+    hollow = "data:image/png;base64," + base64.b64encode((tmp_path / "hollow.png").read_bytes()).decode()
+    status, body = post(server, {"messages": user("describe " * 300, *[hollow] * 40)})
+    assert (status, body["error"]["code"]) == (400, "context_length_exceeded")
+    status, body = post(server, {"messages": user(QUESTION, hollow)})
+    assert (status, body["error"]["code"]) == (400, "invalid_image")
+
+
+@pytest.mark.process
+def test_seed_bad_characters_and_chunked_bodies(server: str) -> None:
+    hi = [{"role": "user", "content": "hi"}]
+    status, body = post(server, {"messages": hi, "seed": 2**70, "temperature": 1})
+    assert (status, body["error"]["param"]) == (400, "seed")
+    status, body = post(server, {"messages": [{"role": "user", "content": "a\x00b"}]})
+    assert (status, body["error"]["param"], body["error"]["code"]) == (400, "messages[0].content", "invalid_text")
+    surrogate = '{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\\ud800y"}]}]}'
+    status, body = post(server, surrogate)
+    assert (status, body["error"]["param"]) == (400, "messages[0].content[0].text")
+    status, body = post(server, {"messages": hi, "stop": "\udfff"})
+    assert (status, body["error"]["param"]) == (400, "stop")
+
+    status, body = post(server, {"messages": hi, "max_tokens": 2, "temperature": 0}, chunks=3)  # chunked, small
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, body = post(server, {"messages": [{"role": "user", "content": "x" * (2 * 2**20)}]}, chunks=40)
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
+
+
+def test_media_decoding_runs_in_a_bounded_pool(engine: ChatEngine, images: list[Path]) -> None:
+    """Six requests with images at once, two decode workers: at most two requests decode at the same time."""
+    from fastapi.testclient import TestClient
+
+    from lavis.serve.app import ServeOptions, build_app
+    from lavis.serve.limits import Limits
+    from lavis.serve.scheduler import Scheduler
+
+    class Counting(ChatEngine):
+        def __init__(self) -> None:
+            self.__dict__.update(engine.__dict__)
+            self.now, self.most, self.lock = 0, 0, threading.Lock()
+
+        def load_image_bytes(self, data: bytes, name: str):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(0.3)
+            try:
+                return super().load_image_bytes(data, name)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    counting = Counting()
+    scheduler = Scheduler(counting, max_queue=16, max_batch=1)
+    scheduler.start()
+    codes: list[int] = []
+    body = {"messages": user(QUESTION, data_url(images[0]), data_url(images[1]))}
+    opts = ServeOptions(max_new_tokens=1, limits=Limits(decode_workers=2))
+    with TestClient(build_app(counting, scheduler, opts)) as app:  # one event loop for all requests, as uvicorn
+        threads = [threading.Thread(target=lambda: codes.append(app.post("/v1/chat/completions", json=body)
+                                                                .status_code)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert codes == [200] * 6 and 1 <= counting.most <= 2

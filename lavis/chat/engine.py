@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from lavis.chat.stops import context_start
+from lavis.chat.stops import StopStrings, context_start
 from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
@@ -299,8 +299,8 @@ class _Row:
                  stream: bool) -> None:
         self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
         self.stop_sequences = stop_sequences
-        self.stop_strings = [s for s in req.stop_strings if s]
-        self.held = [*self.stop_strings, *tpl.spec.stop_texts]
+        self.stop_strings = StopStrings(list(req.stop_strings))
+        self.held = StopStrings([*req.stop_strings, *tpl.spec.stop_texts])
         """Text whose beginning is held back while streaming (a stop text such as '###' never shows in part)."""
         self.on_text = req.on_text if stream else None
         self.cancel = req.cancel
@@ -323,9 +323,9 @@ class _Row:
             self.text, self.finish = self.cut(self.tok.decode(self.ids)), "stop"
         else:
             self.text = self.cut(self.tok.decode(self.ids))
-            cuts = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
-            if cuts:
-                self.text, self.finish = self.text[:min(cuts)], "stop"
+            cut = self.stop_strings.first(self.text)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
             elif len(self.ids) >= self.max_new:
                 self.finish = "length"
         self.flush(final=self.finish is not None)
@@ -337,8 +337,7 @@ class _Row:
         if not final:
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 return
-            held = max((k for s in self.held for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - held]
+            text = text[:len(text) - self.held.held(text)]
         text = text.rstrip()
         if len(text) > self.sent and self.on_text is not None:
             self.on_text(text[self.sent:])

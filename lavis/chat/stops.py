@@ -6,6 +6,9 @@ context window.
   :func:`stopping_criteria` ends generation when the generated ids end with any of them.
 - Answer text: the generated ids up to the first stop sequence, decoded, then the template's cut rule (MiniGPT-4:
   the text before ``###``, after ``Assistant:``, stripped).
+- Stop strings (a request's ``stop``): :class:`StopStrings` finds the first one in the answer text and how much of the
+  text's end may still grow into one; each generated token costs time linear in the new text and the strings'
+  lengths (only the tail that can hold a new match is searched), never quadratic in a string's length.
 - Context window (MiniGPT-4's demo): prompt + answer must fit ``max_length`` tokens (the template's
   ``max_length``: 2000 for MiniGPT-4's templates, none for the others), so the oldest
   ``max(0, prompt_len + max_new_tokens - max_length)`` prompt embeddings are dropped before generating.
@@ -56,6 +59,59 @@ def answer_text(tpl: ChatTemplate, ids: list[int]) -> str:
     template's cut rule applied (as the predecessor cuts it)."""
     cut = first_stop(ids, tpl.stop_sequences())
     return tpl.cut_answer(tpl.tokenizer.decode(ids[:cut]))
+
+
+class StopStrings:
+    """A request's stop strings matched against an answer text that grows token by token."""
+
+    def __init__(self, strings: list[str]) -> None:
+        self.strings = [s for s in strings if s]
+        self.fail = [_prefix_function(s) for s in self.strings]
+        self.longest = max(map(len, self.strings), default=0)
+        self.text = ""
+        self.start = 0
+        """A stop string found in a longer ``self.text`` cannot start before this position (searched before)."""
+
+    def first(self, text: str) -> int:
+        """Where the first stop string starts in ``text`` (-1: none). Text that only grew since the last call is
+        searched from its last ``longest - 1`` characters searched before on."""
+        if not self.strings:
+            return -1
+        start = self.start if text.startswith(self.text) else 0
+        found = min((i for i in (text.find(s, start) for s in self.strings) if i >= 0), default=-1)
+        self.text, self.start = text, max(start, len(text) - self.longest + 1)
+        if found >= 0:  # a match complete now stays the first unless a longer one completes before it
+            self.start = min(self.start, found)
+        return found
+
+    def held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is the start of a stop string (a match may still complete)."""
+        return max((_suffix_prefix(text[max(0, len(text) - len(s) + 1):], s, f) for s, f in zip(self.strings, self.fail)
+                    if len(s) > 1), default=0)
+
+
+def _prefix_function(s: str) -> list[int]:
+    """Knuth-Morris-Pratt: ``fail[i]`` = length of the longest proper prefix of ``s[:i + 1]`` that ends it."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _suffix_prefix(tail: str, s: str, fail: list[int]) -> int:
+    """Length of the longest end of ``tail`` that is a proper prefix of ``s`` (one pass over ``tail``)."""
+    k = 0
+    for c in tail:
+        while k and (k == len(s) or c != s[k]):
+            k = fail[k - 1]
+        if c == s[k]:
+            k += 1
+    return fail[k - 1] if k == len(s) else k
 
 
 def context_start(prompt_len: int, max_new_tokens: int, max_length: int | None) -> int:

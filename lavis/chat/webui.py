@@ -9,6 +9,14 @@ decoded as soon as they arrive: a file that is not a readable image or video, or
 gets a warning toast and a line in "media status", is left out and deleted. Uploads live in a temporary folder of
 the server's own that is removed when it stops. Besides the UI, the endpoint ``/answer`` (one file and a question ->
 the answer, no history) serves ``gradio_client``.
+
+Files: the UI reads only files uploaded to it (gradio's upload folder, which gradio itself also enforces for file
+inputs) and, with ``--allow-local-files DIR`` (repeatable or a comma list), files under DIR, which the endpoint
+``/answer_local`` (a server-side path and a question) then accepts. Any other file name, for example a forged
+``FileData`` path, is refused with one message that says nothing about the file (:mod:`lavis.chat.local_files`).
+
+Stop: the stop button ends the session's running answer and every question of that session still waiting for the
+model (each question takes its stop token when it is sent, before it queues).
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lavis.chat.engine import (
     VIDEO_SUFFIXES,
+    Answer,
     ChatEngine,
     GenerationSettings,
     Media,
@@ -38,6 +47,7 @@ from lavis.chat.engine import (
     device_from_args,
     set_seed,
 )
+from lavis.chat.local_files import add_local_files_argument, admitted, local_dirs
 from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER
 from lavis.data.media import MediaError
@@ -47,6 +57,7 @@ if TYPE_CHECKING:
 
 MAX_UPLOAD_MB = 200
 DECODING = ("greedy", "sample", "beam search")
+REFUSED = "refused: the web UI reads only files uploaded to it (or under --allow-local-files)"
 
 
 @dataclass
@@ -64,22 +75,29 @@ class WebChat:
     """The UI's callbacks, separate from gradio's layout so they can be called directly."""
 
     def __init__(self, engine: ChatEngine, max_upload_mb: int = MAX_UPLOAD_MB, max_new_tokens: int = 512,
-                 upload_dir: str | Path | None = None) -> None:
+                 upload_dir: str | Path | None = None, local_dirs: Sequence[Path] = ()) -> None:
         self.engine = engine
         self.max_upload_bytes = max_upload_mb * 2**20
         self.max_new_tokens = max_new_tokens
         self.upload_dir = None if upload_dir is None else Path(upload_dir).resolve()
-        """Refused files under this folder (gradio's upload cache) are deleted."""
+        """gradio's upload folder (None: gradio's default one); refused files under it are deleted."""
+        self.local_dirs = [Path(d).resolve() for d in local_dirs]
+        """``--allow-local-files`` folders: readable besides the uploads."""
         self.lock = threading.Lock()  # one generation at a time: one model
         self.stops: dict[str, threading.Event] = {}
         """Session id -> the stop token of the answer that session is generating."""
+        self.waiting: dict[str, list[threading.Event]] = {}
+        """Session id -> stop tokens of its questions sent but not started (waiting behind other sessions)."""
 
     # --- uploads -------------------------------------------------------------------------------------------------
     def load_files(self, files: list[str] | None) -> tuple[list[Media], list[str]]:
         """Decode ``files``; returns the usable media and one status line per file (problems named, not raised)."""
         usable, notes = [], []
         for f in files or []:
-            path = Path(f)
+            path = self.admit(f)
+            if path is None:
+                notes.append(f"{Path(f).name}: {REFUSED}, left out")
+                continue
             size = path.stat().st_size if path.is_file() else 0
             if size > self.max_upload_bytes:
                 notes.append(f"{path.name}: {size / 2**20:.0f} MB is over the {self.max_upload_bytes // 2**20} MB "
@@ -97,6 +115,15 @@ class WebChat:
             frames = f" ({m.pixels.shape[0]} frames)" if m.marker != IMAGE_MARKER else ""
             notes.append(f"{path.name}: attached{frames}")
         return usable, notes
+
+    def admit(self, name: str) -> Path | None:
+        """``name`` as a file the UI may read (an upload, or under ``--allow-local-files``), else None."""
+        upload_dir = self.upload_dir
+        if upload_dir is None:
+            from gradio.utils import get_upload_folder
+
+            upload_dir = Path(get_upload_folder()).resolve()
+        return admitted(name, [upload_dir, *self.local_dirs])
 
     def discard(self, path: Path) -> None:
         """Delete a refused upload (only files in the upload folder: never a file the caller owns)."""
@@ -177,12 +204,15 @@ class WebChat:
 
         pieces: queue.Queue[str | None] = queue.Queue()
         outcome: list = []
-        stop = self.stops[session.id] = threading.Event()  # a stop pressed before the lock is ours counts too
+        stop = self.stops[session.id] = self.claim(session)  # a stop pressed before the lock is ours counts too
 
         def run() -> None:
             try:
                 with self.lock:
-                    outcome.append(self.engine.generate(turns, settings, stop, on_text=pieces.put))
+                    if stop.is_set():  # stopped while it waited: the model is not run for it
+                        outcome.append(Answer("", "cancelled", 0, 0))
+                    else:
+                        outcome.append(self.engine.generate(turns, settings, stop, on_text=pieces.put))
             except (ValueError, RuntimeError) as e:  # shown in the chat instead of a stack trace
                 outcome.append(e)
             finally:
@@ -214,11 +244,28 @@ class WebChat:
             top_p=float(top_p), num_beams=int(num_beams) if decoding == "beam search" else 1,
         )
 
+    def reserve(self, session: Session | None) -> Session:
+        """A question is sent (before it queues): it gets its stop token now, so a stop pressed while it waits
+        behind another session's answer ends it too."""
+        session = session or Session()
+        self.waiting.setdefault(session.id, []).append(threading.Event())
+        return session
+
+    def claim(self, session: Session) -> threading.Event:
+        """The stop token of the session's oldest question waiting to start (a fresh one if none was reserved)."""
+        waiting = self.waiting.get(session.id)
+        stop = waiting.pop(0) if waiting else threading.Event()
+        if waiting == []:
+            del self.waiting[session.id]
+        return stop
+
     def stop(self, session: Session | None) -> None:
-        """The stop button: ends this session's answer, no other."""
-        stop = self.stops.get(session.id) if session is not None else None
-        if stop is not None:
-            stop.set()
+        """The stop button: ends this session's answer and its waiting questions, no other session's."""
+        if session is None:
+            return
+        for stop in [self.stops.get(session.id), *self.waiting.get(session.id, [])]:
+            if stop is not None:
+                stop.set()
 
     def clear(self) -> tuple[list[dict], Session, None, str]:
         return [], Session(), None, ""
@@ -238,6 +285,11 @@ class WebChat:
             except MediaMarkerError as e:
                 raise gr.Error(str(e)) from None
             return self.engine.generate([turn], GenerationSettings(max_new_tokens=self.max_new_tokens)).text
+
+    def api_answer_local(self, path: str, question: str) -> str:
+        """``/answer_local`` (only with ``--allow-local-files``): a file under those folders, named by its path on
+        the server, and a question -> the answer."""
+        return self.api_answer(path, question)
 
 
 def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
@@ -268,9 +320,12 @@ def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
                     clear = gr.Button("clear", elem_id="clear")
         knobs = [max_new, decoding, temperature, top_p, num_beams]
         files.change(chat.on_files, [files, session], [session, status], api_visibility="private")
+        # reserve (not queued) gives the question its stop token the moment it is sent; the answer then queues
         for trigger in (send.click, msg.submit):
-            trigger(chat.respond, [msg, session, *knobs], [chatbot, session, msg, files], api_visibility="private")
-        regen.click(chat.regenerate, [session, *knobs], [chatbot, session, msg], api_visibility="private")
+            trigger(chat.reserve, [session], [session], queue=False, api_visibility="private").then(
+                chat.respond, [msg, session, *knobs], [chatbot, session, msg, files], api_visibility="private")
+        regen.click(chat.reserve, [session], [session], queue=False, api_visibility="private").then(
+            chat.regenerate, [session, *knobs], [chatbot, session, msg], api_visibility="private")
         stop.click(chat.stop, [session], None, queue=False, api_visibility="private")
         clear.click(chat.clear, None, [chatbot, session, files, status], api_visibility="private")
         with gr.Row(visible=False):  # the /answer endpoint's inputs and output
@@ -279,6 +334,9 @@ def build_app(chat: WebChat, max_new_tokens: int = 512) -> gr.Blocks:
             api_out = gr.Textbox()
         api_btn = gr.Button(visible=False)
         api_btn.click(chat.api_answer, [api_file, api_question], api_out, api_name="answer")
+        if chat.local_dirs:  # a server-side path (a text, not a FileData: gradio reads no file for it)
+            local_path = gr.Textbox(visible=False)
+            api_btn.click(chat.api_answer_local, [local_path, api_question], api_out, api_name="answer_local")
     return app
 
 
@@ -290,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
+    add_local_files_argument(p, "through the /answer_local endpoint")
     p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (matters when sampling)")
     return p
 
@@ -299,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     try:
         cfg_path = args.cfg_path or preset_path(args.model_type)
+        readable = local_dirs(args.allow_local_files)
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        load_8bit=args.load_8bit, llm_device_map=args.llm_device_map)
     except (ValueError, FileNotFoundError) as e:
@@ -310,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"uploads are kept in {upload_dir} until the server stops", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        app = build_app(WebChat(engine, args.max_upload_mb, args.max_new_tokens, upload_dir), args.max_new_tokens)
+        chat = WebChat(engine, args.max_upload_mb, args.max_new_tokens, upload_dir, readable)
+        app = build_app(chat, args.max_new_tokens)
         app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                            max_file_size=f"{args.max_upload_mb}mb", show_error=True)
     finally:

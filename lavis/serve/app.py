@@ -1,6 +1,11 @@
 """The FastAPI application and ``python -m lavis.serve``: OpenAI's ``/v1/chat/completions`` and ``/v1/models``, and
 ``/health``. Binds 127.0.0.1 unless ``--host`` says otherwise; with ``--api-key`` every ``/v1`` call needs
-``Authorization: Bearer KEY``."""
+``Authorization: Bearer KEY``.
+
+A request is bounded before any expensive work (the list of limits is in :mod:`lavis.serve.limits`): the body's size
+as it arrives, then counts, text and characters, then each image's header, then the prompt against the context; only
+then are its media decoded, in a pool of ``--decode-workers`` threads, and the job queued for the one generation
+worker. Every error, an unexpected one included, is a JSON body in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -15,11 +20,11 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -33,6 +38,8 @@ from lavis.chat.engine import (
     device_from_args,
 )
 from lavis.chat.engine import Request as GenRequest
+from lavis.chat.local_files import add_local_files_argument, local_dirs
+from lavis.serve.limits import Limits, check_request
 from lavis.serve.messages import to_conversation
 from lavis.serve.protocol import APIError, ChatCompletionRequest, loc_to_param
 from lavis.serve.scheduler import Job, Scheduler
@@ -42,21 +49,28 @@ from lavis.serve.scheduler import Job, Scheduler
 class ServeOptions:
     model_name: str = "lavis"
     api_key: str | None = None
-    local_root: Path | None = None
-    """Folder local image/video paths may be read from (None: local files refused)."""
+    local_roots: list[Path] = field(default_factory=list)
+    """Folders local image/video paths may be read from (none: local files refused)."""
     max_new_tokens: int = 512
     """Answer length when a request gives no ``max_tokens``."""
     max_request_bytes: int = 20 * 2**20
+    limits: Limits = field(default_factory=Limits)
 
 
 def build_app(engine: ChatEngine, scheduler: Scheduler, opts: ServeOptions) -> FastAPI:
     app = FastAPI(title="lavis chat API", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_BodyLimit, limit=opts.max_request_bytes)
     created = int(time.time())
+    decoding = anyio.CapacityLimiter(opts.limits.decode_workers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # the stack trace goes to the log
+        err = APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error", kind="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -85,8 +99,12 @@ def build_app(engine: ChatEngine, scheduler: Scheduler, opts: ServeOptions) -> F
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatCompletionRequest, request: Request):  # noqa: ANN202 - JSON or an event stream
+        check_request(body, opts.limits)
+        if decoding.statistics().tasks_waiting >= scheduler.jobs.maxsize:
+            raise APIError(503, f"the server is busy ({decoding.statistics().tasks_waiting} requests waiting to be "
+                           "decoded); retry later", None, "queue_full", kind="server_error")
         events = _Events(asyncio.get_running_loop())
-        job = await run_in_threadpool(_make_job, body, engine, opts, events)
+        job = await anyio.to_thread.run_sync(_make_job, body, engine, opts, events, limiter=decoding)
         try:
             scheduler.submit(job)
         except queue.Full:
@@ -117,15 +135,17 @@ class _Events:
 
 
 def _make_job(body: ChatCompletionRequest, engine: ChatEngine, opts: ServeOptions, events: _Events) -> Job:
-    """Decode media and check the prompt (400s before anything streams); runs in a worker thread."""
+    """Check the media's headers and the prompt, then decode the media (400s before anything streams); runs in the
+    decoding pool."""
     try:
-        conv = to_conversation(body, engine, opts.local_root)
+        conv = to_conversation(body, engine, opts.local_roots, opts.limits)
     except MediaMarkerError as e:  # markers typed in the text vs the images sent
         raise APIError(400, str(e), "messages") from None
     try:
         prompt = engine.encode(conv.turns, conv.system_prompt)
     except ContextError as e:
         raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+    conv.decode()
     room = engine.context_length - len(prompt) if engine.context_length else None
     limit = body.token_limit() or opts.max_new_tokens
     if room is not None:
@@ -202,10 +222,6 @@ async def _sse(events: _Events, job: Job, meta: dict, include_usage: bool) -> As
             job.request.cancel.set()
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _BodyLimit:
     """413 for request bodies over the limit, by Content-Length or as the bytes arrive."""
 
@@ -220,25 +236,33 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(receive, send)
             return
-        seen = 0
-
-        async def counting_receive() -> dict:
-            nonlocal seen
+        # Read the body here, up to the limit (a chunked one has no length to trust), and hand it on whole: the
+        # application then never sees a body cut off by the limit (which it would answer with a 400).
+        chunks, seen, message = [], 0, {"type": "http.request", "more_body": True}
+        while message.get("more_body", False):
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                await self._refuse(receive, send, drain=message.get("more_body", False))
+                return
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._refuse(receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for a disconnect, as the server would
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    async def _refuse(self, receive: Callable, send: Callable) -> None:
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, receive: Callable, send: Callable, drain: bool = True) -> None:
         # Read (and drop) the rest of the body first: a reply while the client is still sending makes most clients
         # see a reset connection instead of the 413.
-        message = {"more_body": True}
+        message = {"more_body": drain}
         while message.get("more_body", False) and message.get("type", "http.request") == "http.request":
             message = await receive()
         mb = self.limit / 2**20
@@ -257,12 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("LAVIS_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 calls (default: env LAVIS_SERVE_API_KEY; "
                         "the environment keeps it out of the process list)")
-    p.add_argument("--allow-local-files", metavar="DIR",
-                   help="let requests name image/video files under DIR (default: inline data URLs only)")
+    add_local_files_argument(p, "default: inline data URLs only")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length when a request sets no max_tokens")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 503")
     p.add_argument("--max-batch", type=int, default=1, help="queued requests decoded together (batched generation)")
     p.add_argument("--max-request-mb", type=float, default=20, help="larger request bodies get 413")
+    d = Limits()
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images and videos in one request (400)")
+    p.add_argument("--max-text-chars", type=int, default=d.max_text_chars,
+                   help="characters of text over a request's messages (413)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="width x height of one image, read from its header before decoding (413)")
+    p.add_argument("--decode-workers", type=int, default=d.decode_workers,
+                   help="requests whose images are decoded at the same time")
     p.add_argument("--model-name", help="the id /v1/models reports (default: from the config)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     return p
@@ -276,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg_path = Path(args.cfg_path or preset_path(args.model_type))
-        root = None
-        if args.allow_local_files:
-            root = Path(args.allow_local_files).resolve()
-            if not root.is_dir():
-                raise ValueError(f"--allow-local-files {args.allow_local_files}: not a folder")
+        roots = local_dirs(args.allow_local_files)
+        limits = Limits(max_images=args.max_images, max_text_chars=args.max_text_chars,
+                        max_image_pixels=args.max_image_pixels, decode_workers=args.decode_workers)
+        if min(args.max_images, args.max_text_chars, args.max_image_pixels, args.decode_workers) < 1:
+            raise ValueError("--max-images, --max-text-chars, --max-image-pixels and --decode-workers must be >= 1")
         engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
                                        options=args.options, load_8bit=args.load_8bit,
                                        llm_device_map=args.llm_device_map)
@@ -289,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.model_name or args.model_type or (cfg_path.parent.name if cfg_path.stem == "config" else cfg_path.stem)
-    opts = ServeOptions(name, args.api_key, root, args.max_new_tokens, int(args.max_request_mb * 2**20))
+    opts = ServeOptions(name, args.api_key, roots, args.max_new_tokens, int(args.max_request_mb * 2**20), limits)
     scheduler.start()
     uvicorn.run(build_app(engine, scheduler, opts), host=args.host, port=args.port, log_level="info")
     return 0

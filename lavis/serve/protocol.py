@@ -1,10 +1,20 @@
-"""The parts of OpenAI's chat-completions request the server accepts (validated strictly), and its error shape."""
+"""The parts of OpenAI's chat-completions request the server accepts (validated strictly), and its error shape.
+
+Limits checked here, while the body is parsed (400 naming the field): ``stop`` holds at most
+:data:`MAX_STOP_STRINGS` strings of at most :data:`MAX_STOP_CHARS` characters each; ``seed`` is an integer torch
+accepts (-2**63 .. 2**64 - 1). The limits that depend on the server's options are in :mod:`lavis.serve.limits`.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+MAX_STOP_STRINGS = 4
+"""As OpenAI's API."""
+MAX_STOP_CHARS = 256
 
 
 class _Strict(BaseModel):
@@ -61,10 +71,20 @@ class ChatCompletionRequest(_Strict):
     """0: greedy decoding; > 0: sampling (OpenAI's default 1)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise PydanticCustomError("stop_too_long", "at most {n} stop strings of at most {c} characters each "
+                                      "(got {got})", {"n": MAX_STOP_STRINGS, "c": MAX_STOP_CHARS,
+                                                      "got": f"{len(stops)}, longest {max(map(len, stops))}"})
+        return stop
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
