@@ -62,15 +62,15 @@ def doc_keys() -> list[tuple[str, int, str]]:
                 key = m.group(1)
                 if key.rsplit(".", 1)[-1] in FILE_SUFFIXES or key.startswith(WEIGHT_PREFIXES):
                     continue
-                if doc.name == "MIGRATING.md" and predecessor_key(key):
+                if predecessor_key(key):
                     continue
                 found.append((doc.relative_to(REPO).as_posix(), n, key))
     return found
 
 
 def predecessor_key(key: str) -> bool:
-    """docs/MIGRATING.md also names the predecessors' keys (`model.arch`, `model.max_txt_len`): those in the table
-    migrate uses (lavis/config/predecessor_keys.py) are theirs, not ours."""
+    """The docs also name the predecessors' keys (`model.arch`, `model.max_txt_len`, mostly in MIGRATING.md): those in
+    the table migrate uses (lavis/config/predecessor_keys.py) are theirs, not ours."""
     return any(rule_for(family, key) is not None for family in TABLES) or key == "model.arch"
 
 
