@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from lavis.config.load import ConfigError, deepspeed_config, load_config
 from lavis.engine.optim import PipeAdamW, PipeKahanAdamW, build_optimizer
 from lavis.pipeline.plan import optimizer_bytes_per_param
 
-from .conftest import losses, train
+from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train
 
 STEPS = 5
 
@@ -228,3 +230,19 @@ def test_bf16_adamw_pp1_equals_pp2_with_a_resume_in_between(bf16_runs: dict[str,
     assert state and all(s["comp"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.float32
                          for s in state.values())
     assert one[-1] < one[0]  # it learns
+
+
+@pytest.mark.process
+def test_bf16_adamw_skips_a_nonfinite_step_under_the_guard(tiny_data: Path, tmp_path: Path):
+    """Our clipping sees the non-finite all-stage norm and skips the update (DeepSpeed's bf16 wrapper is not there
+    to do it); the run goes on with finite weights and writes its checkpoint."""
+    out = tmp_path / "skip"
+    proc = launch(2, ["--poison-steps", "2", "--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "4",
+                      "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=2",
+                      *data_options(tiny_data), *BF16, "train.max_nonfinite_steps=1"],
+                  script=REPO / "tests/scripts/poison_train.py")
+    assert "Skipped (1 of at most 1)" in proc.stdout + proc.stderr
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("nonfinite", False) for r in rows] == [False, True, False, False]
+    assert all(math.isfinite(r["loss"]) for r in rows[2:])
+    assert (out / "latest").read_text() == "global_step4"  # saving checks every trained weight is finite

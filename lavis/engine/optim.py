@@ -1,9 +1,11 @@
-"""Optimizer and LR schedule. One AdamW for all modes; global-norm clipping where DeepSpeed gets it wrong.
+"""Optimizer and LR schedule: the AdamW variants of ``train.optimizer``; global-norm clipping where DeepSpeed gets it
+wrong.
 
 DeepSpeed's fp32/no-ZeRO clipping under PP sums only stage 0's gradients (docs/PIPELINE.md section 6). In that mode
-:class:`PipeAdamW` computes the norm over every stage itself (an all-reduce over the pipeline group; data-parallel
-replicas already hold identical, averaged gradients) and clips before stepping. In bf16 / ZeRO-1 DeepSpeed's own
-clipping is correct and is used instead (``lavis.config.load.deepspeed_config``).
+(and under ``adamw_bf16``, which DeepSpeed steps the same way) :class:`GlobalNormClip` computes the norm over every
+stage itself (an all-reduce over the pipeline group; data-parallel replicas already hold identical, averaged
+gradients) and clips before stepping. In bf16 / ZeRO-1 DeepSpeed's own clipping is correct and is used instead
+(``lavis.config.load.deepspeed_config``).
 """
 
 from __future__ import annotations
