@@ -7,9 +7,10 @@ parameters, trainable parameters, estimated GiB and compute share per stage) wit
 any weight: the LLM's shape comes from ``model.llm.path``'s ``config.json`` when it is there, else from the
 published shape of the shipped model config with that path (``lavis/model/published.py``). Exit status 0 when every
 stage fits the per-GPU memory, 1 otherwise; then it tries, in order of cost, the knobs that change the estimate
-(more stages, recomputation, optimizer state in host RAM, LoRA, a shorter ``data.max_txt_len``) and prints which of
-them make it fit. Estimates, not measurements: weights, gradients, optimizer state and the activations of the
-micro-batches in flight under 1F1B; not the CUDA context, allocator fragmentation or temporary buffers.
+(more stages, recomputation, 8-bit or bf16 optimizer state, activations in host memory, optimizer state in host
+RAM, LoRA, a shorter ``data.max_txt_len``) and prints which of them make it fit. Estimates, not measurements:
+weights, gradients, optimizer state and the activations of the micro-batches in flight under 1F1B; not the CUDA
+context, allocator fragmentation or temporary buffers.
 """
 
 from __future__ import annotations
@@ -131,7 +132,15 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if t.activation_checkpoint_interval == 0:
         knobs.append(("recompute every decoder block: train.activation_checkpoint_interval=1",
                       ["train.activation_checkpoint_interval=1"]))
-    if not t.offload_optimizer and t.precision != "fp32":
+    if t.optimizer == "adamw" and t.zero_stage == 0 and not t.offload_optimizer:
+        knobs.append(("8-bit optimizer states: train.optimizer=adamw8bit", ["train.optimizer=adamw8bit"]))
+        if t.precision == "bf16":
+            knobs.append(("bf16 weights without fp32 master copies: train.optimizer=adamw_bf16",
+                          ["train.optimizer=adamw_bf16"]))
+    if t.activation_offload is not True:
+        knobs.append(("saved activations in host memory: train.activation_offload=true",
+                      ["train.activation_offload=true"]))
+    if not t.offload_optimizer and t.precision != "fp32" and t.optimizer != "adamw_bf16":
         knobs.append(("optimizer state in host RAM: train.zero_stage=1 train.offload_optimizer=true",
                       ["train.zero_stage=1", "train.offload_optimizer=true"]))
     if not llm.frozen and llm.lora is None:

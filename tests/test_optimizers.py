@@ -1,19 +1,22 @@
-"""`train.optimizer`: AdamW and bitsandbytes' 8-bit AdamW under the pipeline (clipping, checkpoints, exact resume,
-the planner's bytes)."""
+"""`train.optimizer`: AdamW, bitsandbytes' 8-bit AdamW and Kahan-compensated bf16 AdamW under the pipeline
+(clipping, checkpoints, exact resume, the planner's bytes)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lavis.engine.optim import PipeAdamW, build_optimizer
+from lavis.config.load import ConfigError, deepspeed_config, load_config
+from lavis.engine.optim import PipeAdamW, PipeKahanAdamW, build_optimizer
 from lavis.pipeline.plan import optimizer_bytes_per_param
 
-from .conftest import losses, train
+from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train
 
 STEPS = 5
 
@@ -67,12 +70,93 @@ def test_missing_bitsandbytes_is_named(monkeypatch: pytest.MonkeyPatch):
         build_optimizer("adamw8bit", [{"params": [_param()]}], clip=0.0, norm_group=None, lr=1e-3)
 
 
+def _small_steps(kind: str, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """``steps`` AdamW steps of lr 1e-4 on weights around 0.5 (bf16's half ulp there is ~1e-3, ten times a step)
+    with noisy gradients; start and gradients are bf16 values in every run, so only the precision of the update
+    differs. Returns the weights as fp32."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((0.5 + 0.05 * torch.randn(4096, generator=gen)).to(torch.bfloat16).to(dtype))
+    opt = build_optimizer(kind, [{"params": [p]}], clip=0.0, norm_group=None, lr=1e-4, weight_decay=0.01)
+    for _ in range(steps):
+        p.grad = (0.3 + 0.5 * torch.randn(4096, generator=gen)).to(torch.bfloat16).to(dtype)
+        opt.step()
+    return p.detach().float()
+
+
+def test_kahan_bf16_adamw_tracks_fp32_adamw_where_naive_bf16_adamw_stalls():
+    start = _small_steps("adamw", 0, torch.float32)
+    ref = _small_steps("adamw", 400, torch.float32)  # fp32 weights, gradients and moments
+    kahan = _small_steps("adamw_bf16", 400, torch.bfloat16)
+    naive = _small_steps("adamw", 400, torch.bfloat16)  # torch's AdamW on bf16 weights: every update rounded away
+    moved = (ref - start).abs().mean()
+    kahan_err, naive_err = (kahan - ref).abs().mean() / moved, (naive - ref).abs().mean() / moved
+    # Kahan: within the weights' own bf16 resolution (~3% of the distance moved here; half an ulp is ~5% of it)
+    assert kahan_err < 0.1, kahan_err
+    assert naive_err > 0.5, naive_err  # ~1.0: it never moved
+    assert naive_err / kahan_err > 10, (naive_err, kahan_err)
+
+
+def test_kahan_bf16_adamw_state_round_trips_with_an_fp32_second_moment():
+    p = _param().to(torch.bfloat16).detach().requires_grad_()
+    opt = build_optimizer("adamw_bf16", [{"params": [p]}], clip=1.0, norm_group=None, lr=1e-3, weight_decay=0.1)
+    assert isinstance(opt, PipeKahanAdamW)
+    for i in range(3):
+        p.grad = torch.cos(p.detach().float() * (i + 1)).to(torch.bfloat16)
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    st = state["state"][0]
+    assert (st["exp_avg"].dtype, st["exp_avg_sq"].dtype, st["comp"].dtype) == (
+        torch.bfloat16, torch.float32, torch.bfloat16)
+    assert st["comp"].abs().max() > 0  # it carries rounding errors
+    q = p.detach().clone().requires_grad_()
+    again = build_optimizer("adamw_bf16", [{"params": [q]}], clip=1.0, norm_group=None, lr=1e-3, weight_decay=0.1)
+    again.load_state_dict(state)
+    assert again.state[q]["exp_avg_sq"].dtype == torch.float32  # torch would have cast it to the weight's bf16
+    for _ in range(3):
+        p.grad = q.grad = torch.sin(p.detach().float()).to(torch.bfloat16)
+        opt.step()
+        again.step()
+    assert torch.equal(p, q)
+
+
+def test_kahan_bf16_adamw_refuses_fp32_weights():
+    p = _param()
+    opt = build_optimizer("adamw_bf16", [{"params": [p]}], clip=0.0, norm_group=None, lr=1e-3)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="adamw_bf16 steps bf16 weights"):
+        opt.step()
+
+
+@pytest.mark.parametrize("options, problem", [
+    (["train.precision=fp32"], "needs train.precision: bf16 \\(got fp32\\)"),
+    (["train.precision=bf16", "train.zero_stage=1"], "train.zero_stage: 0 \\(got 1"),
+])
+def test_adamw_bf16_needs_bf16_without_zero(options: list[str], problem: str):
+    with pytest.raises(ConfigError, match=problem):
+        load_config(None, ["train.optimizer=adamw_bf16", *options])
+
+
+def test_adamw_bf16_gets_no_deepspeed_bf16_wrapper_and_our_clipping():
+    t = load_config(None, ["train.optimizer=adamw_bf16", "train.precision=bf16", "train.grad_clip=0.5"]).train
+    ds = deepspeed_config(t, 1)
+    assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's BF16_Optimizer would keep fp32 master weights
+    assert ds["gradient_clipping"] == 0.0  # our PipeKahanAdamW clips with the all-stage norm
+    mixed = deepspeed_config(load_config(None, ["train.precision=bf16"]).train, 1)
+    assert mixed["bf16"] == {"enabled": True} and mixed["gradient_clipping"] == 1.0
+
+
 def test_planner_counts_the_8bit_moments():
     assert optimizer_bytes_per_param("fp32", 0, False, 1, "adamw") == 8
     assert optimizer_bytes_per_param("fp32", 0, False, 1, "adamw8bit") == 2
     assert optimizer_bytes_per_param("bf16", 0, False, 1, "adamw8bit") == 10  # + fp32 master and gradient buffer
     assert optimizer_bytes_per_param("bf16", 1, False, 2, "adamw8bit") == 5
     assert optimizer_bytes_per_param("bf16", 1, True, 2, "adamw8bit") == 0
+
+
+def test_planner_counts_bf16_adamw_without_master_copies():
+    # beyond weight (2) and gradient (2): first moment 2 + fp32 second moment 4 + compensation 2
+    assert optimizer_bytes_per_param("bf16", 0, False, 1, "adamw_bf16") == 8
+    assert optimizer_bytes_per_param("bf16", 0, False, 1, "adamw") == 16  # fp32 moments 8 + master and grad 8
 
 
 # --- real launches ----------------------------------------------------------------------------------------------
@@ -113,3 +197,52 @@ def _optimizer_state_bytes(run: Path) -> int:
 def test_8bit_optimizer_state_files_are_at_most_0_4_of_adamws(opt_runs: dict[str, Path]):
     ratio = _optimizer_state_bytes(opt_runs["pp1_8bit"]) / _optimizer_state_bytes(opt_runs["pp1_adamw"])
     assert ratio <= 0.4, ratio
+
+
+# bf16 matrix products on the CPU round differently with another intra-op thread count (a 1-stage run would get
+# both cores, each rank of a 2-stage run one), so these runs pin one thread per rank; then the 1- and 2-stage runs
+# are bitwise equal, which the rel <= 1e-5 bound below checks.
+BF16 = ("train.precision=bf16", "train.optimizer=adamw_bf16", "train.num_threads=1")
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("optim_bf16")
+    runs = {"pp1": train(tmp, "pp1", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=BF16)}
+    train(tmp, "pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=BF16, stop_at=3)  # stops after step 3
+    (tmp / "pp2.log").rename(tmp / "pp2_first.log")
+    runs["pp2"] = train(tmp, "pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=BF16)  # resumes
+    return runs
+
+
+@pytest.mark.process
+def test_bf16_adamw_pp1_equals_pp2_with_a_resume_in_between(bf16_runs: dict[str, Path]):
+    one, two = losses(bf16_runs["pp1"]), losses(bf16_runs["pp2"])
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(one, two):
+        assert abs(a - b) / abs(a) <= 1e-5, (one, two)
+    assert "resumed from" in bf16_runs["pp2"].with_suffix(".log").read_text()
+    # DeepSpeed steps our optimizer itself: its BF16_Optimizer (fp32 master weights) did not wrap it
+    log = bf16_runs["pp1"].with_suffix(".log").read_text()
+    assert "optimizer: adamw_bf16, PipeKahanAdamW (bf16, ZeRO stage 0)" in log
+    state = torch.load(bf16_runs["pp1"] / f"global_step{STEPS}" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=True)["optimizer"]["state"]
+    assert state and all(s["comp"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.float32
+                         for s in state.values())
+    assert one[-1] < one[0]  # it learns
+
+
+@pytest.mark.process
+def test_bf16_adamw_skips_a_nonfinite_step_under_the_guard(tiny_data: Path, tmp_path: Path):
+    """Our clipping sees the non-finite all-stage norm and skips the update (DeepSpeed's bf16 wrapper is not there
+    to do it); the run goes on with finite weights and writes its checkpoint."""
+    out = tmp_path / "skip"
+    proc = launch(2, ["--poison-steps", "2", "--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "4",
+                      "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=2",
+                      *data_options(tiny_data), *BF16, "train.max_nonfinite_steps=1"],
+                  script=REPO / "tests/scripts/poison_train.py")
+    assert "Skipped (1 of at most 1)" in proc.stdout + proc.stderr
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("nonfinite", False) for r in rows] == [False, True, False, False]
+    assert all(math.isfinite(r["loss"]) for r in rows[2:])
+    assert (out / "latest").read_text() == "global_step4"  # saving checks every trained weight is finite

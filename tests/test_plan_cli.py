@@ -61,3 +61,16 @@ def test_an_unknown_path_without_config_json_is_a_clear_error(tmp_path: Path):
 def test_published_shapes_equal_the_planner_dims_the_recipe_tests_use():
     dims, _ = plan.llm_dims(load_config(REPO / "lavis/projects/models/qwen7b_chat.yaml"))
     assert (dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]) == (4096, 11008, 32)
+
+
+def test_knobs_name_the_smaller_optimizers_and_activation_offload_and_each_one_loads():
+    cfg = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
+                                                                             "train.zero_stage=0"])
+    names = [" ".join(opts) for _, opts in plan.knob_options(cfg, 8)]
+    assert {"train.optimizer=adamw8bit", "train.optimizer=adamw_bf16", "train.activation_offload=true"} <= set(names)
+    bf16 = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
+                                                                              "train.zero_stage=0",
+                                                                              "train.optimizer=adamw_bf16"])
+    for _, opts in plan.knob_options(bf16, 8):  # no knob that the recipe's optimizer refuses (ZeRO-1)
+        load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml",
+                    ["train.precision=bf16", "train.zero_stage=0", "train.optimizer=adamw_bf16", *opts])

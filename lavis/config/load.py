@@ -329,9 +329,11 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
 
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
     (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
-    so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``).
+    so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``). The same
+    holds for ``train.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
+    ``bf16`` section, so it steps our optimizer directly instead of wrapping it with fp32 master weights.
     """
-    ds_clips = train.precision != "fp32" or train.zero_stage > 0
+    ds_clips = (train.precision != "fp32" and train.optimizer != "adamw_bf16") or train.zero_stage > 0
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -348,7 +350,7 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
 
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         cfg["zero_force_ds_cpu_optimizer"] = False  # our AdamW steps the CPU-resident fp32 state
-    if train.precision == "bf16":
+    if train.precision == "bf16" and train.optimizer != "adamw_bf16":  # adamw_bf16: we cast, no fp32 masters
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}

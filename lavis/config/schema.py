@@ -361,12 +361,18 @@ class TrainConfig:
     CPU time per step."""
     eps: float = 1e-8
     """AdamW epsilon (MPP-Qwen uses 1e-7)."""
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "adamw_bf16"] = "adamw"
     """``adamw``: torch's AdamW, fp32 moments (8 bytes per trained parameter). ``adamw8bit``: bitsandbytes'
     blockwise 8-bit AdamW (2 bytes for both moments; tensors under 4,096 elements keep fp32 moments, as
     bitsandbytes does). ``paged_adamw8bit``: the same with its state in CUDA unified memory, paged to host RAM under
-    memory pressure (on a CPU it runs as ``adamw8bit``). All of them under the same global-norm clipping and
-    non-finite guard; the 8-bit ones need bitsandbytes (``pip install -e '.[quant]'``)."""
+    memory pressure (on a CPU it runs as ``adamw8bit``). ``adamw_bf16``: AdamW on the bf16 weights themselves, no
+    fp32 master copy; each update is added with Kahan compensation (a bf16 buffer per weight carries the rounding
+    error of one update into the next), which is deterministic, so runs reproduce across layouts and resume exactly
+    (stochastic rounding would need per-parameter random state, checkpointed and re-split on a layout change).
+    12 bytes per trained parameter in all (weight 2, gradient 2, first moment bf16 2, second moment fp32 4,
+    compensation 2) against mixed-precision AdamW's 20; needs ``precision: bf16`` and ``zero_stage: 0``. All of
+    them under the same global-norm clipping and non-finite guard; the 8-bit ones need bitsandbytes
+    (``pip install -e '.[quant]'``)."""
     num_stages: int = 1
     partition: list[int] | None = None
     gpu_memory_gib: float | None = None
@@ -379,6 +385,11 @@ class TrainConfig:
     activation_checkpoint_blocks: list[int] | None = None
     """Or recompute only these decoder blocks (0-based; e.g. the early blocks of stage 0, which hold the most
     micro-batches in flight under 1F1B). Non-reentrant ``torch.utils.checkpoint``."""
+    activation_offload: bool | list[int] = False
+    """Keep the activations saved for backward in host memory (pinned on CUDA; ``torch.autograd.graph.save_on_cpu``
+    around the stage's forward) instead of GPU memory: ``true`` on every stage, or a list of stage indices (stage 0
+    holds the most micro-batches in flight under 1F1B). They come back to the GPU in backward; the losses are
+    unchanged. Combinable with recomputation (then only what is still saved moves). Costs host-device copies."""
     inter_stage_mask: Literal["padding", "float_additive"] = "padding"
     """What stages send each other besides the hidden states: ``padding``, the ``[B, L]`` int64 padding mask (each
     block builds its causal mask from it), or ``float_additive``, a ``[B, 1, L, L]`` float additive causal + padding
@@ -428,6 +439,15 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage != 1:
             raise ValueError(
                 "train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
+        if isinstance(self.activation_offload, list):
+            bad = [s for s in self.activation_offload if not 0 <= s < self.num_stages]
+            if bad:
+                raise ValueError(f"train.activation_offload: stages {bad} do not exist (train.num_stages is "
+                                 f"{self.num_stages}: stages 0..{self.num_stages - 1})")
+        if self.optimizer == "adamw_bf16" and (self.precision != "bf16" or self.zero_stage != 0):
+            raise ValueError(f"train.optimizer: adamw_bf16 trains bf16 weights without fp32 master copies: it needs "
+                             f"train.precision: bf16 (got {self.precision}) and train.zero_stage: 0 (got "
+                             f"{self.zero_stage}; ZeRO-1 would add fp32 master copies)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
         if self.save_best is not None and not self.eval.every:

@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        disable_p2p_if_unsupported()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
@@ -82,6 +84,37 @@ def watch_launcher(poll_s: float = 0.5, exit_after_s: float = ORPHAN_EXIT_S) -> 
     thread = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
     thread.start()
     return thread
+
+
+def pairs_without_p2p(num_gpus: int, can_access_peer: Callable[[int, int], bool]) -> list[tuple[int, int]]:
+    """The ordered pairs of the ``num_gpus`` visible GPUs where the first cannot access the second's memory."""
+    return [(a, b) for a in range(num_gpus) for b in range(num_gpus) if a != b and not can_access_peer(a, b)]
+
+
+def p2p_disable_reason(num_gpus: int, can_access_peer: Callable[[int, int], bool],
+                       env: Mapping[str, str]) -> str | None:
+    """Why NCCL's peer-to-peer transport must be turned off on this node (``NCCL_P2P_DISABLE=1``), or None: some
+    pair of GPUs cannot access each other (consumer cards such as the RTX 4090 have no P2P, and NCCL's first
+    send/receive then hangs), unless the user set ``NCCL_P2P_DISABLE`` themselves."""
+    if num_gpus < 2 or "NCCL_P2P_DISABLE" in env:
+        return None
+    pairs = pairs_without_p2p(num_gpus, can_access_peer)
+    if not pairs:
+        return None
+    shown = ", ".join(f"{a}->{b}" for a, b in pairs[:6]) + (" ..." if len(pairs) > 6 else "")
+    return f"GPUs {shown} cannot access each other's memory (no peer-to-peer)"
+
+
+def disable_p2p_if_unsupported() -> None:
+    """Before NCCL starts: set ``NCCL_P2P_DISABLE=1`` in this process when the node's GPUs lack peer-to-peer
+    (:func:`p2p_disable_reason`); local rank 0 says so."""
+    reason = p2p_disable_reason(torch.cuda.device_count(), torch.cuda.can_device_access_peer, os.environ)
+    if reason is None:
+        return
+    os.environ["NCCL_P2P_DISABLE"] = "1"
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"NOTE: {reason}: set NCCL_P2P_DISABLE=1 (NCCL goes through host memory instead; set "
+              "NCCL_P2P_DISABLE yourself to decide otherwise)", file=sys.stderr, flush=True)
 
 
 def rank() -> int:

@@ -1,9 +1,11 @@
-"""Optimizer and LR schedule. One AdamW for all modes; global-norm clipping where DeepSpeed gets it wrong.
+"""Optimizer and LR schedule: the AdamW variants of ``train.optimizer``; global-norm clipping where DeepSpeed gets it
+wrong.
 
 DeepSpeed's fp32/no-ZeRO clipping under PP sums only stage 0's gradients (docs/PIPELINE.md section 6). In that mode
-:class:`PipeAdamW` computes the norm over every stage itself (an all-reduce over the pipeline group; data-parallel
-replicas already hold identical, averaged gradients) and clips before stepping. In bf16 / ZeRO-1 DeepSpeed's own
-clipping is correct and is used instead (``lavis.config.load.deepspeed_config``).
+(and under ``adamw_bf16``, which DeepSpeed steps the same way) :class:`GlobalNormClip` computes the norm over every
+stage itself (an all-reduce over the pipeline group; data-parallel replicas already hold identical, averaged
+gradients) and clips before stepping. In bf16 / ZeRO-1 DeepSpeed's own clipping is correct and is used instead
+(``lavis.config.load.deepspeed_config``).
 """
 
 from __future__ import annotations
@@ -56,11 +58,92 @@ class PipeAdamW(GlobalNormClip, torch.optim.AdamW):
     """torch's AdamW (``train.optimizer: adamw``)."""
 
 
+class KahanAdamW(torch.optim.Optimizer):
+    """AdamW on bf16 weights without fp32 master copies (``train.optimizer: adamw_bf16``).
+
+    Each step computes the update in fp32 from the bf16 gradient and adds it to the bf16 weight with Kahan
+    compensation: ``comp`` (bf16, one per weight) holds what the rounding to bf16 dropped last time and is added to
+    the next update, so small updates (a 1e-4 step on a weight of 0.5 is below bf16's half ulp, which naive bf16
+    AdamW drops entirely) accumulate as in fp32. Deterministic (no random rounding), so a run is reproducible across
+    layouts and resumes exactly. State per weight: ``exp_avg`` bf16, ``exp_avg_sq`` fp32 (in bf16, ``0.999 * v``
+    rounds back to ``v``, so the second moment could never decay), ``comp`` bf16: 8 bytes beyond weight and
+    gradient. Same update rule as torch's AdamW (decoupled weight decay ``lr * weight_decay``, bias correction, eps
+    outside the square root). Large tensors are stepped in chunks of :data:`CHUNK` elements so the fp32 temporaries
+    stay small."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self, params: list[dict], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dtype != torch.bfloat16:
+                    raise TypeError(f"train.optimizer: adamw_bf16 steps bf16 weights, got a {p.dtype} one "
+                                    f"(shape {tuple(p.shape)})")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.contiguous_format)
+                    state["comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                self._update(p, state, group, int(state["step"]))
+        return loss
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, step: int) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        if not p.is_contiguous():
+            raise ValueError(f"train.optimizer: adamw_bf16 needs contiguous weights (shape {tuple(p.shape)})")
+        chunks = zip(*(t.view(-1).split(self.CHUNK) for t in (p, p.grad.contiguous(), state["exp_avg"],
+                                                                state["exp_avg_sq"], state["comp"])))
+        for w, g, m, v, c in chunks:
+            g32, w32 = g.float(), w.float()
+            m32 = m.float().mul_(beta1).add_(g32, alpha=1 - beta1)
+            m.copy_(m32)
+            v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+            update = m32.div_(v.sqrt().div_(bc2_sqrt).add_(eps)).mul_(-lr / bc1)
+            if wd:
+                update.add_(w32, alpha=-lr * wd)
+            update.add_(c.float())  # what the last rounding dropped
+            new = (w32 + update).to(torch.bfloat16)
+            c.copy_(update.sub_(new.float().sub_(w32)))  # what this rounding drops, carried to the next step
+            w.copy_(new)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every floating state tensor to its weight's dtype on loading; ``exp_avg_sq`` stays fp32."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(i)
+            if saved is not None and "exp_avg_sq" in saved:
+                self.state[p]["exp_avg_sq"] = saved["exp_avg_sq"].to(device=p.device, dtype=torch.float32)
+
+
+class PipeKahanAdamW(GlobalNormClip, KahanAdamW):
+    """:class:`KahanAdamW` under the all-stage gradient-norm clipping (``train.optimizer: adamw_bf16``)."""
+
+
 def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: object | None,
                     **kwargs: object) -> torch.optim.Optimizer:
     """``train.optimizer`` -> the optimizer with our global-norm clipping (see :class:`GlobalNormClip`)."""
     if kind == "adamw":
         return PipeAdamW(groups, clip=clip, norm_group=norm_group, **kwargs)
+    if kind == "adamw_bf16":
+        return PipeKahanAdamW(groups, clip=clip, norm_group=norm_group, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError as e:

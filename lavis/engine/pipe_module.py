@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from transformers import PretrainedConfig
 
 from lavis.config.schema import ModelConfig
@@ -49,10 +52,14 @@ def layer_specs(
 
 
 class LavisPipelineModule(PipelineModule):
-    def __init__(self, specs: list[LayerSpec], boundaries: list[int], **kwargs: object) -> None:
+    def __init__(self, specs: list[LayerSpec], boundaries: list[int], offload_stages: frozenset[int] = frozenset(),
+                 **kwargs: object) -> None:
+        """``offload_stages``: stages whose forward keeps its saved activations in host memory
+        (``train.activation_offload``, :func:`lavis.pipeline.plan.offloaded_stages`)."""
         object.__setattr__(self, "_planned_boundaries", list(boundaries))
         super().__init__(specs, num_stages=len(boundaries) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
         self.group_anchors = nn.ParameterList()
+        self.offload_activations = self.stage_id in offload_stages
 
     def _partition_layers(self, method: str = "uniform") -> None:
         ds_compat.set_stage_bounds(self, self._planned_boundaries)
@@ -108,7 +115,8 @@ class LavisPipelineModule(PipelineModule):
                              + "\n  ".join(problems))
 
     def forward(self, forward_input) -> torch.Tensor | tuple:  # noqa: ANN001 - DeepSpeed's signature
-        out = super().forward(forward_input)
+        with activation_offload(self.offload_activations):
+            out = super().forward(forward_input)
         if len(self.group_anchors):
             zero = sum(0.0 * a.sum() for a in self.group_anchors)
             if isinstance(out, tuple):
@@ -117,6 +125,12 @@ class LavisPipelineModule(PipelineModule):
                 out = out + zero.to(out.dtype)
         # DeepSpeed sends plain tuples of tensors between stages.
         return tuple(out) if isinstance(out, tuple) else out
+
+
+def activation_offload(active: bool) -> contextlib.AbstractContextManager:
+    """While active, every tensor autograd saves for backward is kept in host memory (pinned on CUDA) and copied
+    back when backward needs it; under recomputation only what the checkpointed blocks still save moves."""
+    return save_on_cpu(pin_memory=torch.cuda.is_available()) if active else contextlib.nullcontext()
 
 
 def _adapter_count(module: nn.Module) -> int:
@@ -130,3 +144,12 @@ def cast_float_buffers_(module: nn.Module, dtype: torch.dtype) -> None:
         for name, buf in owner.named_buffers(recurse=False):
             if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
                 owner._buffers[name] = buf.to(dtype)
+
+
+def cast_float_params_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters to ``dtype`` in place (the same ``Parameter`` objects, as DeepSpeed's own bf16 cast;
+    quantized integer weights stay): ``train.optimizer: adamw_bf16`` trains the bf16 weights themselves, so the
+    module is cast here and DeepSpeed's bf16 mode, which would add fp32 master copies, stays off."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)

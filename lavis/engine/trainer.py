@@ -43,7 +43,7 @@ from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import build_optimizer, lr_lambda, param_groups
-from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, layer_specs
+from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, cast_float_params_, layer_specs
 from lavis.engine.run_dir import (
     RunDirError,
     RunLock,
@@ -53,7 +53,7 @@ from lavis.engine.run_dir import (
     find_resume_tag,
 )
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, plan_for_config
+from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, offloaded_stages, plan_for_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,7 +128,7 @@ class Run:
     """Stage s owns layers ``boundaries[s]`` to ``boundaries[s+1]-1`` (saved as ``parts`` in lavis_meta.json)."""
     dp: int
     own_clip: bool
-    """fp32 without ZeRO: our optimizer clips with the all-stage norm (DeepSpeed's norm is wrong there)."""
+    """fp32 or adamw_bf16 without ZeRO: our optimizer clips with the all-stage norm (DeepSpeed's is wrong there)."""
     start_step: int = 0
     nonfinite_steps: int = 0
     protected_tags: set[str] = field(default_factory=set)
@@ -256,6 +256,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
         layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
                     feature_cache=cfg.data.feature_cache, float_mask=t.inter_stage_mask == "float_additive"),
         boundaries,
+        offload_stages=offloaded_stages(t),
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],
         dynamic_shape=not cfg.data.fixed_length,
@@ -263,7 +264,12 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
         print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     pipe.apply_trainable(cfg.model, table)
-    own_clip = t.precision == "fp32" and t.zero_stage == 0  # DeepSpeed's norm is wrong here (see engine.optim)
+    if pipe.offload_activations:
+        print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
+    if t.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)
+        cast_float_params_(pipe, torch.bfloat16)
+    # DeepSpeed's norm is wrong where its own fp32 path clips (see engine.optim); adamw_bf16 takes that path too.
+    own_clip = (t.precision == "fp32" or t.optimizer == "adamw_bf16") and t.zero_stage == 0
     optimizer = build_optimizer(
         t.optimizer, param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
         weight_decay=t.weight_decay,

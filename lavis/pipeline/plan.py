@@ -93,6 +93,8 @@ class Workload:
     """Every decoder block recomputed in backward (keeps only its input)."""
     checkpointed_blocks: frozenset[int] = frozenset()
     """Or only these decoder blocks."""
+    offloaded_stages: frozenset[int] = frozenset()
+    """Stages whose saved activations live in host memory (``train.activation_offload``)."""
 
 
 def layer_costs(
@@ -206,33 +208,41 @@ def lora_params_per_block(cfg: ModelConfig, hf_dims: dict[str, int]) -> int:
     return sum(lora.r * (shapes[n][0] + shapes[n][1]) for n in names)
 
 
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0}
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adamw_bf16": 8.0}
 """``train.optimizer`` -> bytes of Adam's two moments per trainable parameter (blockwise 8-bit: one byte each; its
-per-block scales, 4 bytes per 2,048 values, are left out)."""
+per-block scales, 4 bytes per 2,048 values, are left out; ``adamw_bf16``: first moment bf16 2, second moment fp32
+4, Kahan compensation bf16 2)."""
+
+NO_MASTER_COPY = frozenset({"adamw_bf16"})
+"""Optimizers that step the bf16 weights themselves: no fp32 master weight and gradient buffer."""
 
 
 def optimizer_bytes_per_param(precision: str, zero_stage: int, offload: bool, dp: int,
                               optimizer: str = "adamw") -> float:
     """GPU bytes per trainable parameter beyond its weight and gradient (``Workload.param_bytes`` each).
 
-    The moments (:data:`OPTIMIZER_STATE_BYTES`: 8 for AdamW, 2 for 8-bit AdamW); in bf16/fp16 DeepSpeed's
-    BF16/FP16 optimizers add an fp32 master weight and an fp32 gradient buffer (8). ZeRO-1 shards that state over
-    the ``dp`` replicas; offload moves it to host RAM (0 on the GPU).
+    The moments (:data:`OPTIMIZER_STATE_BYTES`: 8 for AdamW, 2 for 8-bit AdamW, 8 for ``adamw_bf16`` with its
+    compensation); in bf16/fp16 DeepSpeed's BF16/FP16 optimizers add an fp32 master weight and an fp32 gradient
+    buffer (8), except under ``adamw_bf16`` (:data:`NO_MASTER_COPY`). ZeRO-1 shards that state over the ``dp``
+    replicas; offload moves it to host RAM (0 on the GPU).
     """
     if offload:
         return 0.0
-    per = OPTIMIZER_STATE_BYTES[optimizer] + (0.0 if precision == "fp32" else 8.0)
+    masters = 0.0 if precision == "fp32" or optimizer in NO_MASTER_COPY else 8.0
+    per = OPTIMIZER_STATE_BYTES[optimizer] + masters
     return per / dp if zero_stage >= 1 else per
 
 
 def stage_memory_bytes(
     costs: list[LayerCost], stage: int, num_stages: int, work: Workload, optim_bytes: float
 ) -> float:
-    """Weights + grads + optimizer state of the layers, plus activations of the micro-batches in flight (1F1B)."""
+    """Weights + grads + optimizer state of the layers, plus activations of the micro-batches in flight (1F1B); an
+    offloaded stage (``Workload.offloaded_stages``) keeps those of the one micro-batch it computes (the rest are in
+    host memory)."""
     weights = sum(c.params * work.param_bytes if c.weight_bytes is None else c.weight_bytes for c in costs)
     grads = sum(c.trainable_params for c in costs) * work.param_bytes
     optim = sum(c.trainable_params for c in costs) * optim_bytes
-    in_flight = num_stages - stage
+    in_flight = 1 if stage in work.offloaded_stages else num_stages - stage
     return weights + grads + optim + in_flight * sum(c.act_bytes for c in costs)
 
 
@@ -336,6 +346,13 @@ LLM_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 """The transformers config fields the cost model reads."""
 
 
+def offloaded_stages(t: TrainConfig) -> frozenset[int]:
+    """The stages whose saved activations go to host memory (``train.activation_offload``: true = all)."""
+    if t.activation_offload is True:
+        return frozenset(range(t.num_stages))
+    return frozenset(t.activation_offload or ())
+
+
 def checkpoint_blocks(t: TrainConfig, num_blocks: int) -> frozenset[int]:
     """``train.activation_checkpoint_blocks`` validated against the model's block count."""
     blocks = frozenset(t.activation_checkpoint_blocks or ())
@@ -361,7 +378,8 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
     work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
                     images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
                     activation_checkpointing=t.activation_checkpoint_interval > 0,
-                    checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]))
+                    checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]),
+                    offloaded_stages=offloaded_stages(t))
     cached = None
     if cfg.data.feature_cache is not None:
         from lavis.data.cache_features import cache_level
