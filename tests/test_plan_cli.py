@@ -74,3 +74,8 @@ def test_knobs_name_the_smaller_optimizers_and_activation_offload_and_each_one_l
     for _, opts in plan.knob_options(bf16, 8):  # no knob that the recipe's optimizer refuses (ZeRO-1)
         load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml",
                     ["train.precision=bf16", "train.zero_stage=0", "train.optimizer=adamw_bf16", *opts])
+
+
+def test_readme_what_fits_table_is_the_commands_output():
+    """README's "What fits" table is `python -m lavis.plan --fits-table`, cell for cell."""
+    assert plan.fits_table(plan.DEFAULT_GPU_GIB) in (REPO / "README.md").read_text()
