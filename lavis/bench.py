@@ -170,9 +170,9 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
                          lengths: list[int] | None = None) -> None:
     """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L], or
     ``lengths[i]`` capped at L (record ``i``)."""
+    from lavis.data import shapes
     from lavis.data.conversation import template_from_config
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.demo import shapes
 
     ds = cfg.data.train[0]
     root = Path(ds.vis_root)

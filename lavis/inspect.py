@@ -5,7 +5,7 @@
 Per file: how many tensors were loaded / missing / unexpected / ignored (and why) / shape-mismatched; a mismatch names
 the key, both shapes and the likely cause. Without ``--forward`` nothing is allocated: the model is built on the meta
 device and the LLM directory is checked from its headers. ``--forward`` builds the model, loads everything and runs
-one forward on a generated image (``lavis.demo.shapes``). Exit status 1 on any missing / unexpected / mismatched key
+one forward on a generated image (``lavis.data.shapes``). Exit status 1 on any missing / unexpected / mismatched key
 (or a failed forward), 0 otherwise.
 """
 
@@ -37,9 +37,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _forward(cfg: Config, tok: Any, checkpoint: str | None, dtype: torch.dtype) -> bool:
+    from lavis.data import shapes
     from lavis.data.conversation import encode_prompt, template_from_config
     from lavis.data.media import image_transform
-    from lavis.demo import shapes
     from lavis.model.mllm import MultimodalLM
     from lavis.weights.base import stream_into
 
@@ -114,6 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

@@ -152,7 +152,7 @@ def write_sentencepiece(directory: str | Path) -> Path:
 
     import sentencepiece as spm
 
-    from lavis.demo import shapes
+    from lavis.data import shapes
 
     corpus = shapes.corpus() + ["Describe this image in detail.", "What is in the image?", "###Human: ###Assistant:"]
     buf = io.BytesIO()
@@ -183,7 +183,7 @@ def write_bpe_tokenizer_json(directory: str | Path, specials: tuple[str, ...] = 
     default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lavis.demo import shapes
+    from lavis.data import shapes
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
