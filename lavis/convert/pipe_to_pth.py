@@ -71,7 +71,7 @@ def read_meta(tag_dir: Path) -> dict:
 
 
 def _checkpoint_tag_dir(ckpt_dir: Path) -> Path | None:
-    from lavis.convert.mpp_layers import resolve_mpp_tag_dir
+    from lavis.predecessors.mpp_layers import resolve_mpp_tag_dir
 
     mpp = resolve_mpp_tag_dir(ckpt_dir)
     if mpp is not None:
@@ -224,8 +224,8 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
             model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
             allow_nonfinite: bool = False) -> Path:
     """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
-    ``lavis.convert.mpp_layers``); ``include_frozen``: write its frozen weights too."""
-    from lavis.convert.mpp_layers import convert_mpp, is_mpp_checkpoint
+    ``lavis.predecessors.mpp_layers``); ``include_frozen``: write its frozen weights too."""
+    from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint
 
     if out is not None:
         refuse_output_over_inputs("--out", out, command_inputs(ckpt_dir))

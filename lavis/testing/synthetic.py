@@ -273,7 +273,7 @@ def write_mpp_pipeline_dir(
     run_dir: str | Path, cfg: ModelConfig, raw: dict[str, Any], *, pretrain: bool, step: int = 2181,
     inv_freq: bool = True, seed: int = 0,
 ) -> Path:
-    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.convert.mpp_layers`` has the
+    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.predecessors.mpp_layers`` has the
     layer table): ``latest`` and ``global_step{step}/layer_XX-model_states.pt`` for every pipeline layer (bf16, frozen
     weights included, ``{}`` for parameterless layers; ``occupy.weight`` in pretrain), ``mp_rank_00_model_states.pt``
     with ``module: None``. ``inv_freq``: the rotary buffer older Qwen remote code saved in layer 0."""

@@ -113,8 +113,8 @@ def load_weights(
     LLM directory then costs one tensor of host RAM at a time); files are read in the order above, so a later file's
     tensor overrides an earlier one's. Never raises on content: see the reports.
     """
+    from lavis.predecessors.checkpoints import read_checkpoint
     from lavis.weights.llm import plan_llm, read_llm, scan_llm_dir
-    from lavis.weights.predecessors import read_checkpoint
     from lavis.weights.vision import read_blip2, read_eva_vit
 
     want = {k: tuple(v) for k, v in want.items()}

@@ -33,7 +33,7 @@ import torch
 
 from lavis.config.schema import ModelConfig
 from lavis.model.llm import qwen_v1_targets, take_third
-from lavis.weights.predecessors import is_mpp_layer_dir, mpp_llm_frozen
+from lavis.predecessors.checkpoints import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.report import FileReport
 from lavis.weights.vision import blip2_rename
 
