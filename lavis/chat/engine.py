@@ -48,8 +48,8 @@ from lavis.config.load import load_config
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
-from lavis.model.load import load_model
 from lavis.model.mllm import MultimodalLM
+from lavis.weights.load import load_model
 
 __all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "MediaMarkerError", "Request",
            "Turn", "add_model_arguments", "answer_stop_ids", "load_model", "place_media", "resolve_tokenizer_ref"]

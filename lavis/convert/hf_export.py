@@ -26,7 +26,7 @@ from lavis.engine.checkpoint import META_FILE, load_meta
 
 def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
+    from lavis.weights.load import load_model
 
     meta = load_meta(tag_dir)
     cfg = from_dict(Config, meta["config"], source=str(tag_dir / META_FILE))

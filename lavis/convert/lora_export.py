@@ -53,7 +53,7 @@ def without_lora(cfg: Config) -> Config:
 def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (MultimodalLM, Config, Path)
     """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left."""
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
+    from lavis.weights.load import load_model
 
     cfg, tok_file = run_config(tag_dir)
     model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"),
@@ -111,7 +111,7 @@ def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
 
     from lavis.convert.hf_export import write_sidecar
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
+    from lavis.weights.load import load_model
 
     cfg, tok_file = run_config(tag_dir)
     lora = cfg.model.llm.lora
