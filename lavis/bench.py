@@ -328,7 +328,7 @@ def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
         lengths = mix_lengths(cfg, num, args.length_tokenizer) if args.length_mix == "llava-instruct" else None
         write_synthetic_data(cfg, args.seq_len, num, lengths=lengths)
     if args.feature_cache and not (Path(args.feature_cache) / "index.json").is_file():
-        from lavis.data.cache_features import build_cache
+        from lavis.features import build_cache
 
         plain = apply_variant(cfg, "pixels", None)
         findings = build_cache(plain, Path(args.feature_cache), workers=0)
