@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lavis.config.schema import Config, DataConfig, ModelConfig
-from lavis.data import media
+from lavis.data import cache_features, media
 from lavis.data.cache_features import (
     DTYPES,
     FORMAT_VERSION,
@@ -308,7 +308,8 @@ def _grouped(it: Any, n: int) -> Iterator[list[Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m lavis.data.cache_features", description=cache_features.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg-path", required=True, help="training recipe (its model and data.train)")
     p.add_argument("--out", help="cache directory (default: data.feature_cache of the recipe)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
