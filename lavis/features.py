@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lavis.config.load import load_config
 from lavis.config.schema import Config, DataConfig, ModelConfig
 from lavis.data import cache_features, media
 from lavis.data.cache_features import (
@@ -324,8 +325,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from collections import Counter
-
-    from lavis.config.load import load_config
 
     args = parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LEVEL = 12
 """Target of docs/ARCHITECTURE.md: lavis-internal imports inside functions only to keep a heavy dependency lazy."""
-FUNCTION_LEVEL_NOW = 78
+FUNCTION_LEVEL_NOW = 39
 """Where the code stands (open item of docs/ARCHITECTURE.md "Layers"): may only go down; lower it as imports move."""
 OPEN_ITEM = f"docs/ARCHITECTURE.md 'Layers', open item: {FUNCTION_LEVEL_NOW} today, target {MAX_FUNCTION_LEVEL}"
 

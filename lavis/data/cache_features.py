@@ -44,6 +44,7 @@ import torch
 
 from lavis.config.schema import DataConfig, ModelConfig
 from lavis.data import media
+from lavis.data.records import file_digest
 
 FORMAT_VERSION = 2
 IDENTITY_KEYS = ("version", "level", "fingerprint", "transform", "feature_shape", "dtype")
@@ -102,8 +103,6 @@ def rebuild_hint(root: Path) -> str:
 def shard_problem(root: Path, name: str, identity: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """``(what is wrong with shard ``name`` or None, its sidecar)``: sidecar present and readable, its identity equal
     to ``identity``, the ``.npy``'s size and BLAKE2b checksum equal to the sidecar's."""
-    from lavis.data.records import file_digest
-
     side, npy = root / f"{name}.json", root / f"{name}.npy"
     try:
         meta = json.loads(side.read_text())

@@ -35,6 +35,8 @@ import yaml
 from lavis.config.load import ConfigError, load_config, predecessor_kind, read_yaml
 from lavis.config.presets import MODELS_DIR
 from lavis.config.schema import Config
+from lavis.data.datasets import read_raw
+from lavis.engine.optim import warmup_cosine
 from lavis.predecessors.keys import MINIGPT4, MPP, rule_for, table_markdown
 
 CACHE = "cache"
@@ -197,8 +199,6 @@ def _path_under_cache(p: str) -> str:
 
 def count_samples(entries: list[dict[str, Any]], given: list[int] | None) -> tuple[list[int], str]:
     """Records per dataset: ``--num-samples`` (one total or one per dataset), else read from the annotation files."""
-    from lavis.data.datasets import read_raw
-
     if given:
         if len(given) == len(entries):
             return list(given), "--num-samples"
@@ -806,8 +806,6 @@ def side_by_side(orig: Original, cfg: Config, dp: int) -> list[tuple[str, str, s
     value that the file does not state is marked ``(assumed)`` (:func:`assumptions` says why)."""
     t = cfg.train
     steps = [orig.warmup_steps, (orig.warmup_steps + orig.total_steps) // 2, orig.total_steps - 1]
-    from lavis.engine.optim import warmup_cosine
-
     rows = [
         ("global batch", f"{orig.micro * orig.gas * orig.dp} = {orig.micro} x {orig.gas} x DP{orig.dp}",
          f"{t.micro_batch_size * t.grad_accum_steps * dp} = {t.micro_batch_size} x {t.grad_accum_steps} x DP{dp}"),
