@@ -29,9 +29,11 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not process" tests
 
-# ruff (settings in pyproject.toml): lint and import order, a few seconds; `make test` runs it first.
+# ruff (settings in pyproject.toml): lint and import order; lint-imports: the import layers of docs/ARCHITECTURE.md
+# (contracts in pyproject.toml). Both take seconds; `make test` runs them first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean-demo:
 	rm -rf output/shapes cache/dataset/shapes

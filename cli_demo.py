@@ -8,7 +8,7 @@
 """
 
 from lavis.chat.cli import main
-from lavis.engine.errors import run_cli
+from lavis.cli import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

@@ -4,8 +4,8 @@
     python pipemodel2pth.py --ckpt-dir output/shapes
 """
 
+from lavis.cli import run_cli
 from lavis.convert.pipe_to_pth import cli
-from lavis.engine.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: cli("model", __doc__))

@@ -6,7 +6,7 @@
 """
 
 from lavis.chat.webui import main
-from lavis.engine.errors import run_cli
+from lavis.cli import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

@@ -39,10 +39,18 @@ import torch.distributed as dist
 
 from lavis.config.load import load_config
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
+from lavis.data import shapes
+from lavis.data.cache_features import cache_level
+from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_conversation, template_from_config
+from lavis.data.padding import synthetic_llava_instruct
+from lavis.data.tokenizer import load_tokenizer
 from lavis.engine import ds_compat
 from lavis.engine.distributed import init_distributed, print0, shutdown
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
+from lavis.features import build_cache
+from lavis.model.llm import llm_hf_config
+from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
 
 DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
 
@@ -109,8 +117,6 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     elif variant == "predecessor":
         from deepspeed.runtime.utils import partition_uniform
 
-        from lavis.model.llm import llm_hf_config
-
         blocks = int(llm_hf_config(cfg.model.llm).num_hidden_layers)
         d = replace(d, fixed_length=True, group_by_length=False)
         t = replace(t, activation_checkpoint_interval=0, activation_checkpoint_blocks=list(range(blocks)),
@@ -125,8 +131,6 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.cfg_path, args.options)
     m = cfg.model
     if args.random_init:
-        from lavis.model.llm import llm_hf_config
-
         hf = llm_hf_config(m.llm).to_dict()
         keep = {k: v for k, v in hf.items() if not k.startswith("_") and k not in
                 ("architectures", "transformers_version", "auto_map", "torch_dtype", "dtype")}
@@ -156,10 +160,6 @@ def bench_config(args: argparse.Namespace) -> Config:
 def mix_lengths(cfg: Config, n: int, tokenizer: str | None, seed: int = 0) -> list[int]:
     """Token lengths of ``n`` conversations of the LLaVA-Instruct-like mix (``lavis.data.padding``), rendered with the
     real template (32 placeholders per image, MPP's system prompt) and ``tokenizer`` (default the model's)."""
-    from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_conversation
-    from lavis.data.padding import synthetic_llava_instruct
-    from lavis.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer or cfg.model.llm.tokenizer)
     tpl = ChatTemplate(tok, SYSTEM_PROMPTS["chatml"], "<|extra_0|>", 32, 32)
     return [len(encode_conversation(c, tpl, record_id=str(i)).input_ids)
@@ -170,10 +170,6 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
                          lengths: list[int] | None = None) -> None:
     """One image + one exchange per record; total tokens (image placeholders included) uniform in [L/2, L], or
     ``lengths[i]`` capped at L (record ``i``)."""
-    from lavis.data.conversation import template_from_config
-    from lavis.data.tokenizer import load_tokenizer
-    from lavis.demo import shapes
-
     ds = cfg.data.train[0]
     root = Path(ds.vis_root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -203,8 +199,6 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
 
 
 def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
-    from lavis.data.conversation import encode_conversation
-
     return len(encode_conversation(record["conversations"], tpl, record_id="probe", label_mode="mpp").input_ids)
 
 
@@ -218,7 +212,7 @@ class MeasureHook(Hook):
         self.result: dict[str, Any] = {}
 
     def on_start(self, run: Any) -> None:
-        from lavis.engine.profiling import InstructionTimer
+        from lavis.engine.profiling import InstructionTimer  # lazy: deepspeed
 
         self.timer = InstructionTimer(run.engine)
 
@@ -229,7 +223,7 @@ class MeasureHook(Hook):
                 torch.cuda.reset_peak_memory_stats()
 
     def on_end(self, run: Any) -> None:
-        from lavis.engine.trainer import peak_memory_gib
+        from lavis.engine.trainer import peak_memory_gib  # lazy: deepspeed
 
         mine = {"rank": run.rank, "stage": run.stage, "dp_rank": ds_compat.data_parallel_rank(run.engine),
                 "instruction_seconds": dict(self.timer.seconds), "compute_seconds": self.timer.compute_seconds(),
@@ -240,9 +234,6 @@ class MeasureHook(Hook):
 
 
 def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from lavis.model.llm import llm_hf_config
-    from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
-
     rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["step"] > args.warmup]
     t = cfg.train
@@ -260,8 +251,6 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     work = Workload(tokens=round(tokens_per_micro), seq_len=max(1, round(seq)), images=images)
     cached = None
     if cfg.data.feature_cache is not None:
-        from lavis.data.cache_features import cache_level
-
         cached = cache_level(cfg.model)
     flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.grad_accum_steps * dp
     achieved = flops_step * len(rows) / max(secs, 1e-9)
@@ -328,8 +317,6 @@ def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
         lengths = mix_lengths(cfg, num, args.length_tokenizer) if args.length_mix == "llava-instruct" else None
         write_synthetic_data(cfg, args.seq_len, num, lengths=lengths)
     if args.feature_cache and not (Path(args.feature_cache) / "index.json").is_file():
-        from lavis.data.cache_features import build_cache
-
         plain = apply_variant(cfg, "pixels", None)
         findings = build_cache(plain, Path(args.feature_cache), workers=0)
         if findings:
@@ -404,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "lavis.bench", *argv]
         sys.exit(subprocess.call(cmd))
-    from lavis.engine.trainer import train
+    from lavis.engine.trainer import train  # lazy: deepspeed
 
     init_distributed()
     if dist.get_rank() == 0:

@@ -128,7 +128,7 @@ def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
 def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
     from lavis.chat.engine import ChatEngine, GenerationSettings
     from lavis.config.presets import preset_path
-    from lavis.demo import shapes
+    from lavis.data import shapes
     from lavis.testing.synthetic import TINY_OPTIONS, write_preset
 
     opts = [*(TINY_OPTIONS if dry else []), "model.vision.depth=2"]

@@ -5,7 +5,7 @@
 Per file: how many tensors were loaded / missing / unexpected / ignored (and why) / shape-mismatched; a mismatch names
 the key, both shapes and the likely cause. Without ``--forward`` nothing is allocated: the model is built on the meta
 device and the LLM directory is checked from its headers. ``--forward`` builds the model, loads everything and runs
-one forward on a generated image (``lavis.demo.shapes``). Exit status 1 on any missing / unexpected / mismatched key
+one forward on a generated image (``lavis.data.shapes``). Exit status 1 on any missing / unexpected / mismatched key
 (or a failed forward), 0 otherwise.
 """
 
@@ -18,13 +18,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lavis.config.load import load_config
+from lavis.config.presets import model_types, preset_path
+from lavis.data import shapes
+from lavis.data.conversation import encode_prompt, template_from_config
+from lavis.data.media import image_transform
+from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
+from lavis.model.llm import llm_hf_config
+from lavis.model.mllm import MultimodalLM
+from lavis.weights.base import default_init_keys, load_weights, model_shapes, stream_into
+
 if TYPE_CHECKING:
     from lavis.config.schema import Config
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from lavis.config.presets import model_types
-
     ap = argparse.ArgumentParser(prog="python -m lavis.inspect", description=__doc__.split("\n\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-type", help=f"a shipped model config: {', '.join(model_types())}")
@@ -37,12 +45,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _forward(cfg: Config, tok: Any, checkpoint: str | None, dtype: torch.dtype) -> bool:
-    from lavis.data.conversation import encode_prompt, template_from_config
-    from lavis.data.media import image_transform
-    from lavis.demo import shapes
-    from lavis.model.mllm import MultimodalLM
-    from lavis.weights.base import stream_into
-
     t0 = time.perf_counter()
     torch.set_default_dtype(dtype)
     try:
@@ -70,12 +72,6 @@ def _forward(cfg: Config, tok: Any, checkpoint: str | None, dtype: torch.dtype) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lavis.config.load import load_config
-    from lavis.config.presets import preset_path
-    from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
-    from lavis.model.llm import llm_hf_config
-    from lavis.weights.base import default_init_keys, load_weights, model_shapes
-
     a = _args(argv)
     path = preset_path(a.model_type) if a.model_type else a.cfg_path
     cfg = load_config(path, a.options)
@@ -114,6 +110,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

@@ -20,6 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lavis.config.load import load_config
+from lavis.config.presets import model_types, preset_path
+from lavis.model.llm import is_qwen_v1, llm_hf_config, qwen_v1_to_qwen2_config
+from lavis.model.published import PUBLISHED_LLM_CONFIGS
+from lavis.pipeline.plan import LLM_DIMS, format_plan, plan_for_config, stage_memory_bytes
+
 if TYPE_CHECKING:
     from lavis.config.schema import Config
     from lavis.pipeline.plan import StagePlan
@@ -43,9 +49,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
     """The cost model's LLM dimensions and where they came from; reads at most a ``config.json``."""
-    from lavis.model.llm import llm_hf_config
-    from lavis.pipeline.plan import LLM_DIMS
-
     llm = cfg.model.llm
     if llm.path is None or (Path(llm.path) / "config.json").is_file():
         hf = llm_hf_config(llm)
@@ -59,10 +62,6 @@ def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
 
 def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
     """The shipped model config whose ``model.llm.path`` is ``llm_path``, and its LLM's published config.json."""
-    from lavis.config.load import load_config
-    from lavis.config.presets import model_types, preset_path
-    from lavis.model.published import PUBLISHED_LLM_CONFIGS
-
     for name in model_types():
         if name in PUBLISHED_LLM_CONFIGS and load_config(preset_path(name)).model.llm.path == llm_path:
             return name, PUBLISHED_LLM_CONFIGS[name]
@@ -74,8 +73,6 @@ def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
 def hf_config_from_raw(raw: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """A transformers config from a config.json's content (Qwen v1 through our key map), with ``overrides``."""
     from transformers import AutoConfig
-
-    from lavis.model.llm import is_qwen_v1, qwen_v1_to_qwen2_config
 
     if is_qwen_v1(raw):
         hf = qwen_v1_to_qwen2_config(raw)
@@ -102,8 +99,6 @@ class Verdict:
 def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
-    from lavis.pipeline.plan import plan_for_config, stage_memory_bytes
-
     limited = replace(cfg, train=replace(cfg.train, gpu_memory_gib=limit_gib))
     try:
         plan = plan_for_config(limited, dims, dp)
@@ -177,9 +172,6 @@ FITS_GPUS = (2, 4, 6, 8)
 
 def fits_table(limit_gib: float) -> str:
     """Markdown: for each shipped LLM and training mode, the largest stage's estimate with N stages on N GPUs."""
-    from lavis.config.load import load_config
-    from lavis.config.presets import preset_path
-
     head = f"| model | training | {' | '.join(f'{n} x {limit_gib:g} GB' for n in FITS_GPUS)} |"
     rows = [head, "|" + "---|" * (2 + len(FITS_GPUS))]
     for name in FITS_MODELS:
@@ -194,9 +186,6 @@ def fits_table(limit_gib: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lavis.config.load import load_config
-    from lavis.pipeline.plan import format_plan
-
     a = _args(argv)
     if a.fits_table:
         print(fits_table(a.gpu_memory_gib or DEFAULT_GPU_GIB))
@@ -229,6 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

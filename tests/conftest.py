@@ -17,8 +17,8 @@ import pytest
 
 from lavis.config.load import load_config
 from lavis.config.schema import Config
+from lavis.data import shapes
 from lavis.data.tokenizer import TextTokenizer
-from lavis.demo import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 # Annotation indexes (lavis.data.records) of this test session, not the user's ~/.cache; launches inherit it.

@@ -16,9 +16,9 @@ from lavis.chat.cli import check_output_not_input, run_batch
 from lavis.chat.engine import ChatEngine, GenerationSettings, load_model
 from lavis.chat.session import ChatSession
 from lavis.config.load import load_config
+from lavis.data import shapes
 from lavis.data.conversation import template_from_config
 from lavis.data.tokenizer import load_tokenizer
-from lavis.demo import shapes
 
 from .conftest import REPO
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lavis.config.predecessor_keys import TABLES, rule_for
 from lavis.config.schema import Config
+from lavis.predecessors.keys import TABLES, rule_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "DATA.md", REPO / "WEIGHT.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -70,7 +70,7 @@ def doc_keys() -> list[tuple[str, int, str]]:
 
 def predecessor_key(key: str) -> bool:
     """The docs also name the predecessors' keys (`model.arch`, `model.max_txt_len`, mostly in MIGRATING.md): those in
-    the table migrate uses (lavis/config/predecessor_keys.py) are theirs, not ours."""
+    the table migrate uses (lavis/predecessors/keys.py) are theirs, not ours."""
     return any(rule_for(family, key) is not None for family in TABLES) or key == "model.arch"
 
 

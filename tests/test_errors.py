@@ -1,4 +1,4 @@
-"""User errors: one ``error:`` line naming the file / record / key (lavis/engine/errors.py), corrupt files, config
+"""User errors: one ``error:`` line naming the file / record / key (lavis/cli.py), corrupt files, config
 ranges, converter kind and non-finite checks, media paths outside the dataset root, the shared tokenizer resolver,
 and the root cause of a multi-rank failure (one real 2-rank launch in which the higher rank fails)."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lavis import cli
 from lavis.config.load import ConfigError, load_config, save_config, to_dict
 from lavis.convert.pipe_to_pth import cli as convert_cli
 from lavis.convert.pipe_to_pth import convert
@@ -32,7 +33,7 @@ from .conftest import DEMO_CFG, PRETRAIN_CFG, REPO, data_options
 
 def _run_cli(main, capsys: pytest.CaptureFixture) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
-        errors.run_cli(main)
+        cli.run_cli(main)
     return info.value.code, capsys.readouterr().err
 
 
@@ -67,15 +68,15 @@ def test_a_bug_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
 def test_peer_loss_is_recognised_from_the_gloo_message() -> None:
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:19882. This is "
                         "typically caused by a remote worker crashing.")
-    assert errors.is_peer_loss(gloo) and not errors.is_user_error(gloo)
+    assert cli.is_peer_loss(gloo) and not cli.is_user_error(gloo)
     try:
         try:
             raise gloo
         except RuntimeError as e:
             raise RuntimeError("pipeline send failed") from e
     except RuntimeError as wrapped:
-        assert errors.is_peer_loss(wrapped)
-    assert errors.is_peer_loss(BrokenPipeError()) and not errors.is_peer_loss(ValueError("bad record"))
+        assert cli.is_peer_loss(wrapped)
+    assert cli.is_peer_loss(BrokenPipeError()) and not cli.is_peer_loss(ValueError("bad record"))
 
 
 def test_root_cause_error_file_is_what_torchrun_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -15,9 +15,9 @@ import torch
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, load_model
 from lavis.config.load import load_config
+from lavis.data import shapes
 from lavis.data.conversation import template_from_config
 from lavis.data.tokenizer import load_tokenizer
-from lavis.demo import shapes
 from lavis.eval import yesno
 from lavis.eval.__main__ import main as eval_main
 from lavis.eval.common import BenchmarkFileError, Sample

@@ -13,11 +13,11 @@ import torch
 from lavis.config.load import load_config
 from lavis.config.schema import DatasetConfig
 from lavis.convert.pipe_to_pth import convert, load_plain_state
+from lavis.data import shapes
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, load_records
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
-from lavis.demo import shapes
 from lavis.engine.evaluation import micro_batch_keys
 from lavis.eval.__main__ import main as eval_main
 from lavis.model.mllm import MultimodalLM

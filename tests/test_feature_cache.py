@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from lavis.config.load import load_config
-from lavis.data.cache_features import CacheError, FeatureCache, build_cache, main
+from lavis.data.cache_features import CacheError, FeatureCache
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, load_records
 from lavis.data.tokenizer import ENDOFTEXT, load_tokenizer
+from lavis.features import build_cache, check_weights, main
 from lavis.model.llm import llm_hf_config
 from lavis.pipeline.layers import VisionEmbedPipe
 from lavis.pipeline.plan import LLM_DIMS, plan_for_config
@@ -92,7 +93,7 @@ def test_stale_cache_and_other_transform_are_refused(cache_dir: Path, tiny_data:
     cache = FeatureCache.open(cache_dir)
     other_seed = load_config(PRETRAIN_CFG, [*data_options(tiny_data), *EVAL, "model.init_seed=1"])
     with pytest.raises(CacheError, match="stale feature cache"):
-        cache.check_weights(other_seed.model)
+        check_weights(cache, other_seed.model)
     with pytest.raises(CacheError, match="stale feature cache"):
         VisionEmbedPipe(other_seed.model, llm_hf_config(other_seed.model.llm), 3, 1, str(cache_dir))
     # Other weights from a file: the Q-Former read from a checkpoint file instead of the seeded init.
@@ -101,7 +102,7 @@ def test_stale_cache_and_other_transform_are_refused(cache_dir: Path, tiny_data:
         cache.check_transform_of(64, augmented.data)
     trainable_qformer = load_config(PRETRAIN_CFG, [*data_options(tiny_data), *EVAL, "model.qformer.frozen=false"])
     with pytest.raises(CacheError, match="qformer-level"):
-        cache.check_weights(trainable_qformer.model)
+        check_weights(cache, trainable_qformer.model)
 
 
 def test_other_weight_file_is_refused(cache_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
@@ -115,7 +116,7 @@ def test_other_weight_file_is_refused(cache_dir: Path, tiny_data: Path, tmp_path
     torch.save({"model": sd}, ckpt)
     with_file = load_config(PRETRAIN_CFG, [*data_options(tiny_data), *EVAL, f"model.checkpoint={ckpt}"])
     with pytest.raises(CacheError, match="stale feature cache"):
-        FeatureCache.open(cache_dir).check_weights(with_file.model)
+        check_weights(FeatureCache.open(cache_dir), with_file.model)
 
 
 def test_broken_media_are_reported_and_build_resumes(tiny_data: Path, tmp_path: Path,

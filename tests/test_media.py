@@ -12,8 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from lavis.data import media
-from lavis.demo import shapes
+from lavis.data import media, shapes
 
 from .conftest import write_png_header_only
 

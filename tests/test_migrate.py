@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lavis.config.load import ConfigError, load_config, to_dict
-from lavis.config.migrate import Args, flatten, main, migrate, mpp_lr, yaml_literal
+from lavis.predecessors.migrate import Args, flatten, main, migrate, mpp_lr, yaml_literal
 
 from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses
 
@@ -435,7 +435,7 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
     table = {q: (a, b) for q, a, b in zero.table}
     assert table["global batch"][0] == "128 = 2 x 16 x DP4 (assumed)"
     assert table["global batch"][1].startswith("128 = ")
-    from lavis.config.migrate import format_rows
+    from lavis.predecessors.migrate import format_rows
 
     assert "<- differs" not in format_rows([r for r in zero.table if r[0] == "global batch"])  # same global batch
     assert any("assumed 4 from its name" in ln for ln in zero.assumed)
@@ -488,8 +488,8 @@ def test_minigpt4_resume_ckpt_path_is_weights_only_and_says_so(tmp_path: Path) -
 
 
 def test_migrating_md_key_table_is_generated_from_the_table() -> None:
-    from lavis.config.migrate import DOC, docs_with_table
-    from lavis.config.predecessor_keys import MINIGPT4_KEYS, MPP_KEYS
+    from lavis.predecessors.keys import MINIGPT4_KEYS, MPP_KEYS
+    from lavis.predecessors.migrate import DOC, docs_with_table
 
     text = DOC.read_text(encoding="utf-8")
     assert docs_with_table(text) == text, "run: python -m lavis.config.migrate --table-md"
@@ -498,7 +498,7 @@ def test_migrating_md_key_table_is_generated_from_the_table() -> None:
 
 
 def test_every_key_of_every_case_is_in_the_table() -> None:
-    from lavis.config.predecessor_keys import MINIGPT4, MPP, rule_for
+    from lavis.predecessors.keys import MINIGPT4, MPP, rule_for
 
     for name, (cfg, _) in CASES.items():
         family = MPP if cfg["model"]["arch"] == "minigpt4qwen" else MINIGPT4

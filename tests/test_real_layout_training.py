@@ -64,7 +64,7 @@ def test_chat_loads_base_files_and_mpp_sft_checkpoint_with_mangled_names(tmp_pat
     from lavis.config.load import load_config
     from lavis.config.presets import preset_path
     from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
+    from lavis.weights.load import load_model
 
     files = write_preset("qwen7b_chat", tmp_path, num_layers=2, vision_depth=2, tiny=True)
     monkeypatch.chdir(tmp_path)

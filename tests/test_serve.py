@@ -241,10 +241,10 @@ def test_full_queue_answers_503(engine: ChatEngine) -> None:
 
 
 def test_weights_side_does_not_import_the_chat_package() -> None:
-    """load_model lives with the model; the converter and the loader import nothing from lavis.chat."""
+    """load_model lives with the weight readers; the converter and the loader import nothing from lavis.chat."""
     import ast
 
-    for path in [*(REPO / "lavis/convert").glob("*.py"), REPO / "lavis/model/load.py", REPO / "lavis/inspect.py"]:
+    for path in [*(REPO / "lavis/convert").glob("*.py"), REPO / "lavis/weights/load.py", REPO / "lavis/inspect.py"]:
         tree = ast.parse(path.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

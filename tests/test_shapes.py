@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavis.data import media
-from lavis.demo import shapes
+from lavis.data import media, shapes
 
 W = 224
 

@@ -45,11 +45,12 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from lavis.chat.stops import StopStrings, context_start
 from lavis.config.load import load_config
+from lavis.config.presets import model_types
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
-from lavis.model.load import load_model
 from lavis.model.mllm import MultimodalLM
+from lavis.weights.load import load_model
 
 __all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "MediaMarkerError", "Request",
            "Turn", "add_model_arguments", "answer_stop_ids", "load_model", "place_media", "resolve_tokenizer_ref"]
@@ -526,8 +527,6 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model flags both front ends share (the predecessors' names kept)."""
-    from lavis.config.presets import model_types
-
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
     which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "

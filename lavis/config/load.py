@@ -21,8 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lavis.config.predecessor_keys import habit_hint
 from lavis.config.schema import Config, TrainConfig
+from lavis.predecessors.keys import habit_hint
 
 
 class ConfigError(ValueError):

@@ -21,13 +21,12 @@ import torch
 
 from lavis.config.load import from_dict, save_config
 from lavis.config.schema import Config
+from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
+from lavis.weights.load import load_model
 
 
 def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
-
     meta = load_meta(tag_dir)
     cfg = from_dict(Config, meta["config"], source=str(tag_dir / META_FILE))
     tok_file = tag_dir / meta["tokenizer"]

@@ -23,8 +23,11 @@ import torch
 
 from lavis.config.load import from_dict
 from lavis.config.schema import Config
+from lavis.convert.hf_export import write_hf_dir, write_sidecar
+from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
 from lavis.model.lora import ADAPTER_NAME, is_adapter_key, merge_adapters_, peft_config
+from lavis.weights.load import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LLM_PREFIX = "llm_model."
@@ -52,9 +55,6 @@ def without_lora(cfg: Config) -> Config:
 
 def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (MultimodalLM, Config, Path)
     """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left."""
-    from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
-
     cfg, tok_file = run_config(tag_dir)
     model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"),
                        DTYPES[cfg.train.precision])
@@ -84,8 +84,6 @@ def merge_lora(tag_dir: Path, adapter_pth: Path, out: Path, names: str = "auto")
 
 def export_merged_hf(tag_dir: Path, adapter_pth: Path, out_dir: str | Path, dtype: torch.dtype) -> Path:
     """The merged LLM as a transformers directory (``AutoModelForCausalLM.from_pretrained``)."""
-    from lavis.convert.hf_export import write_hf_dir
-
     model, cfg, tok_file = load_merged(tag_dir, adapter_pth)
     return write_hf_dir(model.to(dtype), without_lora(cfg), tok_file, out_dir)
 
@@ -108,10 +106,6 @@ def peft_state(adapter_state: dict[str, torch.Tensor], train_embeddings: bool) -
 def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
     """A peft adapter directory: ``PeftModel.from_pretrained(base_llm, DIR)`` gives the trained LLM."""
     from safetensors.torch import save_file
-
-    from lavis.convert.hf_export import write_sidecar
-    from lavis.data.tokenizer import load_tokenizer
-    from lavis.model.load import load_model
 
     cfg, tok_file = run_config(tag_dir)
     lora = cfg.model.llm.lora

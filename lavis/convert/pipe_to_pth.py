@@ -31,12 +31,15 @@ from typing import Any, Literal
 
 import torch
 
-from lavis.config.load import from_dict
+from lavis.config.load import from_dict, load_config
+from lavis.config.presets import preset_path
 from lavis.config.schema import ModelConfig
+from lavis.convert import lora_export
+from lavis.convert.hf_export import export_hf
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
 from lavis.model.components import COMPONENTS
 from lavis.model.freezing import component_trains, is_trainable
-from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
+from lavis.model.llm import is_qwen_v1, llm_hf_config, read_config_json, to_qwen_v1_names
 from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
@@ -71,7 +74,7 @@ def read_meta(tag_dir: Path) -> dict:
 
 
 def _checkpoint_tag_dir(ckpt_dir: Path) -> Path | None:
-    from lavis.convert.mpp_layers import resolve_mpp_tag_dir
+    from lavis.predecessors.mpp_layers import resolve_mpp_tag_dir
 
     mpp = resolve_mpp_tag_dir(ckpt_dir)
     if mpp is not None:
@@ -194,8 +197,6 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
 def minigpt4_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, Any]:
     """MiniGPT-4's checkpoint format (its ``_save_checkpoint`` / released ``pretrained_minigpt4*.pth``): the projection
     as ``llama_proj.*`` under ``"model"``, fp32 as its model holds it."""
-    from lavis.model.llm import llm_hf_config
-
     other = sorted(k for k in state if not k.startswith("llm_proj."))
     if other:
         raise ValueError(f"--names minigpt4: MiniGPT-4's checkpoint holds only the projection (llama_proj), but this "
@@ -227,8 +228,8 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
             model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
             allow_nonfinite: bool = False) -> Path:
     """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
-    ``lavis.convert.mpp_layers``); ``include_frozen``: write its frozen weights too."""
-    from lavis.convert.mpp_layers import convert_mpp, is_mpp_checkpoint
+    ``lavis.predecessors.mpp_layers``); ``include_frozen``: write its frozen weights too."""
+    from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint
 
     if out is not None:
         refuse_output_over_inputs("--out", out, command_inputs(ckpt_dir))
@@ -311,8 +312,6 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
     if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth):
         return
     if args.hf_out:
-        from lavis.convert.hf_export import export_hf
-
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
         print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
 
@@ -330,9 +329,6 @@ def refuse_outputs_over_inputs(args: Any, kind: Kind) -> None:
 
 
 def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | None:
-    from lavis.config.load import load_config
-    from lavis.config.presets import preset_path
-
     if model_type is None and cfg_path is None:
         return None
     return load_config(preset_path(model_type) if model_type else cfg_path).model
@@ -340,8 +336,6 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
 
 def lora_cli(args: object, pth: Path) -> bool:
     """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run."""
-    from lavis.convert import lora_export
-
     tag_dir = resolve_tag_dir(args.ckpt_dir)
     cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
                     prefix="model.")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lavis.config.load import load_config
 from lavis.config.schema import Config, DataConfig, DatasetConfig, ModelConfig
 from lavis.data import media
 from lavis.data.conversation import (
@@ -34,6 +35,7 @@ from lavis.data.conversation import (
 from lavis.data.datasets import MediaRef, Record, check_text_size, load_record_image, load_records
 from lavis.data.formats import FORMATS, TarMember
 from lavis.data.templates import TEMPLATES
+from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 
 
 @dataclass
@@ -167,12 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
-
     args = parse_args(argv)
     if args.cfg_path:
-        from lavis.config.load import load_config
-
         cfg = load_config(args.cfg_path, args.options)
         if not cfg.data.train:
             raise ValueError(f"{args.cfg_path}: data.train is empty (nothing to check)")
@@ -205,6 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from lavis.data.templates import TEMPLATES, Seg, TemplateName, TemplateSpec, get_template
-from lavis.data.tokenizer import TextTokenizer
+from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer, TextTokenizer
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -158,8 +158,6 @@ sentencepiece (LLaMA / Vicuna) tokenizer uses ``<unk>`` (``LLAMA_IMAGE_PLACEHOLD
 
 def default_image_placeholder(tok: TextTokenizer) -> str:
     """The image placeholder of the family ``tok`` belongs to (the presets' ``model.llm.image_placeholder``)."""
-    from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer
-
     if isinstance(tok, SentencePieceTokenizer):
         return LLAMA_IMAGE_PLACEHOLDER
     for token in IMAGE_PLACEHOLDERS:

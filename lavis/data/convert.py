@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data import media
+from lavis.data.cache_features import FeatureCache
 from lavis.data.conversation import (
     IMAGE_MARKER,
     VIDEO_MARKER,
@@ -39,6 +40,7 @@ from lavis.data.conversation import (
     fit_length,
 )
 from lavis.data.formats import FORMATS, TarMember, read_json_records, to_canonical
+from lavis.data.records import RecordStore, open_records
 
 MediaRef = Path | TarMember
 """An image file, or an image inside a webdataset tar shard."""
@@ -131,8 +133,6 @@ def load_records(ds: DatasetConfig, errors: list[tuple[str, str]] | None = None,
     of byte offsets, each record parsed when accessed); the result indexes, iterates and concatenates (``+``) like a
     list.
     """
-    from lavis.data.records import open_records
-
     parse = RecordParser(ds, allow_outside_root)
     if FORMATS[ds.format].one_json_file:
         return open_records(Path(ds.ann_path), ds.format, parse, errors, key=f"{ds!r}|{allow_outside_root}")
@@ -166,8 +166,6 @@ def dataset_fingerprint(ds: DatasetConfig, records: Sequence[Record]) -> dict[st
     """What a checkpoint records about one training dataset (``lavis_meta.json`` ``data``): its annotation path,
     format, record count and content fingerprint. For a one-file format that is the hash of the file's bytes the
     records index already computed (free); for the others (shards, directories) a hash of the parsed records."""
-    from lavis.data.records import RecordStore
-
     if isinstance(records, RecordStore):
         digest = records.digest
     else:
@@ -227,8 +225,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         """``data.feature_cache`` opened (stage 0 reads features instead of pixels; the weights are checked where
         the model is built, ``lavis.pipeline.layers.VisionEmbedPipe``)."""
         if data.feature_cache is not None and load_media:
-            from lavis.data.cache_features import FeatureCache
-
             self.features = FeatureCache.open(data.feature_cache)
             self.features.check_transform_of(image_size, data)
 

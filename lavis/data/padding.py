@@ -19,6 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from lavis.data.collate import Collator
+from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_conversation
+from lavis.data.datasets import StepSampler
+from lavis.data.tokenizer import load_tokenizer
 
 
 def padded_length(lengths: Sequence[int], pad_to_multiple_of: int, fixed_length: int | None) -> int:
@@ -40,8 +43,6 @@ def padding_efficiency(lengths_per_microbatch: list[list[int]], pad_to_multiple_
 def microbatches(lengths: Sequence[int], *, micro_batch_size: int, grad_accum_steps: int, dp_size: int, steps: int,
                  seed: int = 0, group_by_length: bool) -> list[list[int]]:
     """Token lengths of every micro-batch of ``steps`` optimizer steps, cut by the training sampler."""
-    from lavis.data.datasets import StepSampler
-
     kw = {"seed": seed, "micro_batch_size": micro_batch_size, "grad_accum_steps": grad_accum_steps, "dp_size": dp_size,
               "length_of": (lambda i: lengths[i]) if group_by_length else None}
     sampler = StepSampler([len(lengths)], [1.0], dp_rank=0, **kw)
@@ -86,9 +87,6 @@ def synthetic_llava_instruct(n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lavis.data.conversation import SYSTEM_PROMPTS, ChatTemplate, encode_conversation
-    from lavis.data.tokenizer import load_tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="../shared/data/qwen.tiktoken")
     p.add_argument("--samples", type=int, default=20000)
@@ -118,6 +116,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

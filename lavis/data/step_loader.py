@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from lavis.cli import InputError
 from lavis.data.collate import PipeBatch
 from lavis.data.conversation import SampleError, TooLongError
 from lavis.data.datasets import ConversationDataset, Key, Sample
@@ -39,7 +40,7 @@ from lavis.data.media import MediaError
 logger = logging.getLogger(__name__)
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(InputError):
     """A training sample could not be built (``data.on_bad_sample: raise``); the message names the record."""
 
 

@@ -277,7 +277,7 @@ class SentencePieceTokenizer:
 
 def build_demo_tokenizer() -> TextTokenizer:
     """Train the demo's byte-level BPE on the shapes generator's fixed corpus (deterministic, < 1 s)."""
-    from lavis.demo import shapes
+    from lavis.data import shapes
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

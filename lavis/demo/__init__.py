@@ -1,2 +1,2 @@
-"""The embedded default: the shapes data generator (``shapes``) and ``make demo``'s runner (``run``;
-``python -m lavis.demo``)."""
+"""The embedded default: ``make demo``'s runner (``run``;
+``python -m lavis.demo``). Its data generator is ``lavis.data.shapes``."""

@@ -39,7 +39,7 @@ def step(n: int, text: str) -> None:
 
 
 def generate_data() -> None:
-    from lavis.demo import shapes
+    from lavis.data import shapes
 
     stamp = DATA_DIR / "spec.json"
     spec = {**DATA_SPEC, "version": DATA_VERSION}
@@ -81,7 +81,7 @@ def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int, out: Path) -> dict[s
     import shutil
 
     from lavis.chat.engine import ChatEngine
-    from lavis.demo import shapes
+    from lavis.data import shapes
     from lavis.eval.runner import format_table, run_task
     from lavis.eval.tasks import Source
 
@@ -138,6 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from lavis.engine.errors import run_cli
+    from lavis.cli import run_cli
 
     run_cli(main)

@@ -1,6 +1,6 @@
-"""How a failure reaches the user: one ``error: ...`` line for user errors, and the root cause last in multi-rank runs.
+"""How a failure reaches the user in multi-rank runs: one ``error: ...`` line for user errors, and the root cause last.
 
-Every command-line entry point runs its ``main`` through :func:`run_cli`; ``train_pipeline.py`` runs through
+Every command-line entry point runs its ``main`` through ``lavis.cli.run_cli``; ``train_pipeline.py`` runs through
 :func:`run_rank`. A *user error* (a bad config value, a missing or corrupt file, a bad sample: ``ValueError`` and
 its subclasses such as ``ConfigError``, ``OSError`` such as ``FileNotFoundError``, ``BadSampleError``) is printed as
 one line ``error: <message>`` (the message names the file, record or key) and the process exits with status 1; any
@@ -32,73 +32,10 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
+from lavis.cli import describe, is_peer_loss, report, show_traceback
+
 PEER_LOSS_WAIT_S = 60.0
 """How long a rank whose peer vanished waits for the launcher to stop it before reporting the loss itself."""
-
-_PEER_LOSS_MARKERS = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "remote worker crashing",
-)
-
-
-def is_user_error(e: BaseException) -> bool:
-    """Errors caused by the input (config, files, data), whose message says what to fix: no traceback needed."""
-    from lavis.data.step_loader import BadSampleError
-
-    if is_peer_loss(e):
-        return False
-    return isinstance(e, (ValueError, OSError, BadSampleError))
-
-
-def is_peer_loss(e: BaseException) -> bool:
-    """True when ``e`` (or what it was raised from) says another rank's process went away."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ConnectionError) or (
-                isinstance(cur, RuntimeError) and any(m in str(cur) for m in _PEER_LOSS_MARKERS)):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def describe(e: BaseException) -> str:
-    """The message the user reads: the exception's own text (it names the file / record / key), or its type when
-    the text is empty (``KeyError``'s key is quoted, so it keeps its type name)."""
-    text = str(e)
-    if not text or isinstance(e, KeyError):
-        return f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text
-
-
-def _show_traceback(e: BaseException) -> bool:
-    return not is_user_error(e) or os.environ.get("LAVIS_TRACEBACK", "") not in ("", "0")
-
-
-def report(e: BaseException, prefix: str = "") -> str:
-    """Print ``e`` to stderr the way the user should read it; returns the one-line form."""
-    line = f"error: {prefix}{describe(e)}"
-    if _show_traceback(e):
-        traceback.print_exception(e, file=sys.stderr)
-    print(line, file=sys.stderr, flush=True)
-    return line
-
-
-def run_cli(main: Callable[[], int | None]) -> NoReturn:
-    """Run a command-line ``main``: its return value is the exit status; a user error becomes one ``error:`` line
-    and status 1; anything else keeps its traceback."""
-    try:
-        status = main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # the top level: report() prints a user error in one line, anything else in full
-        report(e)
-        sys.exit(1)
-    sys.exit(status or 0)
 
 
 def write_error_file(e: BaseException, text: str) -> None:
@@ -121,7 +58,7 @@ def _rank() -> str:
 def _fail_as_root_cause(e: BaseException) -> NoReturn:
     prefix = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     line = report(e, prefix)
-    text = "".join(traceback.format_exception(e)) if _show_traceback(e) else line
+    text = "".join(traceback.format_exception(e)) if show_traceback(e) else line
     write_error_file(e, text)
     sys.exit(1)
 

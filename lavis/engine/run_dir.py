@@ -129,7 +129,7 @@ def refuse_predecessor_dir(output_dir: Path, resume_from: str | None) -> None:
     """A predecessor's directory (an MPP-Qwen checkpoint directory as the output directory, its ``latest`` or
     ``--resume-from`` tag; a MiniGPT-4 output directory) is refused with the commands to use instead (a user error:
     one line, exit 1)."""
-    from lavis.weights.predecessors import resume_advice
+    from lavis.predecessors.checkpoints import resume_advice
 
     latest = output_dir / LATEST_FILE
     tags = [resume_from or "", latest.read_text().strip() if latest.is_file() else ""]

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
-from lavis.config.predecessor_keys import flag_hint
 from lavis.config.schema import Config
 from lavis.data.collate import Collator
 from lavis.data.conversation import template_from_config
@@ -54,6 +53,7 @@ from lavis.engine.run_dir import (
 )
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, offloaded_stages, plan_for_config
+from lavis.predecessors.keys import flag_hint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config overrides, e.g. train.lr=1e-4 data.max_txt_len=256")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args, unknown = p.parse_known_args(argv)
-    if unknown:  # a predecessor's flag gets its equivalent (lavis.config.predecessor_keys.FLAGS)
+    if unknown:  # a predecessor's flag gets its equivalent (lavis.predecessors.keys.FLAGS)
         hints = [h for h in map(flag_hint, unknown) if h]
         p.error(f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {h}" for h in hints))
     return args

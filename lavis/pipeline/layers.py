@@ -58,9 +58,10 @@ class VisionEmbedPipe(nn.Module):
         skipped: list[str] = []
         if feature_cache is not None:
             from lavis.data.cache_features import FROZEN_PREFIXES, FeatureCache, cache_level
+            from lavis.features import check_weights
 
             self.cached = cache_level(cfg)
-            FeatureCache.open(feature_cache).check_weights(cfg)
+            check_weights(FeatureCache.open(feature_cache), cfg)
             skipped = [p.rstrip(".") for p in FROZEN_PREFIXES[self.cached]]
         with torch.device("meta") if "visual_encoder" in skipped else contextlib.nullcontext():
             visual_encoder = build_eva_vit(cfg.vision)

@@ -79,7 +79,7 @@ def measure(url: str, clients: int, requests: int, messages: list[list[dict]], m
 
 
 def sample_messages(n: int, tmp: Path) -> list[list[dict]]:
-    from lavis.demo import shapes
+    from lavis.data import shapes
 
     out = []
     for path, _ in shapes.generate_eval_images(tmp, n, seed=0):

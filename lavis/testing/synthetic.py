@@ -27,9 +27,20 @@ from typing import Any
 
 import torch
 
+from lavis.config.load import load_config
+from lavis.config.presets import model_types, preset_path
 from lavis.config.schema import ModelConfig
+from lavis.data import shapes
+from lavis.data.tokenizer import QWEN_NUM_REGULAR
+from lavis.model.llm import is_qwen_v1, qwen_v1_to_qwen2_config, to_qwen_v1_names
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
-from lavis.testing.synthetic_vision import random_tensor, write_synthetic_blip2, write_synthetic_eva_vit
+from lavis.testing.synthetic_vision import (
+    blip2_file_shapes,
+    eva_vit_file_shapes,
+    random_tensor,
+    write_synthetic_blip2,
+    write_synthetic_eva_vit,
+)
 
 Shape = tuple[int, ...]
 REPO = Path(__file__).resolve().parents[2]
@@ -68,8 +79,6 @@ def llm_file_shapes(raw: dict[str, Any]) -> dict[str, Shape]:
     """Tensor name -> shape of the LLM directory's weights for ``raw`` (Qwen v1 names for ``model_type: qwen``),
     computed on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lavis.model.llm import is_qwen_v1, qwen_v1_to_qwen2_config, to_qwen_v1_names
 
     if is_qwen_v1(raw):
         hf = qwen_v1_to_qwen2_config(raw)
@@ -131,8 +140,6 @@ def write_qwen_tiktoken(path: str | Path) -> Path:
     if SHARED_TIKTOKEN.is_file():
         shutil.copy2(SHARED_TIKTOKEN, path)
         return path
-    from lavis.data.tokenizer import QWEN_NUM_REGULAR
-
     toks: list[bytes] = [bytes([b]) for b in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
     printable = range(32, 127)
     for a in printable:
@@ -151,8 +158,6 @@ def write_sentencepiece(directory: str | Path) -> Path:
     import io
 
     import sentencepiece as spm
-
-    from lavis.demo import shapes
 
     corpus = shapes.corpus() + ["Describe this image in detail.", "What is in the image?", "###Human: ###Assistant:"]
     buf = io.BytesIO()
@@ -182,8 +187,6 @@ def write_bpe_tokenizer_json(directory: str | Path, specials: tuple[str, ...] = 
     """A small byte-level BPE ``tokenizer.json`` carrying a family's chat and vision special tokens (Qwen2.5's by
     default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from lavis.demo import shapes
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -273,12 +276,10 @@ def write_mpp_pipeline_dir(
     run_dir: str | Path, cfg: ModelConfig, raw: dict[str, Any], *, pretrain: bool, step: int = 2181,
     inv_freq: bool = True, seed: int = 0,
 ) -> Path:
-    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.convert.mpp_layers`` has the
+    """An MPP-Qwen-Next run directory as its ``train_pipeline.py`` leaves it (``lavis.predecessors.mpp_layers`` has the
     layer table): ``latest`` and ``global_step{step}/layer_XX-model_states.pt`` for every pipeline layer (bf16, frozen
     weights included, ``{}`` for parameterless layers; ``occupy.weight`` in pretrain), ``mp_rank_00_model_states.pt``
     with ``module: None``. ``inv_freq``: the rotary buffer older Qwen remote code saved in layer 0."""
-    from lavis.testing.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
-
     gen = torch.Generator().manual_seed(seed)
     tag = Path(run_dir) / f"global_step{step}"
     tag.mkdir(parents=True, exist_ok=True)
@@ -331,9 +332,6 @@ def write_preset(
     """Every file ``model_type`` names, under ``root`` (the directory ``lavis.inspect`` then runs in)."""
     from dataclasses import replace
 
-    from lavis.config.load import load_config
-    from lavis.config.presets import preset_path
-
     root = Path(root)
     opts = list(options or []) + (TINY_OPTIONS if tiny else []) + [f"model.vision.depth={vision_depth}"]
     cfg: ModelConfig = load_config(preset_path(model_type), opts).model
@@ -371,8 +369,6 @@ def write_preset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lavis.config.presets import model_types
-
     ap = argparse.ArgumentParser(prog="python -m lavis.testing.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-type", required=True, help=", ".join(model_types()))
     ap.add_argument("--root", required=True, help="directory to write cache/ckpt/... under (run inspect there)")

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from lavis.config.schema import ModelConfig
+from lavis.model.llm import llm_hf_config
+from lavis.model.mllm import MultimodalLM
 from lavis.weights.report import FileReport
 
 Shape = tuple[int, ...]
@@ -75,8 +77,6 @@ def unsafe_pickle_reason(e: pickle.UnpicklingError) -> str | None:
 
 def model_shapes(cfg: ModelConfig) -> dict[str, Shape]:
     """Plain-model name -> shape of every tensor of the full model, built on the meta device (no memory)."""
-    from lavis.model.mllm import MultimodalLM
-
     with torch.device("meta"):
         model = MultimodalLM(cfg, placeholder_id=0)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -113,8 +113,8 @@ def load_weights(
     LLM directory then costs one tensor of host RAM at a time); files are read in the order above, so a later file's
     tensor overrides an earlier one's. Never raises on content: see the reports.
     """
+    from lavis.predecessors.checkpoints import read_checkpoint
     from lavis.weights.llm import plan_llm, read_llm, scan_llm_dir
-    from lavis.weights.predecessors import read_checkpoint
     from lavis.weights.vision import read_blip2, read_eva_vit
 
     want = {k: tuple(v) for k, v in want.items()}
@@ -145,8 +145,6 @@ def load_weights(
         reports.append(rep)
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
     if ckpt:
-        from lavis.model.llm import llm_hf_config
-
         num_layers = int(llm_hf_config(cfg.llm).num_hidden_layers)
         got, rep = read_checkpoint(ckpt, want, known, num_layers=num_layers)
         take(got)

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from lavis.model.llm import is_qwen_v1, qwen_v1_targets, read_config_json, take_third
+from lavis.weights.base import load_torch_file
 from lavis.weights.report import FileReport, ShapeMismatch
 
 Shape = tuple[int, ...]
@@ -68,8 +69,6 @@ def _safetensors_shapes(path: Path) -> dict[str, Shape]:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    from lavis.weights.base import load_torch_file
-
     obj = load_torch_file(path, "model.llm.path")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: a {type(obj).__name__}, not a state dict")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lavis.config.schema import ModelConfig, VisionConfig
+from lavis.weights.base import load_torch_file
 from lavis.weights.report import FileReport, ShapeMismatch, unwrap
 
 Shape = tuple[int, ...]
@@ -72,8 +73,6 @@ def read_state_dict(path: str | Path, report: FileReport, config_key: str = "") 
     A missing, empty or unreadable file raises naming ``config_key`` (``load_torch_file``); content problems (keys,
     shapes) never raise, they go to ``report``.
     """
-    from lavis.weights.base import load_torch_file
-
     obj = load_torch_file(path, config_key or "weight file",
                           "; WEIGHT.md lists where to download it and where it goes under cache/ckpt/")
     if not isinstance(obj, Mapping):

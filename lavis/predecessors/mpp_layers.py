@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 
 from lavis.config.schema import ModelConfig
-from lavis.model.llm import qwen_v1_targets, take_third
-from lavis.weights.predecessors import is_mpp_layer_dir, mpp_llm_frozen
+from lavis.engine.checkpoint import META_FILE
+from lavis.model.components import component_of
+from lavis.model.freezing import is_trainable
+from lavis.model.llm import llm_hf_config, qwen_v1_targets, take_third
+from lavis.predecessors.checkpoints import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.report import FileReport
 from lavis.weights.vision import blip2_rename
 
@@ -86,8 +89,6 @@ def is_mpp_checkpoint(ckpt_dir: str | Path) -> bool:
 
 
 def resolve_mpp_tag_dir(ckpt_dir: str | Path) -> Path | None:
-    from lavis.engine.checkpoint import META_FILE
-
     d = Path(ckpt_dir)
     if (d / "layer_00-model_states.pt").is_file():
         return d if is_mpp_layer_dir(d, META_FILE) else None
@@ -160,9 +161,6 @@ def read_mpp_dir(tag_dir: Path, num_blocks: int) -> tuple[dict[str, torch.Tensor
 def select(state: dict[str, torch.Tensor], origin: dict[str, str], report: FileReport, cfg: ModelConfig, kind: str,
            include_frozen: bool) -> dict[str, torch.Tensor]:
     """The tensors the ``.pth`` of ``kind`` holds; every other one goes to ``report.ignored`` with the reason."""
-    from lavis.model.components import component_of
-    from lavis.model.freezing import is_trainable
-
     keep: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if kind == "proj" and not key.startswith("llm_proj."):
@@ -192,9 +190,6 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
         kind_mismatch,
         release_names,
     )
-    from lavis.model.freezing import is_trainable
-    from lavis.model.llm import llm_hf_config
-
     tag_dir = resolve_mpp_tag_dir(ckpt_dir)
     if tag_dir is None:
         raise FileNotFoundError(f"{ckpt_dir}: no MPP layer files (layer_00-model_states.pt) here or under `latest`")

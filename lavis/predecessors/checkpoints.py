@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from lavis.model.llm import qwen_v1_targets, take_third
+from lavis.weights.base import load_torch_file
 from lavis.weights.report import FileReport, ShapeMismatch, unwrap
 from lavis.weights.vision import blip2_rename
 
@@ -86,8 +87,6 @@ def read_checkpoint(
     ``known``: every plain-model key (all stages); keys for other stages are counted, not read. ``num_layers``: the
     LLM's block count (to recognise MPP's 7B-mangled final-norm name).
     """
-    from lavis.weights.base import load_torch_file
-
     path = Path(path)
     report = FileReport(str(path))
     obj = load_torch_file(path, "model.checkpoint / -c")
@@ -157,8 +156,6 @@ def mpp_llm_frozen(tag_dir: Path) -> bool:
     """Whether an MPP run froze its LLM (pretrain: only the projection trained). MPP's ``get_model(model,
     freeze_llm)`` appends its ``IndentityPipeLayerLast`` (``occupy.weight``, a zero 1000x1000 Linear) exactly then, so
     the last layer file holds ``occupy.weight``; otherwise it is the parameterless loss layer."""
-    from lavis.weights.base import load_torch_file
-
     layers = mpp_layer_files(tag_dir)
     if not layers:
         raise FileNotFoundError(f"{tag_dir}: no MPP layer files (layer_XX-model_states.pt)")
@@ -169,8 +166,6 @@ def mpp_llm_frozen(tag_dir: Path) -> bool:
 def is_mpp_layer_dir(tag_dir: Path, meta_file: str) -> bool:
     """MPP layer files without our ``meta_file``, told from an interrupted save of ours by MPP's own names in layer 0
     (its ``TokenizerPipeLayer``: ``visionpipe.*``, ``wtepipe.word_embeddings.weight``; memory-mapped, not read)."""
-    from lavis.weights.base import load_torch_file
-
     if not (tag_dir / MPP_LAYER_ZERO).is_file() or (tag_dir / meta_file).is_file():
         return False
     try:

@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 
 from lavis.config.schema import Config
+from lavis.data.conversation import template_from_config
 from lavis.data.tokenizer import TextTokenizer
+from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
+from lavis.weights.base import stream_into
 
 
 def load_model(
@@ -17,10 +20,6 @@ def load_model(
 ) -> MultimodalLM:
     """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or
     ``model.checkpoint``, ours or a predecessor's) with every key accounted for; raise if any file does not fit."""
-    from lavis.data.conversation import template_from_config
-    from lavis.model.lora import model_targets
-    from lavis.weights.base import stream_into
-
     placeholder_id = template_from_config(tok, cfg).special_ids().placeholder
     model = MultimodalLM(cfg.model, placeholder_id)
     model.init_weights(cfg.model.init_seed)
