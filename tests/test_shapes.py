@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from lavis.data import media, shapes
+from lavis.demo.run import count_contradictions
+from lavis.eval.yesno import pope_label
 
 W = 224
 
@@ -131,17 +133,65 @@ def test_compare_answers() -> None:
     b = shapes.ShapeSpec("square", "blue", (25, 25, 230), 60, 100.0, 100.0)
     c = shapes.ShapeSpec("circle", "blue", (25, 25, 230), 60, 100.0, 100.0)
     same_shape, same_colour = shapes.SAME_SHAPE_QUESTIONS[0], shapes.SAME_COLOUR_QUESTIONS[0]
+    # What the images show first, the verdict last (shapes._verdict says why).
     assert shapes.compare_answer(same_shape, a, b) == (
-        "No. The first image shows a red circle and the second shows a blue square."
+        "The first image shows a red circle and the second shows a blue square, so no."
     )
-    assert shapes.compare_answer(same_shape, a, c) == "Yes, both are circles."
-    assert shapes.compare_answer(same_colour, b, c) == "Yes, both are blue."
-    assert shapes.compare_answer(same_colour, a, c).startswith("No.")
+    assert shapes.compare_answer(same_shape, a, c) == "Both are circles, so yes."
+    assert shapes.compare_answer(same_colour, b, c) == "Both are blue, so yes."
+    assert shapes.compare_answer(same_colour, a, c) == (
+        "The first image shows a red circle and the second shows a blue circle, so no."
+    )
     assert shapes.compare_answer(shapes.DESCRIBE_BOTH_QUESTIONS[0], b, a) == (
         "The first image shows a blue square and the second shows a red circle."
     )
     with pytest.raises(ValueError):
         shapes.compare_answer("What is in the image?", a, b)
+
+
+def test_yes_no_answers_name_the_truth_then_a_verdict_the_pope_scorer_reads() -> None:
+    for spec in (shapes.ShapeSpec(sh, c, rgb, 60, 100.0, 100.0) for sh in shapes.SHAPES for c, rgb in
+                 shapes.COLOURS.items()):
+        exchanges = [(shapes._is_shape_exchange(a, spec), a == spec.shape) for a in shapes.SHAPES]
+        exchanges += [(shapes._is_colour_exchange(a, spec), a == spec.colour) for a in shapes.COLOURS]
+        for (question, reply), truth in exchanges:
+            assert reply.endswith(", so yes." if truth else ", so no.")
+            assert pope_label(reply) == ("yes" if truth else "no"), (question, reply)
+            # The reply names the true value (never the asked one when they differ), so it cannot contradict itself.
+            assert shapes.names_asked_value(question, reply) is truth
+    assert shapes.names_asked_value("Is it a circle?", "A square.") is False
+    assert shapes.names_asked_value("Is it red?", "Yes.") is None  # names no colour
+    assert shapes.names_asked_value("What is in the image?", "A red circle.") is None  # not a yes/no question
+
+
+def test_contradictions_are_counted() -> None:
+    rows = [
+        {"query": "Is it a triangle?", "prediction": "No, it is a triangle."},  # the old demo's contradiction
+        {"query": "Is it a triangle?", "prediction": "It is a circle, so yes."},
+        {"query": "Is it red?", "prediction": "It is red, so no."},
+        {"query": "Is it a triangle?", "prediction": "It is a triangle, so yes."},
+        {"query": "Is it red?", "prediction": "It is blue, so no."},
+        {"query": "Is it red?", "prediction": "No."},  # names nothing: cannot tell
+    ]
+    assert count_contradictions(rows) == 3
+
+
+def test_yes_no_questions_are_balanced(tmp_path: Path) -> None:
+    ann = shapes.generate_dataset(tmp_path, num_single=600, num_multi_turn=300, num_pairs=0, num_videos=0, seed=4)
+    verdicts: dict[str, list[bool]] = {"shape": [], "colour": []}
+    first_turn = 0
+    for record in json.loads(ann.read_text()):
+        conv = record["conversations"]
+        for i in range(0, len(conv), 2):
+            question = re.sub(r"^<image>[\n ]?", "", conv[i]["content"])
+            if question.startswith("Is it "):
+                first_turn += i == 0
+                verdicts["shape" if question.startswith("Is it a ") else "colour"].append(
+                    conv[i + 1]["content"].endswith("so yes."))
+    assert 0.2 * 600 < first_turn < 0.4 * 600  # SINGLE_MIX asks ~30% of single images a yes/no question first
+    for kind, answers in verdicts.items():
+        assert len(answers) > 80, kind
+        assert 0.4 < sum(answers) / len(answers) < 0.6, kind  # about the true value half of the time
 
 
 def _words(text: str) -> set[str]:

@@ -221,18 +221,42 @@ def _shape_answer(spec: ShapeSpec) -> str:
     return f"A {spec.shape}."
 
 
+def _verdict(match: bool) -> str:
+    """The closing word of every yes/no answer. Answers name what the image shows first and end with the verdict
+    ("It is a circle, so no."): the tiny model then decides by comparing the attribute it has just named (which it
+    learns early: VQA 1.00) with the one asked, a text-only step. Answers that opened with the verdict ("No, it is a
+    circle.") made it decide before looking: POPE-style F1 0.68 while it named the attribute right, e.g. "No, it is a
+    triangle." to "Is it a triangle?". POPE's rule reads "no" anywhere in the first sentence, so these still score."""
+    return "yes" if match else "no"
+
+
 def _is_shape_exchange(asked: str, spec: ShapeSpec) -> tuple[str, str]:
-    reply = "Yes" if asked == spec.shape else "No"
-    return f"Is it a {asked}?", f"{reply}, it is a {spec.shape}."
+    return f"Is it a {asked}?", f"It is a {spec.shape}, so {_verdict(asked == spec.shape)}."
 
 
 def _is_colour_exchange(asked: str, spec: ShapeSpec) -> tuple[str, str]:
-    reply = "Yes" if asked == spec.colour else "No"
-    return f"Is it {asked}?", f"{reply}, it is {spec.colour}."
+    return f"Is it {asked}?", f"It is {spec.colour}, so {_verdict(asked == spec.colour)}."
+
+
+_YES_NO_QUESTION_RE = re.compile(r"Is it (?:a )?(\w+)\?")
+
+
+def names_asked_value(question: str, reply: str) -> bool | None:
+    """Whether ``reply`` names the shape or colour that a single-image yes/no question ("Is it a circle?", "Is it
+    red?") asks about; None when the question is not one of those or the reply names no single value of that kind.
+
+    A reply whose verdict differs from this contradicts itself ("No, it is a circle." to "Is it a circle?").
+    """
+    match = _YES_NO_QUESTION_RE.fullmatch(question.strip())
+    if match is None or match[1] not in (*SHAPES, *COLOURS):
+        return None
+    colour, shape = parse_answer(reply)
+    named = shape if match[1] in SHAPES else colour
+    return None if named is None else named == match[1]
 
 
 def _describe_pair(a: ShapeSpec, b: ShapeSpec) -> str:
-    return f"The first image shows a {a.colour} {a.shape} and the second shows a {b.colour} {b.shape}."
+    return f"The first image shows a {a.colour} {a.shape} and the second shows a {b.colour} {b.shape}"
 
 
 def compare_answer(question: str, a: ShapeSpec, b: ShapeSpec) -> str:
@@ -243,11 +267,13 @@ def compare_answer(question: str, a: ShapeSpec, b: ShapeSpec) -> str:
         ValueError: If the question is not one of those.
     """
     if question in SAME_SHAPE_QUESTIONS:
-        return f"Yes, both are {_PLURALS[a.shape]}." if a.shape == b.shape else f"No. {_describe_pair(a, b)}"
+        seen = f"Both are {_PLURALS[a.shape]}" if a.shape == b.shape else _describe_pair(a, b)
+        return f"{seen}, so {_verdict(a.shape == b.shape)}."
     if question in SAME_COLOUR_QUESTIONS:
-        return f"Yes, both are {a.colour}." if a.colour == b.colour else f"No. {_describe_pair(a, b)}"
+        seen = f"Both are {a.colour}" if a.colour == b.colour else _describe_pair(a, b)
+        return f"{seen}, so {_verdict(a.colour == b.colour)}."
     if question in DESCRIBE_BOTH_QUESTIONS:
-        return _describe_pair(a, b)
+        return f"{_describe_pair(a, b)}."
     raise ValueError(f"not a two-image question: {question!r}")
 
 
@@ -337,20 +363,29 @@ def _turns(*texts: str) -> list[dict[str, str]]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(texts)]
 
 
-SINGLE_MIX = (("describe", 0.25), ("shape", 0.5), ("colour", 0.1), ("yesno", 0.15))
+SINGLE_MIX = (("describe", 0.2), ("shape", 0.4), ("colour", 0.1), ("yesno", 0.3))
 """Question kinds of single-image samples. Shape-only answers ("A circle.") give the vision tower a direct shape
 signal: trained from scratch on mostly "A red circle." answers, the tiny model learned colour within 100 steps but
 sat at chance on shape for 1,000+ steps (measured, batch 32); on shape-only answers it broke out after ~500-650.
 Yes/no questions asked first (as POPE asks them), half about the true value: without them the model saw yes/no
-questions only as follow-ups in dialogues and answered a first "Is it a ...?" mostly "No" (POPE F1 0.24)."""
+questions only as follow-ups in dialogues and answered a first "Is it a ...?" mostly "No" (POPE F1 0.24). Their
+answers name the shape or colour too (see :func:`_verdict`), so they add to the shape signal."""
+
+
+def _asked_shape(rng: random.Random, spec: ShapeSpec) -> str:
+    """The shape a yes/no question names: the true one or, with equal odds, one of the others (POPE's balance)."""
+    return spec.shape if rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != spec.shape])
+
+
+def _asked_colour(rng: random.Random, spec: ShapeSpec) -> str:
+    """The colour a yes/no question names: the true one or, with equal odds, one of the others."""
+    return spec.colour if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != spec.colour])
 
 
 def _yes_no_exchange(rng: random.Random, spec: ShapeSpec) -> tuple[str, str]:
     if rng.random() < 0.5:
-        asked = spec.shape if rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != spec.shape])
-        return _is_shape_exchange(asked, spec)
-    asked = spec.colour if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != spec.colour])
-    return _is_colour_exchange(asked, spec)
+        return _is_shape_exchange(_asked_shape(rng, spec), spec)
+    return _is_colour_exchange(_asked_colour(rng, spec), spec)
 
 
 def _single_exchange(rng: random.Random, spec: ShapeSpec) -> tuple[str, str]:
@@ -374,9 +409,9 @@ def _multi_turn(rng: random.Random, spec: ShapeSpec) -> list[str]:
     if rng.random() < 0.5:
         kind = rng.randrange(3)
         if kind == 0:
-            exchanges.append(_is_shape_exchange(rng.choice(SHAPES), spec))
+            exchanges.append(_is_shape_exchange(_asked_shape(rng, spec), spec))
         elif kind == 1:
-            exchanges.append(_is_colour_exchange(rng.choice(tuple(COLOURS)), spec))
+            exchanges.append(_is_colour_exchange(_asked_colour(rng, spec), spec))
         else:
             exchanges.append((rng.choice(FOLLOW_UP_DESCRIBE), answer(spec)))
     return [text for exchange in exchanges for text in exchange]

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from lavis.config.load import load_config
+from lavis.data.shapes import names_asked_value
+from lavis.eval.yesno import pope_label
 
 CFG = Path("lavis/projects/demo/shapes.yaml")
 DATA_DIR = Path("cache/dataset/shapes")
@@ -31,7 +33,7 @@ DEMO_PROMPT = "{question}"
 """The demo model was trained on bare questions, so the benchmarks ask them without the tasks' answer-style hints."""
 DATA_SPEC = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
-DATA_VERSION = 4  # bump when the generator's output changes, so `make demo` regenerates
+DATA_VERSION = 5  # bump when the generator's output changes, so `make demo` regenerates
 
 
 def step(n: int, text: str) -> None:
@@ -93,10 +95,22 @@ def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int, out: Path) -> dict[s
         summaries[task] = run_task(engine, task, Source(files[task], files["images"]), out / task, prompt=DEMO_PROMPT,
                                    batch_size=16, meta={"config": str(cfg_path), "checkpoint": str(ckpt)})
         print(format_table(summaries[task]), file=sys.stderr)
-        rows = [json.loads(ln) for ln in (out / task / "predictions.jsonl").read_text().splitlines()[:3]]
-        for r in rows:
+        rows = [json.loads(ln) for ln in (out / task / "predictions.jsonl").read_text().splitlines()]
+        for r in rows[:3]:
             print(f"  {r['query']!r} -> {r['prediction']!r} (gold {r['gold']})", file=sys.stderr)
+        if task == "yesno":
+            summaries[task]["scores"]["contradictions"] = count_contradictions(rows)
     return summaries
+
+
+def count_contradictions(rows: list[dict]) -> int:
+    """Yes/no predictions whose verdict (read by the POPE scorer's rule) disagrees with the shape or colour they
+    name, e.g. "No, it is a triangle." to "Is it a triangle?"."""
+    bad = 0
+    for r in rows:
+        named = names_asked_value(r["query"], r["prediction"])
+        bad += named is not None and named != (pope_label(r["prediction"]) == "yes")
+    return bad
 
 
 def main() -> None:
@@ -128,7 +142,8 @@ def main() -> None:
     vqa, pope = res["vqa"]["scores"], res["yesno"]["scores"]
     print(f"held-out VQA accuracy: {vqa['accuracy']:.3f} ({vqa['count']} questions); "
           f"POPE-style yes/no F1: {pope['f1']:.3f} (accuracy {pope['accuracy']:.3f}, yes-ratio "
-          f"{pope['yes_ratio']:.2f}, {pope['count']} questions)", flush=True)
+          f"{pope['yes_ratio']:.2f}, {pope['count']} questions, {pope['contradictions']} contradict themselves)",
+          flush=True)
     print(f"predictions and summaries: {out / 'eval'}", file=sys.stderr)
 
     step(5, "chat with the result (add --image PATH --query TEXT for one answer, or --batch IN --out OUT)")
