@@ -24,10 +24,11 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q tests
 
-# The in-process tests only (no training launches, servers, CLI subprocesses or browsers): the edit-test loop.
+# The in-process tests only (no training launches, servers, CLI subprocesses or browsers): the edit-test loop,
+# on two pytest-xdist workers.
 # A test that starts a process without the `process` marker fails (tests/conftest.py), so the split stays true.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not process" tests
+	$(BIN)/python -m pytest -q -n 2 -m "not process" tests
 
 # ruff (settings in pyproject.toml): lint and import order; lint-imports: the import layers of docs/ARCHITECTURE.md
 # (contracts in pyproject.toml). Both take seconds; `make test` runs them first.

