@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         path = plot([Path(r) for r in args.runs], Path(args.out))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

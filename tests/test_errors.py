@@ -347,3 +347,15 @@ def test_bad_dash_c_file_is_named(sft_run: Path, tmp_path: Path, damage: str, me
         pth.write_bytes(b"" if damage == "empty" else good.read_bytes()[:1000])
     with pytest.raises((ValueError, IsADirectoryError), match=f"model.checkpoint / -c: {pth} {message}"):
         inspect_main(["--cfg-path", str(DEMO_CFG), "-c", str(pth)])
+
+
+@pytest.mark.parametrize("front_end", ["webui", "serve"])
+def test_server_front_ends_exit_1_on_input_errors(front_end: str, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """README: every input error is one `error:` line and exit status 1 (2 is argparse's, for malformed lines)."""
+    if front_end == "webui":
+        from lavis.chat.webui import main
+    else:
+        from lavis.serve.app import main
+    assert main(["--cfg-path", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.yaml" in err

@@ -42,9 +42,9 @@ def test_plot_two_runs_writes_png(tmp_path: Path) -> None:
 
 
 def test_plot_errors_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")]) == 2
+    assert main([str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")]) == 1
     assert "no metrics file" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
-    assert main([str(tmp_path / "bad"), "-o", str(tmp_path / "x.png")]) == 2
+    assert main([str(tmp_path / "bad"), "-o", str(tmp_path / "x.png")]) == 1
     assert "metrics.jsonl:2: not valid JSON" in capsys.readouterr().err

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                        load_8bit=args.load_8bit, llm_device_map=args.llm_device_map)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     # Uploads go to a folder of this server's own (gradio reads GRADIO_TEMP_DIR when imported, below), removed on exit.
     upload_dir = tempfile.mkdtemp(prefix="lavis-webui-uploads-")
     os.environ["GRADIO_TEMP_DIR"] = upload_dir

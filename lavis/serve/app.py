@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = Scheduler(engine, args.max_queue, args.max_batch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     name = args.model_name or args.model_type or (cfg_path.parent.name if cfg_path.stem == "config" else cfg_path.stem)
     opts = ServeOptions(name, args.api_key, roots, args.max_new_tokens, int(args.max_request_mb * 2**20), limits)
     scheduler.start()
