@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -134,6 +136,18 @@ def chat_checkpoint(runs: dict[str, Path]) -> tuple[Path, Path]:
     if not pth.is_file():
         convert(run, "model")
     return run / "config.yaml", pth
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run directory at ``tmp_path/run``, for a test that damages or resumes it."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def write_png_header_only(path: Path, width: int, height: int) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,12 +78,15 @@ def process_group() -> Iterator[None]:
     from lavis.engine.distributed import init_distributed
 
     created = not dist.is_initialized()
-    init_distributed()
+    saved = dict(os.environ)
+    init_distributed()  # a one-process group: it sets RANK, WORLD_SIZE, MASTER_ADDR, ... in os.environ
     try:
         yield
     finally:
         if created:
             dist.destroy_process_group()
+        os.environ.clear()  # later tests start launchers, which must not inherit RANK (they would think they are
+        os.environ.update(saved)  # one rank of a launch themselves)
 
 
 @pytest.mark.process

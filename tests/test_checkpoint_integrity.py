@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from lavis.engine import checkpoint
 from lavis.engine.checkpoint import CHECKSUM_FILE, META_FILE, SAVING_PREFIX, ChecksumError
 
-from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch
+from .conftest import COMMON, DEMO_CFG, REPO, copy_run, data_options, launch
 from .test_preemption import _kill_leftovers
 
 FAULT = REPO / "tests/scripts/fault_in_save.py"
@@ -40,12 +39,6 @@ def saved_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def _copy(run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
 @pytest.mark.process
 def test_checksums_cover_every_file_of_a_checkpoint(saved_run: Path) -> None:
     tag_dir = saved_run / "global_step4"
@@ -61,7 +54,7 @@ def test_bitrot_in_a_layer_file_is_refused_by_resume_and_converter(saved_run: Pa
                                                                    tmp_path: Path) -> None:
     from lavis.convert.pipe_to_pth import convert
 
-    run = _copy(saved_run, tmp_path)
+    run = copy_run(saved_run, tmp_path)
     bad = run / "global_step4" / "layer_01-model_states.pt"
     data = bytearray(bad.read_bytes())
     mid = len(data) // 2  # inside the tensor data: torch.load alone would not notice
@@ -89,7 +82,7 @@ def test_a_checkpoint_without_checksums_converts_with_a_note(saved_run: Path, tm
                                                              capsys: pytest.CaptureFixture) -> None:
     from lavis.convert.pipe_to_pth import convert
 
-    run = _copy(saved_run, tmp_path)
+    run = copy_run(saved_run, tmp_path)
     (run / "global_step4" / CHECKSUM_FILE).unlink()  # as written before checksums existed
     convert(run, "model")
     assert f"NOTE: {run / 'global_step4'} has no {CHECKSUM_FILE}" in capsys.readouterr().err
@@ -111,7 +104,7 @@ def test_rollback_then_kill_during_the_save_of_an_existing_tag_keeps_latest_whol
     """Resume from global_step2 while global_step4 (of the abandoned branch) exists; the new branch saves step 3,
     then is killed while it writes step 4. `latest` must name a complete, verified checkpoint, and the old step 4
     must never have been written into."""
-    run = _copy(saved_run, tmp_path)
+    run = copy_run(saved_run, tmp_path)
     old_meta = (run / "global_step4" / META_FILE).read_bytes()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     branch = ("train.lr=5e-4",)  # the new branch differs from the old one

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lavis.engine.checkpoint import write_checksums
 from lavis.engine.run_dir import LOCK_FILE, RunDirError, check_resume_data, data_changes
 
 from .conftest import COMMON, DEMO_CFG, launch
@@ -99,6 +100,7 @@ def test_a_checkpoint_without_data_fingerprints_resumes_with_a_note(stopped: tup
     meta = json.loads(meta_file.read_text())
     del meta["data"]  # as an older version wrote it
     meta_file.write_text(json.dumps(meta))
+    write_checksums(meta_file.parent)  # the edit is deliberate: the checkpoint's checksums follow it
     proc = launch(2, _args(run, data, 2))
     log = proc.stdout + proc.stderr
     assert "resume: the checkpoint records no data fingerprint (written by an older version)" in log, log[-3000:]

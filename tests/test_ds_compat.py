@@ -6,6 +6,7 @@ less obvious way. The accessors are also exercised on a real one-stage PipelineM
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,12 +61,15 @@ def one_stage() -> Iterator[_Manual]:
     from lavis.engine.distributed import init_distributed
 
     created = not dist.is_initialized()
-    init_distributed()
+    saved = dict(os.environ)
+    init_distributed()  # a one-process group: it sets RANK, WORLD_SIZE, ... which later launches must not inherit
     try:
         yield _Manual([_Plus(0), lambda x: x * 2, _Plus(2)], num_stages=1, partition_method="uniform")
     finally:
         if created:
             dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.mark.process

@@ -10,7 +10,6 @@ import fcntl
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from lavis.engine.run_dir import (
     find_resume_tag,
 )
 
-from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses
+from .conftest import COMMON, DEMO_CFG, REPO, copy_run, data_options, launch, losses
 
 POISON = REPO / "tests/scripts/poison_train.py"
 
@@ -91,17 +90,11 @@ def stopped_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def _copy(run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
 @pytest.mark.process
 def test_resume_applies_a_new_learning_rate_and_says_so(stopped_run: Path, tiny_data: Path, tmp_path: Path) -> None:
     from lavis.engine.optim import warmup_cosine
 
-    run = _copy(stopped_run, tmp_path)
+    run = copy_run(stopped_run, tmp_path)
     proc = launch(2, _args(run, tiny_data, 4, "train.lr=5e-4", "train.min_lr=1e-5"))
     log = proc.stdout + proc.stderr
     assert "resume: train.lr: 0.001 -> 0.0005 (from step 2 on)" in log, log[-3000:]
@@ -116,7 +109,7 @@ def test_resume_applies_a_new_learning_rate_and_says_so(stopped_run: Path, tiny_
 @pytest.mark.process
 def test_resume_refuses_a_model_change_before_writing_anything(stopped_run: Path, tiny_data: Path,
                                                                 tmp_path: Path) -> None:
-    run = _copy(stopped_run, tmp_path)
+    run = copy_run(stopped_run, tmp_path)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     proc = launch(2, _args(run, tiny_data, 4, "model.llm.hf_config.intermediate_size=384", "train.seed=7"),
                   check=False)
@@ -135,7 +128,7 @@ class _Marker:
 @pytest.mark.process
 def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(stopped_run: Path, tiny_data: Path,
                                                                    tmp_path: Path) -> None:
-    run = _copy(stopped_run, tmp_path)
+    run = copy_run(stopped_run, tmp_path)
     marker = tmp_path / "pwned"
     os.environ["LAVIS_TEST_MARKER"] = str(marker)
     try:
@@ -155,7 +148,7 @@ def test_malicious_pickle_in_a_checkpoint_is_refused_not_executed(stopped_run: P
 @pytest.mark.process
 def test_missing_latest_is_refused_with_the_checkpoints_found(stopped_run: Path, tiny_data: Path,
                                                                tmp_path: Path) -> None:
-    run = _copy(stopped_run, tmp_path)
+    run = copy_run(stopped_run, tmp_path)
     (run / "latest").unlink()
     metrics = (run / "metrics.jsonl").read_text()
     proc = launch(2, _args(run, tiny_data, 4), check=False)
@@ -168,7 +161,7 @@ def test_missing_latest_is_refused_with_the_checkpoints_found(stopped_run: Path,
 @pytest.mark.process
 def test_a_second_run_on_a_locked_directory_fails_at_once(stopped_run: Path, tiny_data: Path,
                                                           tmp_path: Path) -> None:
-    run = _copy(stopped_run, tmp_path)
+    run = copy_run(stopped_run, tmp_path)
     holder = RunLock(run)
     holder.acquire()
     try:

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,12 @@ import pytest
 
 from lavis.chat.engine import ChatEngine, GenerationSettings, Request
 
-from .conftest import DEMO_CFG, REPO, stop_server, wait_until_served, write_png_header_only
+from .conftest import DEMO_CFG, REPO, free_port, stop_server, wait_until_served, write_png_header_only
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra: pip install -e '.[dev]'")
 
 KEY = "sk-test-key"
 QUESTION = "What is in the image?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -22,15 +21,9 @@ import pytest
 from lavis.chat.engine import ChatEngine
 from lavis.chat.webui import REFUSED, WebChat
 
-from .conftest import DEMO_CFG, REPO, stop_server, wait_until_served
+from .conftest import DEMO_CFG, REPO, free_port, stop_server, wait_until_served
 
 QUESTION = "What is in the image?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

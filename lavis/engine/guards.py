@@ -97,6 +97,14 @@ class StopSignal:
         return self
 
     def uninstall(self) -> None:
+        """Restore the previous handlers, unless a stop was requested: then this process is on its way out with its
+        checkpoint written, and a copy of the signal still arriving (the launcher forwards the scheduler's SIGTERM,
+        which may come after the run has stopped) must not kill it with a signal status. A Python handler would not
+        do: the interpreter resets those to the default while it finalizes, so SIGTERM is ignored from here on (a
+        scheduler that insists escalates to SIGKILL, which a finished run can take)."""
+        if self.received is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
