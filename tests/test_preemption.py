@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,7 +165,9 @@ def test_plain_torchrun_loses_no_steps_when_the_whole_job_is_signalled(tiny_data
     finally:
         text = _finish(proc, log)
     _assert_saved_at_step_reached(out, text)
-    assert "again within" in text, text[-3000:]  # the forwarded copy was recognised
+    # The forwarded copy is recognised ("again within") while the rank is still finishing its step, or ignored once it
+    # has stopped (which comes first depends on the machine's load); either way it never kills a rank.
+    assert not re.search(r"exitcode\s*:\s*-15", text), text[-3000:]
 
 
 def test_ranks_exit_and_release_the_lock_when_the_launcher_is_killed(tiny_data: Path, tmp_path: Path) -> None:
