@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lavis.config.load import load_config
 from lavis.config.schema import Config
@@ -148,6 +149,21 @@ def free_port() -> int:
 def copy_run(run: Path, tmp_path: Path) -> Path:
     """A copy of a run directory at ``tmp_path/run``, for a test that damages or resumes it."""
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def recipe_with_options(path: Path, base: Path, options: list[str]) -> Path:
+    """A recipe file at ``path``: ``base:`` plus ``options`` (``key=value``, as ``--options`` takes them) written
+    as nested YAML, which is what a user passes as ``--cfg-path``."""
+    overrides: dict = {"base": str(base)}
+    for item in options:
+        key, value = item.split("=")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(overrides))
+    return path
 
 
 def write_png_header_only(path: Path, width: int, height: int) -> None:

@@ -29,6 +29,8 @@ from lavis.predecessors.checkpoints import MINIGPT_V2_REFUSAL, read_checkpoint
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
 from lavis.weights.base import model_shapes
 
+from .conftest import recipe_with_options
+
 REPO = Path(__file__).resolve().parents[1]
 OPTS = [*TINY_OPTIONS, "model.vision.depth=1"]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -36,16 +38,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_TH
 
 def tiny_recipe(path: Path, model_type: str) -> Path:
     """A recipe file: the preset at the tiny widths of ``OPTS`` (what a user passes as ``--cfg-path``)."""
-    overrides: dict = {"base": str(preset_path(model_type))}
-    for item in OPTS:
-        key, value = item.split("=")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(overrides))
-    return path
+    return recipe_with_options(path, preset_path(model_type), OPTS)
 
 
 def mpp_run(root: Path, *, pretrain: bool, num_layers: int = 2) -> tuple[Path, Path]:

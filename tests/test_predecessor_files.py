@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lavis.config.load import load_config
 from lavis.config.presets import preset_path
@@ -17,6 +16,8 @@ from lavis.predecessors.checkpoints import read_checkpoint
 from lavis.predecessors.mpp_layers import LAYER_FILE, read_mpp_dir, select
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
 from lavis.weights.base import model_shapes
+
+from .conftest import recipe_with_options
 
 OPTS = [*TINY_OPTIONS, "model.vision.depth=1"]
 
@@ -98,16 +99,7 @@ def test_mpp_converter_cli_and_wrong_model(tmp_path: Path, monkeypatch: pytest.M
     cfg = load_config(preset_path("qwen7b_chat"), OPTS)
     tag = write_mpp_pipeline_dir(tmp_path / "pretrain", cfg.model, llm_config_json("qwen7b_chat", 2, tiny=True),
                                  pretrain=True)
-    recipe = tmp_path / "tiny.yaml"
-    overrides: dict = {"base": str(preset_path("qwen7b_chat"))}
-    for item in OPTS:
-        key, value = item.split("=")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    recipe.write_text(yaml.safe_dump(overrides))
+    recipe = recipe_with_options(tmp_path / "tiny.yaml", preset_path("qwen7b_chat"), OPTS)
     cli("proj", "pipe_proj2pth.py", ["--ckpt_dir", str(tag), "--cfg-path", str(recipe)])  # its command line
     out = capsys.readouterr().out
     assert "0 unexpected" in out and "zero placeholder Linear" in out  # reasons, grouped
