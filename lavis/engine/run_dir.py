@@ -10,10 +10,12 @@
   trainer never starts from scratch over a run's history.
 - **What a resume may change.** :func:`config_changes` compares the checkpoint's saved config with the new one. The
   model (shapes, template, frozen/trainable sets, adapters), the tokenizer, and the keys that fix the data order or
-  the optimizer state layout (seed, micro-batch, accumulation, precision, ZeRO, offload) must not change: the
-  resume is refused, listing every difference, before anything is written. Everything else (learning rate, warmup,
-  min lr, max_steps, save cadence, data files, logging, stage count via the reshard path) takes effect from the
-  resumed step, and each change is printed.
+  the optimizer state layout (seed, micro-batch, precision, ZeRO, offload, optimizer) must not change, nor the
+  global batch (micro-batch x accumulation x replicas: on another replica count the accumulation is derived,
+  :func:`resume_grad_accum`): the resume is refused, listing every difference, before anything is written.
+  Everything else (learning rate, warmup, min lr, max_steps, save cadence, data files, logging, the stage and
+  replica count, whose optimizer state ``lavis.engine.relayout`` re-maps) takes effect from the resumed step, and
+  each change is printed.
 - **What the data may change.** A checkpoint records each training dataset's record count and content fingerprint
   (``lavis_meta.json`` ``data``). :func:`data_changes` compares them with the data this run reads: a dataset whose
   file (same path and format) changed in place would change the data order silently, so the resume is refused
@@ -41,9 +43,13 @@ WEIGHT_PATH_KEYS = frozenset({
 })
 # Train keys that fix the data order or the optimizer state's layout.
 FIXED_TRAIN_KEYS = frozenset({
-    "train.seed", "train.micro_batch_size", "train.grad_accum_steps", "train.precision", "train.zero_stage",
-    "train.offload_optimizer", "train.optimizer",
+    "train.seed", "train.micro_batch_size", "train.precision", "train.zero_stage", "train.offload_optimizer",
+    "train.optimizer",
 })
+GAS_KEY = "train.grad_accum_steps"
+"""Not fixed itself: the global batch (micro-batch x accumulation x replicas) is, and :func:`resume_grad_accum`
+derives the accumulation that keeps it on the resuming layout (refusing any other value) before the configs are
+compared."""
 
 
 class RunDirError(ValueError):
@@ -174,6 +180,8 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[st
         line = f"{key}: {a!r} -> {b!r}"
         if key in WEIGHT_PATH_KEYS:
             applied.append(f"{line} (weights read from a new path: they must be the same weights)")
+        elif key == GAS_KEY:
+            applied.append(f"{line} (derived: the same global batch on another number of replicas)")
         elif key.startswith("model.") or key in FIXED_TRAIN_KEYS:
             refused.append(line)
         else:
@@ -193,6 +201,30 @@ def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dic
             + "\nNothing was written. Use the checkpoint's config (" + str(tag_dir.parent / "config.yaml")
             + "), or start a new run with another --output-dir.")
     return meta, changes.applied
+
+
+def resume_grad_accum(saved_train: dict[str, Any], saved_dp: int, micro_batch_size: int, grad_accum_steps: int,
+                      dp: int, tag_dir: Path) -> int:
+    """The gradient accumulation a resume on ``dp`` replicas uses: the one that keeps the checkpoint's global batch
+    (``saved_train``: its config's ``train`` section, written on ``saved_dp`` replicas), so that every step sees the
+    same samples as on the old layout. The config may name the checkpoint's accumulation (it is then replaced) or the
+    derived one; anything else, or a global batch that ``dp`` replicas cannot split, is refused (one line)."""
+    m0, gas0 = int(saved_train["micro_batch_size"]), int(saved_train["grad_accum_steps"])
+    total = m0 * gas0 * saved_dp
+    if micro_batch_size != m0:
+        return grad_accum_steps  # a changed micro-batch is refused with the other fixed keys (config_changes)
+    derived, rest = divmod(total, micro_batch_size * dp)
+    fixed = (f"the global batch train.micro_batch_size x {GAS_KEY} x replicas is what a checkpoint fixes "
+             f"({m0} x {gas0} x {saved_dp} = {total} in {tag_dir})")
+    if rest or not derived:
+        raise RunDirError(f"cannot resume on {dp} data-parallel replica(s): {fixed}, and {total} samples do not "
+                          f"split into micro-batches of {micro_batch_size} on {dp} replicas; use a replica count "
+                          f"that divides {total // micro_batch_size}, or start a new run with another --output-dir")
+    if grad_accum_steps not in (gas0, derived):
+        raise RunDirError(f"cannot resume with {GAS_KEY}={grad_accum_steps} on {dp} replica(s) (a global batch of "
+                          f"{micro_batch_size * grad_accum_steps * dp}): {fixed}; leave {GAS_KEY} at {gas0} (it is "
+                          f"derived: {derived} on {dp} replica(s)), or start a new run with another --output-dir")
+    return derived
 
 
 ALLOW_DATA_CHANGE = "train.allow_data_change"

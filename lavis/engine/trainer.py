@@ -26,7 +26,7 @@ from lavis.data.conversation import template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import load_tokenizer
-from lavis.engine import checkpoint, ds_compat, safe_load
+from lavis.engine import checkpoint, ds_compat, relayout, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.evaluation import config_hooks
 from lavis.engine.guards import (
@@ -50,6 +50,7 @@ from lavis.engine.run_dir import (
     check_resume_data,
     check_tokenizer,
     find_resume_tag,
+    resume_grad_accum,
 )
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, offloaded_stages, plan_for_config
@@ -165,7 +166,8 @@ class Run:
             raise NonFiniteError(
                 f"step {step}: some trained weights are not finite; no checkpoint was written and `latest` still "
                 f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.lr and resume from it.")
-        return checkpoint.save(self.engine, self.out, step, self.meta(), self.cfg.train.keep_last,
+        meta = {**self.meta(), relayout.NAMES_KEY: relayout.gather_names(self.engine)}  # a collective
+        return checkpoint.save(self.engine, self.out, step, meta, self.cfg.train.keep_last,
                                protected=self.protected_tags)
 
 
@@ -238,7 +240,8 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
     cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, tokenizer=str(out / tok.file_name))))
     if resume_tag is not None:
-        _check_resume(out / resume_tag, cfg, tok)
+        cfg = _check_resume(out / resume_tag, cfg, tok, dp)
+        t = cfg.train
     hf = llm_hf_config(cfg.model.llm)
     if tok.vocab_size > hf.vocab_size:
         raise ValueError(
@@ -293,13 +296,20 @@ def _lr_lambda(t: Any) -> Any:
     return lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
 
 
-def _check_resume(tag_dir: Path, cfg: Config, tok: Any) -> None:
-    """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step."""
+def _check_resume(tag_dir: Path, cfg: Config, tok: Any, dp: int) -> Config:
+    """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step. Returns
+    ``cfg`` with the gradient accumulation that keeps the checkpoint's global batch on ``dp`` replicas."""
+    saved = checkpoint.load_meta(tag_dir)
+    t = cfg.train
+    saved_train = {**to_dict(Config())["train"], **saved["config"].get("train", {})}
+    gas = resume_grad_accum(saved_train, int(saved["dp_size"]), t.micro_batch_size, t.grad_accum_steps, dp, tag_dir)
+    cfg = replace(cfg, train=replace(t, grad_accum_steps=gas)) if gas != t.grad_accum_steps else cfg
     meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
     _verify_checkpoint_files(tag_dir)
     check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
     for line in changes:
         print0(f"resume: {line} (from step {meta['step']} on)")
+    return cfg
 
 
 def _verify_checkpoint_files(tag_dir: Path) -> None:
@@ -321,7 +331,8 @@ def _verify_checkpoint_files(tag_dir: Path) -> None:
 
 def restore(run: Run, tag: str | None) -> None:
     """Load the checkpoint ``tag`` (DeepSpeed's files, read by the restricted unpickler) and put this config's LR
-    schedule in force from the resumed step."""
+    schedule in force from the resumed step. A checkpoint of another layout (stages x replicas) gets its optimizer
+    state re-mapped per parameter (:mod:`lavis.engine.relayout`)."""
     if tag is None:
         return
     meta = checkpoint.load_meta(run.out / tag)
@@ -331,13 +342,31 @@ def restore(run: Run, tag: str | None) -> None:
     # that every trainable weight was in its file.
     run.engine.load_checkpoint(str(run.out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
+    if not same_layout:
+        _remap_optimizer(run, tag, meta)
     apply_schedule(run.engine.lr_scheduler, run.cfg.train.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
-    if not same_layout:
-        print0(f"WARNING: the checkpoint was saved with partition {meta['parts']} x dp {meta['dp_size']}, this run "
-               f"uses {run.boundaries} x dp {run.dp}: module weights were loaded, optimizer state was reset")
+
+
+def _remap_optimizer(run: Run, tag: str, meta: dict[str, Any]) -> None:
+    """Collective: every rank takes its parameters' optimizer state from the checkpoint's stages; every rank fails
+    alike (naming the reason) when one cannot."""
+    error = None
+    try:
+        relayout.load_remapped(run.engine, run.out / tag, meta, run.boundaries[run.stage],
+                               run.boundaries[run.stage + 1])
+    except relayout.RelayoutError as e:
+        error = str(e)
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    old, new = relayout.describe(meta["parts"], int(meta["dp_size"])), relayout.describe(run.boundaries, run.dp)
+    if first is not None:
+        raise RunDirError(f"cannot resume {tag} (written with {old}) on {new}: {first}. Nothing was written.")
+    print0(f"resuming {tag} written with {old} on {new}; optimizer state re-mapped per parameter "
+           f"(stage boundaries {meta['parts']} -> {run.boundaries})")
 
 
 def _check_resume_data(run: Run, tag: str | None) -> None:
