@@ -225,6 +225,12 @@ def zero_files(tag_dir: Path, stage: int) -> list[Path]:
     return [f for _, f in sorted(found)]
 
 
+def can_remap(tag_dir: Path, meta: Mapping[str, Any]) -> bool:
+    """False for a checkpoint of an unpartitioned optimizer written before ``optimizer_params`` existed: nothing
+    names its per-position state."""
+    return NAMES_KEY in meta or bool(zero_files(tag_dir, 0))
+
+
 def read_stage(tag_dir: Path, stage: int, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Old stage ``stage``'s optimizer state by parameter name."""
     files = zero_files(tag_dir, stage)

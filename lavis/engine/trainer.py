@@ -342,8 +342,12 @@ def restore(run: Run, tag: str | None) -> None:
     # that every trainable weight was in its file.
     run.engine.load_checkpoint(str(run.out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
-    if not same_layout:
+    if not same_layout and relayout.can_remap(run.out / tag, meta):
         _remap_optimizer(run, tag, meta)
+    elif not same_layout:
+        print0(f"WARNING: {tag} was written with {relayout.describe(meta['parts'], int(meta['dp_size']))} by an "
+               f"older version that does not name its optimizer state per parameter; this run uses "
+               f"{relayout.describe(run.boundaries, run.dp)}: module weights were loaded, optimizer state was reset")
     apply_schedule(run.engine.lr_scheduler, run.cfg.train.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
