@@ -38,6 +38,8 @@ PIPE_MODULE = "deepspeed.runtime.pipe.module.PipelineModule"
 PIPE_ENGINE = "deepspeed.runtime.pipe.engine.PipelineEngine"
 DS_ENGINE = "deepspeed.runtime.engine.DeepSpeedEngine"
 TORCH_CKPT_ENGINE = "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine.TorchCheckpointEngine"
+ZERO_OPTIMIZER = "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+BF16_OPTIMIZER = "deepspeed.runtime.bf16_optimizer.BF16_Optimizer"
 
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(PIPE_MODULE, "_partition_layers", "method", "overridden for explicit stage boundaries; must be "
@@ -58,6 +60,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(DS_ENGINE, "checkpoint_engine", "instance_attr", "replaced by the restricted reader (safe_load)"),
     Requirement(TORCH_CKPT_ENGINE, "load", "method", "overridden by safe_load.SafeCheckpointEngine",
                 ("self", "path", "map_location")),
+    Requirement(ZERO_OPTIMIZER, "bit16_groups", "instance_attr", "each group's model parameters (relayout)"),
+    Requirement(ZERO_OPTIMIZER, "single_partition_of_fp32_groups", "instance_attr",
+                "this replica's flat fp32 partition of each group (relayout)"),
+    Requirement(BF16_OPTIMIZER, "bf16_groups", "instance_attr", "each group's model parameters (relayout)"),
+    Requirement(BF16_OPTIMIZER, "fp32_groups_flat_partition", "instance_attr",
+                "this replica's flat fp32 partition of each group (relayout)"),
 )
 
 _USED_IN_SOURCE: tuple[tuple[str, str, str], ...] = (
@@ -166,3 +174,42 @@ def checkpoint_engine(engine: Any) -> Any:
 
 def set_checkpoint_engine(engine: Any, reader: Any) -> None:
     engine.checkpoint_engine = reader
+
+
+# --- ZeRO / bf16 optimizers (resume on another layout) -----------------------------------------------------------
+
+
+def is_partitioned(optimizer: Any) -> bool:
+    """DeepSpeed's ZeRO-1/2 or bf16 optimizer: a flat fp32 partition of each group per replica."""
+    return hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition")
+
+
+def model_param_groups(optimizer: Any) -> list[list[nn.Parameter]]:
+    """The model parameters of each optimizer group, in the optimizer's order (DeepSpeed's wrappers keep the original
+    groups beside their flat copies; a plain torch optimizer has them in ``param_groups``)."""
+    for attr in ("bit16_groups", "bf16_groups"):
+        if hasattr(optimizer, attr):
+            return [list(g) for g in getattr(optimizer, attr)]
+    return [list(g["params"]) for g in optimizer.param_groups]
+
+
+def flat_partitions(optimizer: Any) -> list[Any]:
+    """This replica's flat fp32 partition of each group (the base optimizer's parameters)."""
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return list(optimizer.single_partition_of_fp32_groups)
+    return list(optimizer.fp32_groups_flat_partition)
+
+
+def base_optimizer_state(optimizer: Any, flat: Any) -> dict:
+    """The wrapped optimizer's state of one flat partition (empty until its first step)."""
+    return optimizer.optimizer.state[flat]
+
+
+def hp_fragment(param: Any) -> tuple[int, int, int] | None:
+    """Where this replica's piece of ``param`` lies: (start in the parameter, start in the group's partition, numel),
+    or None when the partition holds none of it. DeepSpeed links each model parameter to its piece as
+    ``param._hp_mapping`` (``deepspeed.utils.mixed_precision_linkage.link_hp_params``)."""
+    hp = getattr(param, "_hp_mapping", None)
+    if hp is None:
+        return None
+    return hp.lp_fragment_address.start, hp.hp_fragment_address.start, hp.lp_fragment_address.numel

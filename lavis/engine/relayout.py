@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lavis.engine import ds_compat
 from lavis.engine.safe_load import safe_torch_load
 
 NAMES_KEY = "optimizer_params"
@@ -57,30 +58,10 @@ def describe(parts: Sequence[int], dp: int) -> str:
 # --- what each stage's optimizer holds, by name -----------------------------------------------------------------
 
 
-def _lp_groups(optimizer: Any) -> list[list[torch.nn.Parameter]]:
-    """The model parameters of each optimizer group, in the optimizer's order (DeepSpeed's wrappers keep the original
-    groups beside their flat copies)."""
-    for attr in ("bit16_groups", "bf16_groups"):
-        if hasattr(optimizer, attr):
-            return [list(g) for g in getattr(optimizer, attr)]
-    return [list(g["params"]) for g in optimizer.param_groups]
-
-
-def is_partitioned(optimizer: Any) -> bool:
-    """DeepSpeed's ZeRO-1/2 or bf16 optimizer: flat fp32 partitions per replica."""
-    return hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition")
-
-
-def _flat_partitions(optimizer: Any) -> list[torch.Tensor]:
-    if hasattr(optimizer, "single_partition_of_fp32_groups"):
-        return list(optimizer.single_partition_of_fp32_groups)
-    return list(optimizer.fp32_groups_flat_partition)
-
-
 def param_names(module: torch.nn.Module, optimizer: Any) -> list[list[str]]:
     """This stage's optimizer groups as parameter names (layout-independent; see the module docstring)."""
     names = {id(p): n for n, p in module.named_parameters()}
-    return [[names[id(p)] for p in group] for group in _lp_groups(optimizer)]
+    return [[names[id(p)] for p in group] for group in ds_compat.model_param_groups(optimizer)]
 
 
 def gather_names(engine: Any) -> dict[str, list[list[str]]]:
@@ -198,13 +179,8 @@ def fill_partition(flat: torch.Tensor, state: dict[str, Any], fragments: Iterabl
 
 def _fragments(optimizer: Any, names: Mapping[int, str], group: int) -> list[tuple[str, int, int, int]]:
     """This replica's pieces of group ``group`` from DeepSpeed's own fragment mapping of the new layout."""
-    out = []
-    for lp in _lp_groups(optimizer)[group]:
-        hp = getattr(lp, "_hp_mapping", None)
-        if hp is not None:
-            out.append((names[id(lp)], hp.lp_fragment_address.start, hp.hp_fragment_address.start,
-                        hp.lp_fragment_address.numel))
-    return out
+    pieces = [(names[id(p)], ds_compat.hp_fragment(p)) for p in ds_compat.model_param_groups(optimizer)[group]]
+    return [(name, *where) for name, where in pieces if where is not None]
 
 
 # --- reading the checkpoint and loading this rank's share --------------------------------------------------------
@@ -255,12 +231,12 @@ def load_remapped(engine: Any, tag_dir: Path, meta: Mapping[str, Any], start: in
     for stage in overlapping_stages(meta["parts"], start, stop):
         saved.update(read_stage(tag_dir, stage, meta))
     optimizer = engine.optimizer
-    if is_partitioned(optimizer):
+    if ds_compat.is_partitioned(optimizer):
         names = {id(p): n for n, p in engine.module.named_parameters()}
         count = 0
-        for g, flat in enumerate(_flat_partitions(optimizer)):
+        for g, flat in enumerate(ds_compat.flat_partitions(optimizer)):
             fragments = _fragments(optimizer, names, g)
-            fill_partition(flat.data, optimizer.optimizer.state[flat], fragments, saved)
+            fill_partition(flat.data, ds_compat.base_optimizer_state(optimizer, flat), fragments, saved)
             count += len(fragments)
         return count
     groups = param_names(engine.module, optimizer)
