@@ -43,7 +43,7 @@ from lavis.model.llm import is_qwen_v1, llm_hf_config, read_config_json, to_qwen
 from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.plan import layers_to_plain
-from lavis.weights.base import load_torch_file
+from lavis.weights.torch_file import load_torch_file
 
 Kind = Literal["proj", "model"]
 Names = Literal["auto", "ours", "qwen_v1", "minigpt4"]
