@@ -12,6 +12,7 @@ launcher still reports its own signal as a failure, ``lavis.engine.launch`` does
 
 from lavis.engine.errors import run_rank
 from lavis.engine.trainer import main
+from lavis.eval.train_hook import config_hooks
 
 if __name__ == "__main__":
-    run_rank(main)
+    run_rank(lambda: main(hooks_for=config_hooks))

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import runpy
 import statistics
 import subprocess
 import sys
@@ -370,11 +371,9 @@ def _memory_lines(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
 def main(argv: list[str] | None = None) -> None:
     argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
-    if args.suite == "gpu":
-        from lavis.gpu_suite import run_suite
-
-        out = Path(args.out) if args.out else None
-        run_suite(args.device, Path(args.output_dir), out)
+    if args.suite == "gpu":  # the check measures with this module, so it sits above it: run it by module name
+        sys.argv = [sys.argv[0], *argv]
+        runpy.run_module("lavis.gpu_suite", run_name="__main__", alter_sys=True)
         return
     if not args.cfg_path:
         raise SystemExit("--cfg-path is required (or --suite gpu)")

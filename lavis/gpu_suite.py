@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -29,6 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lavis.bench import apply_variant, bench_config, parse_args
+from lavis.chat.engine import ChatEngine, GenerationSettings
+from lavis.config.presets import preset_path
+from lavis.data import shapes
+from lavis.model.llm import llm_hf_config
+from lavis.pipeline.plan import LLM_DIMS, plan_for_config, stage_memory_bytes
+from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_preset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TIKTOKEN = REPO.parent / "shared" / "data" / "qwen.tiktoken"
@@ -80,8 +89,6 @@ def _part(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _compare(dry: bool, out_dir: Path) -> dict[str, Any]:
     args = list(CPU_COMPARE if dry else GPU_COMPARE)
     if not dry:  # no weight files: Qwen-7B-Chat's real config.json (4 blocks) is all --random-init needs
-        from lavis.testing.synthetic import llm_config_json
-
         cfg_dir = out_dir / "qwen7b_config"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         (cfg_dir / "config.json").write_text(json.dumps(llm_config_json("qwen7b_chat", 4)))
@@ -108,10 +115,6 @@ def _compare(dry: bool, out_dir: Path) -> dict[str, Any]:
 def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
     """The planner's stage-0 estimate (weights, gradients, optimizer state, activations of max_txt_len micro-batches
     in flight) for the configuration our side ran, next to its measured peak."""
-    from lavis.bench import apply_variant, bench_config, parse_args
-    from lavis.model.llm import llm_hf_config
-    from lavis.pipeline.plan import LLM_DIMS, plan_for_config, stage_memory_bytes
-
     args = parse_args(compare["args"])
     cfg = apply_variant(bench_config(args), "ours", None)
     dims = {k: getattr(llm_hf_config(cfg.model.llm), k) for k in LLM_DIMS}
@@ -126,17 +129,10 @@ def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
 
 
 def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
-    from lavis.chat.engine import ChatEngine, GenerationSettings
-    from lavis.config.presets import preset_path
-    from lavis.data import shapes
-    from lavis.testing.synthetic import TINY_OPTIONS, write_preset
-
     opts = [*(TINY_OPTIONS if dry else []), "model.vision.depth=2"]
     if not (root / "cache" / "ckpt").is_dir():
         write_preset("qwen7b_chat", root, num_layers=2, vision_depth=2, tiny=dry)
     image = root / "shape.png"
-    import random
-
     shapes.draw(shapes.sample_spec(random.Random(0))).save(image)
     cwd = Path.cwd()
     os.chdir(root)  # the preset's weight paths are relative to the working directory (WEIGHT.md)
@@ -162,3 +158,13 @@ def _chat(dry: bool, root: Path, *, load_8bit: bool) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lavis.bench --suite gpu ...`` (bench runs this module by name: the check sits above bench)."""
+    args = parse_args(list(argv if argv is not None else sys.argv[1:]))
+    run_suite(args.device, Path(args.output_dir), Path(args.out) if args.out else None)
+
+
+if __name__ == "__main__":
+    main()

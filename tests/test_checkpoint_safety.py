@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lavis.eval.__main__ import main as eval_main
-from lavis.weights.base import load_torch_file
+from lavis.weights.torch_file import load_torch_file
 
 from .conftest import REPO
 

@@ -25,9 +25,9 @@ from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.convert.pipe_to_pth import cli, convert, load_plain_state, resolve_tag_dir
 from lavis.engine.run_dir import RunDirError, find_resume_tag
-from lavis.predecessors.checkpoints import MINIGPT_V2_REFUSAL, read_checkpoint
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
 from lavis.weights.base import model_shapes
+from lavis.weights.checkpoint import MINIGPT_V2_REFUSAL, read_checkpoint
 
 from .conftest import recipe_with_options
 

@@ -106,7 +106,8 @@ def test_family_recipe_trains_converts_and_chats(name: str, tiny_data: Path, tmp
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
 
     from lavis.chat.engine import ChatEngine, GenerationSettings
-    from lavis.convert.pipe_to_pth import OUTPUT_NAME, cli
+    from lavis.convert.pipe_to_pth import cli
+    from lavis.weights.release import OUTPUT_NAME
 
     monkeypatch.chdir(tmp_path)
     kind = "model" if fam.sft else "proj"  # pipemodel2pth.py / pipe_proj2pth.py, in this process (no start-up)

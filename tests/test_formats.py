@@ -7,14 +7,16 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import typing
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from lavis.config.load import ConfigError, from_dict
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data.datasets import ConversationDataset, load_records
-from lavis.data.formats import MINIGPT4_ALIGN_PROMPTS, TarMember
+from lavis.data.formats import FORMATS, MINIGPT4_ALIGN_PROMPTS, TarMember
 
 LLAMA_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llama_tokenizer.model"
 
@@ -22,6 +24,16 @@ LLAMA_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 def _write(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def test_schema_format_names_are_the_table() -> None:
+    """The schema names the formats (config sits below data), FORMATS implements them: the two sets are equal, and a
+    name outside them is refused at load time naming the key and every name."""
+    hint = typing.get_type_hints(DatasetConfig)["format"]
+    assert set(typing.get_args(hint)) == set(FORMATS)
+    with pytest.raises(ConfigError, match=r"`data\.train\[0\]\.format` must be one of \['canonical', .*'webdataset'\], "
+                       r"got 'sharegpt'"):
+        from_dict(DatasetConfig, {"ann_path": "a.json", "format": "sharegpt"}, source="r.yaml", prefix="data.train[0].")
 
 
 def test_videochatgpt_raw_instruction_file(tmp_path: Path) -> None:

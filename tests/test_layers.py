@@ -12,14 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import grimp
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LEVEL = 12
-"""Target of docs/ARCHITECTURE.md: lavis-internal imports inside functions only to keep a heavy dependency lazy."""
-FUNCTION_LEVEL_NOW = 39
-"""Where the code stands (open item of docs/ARCHITECTURE.md "Layers"): may only go down; lower it as imports move."""
-OPEN_ITEM = f"docs/ARCHITECTURE.md 'Layers', open item: {FUNCTION_LEVEL_NOW} today, target {MAX_FUNCTION_LEVEL}"
+"""docs/ARCHITECTURE.md: lavis-internal imports inside functions only to keep a heavy dependency lazy."""
 
 
 def _module_path(module: str) -> Path:
@@ -102,21 +98,16 @@ def test_no_module_import_cycle_at_module_level():
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle or [])
 
 
-def test_package_cycles_counting_function_imports_are_known():
-    """The layer units form no cycle counting the imports inside functions, apart from the listed exceptions of
-    docs/ARCHITECTURE.md ("Layers", open items). Fixing one makes this test fail until it leaves the list."""
-    known = {
-        ("lavis.config", "lavis.data"),  # the schema's option types are the keys of FORMATS / TEMPLATES
-        ("lavis.engine", "lavis.chat"), ("lavis.engine", "lavis.eval"),  # the train-time benchmark hook
-        ("lavis.weights", "lavis.predecessors.checkpoints"),  # weights.base hands a predecessor's file to its reader
-        ("lavis.convert", "lavis.predecessors.mpp_layers"),  # the converter hands MPP layer files to their reader
-        ("lavis.bench", "lavis.gpu_suite"),  # `python -m lavis.bench --suite gpu` runs the check, built on bench
-    }
-    imports = [i for i in _imports() if (_unit(i[0]), _unit(i[1])) not in known]
-    cycle = _cycle(_edges(imports, _unit, module_level_only=False))
+def test_no_package_cycle_counting_function_imports():
+    """The layer units form no cycle, counting the imports inside functions too."""
+    cycle = _cycle(_edges(_imports(), _unit, module_level_only=False))
     assert cycle is None, "import cycle between layer units: " + " -> ".join(cycle or [])
-    used = {(_unit(a), _unit(b)) for a, b, _, _ in _imports()}
-    assert known <= used, f"no longer imported, drop from the list: {sorted(known - used)}"
+
+
+def test_no_module_cycle_counting_function_imports():
+    """Nor do the modules: an import inside a function never dodges a cycle."""
+    cycle = _cycle(_edges(_imports(), lambda m: m, module_level_only=False))
+    assert cycle is None, "import cycle between modules: " + " -> ".join(cycle or [])
 
 
 def _function_level() -> list[tuple[str, str]]:
@@ -128,23 +119,15 @@ def _function_level() -> list[tuple[str, str]]:
     return sorted(seen.items())
 
 
-def test_function_level_imports_do_not_grow():
-    found = _function_level()
-    assert len(found) <= FUNCTION_LEVEL_NOW, (f"{len(found)} lavis-internal imports inside functions, more than the "
-                                              f"{FUNCTION_LEVEL_NOW} of today: import at module level, or keep a heavy "
-                                              "dependency lazy with '# lazy: <reason>'\n" +
-                                              "\n".join(w for w, _ in found))
-
-
-@pytest.mark.xfail(strict=True, reason=OPEN_ITEM)
 def test_function_level_imports_say_why():
     """Each lavis-internal import inside a function names its reason (``# lazy: ...``) on its line."""
     missing = [where for where, text in _function_level() if "# lazy:" not in text]
     assert not missing, f"{len(missing)} imports inside functions without '# lazy: <reason>':\n" + "\n".join(missing)
 
 
-@pytest.mark.xfail(strict=True, reason=OPEN_ITEM)
 def test_few_function_level_imports():
     found = _function_level()
     assert len(found) <= MAX_FUNCTION_LEVEL, (f"{len(found)} lavis-internal imports inside functions (at most "
-                                              f"{MAX_FUNCTION_LEVEL}):\n" + "\n".join(w for w, _ in found))
+                                              f"{MAX_FUNCTION_LEVEL}): import at module level, or keep a heavy "
+                                              "dependency lazy with '# lazy: <reason>'\n" +
+                                              "\n".join(w for w, _ in found))

@@ -162,8 +162,9 @@ def test_converters_merged_pth_and_peft_directory(lora_runs: dict[str, Path], tm
 
     from lavis.chat.engine import load_model
     from lavis.convert.lora_export import without_lora
-    from lavis.convert.pipe_to_pth import check_against_model, cli
+    from lavis.convert.pipe_to_pth import cli
     from lavis.data.tokenizer import load_tokenizer
+    from lavis.weights.release import check_against_model
 
     run = lora_runs["pp2"]
     pth = tmp_path / "unfreeze_llm_model.pth"

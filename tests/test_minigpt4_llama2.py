@@ -18,8 +18,8 @@ from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.model.mllm import MultimodalLM, lm_loss
 from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe
 from lavis.pipeline.plan import Workload, layer_costs, layer_table, layers_to_plain
-from lavis.predecessors.checkpoints import read_checkpoint
 from lavis.testing.synthetic import write_minigpt4
+from lavis.weights.checkpoint import read_checkpoint
 
 LLAMA_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llama_tokenizer.model"
 PH = 0  # <unk>, the preset's image placeholder

@@ -12,10 +12,10 @@ import torch
 from lavis.config.load import load_config
 from lavis.config.presets import preset_path
 from lavis.convert.pipe_to_pth import cli, convert
-from lavis.predecessors.checkpoints import read_checkpoint
 from lavis.predecessors.mpp_layers import LAYER_FILE, read_mpp_dir, select
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_mpp_pipeline_dir, write_preset
 from lavis.weights.base import model_shapes
+from lavis.weights.checkpoint import read_checkpoint
 
 from .conftest import recipe_with_options
 

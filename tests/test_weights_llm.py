@@ -22,7 +22,6 @@ from lavis.model.llm import build_llm, decoder_parts, llm_hf_config, to_qwen_v1_
 from lavis.model.mllm import MultimodalLM
 from lavis.pipeline.layers import load_layer_weights
 from lavis.pipeline.plan import layer_table
-from lavis.predecessors.checkpoints import read_checkpoint
 from lavis.testing.synthetic import (
     LLM_CONFIGS,
     TINY_OPTIONS,
@@ -35,6 +34,7 @@ from lavis.testing.synthetic import (
 )
 from lavis.testing.synthetic_vision import blip2_file_shapes, eva_vit_file_shapes
 from lavis.weights.base import copy_into, default_init_keys, load_weights, model_shapes
+from lavis.weights.checkpoint import read_checkpoint
 from lavis.weights.llm import LLMFiles, plan_llm, read_llm
 from lavis.weights.vision import plan_blip2, plan_eva_vit
 

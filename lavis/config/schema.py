@@ -10,8 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lavis.data.formats import DatasetFormat
-from lavis.data.templates import TemplateName
+DatasetFormat = Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt", "minigpt4_captions",
+                        "webdataset"]
+"""``data.train[].format``: the names of ``lavis.data.formats.FORMATS``, one reader and converter each (a test keeps the
+two equal; config sits below data, so the schema names them and the table implements them)."""
+TemplateName = Literal["chatml", "qwen3", "llama3", "vicuna_v0", "minigpt4_vicuna", "minigpt4_llama2", "vicuna_v1_1",
+                       "llama2"]
+"""``model.llm.template``: the names of ``lavis.data.templates.TEMPLATES`` (a test keeps the two equal)."""
 
 
 def check_range(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
 from lavis.model.lora import ADAPTER_NAME, is_adapter_key, merge_adapters_, peft_config
 from lavis.weights.load import load_model
+from lavis.weights.release import check_against_model, release_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LLM_PREFIX = "llm_model."
@@ -65,9 +66,7 @@ def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (Multimodal
 
 def merge_lora(tag_dir: Path, adapter_pth: Path, out: Path, names: str = "auto") -> Path:
     """Write the merged ``.pth``: every LLM tensor (adapters folded in) and the other trained tensors of
-    ``adapter_pth`` (projection, ...), named as ``pipe_to_pth.release_names`` says."""
-    from lavis.convert.pipe_to_pth import check_against_model, release_names
-
+    ``adapter_pth`` (projection, ...), named as ``lavis.weights.release.release_names`` says."""
     model, cfg, _ = load_merged(tag_dir, adapter_pth)
     trained = {k for k in torch.load(adapter_pth, map_location="cpu", weights_only=True, mmap=True)
                if not is_adapter_key(k)}

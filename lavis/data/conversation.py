@@ -32,15 +32,21 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lavis.data.templates import TEMPLATES, Seg, TemplateName, TemplateSpec, get_template
+from lavis.config.schema import TemplateName
+from lavis.data.templates import (
+    IMAGE_MARKER,
+    TEMPLATES,
+    VIDEO_MARKER,
+    Seg,
+    TemplateSpec,
+    get_template,
+)
 from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer, TextTokenizer
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
 
 IGNORE_INDEX = -100
-IMAGE_MARKER = "<image>"
-VIDEO_MARKER = "<video>"
 LabelMode = Literal["mpp", "assistant"]
 
 SYSTEM_PROMPTS: dict[str, str] = {name: spec.system_prompt for name, spec in TEMPLATES.items()}

@@ -1,5 +1,5 @@
 """Dataset formats -> the canonical record (``lavis.data.datasets``): one reader per file layout, one converter per
-record layout. The format list here is the one owner of ``data.train[].format`` (the schema's ``Literal``).
+record layout. Each name of ``data.train[].format`` (the schema's ``DatasetFormat``) is one :data:`FORMATS` entry.
 
 - ``canonical`` (DATA.md): a JSON list or JSONL of ``{"id", "images" | "video", "conversations"}``.
 - ``mpp`` (MPP-Qwen / MiniGPT4Qwen JSON, also its LLaVA-558k / LLaVA-Instruct / VideoChatGPT-100k conversions):
@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 
@@ -336,8 +336,6 @@ FORMATS: dict[str, Format] = {
     "webdataset": Format(read_webdataset, from_webdataset, False),
 }
 
-DatasetFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
-"""``data.train[].format``: any key of :data:`FORMATS`."""
 
 
 def to_canonical(r: Any, where: str, index: int, ds: DatasetConfig) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
+from lavis.data.templates import IMAGE_MARKER, VIDEO_MARKER
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {

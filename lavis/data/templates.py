@@ -3,8 +3,8 @@ cut rule and media (placeholder) policy.
 
 Everything that renders or generates reads this table: ``lavis.data.conversation`` (training ids, labels and chat
 prompts), ``lavis.chat.stops`` (stopping criteria, final answer text), the config schema (``model.llm.template`` is a
-``Literal`` over the table's names) and the dataset checker. Adding a template is one :data:`TEMPLATES` entry plus
-its golden test (``tests/test_templates.py``).
+``Literal`` of the table's names) and the dataset checker. Adding a template is one :data:`TEMPLATES` entry, its name
+in ``lavis.config.schema.TemplateName`` and its golden test (``tests/test_templates.py``).
 
 A template is a sequence of segments. Each :class:`Seg` is one tokenisation unit (the text is tokenised on its own,
 special-token text becomes its id) with a label rule; ``{system}``, ``{query}`` and ``{answer}`` are filled in (never
@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+"""The media markers of conversation text (DATA.md); a template expands each (``media_open``, ``media_close``)."""
 Train = Literal["no", "yes", "mpp"]
 """Label rule of a segment: never trained, always trained, or trained only in ``label_mode: mpp`` (ChatML's
 ``<|im_start|>``, ``<|im_end|>`` and the newline after it, as MPP-Qwen / QwenLM ``finetune.py`` train them)."""
@@ -169,8 +172,6 @@ TEMPLATES: dict[str, TemplateSpec] = {
     ),
 }
 
-TemplateName = Literal[tuple(TEMPLATES)]  # type: ignore[valid-type]
-"""``model.llm.template``: any key of :data:`TEMPLATES`."""
 
 
 def get_template(name: str) -> TemplateSpec:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lavis.data import shapes
+
 # Qwen's ChatML special tokens; the demo tokenizer has the same names so one template serves both.
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -277,8 +279,6 @@ class SentencePieceTokenizer:
 
 def build_demo_tokenizer() -> TextTokenizer:
     """Train the demo's byte-level BPE on the shapes generator's fixed corpus (deterministic, < 1 s)."""
-    from lavis.data import shapes
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

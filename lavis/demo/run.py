@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +23,13 @@ from pathlib import Path
 
 import torch
 
+from lavis.chat.engine import ChatEngine
 from lavis.config.load import load_config
+from lavis.convert.pipe_to_pth import convert
+from lavis.data import shapes
 from lavis.data.shapes import names_asked_value
+from lavis.eval.runner import format_table, run_task
+from lavis.eval.tasks import Source
 from lavis.eval.yesno import pope_label
 
 CFG = Path("lavis/projects/demo/shapes.yaml")
@@ -41,8 +47,6 @@ def step(n: int, text: str) -> None:
 
 
 def generate_data() -> None:
-    from lavis.data import shapes
-
     stamp = DATA_DIR / "spec.json"
     spec = {**DATA_SPEC, "version": DATA_VERSION}
     if stamp.is_file() and json.loads(stamp.read_text()) == spec and (DATA_DIR / "train.json").is_file():
@@ -80,13 +84,6 @@ def launch_training(num_stages: int, extra: list[str]) -> float:
 
 def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int, out: Path) -> dict[str, dict]:
     """Write the held-out benchmark files and score the checkpoint on them with ``lavis.eval`` (vqa, yesno)."""
-    import shutil
-
-    from lavis.chat.engine import ChatEngine
-    from lavis.data import shapes
-    from lavis.eval.runner import format_table, run_task
-    from lavis.eval.tasks import Source
-
     files = shapes.write_benchmarks(BENCH_DIR / str(seed), n, seed)
     engine = ChatEngine.from_files(cfg_path, ckpt)
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier checkpoint must not be resumed
@@ -132,8 +129,6 @@ def main() -> None:
     print(f"training process finished in {secs:.0f} s", file=sys.stderr)
 
     step(3, "converting the pipeline checkpoint")
-    from lavis.convert.pipe_to_pth import convert
-
     ckpt = convert(out, "model")
     print(f"wrote {ckpt}", file=sys.stderr)
 

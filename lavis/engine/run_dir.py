@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import LATEST_FILE, META_FILE, TAG_PREFIX, load_meta, tag_dirs
+from lavis.predecessors.checkpoints import resume_advice
 
 LOCK_FILE = ".lock"
 
@@ -135,8 +137,6 @@ def refuse_predecessor_dir(output_dir: Path, resume_from: str | None) -> None:
     """A predecessor's directory (an MPP-Qwen checkpoint directory as the output directory, its ``latest`` or
     ``--resume-from`` tag; a MiniGPT-4 output directory) is refused with the commands to use instead (a user error:
     one line, exit 1)."""
-    from lavis.predecessors.checkpoints import resume_advice
-
     latest = output_dir / LATEST_FILE
     tags = [resume_from or "", latest.read_text().strip() if latest.is_file() else ""]
     for d in {output_dir, *(output_dir / Path(t).name for t in tags if t)}:
@@ -271,8 +271,6 @@ def tokenizer_fingerprint(tok: Any) -> tuple[int, tuple[int, ...]]:
 
 def check_tokenizer(saved_file: Path, new_tokenizer: Any) -> None:
     """Refuse a resume whose tokenizer differs from the run's saved copy."""
-    from lavis.data.tokenizer import load_tokenizer
-
     if not saved_file.is_file():
         return  # nothing to compare with
     if tokenizer_fingerprint(load_tokenizer(str(saved_file))) != tokenizer_fingerprint(new_tokenizer):

@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import load_tokenizer
 from lavis.engine import checkpoint, ds_compat, relayout, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
-from lavis.engine.evaluation import config_hooks
 from lavis.engine.guards import (
     NonFiniteError,
     StepVerdict,
@@ -101,14 +100,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return replace(cfg, train=replace(t, **updates)) if updates else cfg
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, hooks_for: Callable[[Config], Sequence[Hook]] | None = None) -> None:
+    """``train_pipeline.py``: ``hooks_for`` gives the hooks the config asks for (the script passes
+    ``lavis.eval.train_hook.config_hooks``: the evaluation hook sits above engine)."""
     args = parse_args(argv)
     cfg = resolve_config(args)
     init_distributed()
     # No `finally`: a rank that fails must not wait in shutdown's barrier while the others wait in a collective;
     # it exits with its traceback and the launcher stops the rest.
     train(cfg, require_resume=args.resume, resume_from=args.resume_from, stop_at_step=args.stop_at_step,
-          hooks=config_hooks(cfg))
+          hooks=hooks_for(cfg) if hooks_for is not None else ())
     shutdown()
 
 

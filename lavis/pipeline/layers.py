@@ -16,6 +16,8 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from lavis.config.schema import LoRAConfig, ModelConfig
+from lavis.data.cache_features import FROZEN_PREFIXES, FeatureCache, cache_level
+from lavis.features import check_weights
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
 from lavis.model.llm import DecoderParts
@@ -31,6 +33,7 @@ from lavis.model.mllm import (
 )
 from lavis.pipeline.plan import LayerEntry
 from lavis.pipeline.stage_io import StageIO, float_additive_mask
+from lavis.weights.base import model_shapes, stream_into
 from lavis.weights.report import FileReport
 
 
@@ -57,9 +60,6 @@ class VisionEmbedPipe(nn.Module):
         self.cached: str | None = None
         skipped: list[str] = []
         if feature_cache is not None:
-            from lavis.data.cache_features import FROZEN_PREFIXES, FeatureCache, cache_level
-            from lavis.features import check_weights
-
             self.cached = cache_level(cfg)
             check_weights(FeatureCache.open(feature_cache), cfg)
             skipped = [p.rstrip(".") for p in FROZEN_PREFIXES[self.cached]]
@@ -201,8 +201,6 @@ def load_layer_weights(
     shape-mismatched key). Files are checked (headers) before any tensor is read; each tensor is copied in as it is
     read, so host RAM is the stage's parameters plus one tensor. Keys no configured file provides keep their seeded
     init."""
-    from lavis.weights.base import model_shapes, stream_into
-
     # LoRA: base weights under their plain names (peft's ``base_layer.`` dropped); adapters are in no base file.
     targets = {table[idx].to_plain(plain_key(name)): t for idx, layer in layers.items()
                for name, t in layer.state_dict(keep_vars=True).items() if not is_adapter_key(name)}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lavis.config.schema import Config, ModelConfig, TrainConfig
+from lavis.data.cache_features import cache_level
 from lavis.model.components import FIRST_LAYER_PREFIXES
 
 LayerKind = Literal["embed", "block", "norm", "head"]
@@ -382,8 +383,6 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
                     offloaded_stages=offloaded_stages(t))
     cached = None
     if cfg.data.feature_cache is not None:
-        from lavis.data.cache_features import cache_level
-
         cached = cache_level(cfg.model)
     costs = layer_costs(cfg.model, dims, work, cached)
     optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp, t.optimizer)

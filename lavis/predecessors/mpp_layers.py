@@ -37,6 +37,7 @@ from lavis.model.components import component_of
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import llm_hf_config, qwen_v1_targets, take_third
 from lavis.predecessors.checkpoints import is_mpp_layer_dir, mpp_llm_frozen
+from lavis.weights.release import OUTPUT_NAME, check_against_model, describe_run, kind_mismatch, release_names
 from lavis.weights.report import FileReport
 from lavis.weights.vision import blip2_rename
 
@@ -183,13 +184,6 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
     import os
     import sys
 
-    from lavis.convert.pipe_to_pth import (
-        OUTPUT_NAME,
-        check_against_model,
-        describe_run,
-        kind_mismatch,
-        release_names,
-    )
     tag_dir = resolve_mpp_tag_dir(ckpt_dir)
     if tag_dir is None:
         raise FileNotFoundError(f"{ckpt_dir}: no MPP layer files (layer_00-model_states.pt) here or under `latest`")

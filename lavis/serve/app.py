@@ -39,6 +39,7 @@ from lavis.chat.engine import (
 )
 from lavis.chat.engine import Request as GenRequest
 from lavis.chat.local_files import add_local_files_argument, local_dirs
+from lavis.config.presets import preset_path
 from lavis.serve.limits import Limits, check_request
 from lavis.serve.messages import to_conversation
 from lavis.serve.protocol import APIError, ChatCompletionRequest, loc_to_param
@@ -301,8 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
-
-    from lavis.config.presets import preset_path
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lavis.data import shapes
+
 DEMO_CFG = Path(__file__).resolve().parents[1] / "projects/demo/shapes.yaml"
 
 
@@ -79,8 +81,6 @@ def measure(url: str, clients: int, requests: int, messages: list[list[dict]], m
 
 
 def sample_messages(n: int, tmp: Path) -> list[list[dict]]:
-    from lavis.data import shapes
-
     out = []
     for path, _ in shapes.generate_eval_images(tmp, n, seed=0):
         url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()

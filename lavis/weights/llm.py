@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 
 from lavis.model.llm import is_qwen_v1, qwen_v1_targets, read_config_json, take_third
-from lavis.weights.base import load_torch_file
 from lavis.weights.report import FileReport, ShapeMismatch
+from lavis.weights.torch_file import load_torch_file
 
 Shape = tuple[int, ...]
 PREFIX = "llm_model."

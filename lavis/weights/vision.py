@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from lavis.config.schema import ModelConfig, VisionConfig
-from lavis.weights.base import load_torch_file
 from lavis.weights.report import FileReport, ShapeMismatch, unwrap
+from lavis.weights.torch_file import load_torch_file
 
 Shape = tuple[int, ...]
 VIT_PREFIX = "visual_encoder."
