@@ -32,7 +32,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,9 @@ from lavis.engine.hooks import Hook
 from lavis.features import build_cache
 from lavis.model.llm import llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
+
+if TYPE_CHECKING:
+    from lavis.engine.trainer import Run
 
 DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
 
@@ -211,18 +214,18 @@ class MeasureHook(Hook):
         self.timer: Any = None
         self.result: dict[str, Any] = {}
 
-    def on_start(self, run: Any) -> None:
+    def on_start(self, run: Run) -> None:
         from lavis.engine.profiling import InstructionTimer  # lazy: deepspeed
 
         self.timer = InstructionTimer(run.engine)
 
-    def before_step(self, run: Any, step: int) -> None:
+    def before_step(self, run: Run, step: int) -> None:
         if step == self.measure_from:
             self.timer.enabled = True
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
-    def on_end(self, run: Any) -> None:
+    def on_end(self, run: Run) -> None:
         from lavis.engine.trainer import peak_memory_gib  # lazy: deepspeed
 
         mine = {"rank": run.rank, "stage": run.stage, "dp_rank": ds_compat.data_parallel_rank(run.engine),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,12 @@ from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, Record, load_records
 from lavis.engine.hooks import Hook
 from lavis.pipeline.plan import LayerEntry, layers_to_plain
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from lavis.engine.pipe_module import LavisPipelineModule
+    from lavis.engine.trainer import Run
 
 
 def held_out_records(cfg: Config) -> list[Record]:
@@ -75,7 +81,7 @@ def build_eval_batches(
     return [collate([ds[k] for k in mb]) for mb in keys], len(keys), used
 
 
-def eval_loss(engine: Any, batches: Sequence[PipeBatch] | None, num_micro_batches: int) -> float:
+def eval_loss(engine: PipelineEngine, batches: Sequence[PipeBatch] | None, num_micro_batches: int) -> float:
     """Collective (every rank): the mean loss of the micro-batches through DeepSpeed's ``eval_batch`` (all stages;
     averaged over data-parallel replicas; the same value returned on every rank). The engine goes back to train
     mode at the next ``train_batch``."""
@@ -85,7 +91,8 @@ def eval_loss(engine: Any, batches: Sequence[PipeBatch] | None, num_micro_batche
 
 
 # --- benchmarks through the plain model on rank 0 --------------------------------------------------------------------
-def gather_plain_state(pipe: Any, table: list[LayerEntry], dp_rank: int) -> dict[str, torch.Tensor] | None:
+def gather_plain_state(pipe: LavisPipelineModule, table: list[LayerEntry],
+                       dp_rank: int) -> dict[str, torch.Tensor] | None:
     """Collective: every stage (its first data-parallel replica) sends its layers' full state (frozen weights
     included) to rank 0, which returns the plain-model state dict; other ranks return None."""
     mine = {}
@@ -158,7 +165,7 @@ class TrainEvalHook(Hook):
         self.best: float | None = None
         self.best_tag: str | None = None
 
-    def on_start(self, run: Any) -> None:
+    def on_start(self, run: Run) -> None:
         e = run.cfg.train.eval
         if not e.every:
             return
@@ -180,7 +187,7 @@ class TrainEvalHook(Hook):
                 self.best, self.best_tag = float(rec["value"]), rec["tag"]
                 run.protected_tags.add(rec["tag"])
 
-    def after_step(self, run: Any, step: int, row: dict[str, Any] | None) -> None:
+    def after_step(self, run: Run, step: int, row: dict[str, Any] | None) -> None:
         e = run.cfg.train.eval
         if not e.every or step % e.every:
             return
@@ -200,7 +207,7 @@ class TrainEvalHook(Hook):
             # tqdm.write prints above the trainer's progress bar without breaking it
             tqdm.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
 
-    def after_save(self, run: Any, step: int, tag_dir: Path) -> None:
+    def after_save(self, run: Run, step: int, tag_dir: Path) -> None:
         metric = run.cfg.train.save_best
         if metric is None or self.last is None or self.last[0] != step:
             return
@@ -224,7 +231,7 @@ class TrainEvalHook(Hook):
             write_atomic(Path(run.out) / BEST_FILE,
                          json.dumps({"tag": tag_dir.name, "step": step, "metric": metric, "value": value}))
 
-    def on_end(self, run: Any) -> None:
+    def on_end(self, run: Run) -> None:
         self.batches = None
 
 

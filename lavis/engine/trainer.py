@@ -14,18 +14,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
 from lavis.config.schema import Config
-from lavis.data.collate import Collator
-from lavis.data.conversation import template_from_config
+from lavis.data.collate import Collator, PipeBatch
+from lavis.data.conversation import ChatTemplate, template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.step_loader import StepLoader
-from lavis.data.tokenizer import load_tokenizer
+from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
 from lavis.engine import checkpoint, ds_compat, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.evaluation import config_hooks
@@ -52,8 +52,21 @@ from lavis.engine.run_dir import (
     find_resume_tag,
 )
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, offloaded_stages, plan_for_config
+from lavis.pipeline.plan import (
+    LLM_DIMS,
+    LayerEntry,
+    checkpoint_blocks,
+    format_plan,
+    layer_table,
+    offloaded_stages,
+    plan_for_config,
+)
 from lavis.predecessors.keys import flag_hint
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,12 +131,13 @@ class Run:
     cfg: Config
     """The resolved config as saved in the run directory (``model.llm.tokenizer`` names the run's own copy)."""
     out: Path
-    engine: Any
+    engine: PipelineEngine
     pipe: LavisPipelineModule
     optimizer: torch.optim.Optimizer
-    tok: Any
-    tpl: Any
-    table: list
+    tok: AnyTokenizer
+    tpl: ChatTemplate
+    table: list[LayerEntry]
+    """The model's layer list in pipeline order (``lavis.pipeline.plan.layer_table``)."""
     boundaries: list[int]
     """Stage s owns layers ``boundaries[s]`` to ``boundaries[s+1]-1`` (saved as ``parts`` in lavis_meta.json)."""
     dp: int
@@ -293,7 +307,7 @@ def _lr_lambda(t: Any) -> Any:
     return lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
 
 
-def _check_resume(tag_dir: Path, cfg: Config, tok: Any) -> None:
+def _check_resume(tag_dir: Path, cfg: Config, tok: AnyTokenizer) -> None:
     """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step."""
     meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
     _verify_checkpoint_files(tag_dir)
@@ -504,18 +518,18 @@ class _PadCounter:
     """Passes batches through, counting real (mask 1) and padded (mask numel) token slots and images (video frames)
     since the last take()."""
 
-    def __init__(self, it: Any) -> None:
+    def __init__(self, it: Iterator[PipeBatch] | None) -> None:
         self.it, self.real, self.padded, self.images = it, 0, 0, 0
 
     def __iter__(self) -> _PadCounter:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> PipeBatch:
+        assert self.it is not None, "set .it before iterating"
         batch = next(self.it)
-        pixels_NCHW, _, mask_BL = batch[0]
-        self.images += pixels_NCHW.shape[0]
-        self.real += int(mask_BL.sum())
-        self.padded += mask_BL.numel()
+        self.images += batch.inputs.media.shape[0]
+        self.real += int(batch.inputs.mask_BL.sum())
+        self.padded += batch.inputs.mask_BL.numel()
         return batch
 
     def take(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from lavis.config.schema import LoRAConfig, ModelConfig
+from lavis.data.collate import StageInputs
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
 from lavis.model.llm import DecoderParts
@@ -38,9 +39,10 @@ class VisionEmbedPipe(nn.Module):
     """Layer 0: images -> ViT -> ln_vision -> Q-Former (or concatenated patch tokens) -> projection, written over the
     token embeddings.
 
-    Input (the data iterator's ``batch[0]``): ``(pixels [N,3,S,S] float, input_ids [B,L] int64, mask [B,L] int64)``.
+    Input (the data iterator's ``PipeBatch.inputs``, :class:`~lavis.data.collate.StageInputs`): ``media`` (pixels
+    ``[N,3,S,S]`` float), ``input_ids_BL`` and ``mask_BL`` (``[B,L]`` int64).
     With ``feature_cache`` (``data.feature_cache``) the frozen modules are not built (their init draws are still
-    taken, on the meta device, so the rest of the layer starts identical) and ``batch[0][0]`` holds the cache's
+    taken, on the meta device, so the rest of the layer starts identical) and ``media`` holds the cache's
     features instead of pixels: ``[N, Q, H]`` Q-Former outputs or ``[N, 1 + P, W]`` ``ln_vision`` features
     (``lavis.data.cache_features``). A cache built from other weights is refused here, at build time.
     """
@@ -84,8 +86,9 @@ class VisionEmbedPipe(nn.Module):
             keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
         return self
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StageIO:
-        media_in, input_ids_BL, mask_BL = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> StageIO:
+        batch = StageInputs(*inputs)  # DeepSpeed hands the first stage a plain tuple
+        media_in, input_ids_BL, mask_BL = batch.media, batch.input_ids_BL, batch.mask_BL
         embeds_BLD = self.embed_tokens(input_ids_BL)
         media = None
         if media_in.shape[0] > 0:
