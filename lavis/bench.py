@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lavis.config.load import load_config
+from lavis.config.load import load_config, with_values
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
 from lavis.data import shapes
 from lavis.data.cache_features import cache_level
@@ -116,14 +116,16 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     d, t = cfg.data, cfg.train
     if variant == "ours":
         d = replace(d, fixed_length=False, group_by_length=True)
-        t = replace(t, inter_stage_mask="padding")
+        t = with_values(t, {"parallel.inter_stage_mask": "padding"})
     elif variant == "predecessor":
         from deepspeed.runtime.utils import partition_uniform
 
         blocks = int(llm_hf_config(cfg.model.llm).num_hidden_layers)
         d = replace(d, fixed_length=True, group_by_length=False)
-        t = replace(t, activation_checkpoint_interval=0, activation_checkpoint_blocks=list(range(blocks)),
-                    inter_stage_mask="float_additive", partition=partition_uniform(blocks + 3, t.num_stages))
+        t = with_values(t, {"parallel.activation_checkpoint_interval": 0,
+                            "parallel.activation_checkpoint_blocks": list(range(blocks)),
+                            "parallel.inter_stage_mask": "float_additive",
+                            "parallel.partition": partition_uniform(blocks + 3, t.parallel.num_stages)})
     elif variant in ("pixels", "feature_cache"):
         d = replace(d, transform=replace(d.transform, kind="eval", hflip=False),
                     feature_cache=feature_cache if variant == "feature_cache" else None)
@@ -149,9 +151,12 @@ def bench_config(args: argparse.Namespace) -> Config:
         m = replace(m, llm=llm)
     t = cfg.train
     run_dir = Path(args.output_dir) / args.variant if args.variant else Path(args.output_dir)
-    t = replace(t, output_dir=str(run_dir), max_steps=args.warmup + args.steps, save_every=0, tensorboard=False,
-                wandb_project=None, num_stages=args.num_stages or t.num_stages,
-                partition=t.partition if not args.num_stages or args.num_stages == t.num_stages else None)
+    p = t.parallel
+    t = with_values(t, {"output_dir": str(run_dir), "max_steps": args.warmup + args.steps,
+                        "checkpoint.save_every": 0, "log.tensorboard": False, "log.wandb_project": None,
+                        "parallel.num_stages": args.num_stages or p.num_stages,
+                        "parallel.partition": p.partition if not args.num_stages or args.num_stages == p.num_stages
+                        else None})
     data = cfg.data
     if args.synthetic_data:
         ann = Path(args.output_dir) / "synthetic" / "train.json"  # shared by the sides of a comparison

@@ -16,11 +16,11 @@ context, allocator fragmentation or temporary buffers.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lavis.config.load import load_config
+from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
 from lavis.model.llm import is_qwen_v1, llm_hf_config, qwen_v1_to_qwen2_config
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
@@ -99,13 +99,13 @@ class Verdict:
 def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
-    limited = replace(cfg, train=replace(cfg.train, gpu_memory_gib=limit_gib))
+    limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
     try:
         plan = plan_for_config(limited, dims, dp)
     except ValueError as e:
         if "fits" not in str(e):
             raise
-        plan = plan_for_config(replace(cfg, train=replace(cfg.train, gpu_memory_gib=None)), dims, dp)
+        plan = plan_for_config(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dims, dp)
     n = len(plan.parts) - 1
     gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
            for s in range(n)]

@@ -141,7 +141,6 @@ def test_root_cause_of_a_two_rank_failure_is_the_failing_rank_even_when_it_is_th
     ("train.lr=0", "train.lr"),
     ("train.min_lr=1.0", "train.min_lr"),
     ("train.keep_last=0", "train.keep_last"),
-    ("train.log_every=0", "train.log_every"),
     ("train.grad_clip=-1", "train.grad_clip"),
     ("train.betas=[0.9,1.5]", "train.betas"),
     ("data.pad_to_multiple_of=0", "data.pad_to_multiple_of"),

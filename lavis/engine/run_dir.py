@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lavis.config.old_keys import upgrade_config
 from lavis.engine.checkpoint import LATEST_FILE, META_FILE, TAG_PREFIX, load_meta, tag_dirs
 
 LOCK_FILE = ".lock"
@@ -185,7 +186,8 @@ def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dic
                         ) -> tuple[dict[str, Any], list[str]]:
     """Read the checkpoint's metadata; refuse a resume that changes what cannot change. Returns (meta, changes)."""
     meta = load_meta(tag_dir)
-    changes = config_changes(meta["config"], new_config, defaults)
+    saved = upgrade_config(meta["config"], str(tag_dir), warn=False)  # a run saved with the old flat train keys
+    changes = config_changes(saved, new_config, defaults)
     if changes.refused:
         raise RunDirError(
             f"cannot resume from {tag_dir} with this config: it changes what a checkpoint fixes (the model, the data "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
+from lavis.config.load import deepspeed_config, load_config, save_config, to_dict, with_values
 from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate, template_from_config
@@ -96,21 +96,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.cfg_path, args.options)
-    t = cfg.train
+    p = cfg.train.parallel
     updates: dict[str, Any] = {}
     if args.num_stages is not None:
-        updates["num_stages"] = args.num_stages
+        updates["train.parallel.num_stages"] = args.num_stages
     if args.max_steps is not None:
-        updates["max_steps"] = args.max_steps
+        updates["train.max_steps"] = args.max_steps
     if args.output_dir is not None:
-        updates["output_dir"] = args.output_dir
+        updates["train.output_dir"] = args.output_dir
     if args.save_every is not None:
-        updates["save_every"] = args.save_every
+        updates["train.checkpoint.save_every"] = args.save_every
     if args.partition is not None:
-        updates["partition"] = [int(x) for x in args.partition.split(",")]
-    elif args.num_stages is not None and t.partition is not None and len(t.partition) != args.num_stages + 1:
-        updates["partition"] = None  # the recipe's partition was for another stage count
-    return replace(cfg, train=replace(t, **updates)) if updates else cfg
+        updates["train.parallel.partition"] = [int(x) for x in args.partition.split(",")]
+    elif args.num_stages is not None and p.partition is not None and len(p.partition) != args.num_stages + 1:
+        updates["train.parallel.partition"] = None  # the recipe's partition was for another stage count
+    return with_values(cfg, updates)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,7 +103,7 @@ MPP_KEYS: dict[str, Rule] = {
     "run.device": _LAVIS_DIST,
     "run.max_epoch": Rule("train.max_steps", "epochs x optimizer steps per epoch, counted as the predecessor's "
                                              "script counts them from the sample count"),
-    "run.log_freq": Rule("train.log_every"),
+    "run.log_freq": Rule("", "ours logs every optimizer step (metrics.jsonl, TensorBoard, the progress bar)"),
     "run.lr_sched": Rule("", "ours is one schedule: linear warmup, then cosine to train.min_lr per optimizer step "
                              "(MPP's step-wise one has the same shape; LAVIS's linear_warmup_cosine_lr decays per "
                              "epoch)"),
@@ -144,7 +144,7 @@ MPP_KEYS: dict[str, Rule] = {
     "run.deepspeed_config.train_micro_batch_size_per_gpu": Rule("train.micro_batch_size"),
     "run.deepspeed_config.gradient_accumulation_steps": Rule("train.grad_accum_steps"),
     "run.deepspeed_config.gradient_clipping": Rule("train.grad_clip", "the global norm over all stages"),
-    "run.deepspeed_config.steps_per_print": Rule("", "we log every train.log_every steps ourselves"),
+    "run.deepspeed_config.steps_per_print": Rule("", "we log every step ourselves"),
     "run.deepspeed_config.wall_clock_breakdown": Rule("", "python -m lavis.bench measures per-stage time"),
     "run.deepspeed_config.dump_state": Rule("", "DeepSpeed debug output"),
     "run.deepspeed_config.bf16.enabled": Rule("train.precision", "true: bf16"),

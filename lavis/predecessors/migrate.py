@@ -671,7 +671,7 @@ def _run_common(m: Migration) -> None:
     if m.has("run.num_workers"):
         m.map("run.num_workers", "data.num_workers", int(m.get("run.num_workers")))
     if m.has("run.log_freq"):
-        m.map("run.log_freq", "train.log_every", int(m.get("run.log_freq")))
+        m.drop("run.log_freq", "ours logs every optimizer step (metrics.jsonl, TensorBoard, the progress bar)")
     resume = m.get("run.resume_ckpt_path")
     if resume:
         m.map("run.resume_ckpt_path", "model.checkpoint", str(resume),
