@@ -245,27 +245,27 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["step"] > args.warmup]
     t = cfg.train
-    dp = len(result["ranks"]) // t.num_stages
+    dp = len(result["ranks"]) // t.parallel.num_stages
     secs = sum(r["step_time_s"] for r in rows)
     real = sum(r["real_tokens_r0"] for r in rows)
     padded = sum(r["padded_tokens_r0"] for r in rows)
-    micro = t.grad_accum_steps * len(rows)
+    micro = t.batch.grad_accum_steps * len(rows)
     # FLOPs at the measured mean padded micro-batch shape of replica 0, times all micro-batches of all replicas.
     hf = llm_hf_config(cfg.model.llm)
     dims = {k: getattr(hf, k) for k in LLM_DIMS}
     tokens_per_micro = padded / max(1, micro)
-    seq = tokens_per_micro / t.micro_batch_size
+    seq = tokens_per_micro / t.batch.micro_batch_size
     images = round(sum(r["images_r0"] for r in rows) / max(1, micro))
     work = Workload(tokens=round(tokens_per_micro), seq_len=max(1, round(seq)), images=images)
     cached = None
     if cfg.data.feature_cache is not None:
         cached = cache_level(cfg.model)
-    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.grad_accum_steps * dp
+    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.batch.grad_accum_steps * dp
     achieved = flops_step * len(rows) / max(secs, 1e-9)
     devices = len(result["ranks"])
     peak = args.peak_tflops or known_peak_tflops()
     stages = []
-    for s in range(t.num_stages):
+    for s in range(t.parallel.num_stages):
         rs = [r for r in result["ranks"] if r["stage"] == s]
         stages.append({
             "stage": s,
@@ -280,11 +280,11 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
         "config": str(args.cfg_path),
         "variant": args.variant,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "num_stages": t.num_stages,
+        "num_stages": t.parallel.num_stages,
         "dp": dp,
         "precision": t.precision,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accum_steps": t.grad_accum_steps,
+        "micro_batch_size": t.batch.micro_batch_size,
+        "grad_accum_steps": t.batch.grad_accum_steps,
         "measured_steps": len(rows),
         "step_time_s": round(secs / max(1, len(rows)), 4),
         "non_pad_tokens_per_s": round(real * dp / max(secs, 1e-9), 1),
@@ -321,7 +321,7 @@ def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
     absent), before anything is measured."""
     t = cfg.train
     if args.synthetic_data and (args.variant is None or not Path(cfg.data.train[0].ann_path).is_file()):
-        num = max(64, t.micro_batch_size * t.grad_accum_steps * args.dp * t.max_steps)
+        num = max(64, t.batch.micro_batch_size * t.batch.grad_accum_steps * args.dp * t.max_steps)
         lengths = mix_lengths(cfg, num, args.length_tokenizer) if args.length_mix == "llava-instruct" else None
         write_synthetic_data(cfg, args.seq_len, num, lengths=lengths)
     if args.feature_cache and not (Path(args.feature_cache) / "index.json").is_file():
@@ -337,7 +337,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     per side), one after the other on the same data, and put the reports side by side."""
     cfg = bench_config(args)
     prepare_data(cfg, args)
-    world = cfg.train.num_stages * args.dp
+    world = cfg.train.parallel.num_stages * args.dp
     reports: dict[str, Any] = {}
     for v in variants(args):
         out = Path(args.output_dir) / v / "bench.json"
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
     cfg = bench_config(args)
-    world = cfg.train.num_stages * args.dp
+    world = cfg.train.parallel.num_stages * args.dp
     if "RANK" not in os.environ and world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "lavis.bench", *argv]

@@ -102,7 +102,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.lr=1e-4")
+            raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.optim.lr=1e-4")
         key = upgrade_option_key(key)  # an old flat train key (warned), or None: a removed one (warned)
         if key is None:
             continue
@@ -363,27 +363,27 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
     (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
     so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``). The same
-    holds for ``train.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
+    holds for ``train.optim.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
     ``bf16`` section, so it steps our optimizer directly instead of wrapping it with fp32 master weights.
     """
-    ds_clips = (train.precision != "fp32" and train.optimizer != "adamw_bf16") or train.zero_stage > 0
+    ds_clips = (train.precision != "fp32" and train.optim.optimizer != "adamw_bf16") or train.optim.zero_stage > 0
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * dp_world_size,
-        "gradient_clipping": train.grad_clip if ds_clips else 0.0,
+        "train_micro_batch_size_per_gpu": train.batch.micro_batch_size,
+        "gradient_accumulation_steps": train.batch.grad_accum_steps,
+        "train_batch_size": train.batch.micro_batch_size * train.batch.grad_accum_steps * dp_world_size,
+        "gradient_clipping": train.optim.grad_clip if ds_clips else 0.0,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": train.optim.zero_stage},
         "zero_allow_untested_optimizer": True,
         "pipeline": {"use_reentrant": False},
     }
-    if train.offload_optimizer:
+    if train.optim.offload_optimizer:
         import torch
 
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         cfg["zero_force_ds_cpu_optimizer"] = False  # our AdamW steps the CPU-resident fp32 state
-    if train.precision == "bf16" and train.optimizer != "adamw_bf16":  # adamw_bf16: we cast, no fp32 masters
+    if train.precision == "bf16" and train.optim.optimizer != "adamw_bf16":  # adamw_bf16: we cast, no fp32 masters
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}

@@ -146,7 +146,7 @@ def _write_failed(tag_dir: Path, tmp_dir: Path, e: BaseException) -> CheckpointW
     return CheckpointWriteError(
         f"cannot write checkpoint {tag_dir} ({type(e).__name__}: {first}; {free} on {output_dir}): the partial "
         f"directory was removed and `latest` still names {kept or 'no checkpoint'}. Free disk space (or lower "
-        "train.keep_last) and run the same command to resume.")
+        "train.checkpoint.keep_last) and run the same command to resume.")
 
 
 def _fsync_dir(path: Path) -> None:

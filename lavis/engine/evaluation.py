@@ -1,7 +1,7 @@
-"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint (``train.save_best``).
+"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint (``train.checkpoint.save_best``).
 
 * Held-out loss: the first ``train.eval.max_samples`` records of ``train.eval.data``, read with the eval transform
-  and no augmentation, cut into full micro-batches of ``train.micro_batch_size`` (micro-batch i goes to
+  and no augmentation, cut into full micro-batches of ``train.batch.micro_batch_size`` (micro-batch i goes to
   data-parallel replica i mod D; a tail that fills no micro-batch on every replica is left out, the count printed),
   run through DeepSpeed's ``PipelineEngine.eval_batch`` on every stage. The value is the mean of
   the micro-batches' token-mean losses, as the training loss is.
@@ -71,7 +71,7 @@ def build_eval_batches(
     records = held_out_records(cfg)
     if not records:
         raise ValueError("train.eval.data holds no records")
-    keys, used = micro_batch_keys(len(records), cfg.train.micro_batch_size, dp_rank, dp_size)
+    keys, used = micro_batch_keys(len(records), cfg.train.batch.micro_batch_size, dp_rank, dp_size)
     if not (first or last):
         return None, len(keys), used
     ds = ConversationDataset(records, tpl, cfg.data, cfg.model.vision.image_size, train=False, load_media=first,
@@ -138,7 +138,7 @@ def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tens
 
 
 def better(value: float, best: float | None, metric: str, mode: str) -> bool:
-    """Whether ``value`` beats ``best`` for ``train.save_best_mode`` (``auto``: min for losses, else max)."""
+    """Whether ``value`` beats ``best`` for ``train.checkpoint.save_best_mode`` (``auto``: min for losses, else max)."""
     if best is None:
         return True
     lower = mode == "min" or (mode == "auto" and "loss" in metric)
@@ -150,11 +150,11 @@ BEST_FILE = "best"
 
 
 class TrainEvalHook(Hook):
-    """``train.eval`` and ``train.save_best`` as a trainer hook.
+    """``train.eval`` and ``train.checkpoint.save_best`` as a trainer hook.
 
     ``after_step``: on every ``train.eval.every``-th step, the held-out loss (all ranks) and, with ``generate``,
     benchmark scores (rank 0) are added to the metrics row. ``after_save``: when the checkpoint's step had an
-    evaluation and ``train.save_best``'s metric beat the best so far, its tag is kept from pruning and written to
+    evaluation and ``train.checkpoint.save_best``'s metric beat the best so far, its tag is kept from pruning and written to
     ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
     """
 
@@ -179,11 +179,11 @@ class TrainEvalHook(Hook):
                 print(f"held-out eval: {used} records in {self.num_micro * dp_size} micro-batches every {e.every} "
                       f"steps", file=sys.stderr, flush=True)
         best = Path(run.out) / BEST_FILE
-        if run.cfg.train.save_best and best.is_file():  # a resumed run keeps competing against its best
+        if run.cfg.train.checkpoint.save_best and best.is_file():  # a resumed run keeps competing against its best
             import json
 
             rec = json.loads(best.read_text())
-            if rec.get("metric") == run.cfg.train.save_best and (Path(run.out) / rec["tag"]).is_dir():
+            if rec.get("metric") == run.cfg.train.checkpoint.save_best and (Path(run.out) / rec["tag"]).is_dir():
                 self.best, self.best_tag = float(rec["value"]), rec["tag"]
                 run.protected_tags.add(rec["tag"])
 
@@ -208,16 +208,16 @@ class TrainEvalHook(Hook):
             tqdm.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
 
     def after_save(self, run: Run, step: int, tag_dir: Path) -> None:
-        metric = run.cfg.train.save_best
+        metric = run.cfg.train.checkpoint.save_best
         if metric is None or self.last is None or self.last[0] != step:
             return
         if metric not in self.last[1]:
             if run.rank == 0 and self.last[1]:
-                raise KeyError(f"train.save_best: {metric!r} is not among the evaluation metrics "
+                raise KeyError(f"train.checkpoint.save_best: {metric!r} is not among the evaluation metrics "
                                f"{sorted(self.last[1])}")
             return
         value = self.last[1][metric]
-        if not better(value, self.best, metric, run.cfg.train.save_best_mode):
+        if not better(value, self.best, metric, run.cfg.train.checkpoint.save_best_mode):
             return
         if self.best_tag is not None:
             run.protected_tags.discard(self.best_tag)

@@ -54,7 +54,7 @@ class VisionEmbedPipe(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.float_mask = float_mask
-        """Send a float additive mask instead of the padding mask (``train.inter_stage_mask``)."""
+        """Send a float additive mask instead of the padding mask (``train.parallel.inter_stage_mask``)."""
         self.placeholder_id = placeholder_id
         self.cached: str | None = None
         skipped: list[str] = []
@@ -140,7 +140,7 @@ class DecoderBlockPipe(nn.Module):
         if rotary.inv_freq.device != hidden_BLD.device:
             self._rotary[0] = rotary = rotary.to(hidden_BLD.device)
         pos_1L = torch.arange(hidden_BLD.shape[1], device=hidden_BLD.device).unsqueeze(0)
-        if mask_BL.is_floating_point():  # train.inter_stage_mask: float_additive, already [B, 1, L, L]
+        if mask_BL.is_floating_point():  # train.parallel.inter_stage_mask: float_additive, already [B, 1, L, L]
             attn_mask = mask_BL
         else:
             make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
@@ -188,7 +188,7 @@ class LMHeadPipe(nn.Module):
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_BLD, mask = io
         if mask.is_floating_point() and mask.requires_grad:
-            # train.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
+            # train.parallel.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
             # also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
             # One element times zero: a sum over the mask would overflow to -inf (its entries are the dtype's min).
             hidden_BLD = hidden_BLD + (mask.reshape(-1)[0] * 0.0).to(hidden_BLD.dtype)
