@@ -151,8 +151,8 @@ def _layout(cfg: Config, gpus: int | None) -> tuple[int, int]:
     stages = cfg.train.parallel.num_stages
     gpus = stages if gpus is None else gpus
     if gpus < 1 or gpus % stages:
-        raise ValueError(f"--gpus {gpus}: the recipe has train.parallel.num_stages={stages}; the GPU count must be a multiple "
-                         "of it (stages x data-parallel replicas)")
+        raise ValueError(f"--gpus {gpus}: the recipe has train.parallel.num_stages={stages}; the GPU count must be a "
+                         "multiple of it (stages x data-parallel replicas)")
     return gpus, gpus // stages
 
 
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     dims, where = llm_dims(cfg)
     t = cfg.train
     print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
-          f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} GPU(s) of "
+          f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} "
+          f"GPU(s) of "
           f"{limit:g} GiB; micro-batch {t.batch.micro_batch_size} x {cfg.data.max_txt_len} tokens, {t.precision}, "
           f"ZeRO-{t.optim.zero_stage}{' + optimizer offload' if t.optim.offload_optimizer else ''}")
     verdict = assess(cfg, dims, dp, limit)

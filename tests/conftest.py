@@ -95,7 +95,8 @@ def launch(nproc: int, args: list[str], timeout: int = 600, check: bool = True,
 
 
 STEPS = 6
-COMMON = ["train.batch.micro_batch_size=4", "train.optim.warmup_steps=2", "train.optim.lr=1e-3", "train.optim.grad_clip=1.0",
+COMMON = ["train.batch.micro_batch_size=4", "train.optim.warmup_steps=2", "train.optim.lr=1e-3",
+          "train.optim.grad_clip=1.0",
           "train.precision=fp32", "train.checkpoint.save_every=0"]
 
 

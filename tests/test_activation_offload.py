@@ -32,8 +32,8 @@ def test_offloaded_stages_from_the_config():
 
 
 def test_an_offload_stage_that_does_not_exist_is_refused():
-    with pytest.raises(ConfigError, match=r"train.parallel.activation_offload: stages \[2\] do not exist \(train.parallel.num_stages "
-                                          r"is 2"):
+    with pytest.raises(ConfigError, match=r"train.parallel.activation_offload: stages \[2\] do not exist "
+                                          r"\(train.parallel.num_stages is 2"):
         load_config(None, ["train.parallel.num_stages=2", "train.parallel.activation_offload=[0, 2]"])
 
 
@@ -112,7 +112,8 @@ def offload_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "offload": train(tmp, "offload", 2, 2, gas=2, data=tiny_data, steps=STEPS,
                          extra=("train.parallel.activation_offload=true",)),
         "offload0_recompute": train(tmp, "offload0_recompute", 2, 2, gas=2, data=tiny_data, steps=STEPS,
-                                    extra=("train.parallel.activation_offload=[0]", "train.parallel.activation_checkpoint_interval=1")),
+                                    extra=("train.parallel.activation_offload=[0]",
+                                           "train.parallel.activation_checkpoint_interval=1")),
     }
 
 

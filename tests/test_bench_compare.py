@@ -27,8 +27,9 @@ def test_predecessor_side_is_the_predecessors_configuration() -> None:
     cfg = load_config(PRETRAIN_CFG, ["train.parallel.num_stages=2"])
     pred = apply_variant(cfg, "predecessor", None)
     assert pred.data.fixed_length and not pred.data.group_by_length
-    assert pred.train.parallel.activation_checkpoint_blocks == [0, 1] and pred.train.parallel.inter_stage_mask == "float_additive"
-    assert pred.train.parallel.partition == [0, 3, 5]  # equal layer counts: 3 + 2 of the 5 layers (DeepSpeed's uniform split)
+    p = pred.train.parallel
+    assert p.activation_checkpoint_blocks == [0, 1] and p.inter_stage_mask == "float_additive"
+    assert p.partition == [0, 3, 5]  # equal layer counts: 3 + 2 of the 5 layers (DeepSpeed's uniform split)
     ours = apply_variant(cfg, "ours", None)
     assert not ours.data.fixed_length and ours.data.group_by_length and ours.train.parallel.partition is None
 

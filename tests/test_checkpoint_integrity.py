@@ -26,7 +26,8 @@ FAULT = REPO / "tests/scripts/fault_in_save.py"
 def _args(out: Path, data: Path, steps: int, *extra: str, resume_from: str | None = None) -> list[str]:
     resume = ["--resume-from", resume_from] if resume_from else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(steps), *resume, "--output-dir",
-            str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", "train.checkpoint.save_every=1", "train.checkpoint.keep_last=10",
+            str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", "train.checkpoint.save_every=1",
+            "train.checkpoint.keep_last=10",
             *data_options(data), *extra]
 
 

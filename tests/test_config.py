@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lavis.config.load import ConfigError, deepspeed_config, load_config, save_config
-from lavis.config.schema import TrainConfig
+from lavis.config.schema import BatchConfig, OptimConfig, TrainConfig
 
 from .conftest import DEMO_CFG, PRETRAIN_CFG
 
@@ -55,8 +55,10 @@ def test_post_init_validation_is_reported(tmp_path: Path) -> None:
 
 
 def test_overrides_and_list_index(tmp_path: Path) -> None:
-    cfg = load_config(DEMO_CFG, ["train.optim.lr=1e-3", "data.train.0.ann_path=x.json", "train.parallel.partition=[0,2,5]"])
-    assert cfg.train.optim.lr == 1e-3 and cfg.data.train[0].ann_path == "x.json" and cfg.train.parallel.partition == [0, 2, 5]
+    cfg = load_config(DEMO_CFG, ["train.optim.lr=1e-3", "data.train.0.ann_path=x.json",
+                                 "train.parallel.partition=[0,2,5]"])
+    assert cfg.train.optim.lr == 1e-3 and cfg.data.train[0].ann_path == "x.json"
+    assert cfg.train.parallel.partition == [0, 2, 5]
     with pytest.raises(ConfigError, match="train.lrr"):
         load_config(DEMO_CFG, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="key=value"):
@@ -75,22 +77,24 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_deepspeed_dict_is_derived() -> None:
-    t = TrainConfig(micro_batch_size=4, grad_accum_steps=8, precision="bf16", zero_stage=1, grad_clip=0.5)
+    t = TrainConfig(precision="bf16", batch=BatchConfig(micro_batch_size=4, grad_accum_steps=8),
+                    optim=OptimConfig(zero_stage=1, grad_clip=0.5))
     ds = deepspeed_config(t, dp_world_size=2)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 8 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
     assert ds["gradient_clipping"] == 0.5
     # fp32 without ZeRO: DeepSpeed's PP norm is wrong, so its clipping is off and ours is used.
-    assert deepspeed_config(TrainConfig(precision="fp32", grad_clip=1.0), 1)["gradient_clipping"] == 0.0
+    fp32 = TrainConfig(precision="fp32", optim=OptimConfig(grad_clip=1.0))
+    assert deepspeed_config(fp32, 1)["gradient_clipping"] == 0.0
 
 
 def test_base_recipe_is_merged_under_the_recipe(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m.yaml").write_text(
         "model:\n  llm: {hf_config: {model_type: qwen2, hidden_size: 64}, system_prompt: base prompt}\n"
-        "train: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
+        "train: {optim: {lr: 1.0e-3, betas: [0.9, 0.95]}}\n")
     (tmp_path / "mid.yaml").write_text("base: models/m.yaml\ntrain: {max_steps: 7}\n")
-    (tmp_path / "run.yaml").write_text("base: mid.yaml\ntrain: {lr: 2.0e-5, betas: [0.9, 0.99]}\n")
+    (tmp_path / "run.yaml").write_text("base: mid.yaml\ntrain: {optim: {lr: 2.0e-5, betas: [0.9, 0.99]}}\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert cfg.model.llm.hf_config == {"model_type": "qwen2", "hidden_size": 64}
     assert cfg.model.llm.system_prompt == "base prompt"

@@ -76,7 +76,8 @@ def test_train_eval_loss_matches_plain_model_and_save_best(tiny_data: Path, held
         f"train.eval.benchmarks=[{{task: vqa, data: {bench['vqa']}, images: {bench['images']}, prompt: '{{question}}',"
         f" name: shapes_vqa}}]",
         f"train.eval.data=[{{ann_path: {held_out / 'val.json'}, vis_root: {held_out}}}]",
-        "train.eval.every=2", f"train.eval.max_samples={HELD_OUT}", "train.checkpoint.save_every=2", "train.checkpoint.keep_last=1",
+        "train.eval.every=2", f"train.eval.max_samples={HELD_OUT}", "train.checkpoint.save_every=2",
+        "train.checkpoint.keep_last=1",
         # the largest eval loss, so that the kept best is not the last checkpoint (the loss goes down)
         "train.checkpoint.save_best=eval_loss", "train.checkpoint.save_best_mode=max"))
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,7 @@ one migrated config trains, and every tool refuses a predecessor YAML with the m
 from __future__ import annotations
 
 import json
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +208,15 @@ def test_migrated_config_loads_strictly_with_a_line_per_key(name: str, tmp_path:
         assert ours.train.optim.betas == (0.9, 0.99) and ours.train.optim.eps == 1e-7 and ours.model.vision.frozen
         assert ours.train.parallel.activation_checkpoint_interval == 1 and ours.train.precision == "bf16"
     if name == "pp_qwen14b_sft_100k_pp.yaml":
-        assert ours.train.optim.zero_stage == 1 and ours.train.optim.offload_optimizer and ours.train.parallel.num_stages == 6
+        assert ours.train.optim.zero_stage == 1 and ours.train.optim.offload_optimizer
+        assert ours.train.parallel.num_stages == 6
         assert ours.model.llm.path == "cache/ckpt/Qwen-14B-Chat" and ours.data.max_txt_len == 512
     if name == "minigpt4_stage1_pretrain.yaml":
         t = ours.train
-        assert (t.max_steps, t.optim.warmup_steps, t.optim.lr, t.optim.min_lr, t.optim.grad_clip) == (20000, 5000, 1e-4, 8e-5, 0.0)
-        assert t.batch.micro_batch_size * t.batch.grad_accum_steps * 2 == 256 and t.parallel.num_stages == 2  # 4 GPUs: PP2 x DP2
+        o = t.optim
+        assert (t.max_steps, o.warmup_steps, o.lr, o.min_lr, o.grad_clip) == (20000, 5000, 1e-4, 8e-5, 0.0)
+        assert t.batch.micro_batch_size * t.batch.grad_accum_steps * 2 == 256  # 4 GPUs: PP2 x DP2
+        assert t.parallel.num_stages == 2
         assert ours.model.llm.template == "vicuna_v0"
     if name == "minigpt4_eval.yaml":
         assert ours.data.train == [] and ours.model.checkpoint is None
@@ -312,11 +316,13 @@ def test_shipped_recipes_match_the_predecessor_files(source: str, recipe: str, t
     cfg, counts = CASES[source]
     res = migrate(write(tmp_path, source, cfg), tmp_path / "o.yaml", Args(num_samples=counts))
     ours = load_config(REPO / "lavis/projects" / recipe)
-    fields = ["max_steps", "warmup_steps", "lr", "min_lr", "betas", "eps", "weight_decay", "grad_clip", "precision",
-              "zero_stage", "offload_optimizer", "num_stages"]
+    optim = ("warmup_steps", "lr", "min_lr", "betas", "eps", "weight_decay", "grad_clip", "zero_stage",
+             "offload_optimizer")
+    fields = ["max_steps", "precision", "parallel.num_stages", *(f"optim.{f}" for f in optim)]
     t, m = ours.train, res.cfg.train
-    assert {f: getattr(t, f) for f in fields} == {f: getattr(m, f) for f in fields}
-    assert t.batch.micro_batch_size * t.batch.grad_accum_steps == m.batch.micro_batch_size * m.batch.grad_accum_steps  # same global batch
+    assert {f: attrgetter(f)(t) for f in fields} == {f: attrgetter(f)(m) for f in fields}
+    same_global_batch = t.batch.micro_batch_size * t.batch.grad_accum_steps
+    assert same_global_batch == m.batch.micro_batch_size * m.batch.grad_accum_steps
     for f in ("max_txt_len", "num_video_frames", "video_same_augment", "transform"):
         assert getattr(ours.data, f) == getattr(res.cfg.data, f), f
     if source != "minigpt4_stage1_pretrain.yaml":  # the recipe trains on LLaVA-558k: LAION's shards are withdrawn
@@ -382,7 +388,8 @@ def test_minigpt4_data_maps_to_the_readers_of_its_files(tmp_path: Path) -> None:
     d = res.cfg.data.train[0]
     assert (d.ann_path, d.vis_root, d.format) == ("cache/dataset/cc_sbu_align/filter_cap.json",
                                                   "cache/dataset/cc_sbu_align/image", "minigpt4_captions")
-    assert res.cfg.train.batch.micro_batch_size * res.cfg.train.batch.grad_accum_steps == 12  # run.batch_size_train x 1 GPU
+    b = res.cfg.train.batch
+    assert b.micro_batch_size * b.grad_accum_steps == 12  # run.batch_size_train x 1 GPU
     cfg["datasets"]["cc_sbu_align"]["build_info"] = {"storage": "/data/cc_sbu_align/"}
     d = migrate(write(tmp_path, "s2b.yaml", cfg), tmp_path / "o.yaml").cfg.data.train[0]
     assert (d.ann_path, d.vis_root) == ("/data/cc_sbu_align/filter_cap.json", "/data/cc_sbu_align/image")
@@ -422,7 +429,8 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
     res = migrate(write(tmp_path, "train.yaml", mpp_nonpipeline_config("train")), tmp_path / "o.yaml",
                   Args(num_samples=[30000, 150000]))
     t = res.cfg.train
-    assert (t.precision, t.optim.weight_decay, t.optim.grad_clip, t.optim.lr, t.optim.min_lr) == ("bf16", 0.05, 1.0, 1e-4, 1e-6)
+    o = t.optim
+    assert (t.precision, o.weight_decay, o.grad_clip, o.lr, o.min_lr) == ("bf16", 0.05, 1.0, 1e-4, 1e-6)
     assert t.batch.micro_batch_size == 4 and t.batch.micro_batch_size * t.batch.grad_accum_steps * res.dp == 16
     # LAVIS: floor(floor(180000 / 4) / 4) = 11250 optimizer steps per epoch, 5 epochs; warmup 500 iterations / 4
     assert (t.max_steps, t.optim.warmup_steps) == (56250, 125)

@@ -137,7 +137,8 @@ def test_adamw_bf16_needs_bf16_without_zero(options: list[str], problem: str):
 
 
 def test_adamw_bf16_gets_no_deepspeed_bf16_wrapper_and_our_clipping():
-    t = load_config(None, ["train.optim.optimizer=adamw_bf16", "train.precision=bf16", "train.optim.grad_clip=0.5"]).train
+    t = load_config(None, ["train.optim.optimizer=adamw_bf16", "train.precision=bf16",
+                           "train.optim.grad_clip=0.5"]).train
     ds = deepspeed_config(t, 1)
     assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's BF16_Optimizer would keep fp32 master weights
     assert ds["gradient_clipping"] == 0.0  # our PipeKahanAdamW clips with the all-stage norm

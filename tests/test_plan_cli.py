@@ -67,7 +67,8 @@ def test_knobs_name_the_smaller_optimizers_and_activation_offload_and_each_one_l
     cfg = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
                                                                              "train.optim.zero_stage=0"])
     names = [" ".join(opts) for _, opts in plan.knob_options(cfg, 8)]
-    assert {"train.optim.optimizer=adamw8bit", "train.optim.optimizer=adamw_bf16", "train.parallel.activation_offload=true"} <= set(names)
+    assert {"train.optim.optimizer=adamw8bit", "train.optim.optimizer=adamw_bf16",
+    "train.parallel.activation_offload=true"} <= set(names)
     bf16 = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
                                                                               "train.optim.zero_stage=0",
                                                                               "train.optim.optimizer=adamw_bf16"])

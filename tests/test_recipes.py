@@ -44,7 +44,8 @@ def test_recipe_plans_within_24gb_cards(recipe: Path) -> None:
     table = format_plan(plan.parts, plan.costs, plan.work, plan.optim_bytes)
     for s in range(t.parallel.num_stages):
         sl = plan.costs[plan.parts[s]:plan.parts[s + 1]]
-        assert stage_memory_bytes(sl, s, t.parallel.num_stages, plan.work, plan.optim_bytes) <= t.parallel.gpu_memory_gib * 2**30, table
+        limit = t.parallel.gpu_memory_gib * 2**30
+        assert stage_memory_bytes(sl, s, t.parallel.num_stages, plan.work, plan.optim_bytes) <= limit, table
     trains_llm = not cfg.model.llm.frozen
     assert sum(c.trainable_params for c in plan.costs) > (10**9 if trains_llm else 0)
     print(f"{recipe.stem}: parts {plan.parts}\n{table}")

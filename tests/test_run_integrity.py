@@ -36,7 +36,8 @@ POISON = REPO / "tests/scripts/poison_train.py"
 def _args(out: Path, data: Path, steps: int, *extra: str, stop_at: int | None = None) -> list[str]:
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(steps), *stop,
-            "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(data), *extra]
+            "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(data),
+            *extra]
 
 
 def _rows(out: Path) -> list[dict]:
@@ -236,13 +237,14 @@ def test_find_resume_tag_rules(tmp_path: Path) -> None:
 
 def test_config_changes_refuses_model_and_data_order_keys_only() -> None:
     saved = {"model": {"llm": {"hf_config": {"hidden_size": 128}, "path": "a", "frozen": False}},
-             "train": {"lr": 1e-3, "seed": 42, "max_steps": 10}, "data": {"train": [{"ann_path": "x"}]}}
+             "train": {"optim": {"lr": 1e-3}, "seed": 42, "max_steps": 10}, "data": {"train": [{"ann_path": "x"}]}}
     new = {"model": {"llm": {"hf_config": {"hidden_size": 256}, "path": "b", "frozen": True}, "lora": None},
-           "train": {"lr": 1e-4, "seed": 42, "max_steps": 20, "eval": 5}, "data": {"train": [{"ann_path": "y"}]}}
+           "train": {"optim": {"lr": 1e-4}, "seed": 42, "max_steps": 20, "eval": 5},
+           "data": {"train": [{"ann_path": "y"}]}}
     ch = config_changes(saved, new, defaults={"model": {"lora": None}, "train": {"eval": 0}})
     assert ch.refused == ["model.llm.frozen: False -> True", "model.llm.hf_config.hidden_size: 128 -> 256"]
-    assert [c.split(":")[0] for c in ch.applied] == ["data.train", "model.llm.path", "train.eval", "train.optim.lr",
-                                                     "train.max_steps"]
+    assert [c.split(":")[0] for c in ch.applied] == ["data.train", "model.llm.path", "train.eval", "train.max_steps",
+                                                     "train.optim.lr"]
 
 
 def test_run_lock_reports_holder_and_takes_over_a_stale_lock(tmp_path: Path) -> None:

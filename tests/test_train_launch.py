@@ -31,7 +31,8 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     model.init_weights(cfg.model.init_seed)
     model.apply_trainable()
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas, weight_decay=t.optim.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas,
+                            weight_decay=t.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup=t.optim.warmup_steps, total=steps, lr=t.optim.lr,
                                                              min_lr=t.optim.min_lr))
     ds = ConversationDataset(load_records(cfg.data.train[0]), tpl, cfg.data, cfg.model.vision.image_size,
@@ -154,7 +155,8 @@ def test_hf_out_directory_loads_with_automodel_and_matches(runs: dict[str, Path]
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("option", ["train.parallel.activation_checkpoint_interval=1", "train.parallel.activation_checkpoint_blocks=[1]"])
+@pytest.mark.parametrize("option", ["train.parallel.activation_checkpoint_interval=1",
+                         "train.parallel.activation_checkpoint_blocks=[1]"])
 def test_activation_checkpointing_keeps_the_losses(runs: dict[str, Path], tiny_data: Path, tmp_path: Path,
                                                    option: str) -> None:
     """DeepSpeed's every-k recomputation and our selected-block recomputation change memory, not the math."""

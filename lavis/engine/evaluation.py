@@ -1,4 +1,5 @@
-"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint (``train.checkpoint.save_best``).
+"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint
+(``train.checkpoint.save_best``).
 
 * Held-out loss: the first ``train.eval.max_samples`` records of ``train.eval.data``, read with the eval transform
   and no augmentation, cut into full micro-batches of ``train.batch.micro_batch_size`` (micro-batch i goes to
@@ -154,8 +155,8 @@ class TrainEvalHook(Hook):
 
     ``after_step``: on every ``train.eval.every``-th step, the held-out loss (all ranks) and, with ``generate``,
     benchmark scores (rank 0) are added to the metrics row. ``after_save``: when the checkpoint's step had an
-    evaluation and ``train.checkpoint.save_best``'s metric beat the best so far, its tag is kept from pruning and written to
-    ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
+    evaluation and ``train.checkpoint.save_best``'s metric beat the best so far, its tag is kept from pruning and
+    written to ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
     """
 
     def __init__(self) -> None:

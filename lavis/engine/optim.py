@@ -1,5 +1,5 @@
-"""Optimizer and LR schedule: the AdamW variants of ``train.optim.optimizer``; global-norm clipping where DeepSpeed gets it
-wrong.
+"""Optimizer and LR schedule: the AdamW variants of ``train.optim.optimizer``; global-norm clipping where DeepSpeed gets
+it wrong.
 
 DeepSpeed's fp32/no-ZeRO clipping under PP sums only stage 0's gradients (docs/PIPELINE.md section 6). In that mode
 (and under ``adamw_bf16``, which DeepSpeed steps the same way) :class:`GlobalNormClip` computes the norm over every

@@ -42,8 +42,8 @@ WEIGHT_PATH_KEYS = frozenset({
 })
 # Train keys that fix the data order or the optimizer state's layout.
 FIXED_TRAIN_KEYS = frozenset({
-    "train.seed", "train.batch.micro_batch_size", "train.batch.grad_accum_steps", "train.precision", "train.optim.zero_stage",
-    "train.optim.offload_optimizer", "train.optim.optimizer",
+    "train.seed", "train.batch.micro_batch_size", "train.batch.grad_accum_steps", "train.precision",
+    "train.optim.zero_stage", "train.optim.offload_optimizer", "train.optim.optimizer",
 })
 
 

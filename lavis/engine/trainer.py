@@ -146,7 +146,8 @@ class Run:
     start_step: int = 0
     nonfinite_steps: int = 0
     protected_tags: set[str] = field(default_factory=set)
-    """Checkpoint tags that rotation (``train.checkpoint.keep_last``) never deletes (e.g. the best one by an eval metric)."""
+    """Checkpoint tags that rotation (``train.checkpoint.keep_last``) never deletes (e.g. the best one by an eval
+    metric)."""
     steps: StepLoader | None = None
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
@@ -178,7 +179,8 @@ class Run:
         if not trainable_weights_finite(self.pipe):
             raise NonFiniteError(
                 f"step {step}: some trained weights are not finite; no checkpoint was written and `latest` still "
-                f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.optim.lr and resume from it.")
+                f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.optim.lr and resume from "
+                "it.")
         return checkpoint.save(self.engine, self.out, step, self.meta(), self.cfg.train.checkpoint.keep_last,
                                protected=self.protected_tags)
 
@@ -285,7 +287,8 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     # DeepSpeed's norm is wrong where its own fp32 path clips (see engine.optim); adamw_bf16 takes that path too.
     own_clip = (t.precision == "fp32" or t.optim.optimizer == "adamw_bf16") and t.optim.zero_stage == 0
     optimizer = build_optimizer(
-        t.optim.optimizer, param_groups(pipe, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas, eps=t.optim.eps,
+        t.optim.optimizer, param_groups(pipe, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas,
+        eps=t.optim.eps,
         weight_decay=t.optim.weight_decay,
         clip=t.optim.grad_clip if own_clip else 0.0,
         norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
@@ -447,7 +450,8 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
                 bar.update(row)
             if verdict.nonfinite:
                 _count_nonfinite(run, done, verdict)  # raises past train.max_nonfinite_steps
-            if save and (done == end or verdict.stop or (t.checkpoint.save_every and done % t.checkpoint.save_every == 0)):
+            every = t.checkpoint.save_every
+            if save and (done == end or verdict.stop or (every and done % every == 0)):
                 tag_dir = run.save(done)
                 print0(f"saved {tag_dir}")
                 for h in hooks:
@@ -492,7 +496,8 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
     skipped = run.steps.step_skips(step)
     row = {"step": step + 1, "loss": loss if is_finite(loss) else None, "lr": lr,
            "grad_norm": grad_norm if is_finite(grad_norm) else None,
-           "tokens": run.steps.step_tokens(step), "samples": t.batch.micro_batch_size * t.batch.grad_accum_steps * run.dp - skipped,
+           "tokens": run.steps.step_tokens(step),
+           "samples": t.batch.micro_batch_size * t.batch.grad_accum_steps * run.dp - skipped,
            "skipped": skipped, "step_time_s": round(dt, 4), **counter.take()}
     if verdict.nonfinite:
         row.update(nonfinite=True, nonfinite_loss=repr(loss), nonfinite_grad_norm=repr(grad_norm))

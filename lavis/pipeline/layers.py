@@ -188,8 +188,8 @@ class LMHeadPipe(nn.Module):
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_BLD, mask = io
         if mask.is_floating_point() and mask.requires_grad:
-            # train.parallel.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
-            # also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
+            # train.parallel.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a
+            # stage, also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
             # One element times zero: a sum over the mask would overflow to -inf (its entries are the dtype's min).
             hidden_BLD = hidden_BLD + (mask.reshape(-1)[0] * 0.0).to(hidden_BLD.dtype)
         return self.lm_head(hidden_BLD)

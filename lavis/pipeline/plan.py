@@ -386,7 +386,8 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
 
         cached = cache_level(cfg.model)
     costs = layer_costs(cfg.model, dims, work, cached)
-    optim_bytes = optimizer_bytes_per_param(t.precision, t.optim.zero_stage, t.optim.offload_optimizer, dp, t.optim.optimizer)
+    optim_bytes = optimizer_bytes_per_param(t.precision, t.optim.zero_stage, t.optim.offload_optimizer, dp,
+                                            t.optim.optimizer)
     if t.parallel.partition is not None:
         parts = check_partition(list(t.parallel.partition), len(costs), t.parallel.num_stages)
     else:

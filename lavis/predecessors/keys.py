@@ -91,7 +91,8 @@ MPP_KEYS: dict[str, Rule] = {
     "datasets.*.text_processor.train.max_words": Rule("", "base_instruction does not cut; data.max_txt_len bounds "
                                                           "the sample"),
     "run.task": Rule("", "one task: multimodal chat training"),
-    "run.runner": Rule("", "deepspeed_runner (non-pipeline ZeRO): ours is the pipeline trainer, train.optim.zero_stage"),
+    "run.runner": Rule("", "deepspeed_runner (non-pipeline ZeRO): ours is the pipeline trainer, "
+                           "train.optim.zero_stage"),
     "run.output_dir": Rule("train.output_dir"),
     "run.num_workers": Rule("data.num_workers"),
     "run.seed": Rule("train.seed", "differs: the predecessors add the rank; ours makes data order and augmentation "
@@ -104,20 +105,21 @@ MPP_KEYS: dict[str, Rule] = {
     "run.max_epoch": Rule("train.max_steps", "epochs x optimizer steps per epoch, counted as the predecessor's "
                                              "script counts them from the sample count"),
     "run.log_freq": Rule("", "ours logs every optimizer step (metrics.jsonl, TensorBoard, the progress bar)"),
-    "run.lr_sched": Rule("", "ours is one schedule: linear warmup, then cosine to train.optim.min_lr per optimizer step "
-                             "(MPP's step-wise one has the same shape; LAVIS's linear_warmup_cosine_lr decays per "
+    "run.lr_sched": Rule("", "ours is one schedule: linear warmup, then cosine to train.optim.min_lr per optimizer "
+                             "step (MPP's step-wise one has the same shape; LAVIS's linear_warmup_cosine_lr decays per "
                              "epoch)"),
     "run.init_lr": Rule("train.optim.lr"),
     "run.min_lr": Rule("train.optim.min_lr"),
     "run.warmup_lr": Rule("", "ours warms up linearly from lr / warmup_steps"),
     "run.warmup_ratio": Rule("train.optim.warmup_steps", "int(ratio x optimizer steps of one epoch), as MPP's "
                                                    "train_pipeline.py"),
-    "run.warmup_steps": Rule("train.optim.warmup_steps", "non-pipeline files count it in micro-batches: / accum_grad_iters"),
+    "run.warmup_steps": Rule("train.optim.warmup_steps",
+                             "non-pipeline files count it in micro-batches: / accum_grad_iters"),
     "run.weight_decay": Rule("train.optim.weight_decay", "non-pipeline files"),
     "run.grad_norm_clip": Rule("train.optim.grad_clip", "non-pipeline files"),
     "run.batch_size_train": Rule("train.batch.micro_batch_size", "non-pipeline files: per GPU"),
-    "run.accum_grad_iters": Rule("train.batch.grad_accum_steps", "non-pipeline files (x the GPU count / our DP to keep the "
-                                                           "global batch)"),
+    "run.accum_grad_iters": Rule("train.batch.grad_accum_steps",
+                                 "non-pipeline files (x the GPU count / our DP to keep the global batch)"),
     "run.amp": Rule("train.precision", "true: bf16 (MPP's autocast_dtype); false: fp32"),
     "run.autocast_dtype": Rule("train.precision", "non-pipeline files: bf16 / fp16 with run.amp: true"),
     "run.loss_scale": Rule("", "GradScaler switch of the non-pipeline runner: ours scales fp16 losses dynamically "
@@ -207,8 +209,8 @@ MINIGPT4_KEYS: dict[str, Rule] = {
     "datasets.*.build_info.storage": Rule("data.train[].ann_path", "the shard pattern, or the cc_sbu_align "
                                                                    "directory's filter_cap.json and image/"),
     "datasets.*.data_type": Rule("", "images follow from each record"),
-    "datasets.*.batch_size": Rule("train.batch.micro_batch_size", "per GPU; x GPUs x accum_grad_iters is the global batch "
-                                                            "migrate keeps"),
+    "datasets.*.batch_size": Rule("train.batch.micro_batch_size",
+                                  "per GPU; x GPUs x accum_grad_iters is the global batch migrate keeps"),
     "datasets.*.sample_ratio": Rule("", "differs: MiniGPT-4 picks a dataset per iteration by this ratio; ours mixes "
                                         "data.train[].weight x size records per epoch"),
     "datasets.*.vis_processor.train.name": Rule("data.transform", "blip2_image_train / blip2_image_eval -> {kind: "
@@ -227,7 +229,8 @@ MINIGPT4_KEYS: dict[str, Rule] = {
     "run.max_epoch": Rule("train.max_steps", "max_epoch x iters_per_epoch"),
     "run.iters_per_epoch": Rule("train.max_steps", "max_epoch x iters_per_epoch"),
     "run.warmup_steps": Rule("train.optim.warmup_steps"),
-    "run.batch_size_train": Rule("train.batch.micro_batch_size", "per GPU (x GPUs x accum_grad_iters: the global batch)"),
+    "run.batch_size_train": Rule("train.batch.micro_batch_size",
+                                 "per GPU (x GPUs x accum_grad_iters: the global batch)"),
     "run.batch_size_eval": _NO_EVAL_LOOP,
     "run.accum_grad_iters": Rule("train.batch.grad_accum_steps", "x GPUs / our DP keeps the global batch"),
     "run.num_workers": Rule("data.num_workers"),

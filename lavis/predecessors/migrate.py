@@ -384,8 +384,9 @@ def migrate_mpp(m: Migration, args: Args, out_dir: Path) -> Original:
         m.set("train.parallel.gpu_memory_gib", args.gpu_memory_gib)
         m.lines.append(f"(--gpu-memory-gib) -> train.parallel.gpu_memory_gib: {args.gpu_memory_gib}")
     m.set("train.parallel.activation_checkpoint_interval", 1)
-    m.lines.append("(train_pipeline.py --llm-grad-ckpt, on by default in MPP) -> train.parallel.activation_checkpoint_interval"
-                   ": 1  (MPP's flag turns checkpointing OFF when given; ours: set the interval to 0)")
+    m.lines.append("(train_pipeline.py --llm-grad-ckpt, on by default in MPP) -> "
+                   "train.parallel.activation_checkpoint_interval: 1  (MPP's flag turns checkpointing OFF when given; "
+                   "ours: set the interval to 0)")
     return orig
 
 
@@ -427,7 +428,8 @@ def _mpp_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int],
         m.map("run.warmup_ratio", "train.optim.warmup_steps", warmup, wnote)
     else:
         warmup = int(m.get("run.warmup_steps", 0))
-        m.map("run.warmup_steps", "train.optim.warmup_steps", warmup, "" if m.has("run.warmup_steps") else "not in the file")
+        m.map("run.warmup_steps", "train.optim.warmup_steps", warmup,
+              "" if m.has("run.warmup_steps") else "not in the file")
         if not m.has("run.warmup_steps"):
             assumed["warmup steps"] = "no warmup key in the file: assumed 0"
     m.map("run.max_epoch", "train.max_steps", total,
@@ -749,8 +751,8 @@ def migrate_minigpt4(m: Migration, args: Args, out_dir: Path) -> None:
     m.set("train.batch.micro_batch_size", micro)
     m.set("train.batch.grad_accum_steps", gas)
     m.lines.append(f"(datasets.*.batch_size, run.accum_grad_iters) -> train.batch.micro_batch_size: {micro}, "
-                   f"train.batch.grad_accum_steps: {gas}  (MiniGPT-4's global batch {global_batch} = {per_gpu} per GPU x "
-                   f"{gpus} GPUs (--pred-gpus); ours {micro} x {gas} x DP {dp})")
+                   f"train.batch.grad_accum_steps: {gas}  (MiniGPT-4's global batch {global_batch} = {per_gpu} per "
+                   f"GPU x {gpus} GPUs (--pred-gpus); ours {micro} x {gas} x DP {dp})")
     m.done.add("run.accum_grad_iters")
     if m.has("run.batch_size_train"):
         m.note("run.batch_size_train", f"train.batch.micro_batch_size: {micro}, x GPUs x accum: the global batch above")
@@ -805,10 +807,11 @@ def side_by_side(orig: Original, cfg: Config, dp: int) -> list[tuple[str, str, s
     """(quantity, predecessor, ours) rows; the values are computed independently from each config. A predecessor
     value that the file does not state is marked ``(assumed)`` (:func:`assumptions` says why)."""
     t = cfg.train
+    micro, gas = t.batch.micro_batch_size, t.batch.grad_accum_steps
     steps = [orig.warmup_steps, (orig.warmup_steps + orig.total_steps) // 2, orig.total_steps - 1]
     rows = [
         ("global batch", f"{orig.micro * orig.gas * orig.dp} = {orig.micro} x {orig.gas} x DP{orig.dp}",
-         f"{t.batch.micro_batch_size * t.batch.grad_accum_steps * dp} = {t.batch.micro_batch_size} x {t.batch.grad_accum_steps} x DP{dp}"),
+         f"{micro * gas * dp} = {micro} x {gas} x DP{dp}"),
         ("warmup steps", str(orig.warmup_steps), str(t.optim.warmup_steps)),
         ("total steps", str(orig.total_steps), str(t.max_steps)),
         ("peak lr", f"{orig.lr:g}", f"{t.optim.lr:g}"),
@@ -943,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-type", help="model config in lavis/projects/models/ (default: from the file)")
     ap.add_argument("--micro-batch-size", type=int,
                     help="MiniGPT-4: split its per-GPU batch into micro-batches of this size (same global batch)")
-    ap.add_argument("--gpu-memory-gib", type=float, help="also set train.parallel.gpu_memory_gib (the planner's per-GPU limit)")
+    ap.add_argument("--gpu-memory-gib", type=float,
+                    help="also set train.parallel.gpu_memory_gib (the planner's per-GPU limit)")
     ap.add_argument("--pred-gpus", type=int,
                     help="GPUs the original run used when its file does not say (MiniGPT-4, MPP's non-pipeline "
                          "files): its global batch = per-GPU batch x accumulation x this")
