@@ -206,7 +206,7 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
     Path(ds.ann_path).write_text(json.dumps(records))
 
 
-def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
+def _num_tokens(tpl: ChatTemplate, record: dict[str, Any]) -> int:
     return len(encode_conversation(record["conversations"], tpl, record_id="probe", label_mode="mpp").input_ids)
 
 

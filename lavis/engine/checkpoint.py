@@ -32,11 +32,14 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from lavis.pipeline.plan import LayerEntry
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 META_FILE = "lavis_meta.json"
 LATEST_FILE = "latest"
@@ -91,7 +94,7 @@ def table_from_json(rows: list[dict[str, Any]]) -> list[LayerEntry]:
     return [LayerEntry(r["index"], r["kind"], tuple((a, b) for a, b in r["prefixes"])) for r in rows]
 
 
-def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
+def save(engine: PipelineEngine, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
          protected: set[str] | frozenset[str] = frozenset()) -> Path:
     """Collective: every rank calls it. Returns the tag directory. Rotation keeps the last ``keep_last`` checkpoints
     and every tag in ``protected``. See the module docstring for the order of writes."""

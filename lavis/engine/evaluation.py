@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,7 @@ def eval_loss(engine: PipelineEngine, batches: Sequence[PipeBatch] | None, num_m
     mode at the next ``train_batch``."""
     data_iter: Iterator[PipeBatch] | None = iter(batches) if batches is not None else None
     loss = engine.eval_batch(data_iter, num_micro_batches=num_micro_batches)
-    return float(loss)
+    return float(cast(torch.Tensor, loss))
 
 
 # --- benchmarks through the plain model on rank 0 --------------------------------------------------------------------

@@ -29,10 +29,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lavis.config.old_keys import upgrade_config
 from lavis.engine.checkpoint import LATEST_FILE, META_FILE, TAG_PREFIX, load_meta, tag_dirs
+
+if TYPE_CHECKING:
+    from lavis.data.tokenizer import AnyTokenizer
 
 LOCK_FILE = ".lock"
 
@@ -234,12 +237,12 @@ def check_resume_data(tag_dir: Path, saved: list[dict[str, Any]] | None, new: li
 PROBE_TEXT = "A red circle. What is in the image? 1234 ÄÖü 漢字 <|im_start|> ###Human: [INST] \n\t x"
 
 
-def tokenizer_fingerprint(tok: Any) -> tuple[int, tuple[int, ...]]:
+def tokenizer_fingerprint(tok: AnyTokenizer) -> tuple[int, tuple[int, ...]]:
     """Vocabulary size and the ids of a probe text: differs between any two tokenizers a user could mix up."""
     return tok.vocab_size, tuple(tok.encode(PROBE_TEXT))
 
 
-def check_tokenizer(saved_file: Path, new_tokenizer: Any) -> None:
+def check_tokenizer(saved_file: Path, new_tokenizer: AnyTokenizer) -> None:
     """Refuse a resume whose tokenizer differs from the run's saved copy."""
     from lavis.data.tokenizer import load_tokenizer
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -296,6 +296,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(t, dp))
+    assert isinstance(engine, deepspeed.PipelineEngine), "a PipelineModule gets DeepSpeed's pipeline engine"
     safe_load.install(engine)
     if t.precision != "fp32":
         cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
@@ -348,7 +349,7 @@ def restore(run: Run, tag: str | None) -> None:
     # that every trainable weight was in its file.
     run.engine.load_checkpoint(str(run.out), tag=tag, load_module_strict=False, load_optimizer_states=same_layout,
                                load_lr_scheduler_states=True)
-    apply_schedule(run.engine.lr_scheduler, run.cfg.train.optim.lr)
+    apply_schedule(cast(torch.optim.lr_scheduler.LambdaLR, run.engine.lr_scheduler), run.cfg.train.optim.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
