@@ -33,12 +33,12 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from lavis.config.load import load_config
+from lavis.config.load import load_config, with_values
 from lavis.config.schema import Config, DatasetConfig, LLMConfig
 from lavis.data import shapes
 from lavis.data.cache_features import cache_level
@@ -52,6 +52,9 @@ from lavis.engine.hooks import Hook
 from lavis.features import build_cache
 from lavis.model.llm import llm_hf_config
 from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
+
+if TYPE_CHECKING:
+    from lavis.engine.trainer import Run
 
 DEMO_LLM = LLMConfig(hf_config={"model_type": "qwen2"}, tokenizer="builtin:shapes", image_placeholder="<|extra_0|>")
 
@@ -114,14 +117,16 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     d, t = cfg.data, cfg.train
     if variant == "ours":
         d = replace(d, fixed_length=False, group_by_length=True)
-        t = replace(t, inter_stage_mask="padding")
+        t = with_values(t, {"parallel.inter_stage_mask": "padding"})
     elif variant == "predecessor":
         from deepspeed.runtime.utils import partition_uniform
 
         blocks = int(llm_hf_config(cfg.model.llm).num_hidden_layers)
         d = replace(d, fixed_length=True, group_by_length=False)
-        t = replace(t, activation_checkpoint_interval=0, activation_checkpoint_blocks=list(range(blocks)),
-                    inter_stage_mask="float_additive", partition=partition_uniform(blocks + 3, t.num_stages))
+        t = with_values(t, {"parallel.activation_checkpoint_interval": 0,
+                            "parallel.activation_checkpoint_blocks": list(range(blocks)),
+                            "parallel.inter_stage_mask": "float_additive",
+                            "parallel.partition": partition_uniform(blocks + 3, t.parallel.num_stages)})
     elif variant in ("pixels", "feature_cache"):
         d = replace(d, transform=replace(d.transform, kind="eval", hflip=False),
                     feature_cache=feature_cache if variant == "feature_cache" else None)
@@ -147,9 +152,12 @@ def bench_config(args: argparse.Namespace) -> Config:
         m = replace(m, llm=llm)
     t = cfg.train
     run_dir = Path(args.output_dir) / args.variant if args.variant else Path(args.output_dir)
-    t = replace(t, output_dir=str(run_dir), max_steps=args.warmup + args.steps, save_every=0, tensorboard=False,
-                wandb_project=None, num_stages=args.num_stages or t.num_stages,
-                partition=t.partition if not args.num_stages or args.num_stages == t.num_stages else None)
+    p = t.parallel
+    t = with_values(t, {"output_dir": str(run_dir), "max_steps": args.warmup + args.steps,
+                        "checkpoint.save_every": 0, "log.tensorboard": False, "log.wandb_project": None,
+                        "parallel.num_stages": args.num_stages or p.num_stages,
+                        "parallel.partition": p.partition if not args.num_stages or args.num_stages == p.num_stages
+                        else None})
     data = cfg.data
     if args.synthetic_data:
         ann = Path(args.output_dir) / "synthetic" / "train.json"  # shared by the sides of a comparison
@@ -199,7 +207,7 @@ def write_synthetic_data(cfg: Config, seq_len: int, num_records: int, seed: int 
     Path(ds.ann_path).write_text(json.dumps(records))
 
 
-def _num_tokens(tpl: Any, record: dict[str, Any]) -> int:
+def _num_tokens(tpl: ChatTemplate, record: dict[str, Any]) -> int:
     return len(encode_conversation(record["conversations"], tpl, record_id="probe", label_mode="mpp").input_ids)
 
 
@@ -212,18 +220,18 @@ class MeasureHook(Hook):
         self.timer: Any = None
         self.result: dict[str, Any] = {}
 
-    def on_start(self, run: Any) -> None:
+    def on_start(self, run: Run) -> None:
         from lavis.engine.profiling import InstructionTimer  # lazy: deepspeed
 
         self.timer = InstructionTimer(run.engine)
 
-    def before_step(self, run: Any, step: int) -> None:
+    def before_step(self, run: Run, step: int) -> None:
         if step == self.measure_from:
             self.timer.enabled = True
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
-    def on_end(self, run: Any) -> None:
+    def on_end(self, run: Run) -> None:
         from lavis.engine.trainer import peak_memory_gib  # lazy: deepspeed
 
         mine = {"rank": run.rank, "stage": run.stage, "dp_rank": ds_compat.data_parallel_rank(run.engine),
@@ -238,27 +246,27 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["step"] > args.warmup]
     t = cfg.train
-    dp = len(result["ranks"]) // t.num_stages
+    dp = len(result["ranks"]) // t.parallel.num_stages
     secs = sum(r["step_time_s"] for r in rows)
     real = sum(r["real_tokens_r0"] for r in rows)
     padded = sum(r["padded_tokens_r0"] for r in rows)
-    micro = t.grad_accum_steps * len(rows)
+    micro = t.batch.grad_accum_steps * len(rows)
     # FLOPs at the measured mean padded micro-batch shape of replica 0, times all micro-batches of all replicas.
     hf = llm_hf_config(cfg.model.llm)
     dims = {k: getattr(hf, k) for k in LLM_DIMS}
     tokens_per_micro = padded / max(1, micro)
-    seq = tokens_per_micro / t.micro_batch_size
+    seq = tokens_per_micro / t.batch.micro_batch_size
     images = round(sum(r["images_r0"] for r in rows) / max(1, micro))
     work = Workload(tokens=round(tokens_per_micro), seq_len=max(1, round(seq)), images=images)
     cached = None
     if cfg.data.feature_cache is not None:
         cached = cache_level(cfg.model)
-    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.grad_accum_steps * dp
+    flops_step = sum(c.flops for c in layer_costs(cfg.model, dims, work, cached)) * t.batch.grad_accum_steps * dp
     achieved = flops_step * len(rows) / max(secs, 1e-9)
     devices = len(result["ranks"])
     peak = args.peak_tflops or known_peak_tflops()
     stages = []
-    for s in range(t.num_stages):
+    for s in range(t.parallel.num_stages):
         rs = [r for r in result["ranks"] if r["stage"] == s]
         stages.append({
             "stage": s,
@@ -273,11 +281,11 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
         "config": str(args.cfg_path),
         "variant": args.variant,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "num_stages": t.num_stages,
+        "num_stages": t.parallel.num_stages,
         "dp": dp,
         "precision": t.precision,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accum_steps": t.grad_accum_steps,
+        "micro_batch_size": t.batch.micro_batch_size,
+        "grad_accum_steps": t.batch.grad_accum_steps,
         "measured_steps": len(rows),
         "step_time_s": round(secs / max(1, len(rows)), 4),
         "non_pad_tokens_per_s": round(real * dp / max(secs, 1e-9), 1),
@@ -314,7 +322,7 @@ def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
     absent), before anything is measured."""
     t = cfg.train
     if args.synthetic_data and (args.variant is None or not Path(cfg.data.train[0].ann_path).is_file()):
-        num = max(64, t.micro_batch_size * t.grad_accum_steps * args.dp * t.max_steps)
+        num = max(64, t.batch.micro_batch_size * t.batch.grad_accum_steps * args.dp * t.max_steps)
         lengths = mix_lengths(cfg, num, args.length_tokenizer) if args.length_mix == "llava-instruct" else None
         write_synthetic_data(cfg, args.seq_len, num, lengths=lengths)
     if args.feature_cache and not (Path(args.feature_cache) / "index.json").is_file():
@@ -330,7 +338,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     per side), one after the other on the same data, and put the reports side by side."""
     cfg = bench_config(args)
     prepare_data(cfg, args)
-    world = cfg.train.num_stages * args.dp
+    world = cfg.train.parallel.num_stages * args.dp
     reports: dict[str, Any] = {}
     for v in variants(args):
         out = Path(args.output_dir) / v / "bench.json"
@@ -385,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
     cfg = bench_config(args)
-    world = cfg.train.num_stages * args.dp
+    world = cfg.train.parallel.num_stages * args.dp
     if "RANK" not in os.environ and world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "lavis.bench", *argv]

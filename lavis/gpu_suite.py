@@ -44,13 +44,13 @@ SHARED_TIKTOKEN = REPO.parent / "shared" / "data" / "qwen.tiktoken"
 
 GPU_COMPARE = ["--cfg-path", "lavis/projects/qwen7b/sft_video_8x3090.yaml", "--random-init", "--synthetic-data",
                "--seq-len", "1536", "--tokenizer", "builtin:shapes", "--num-stages", "1", "--steps", "4",
-               "--warmup", "2", "--options", "model.llm.hf_config.num_hidden_layers=4", "train.zero_stage=0",
-               "train.offload_optimizer=false", "train.gpu_memory_gib=null", "train.micro_batch_size=2",
-               "train.grad_accum_steps=8"]
+               "--warmup", "2", "--options", "model.llm.hf_config.num_hidden_layers=4", "train.optim.zero_stage=0",
+               "train.optim.offload_optimizer=false", "train.parallel.gpu_memory_gib=null",
+               "train.batch.micro_batch_size=2", "train.batch.grad_accum_steps=8"]
 """One full-width Qwen-7B stage: 4 blocks, bf16 (the recipe's), 1536 tokens."""
 CPU_COMPARE = ["--cfg-path", "lavis/projects/demo/shapes_pretrain.yaml", "--random-init", "--synthetic-data",
                "--seq-len", "128", "--num-stages", "1", "--steps", "1", "--warmup", "1", "--options",
-               "train.micro_batch_size=2", "train.grad_accum_steps=2"]
+               "train.batch.micro_batch_size=2", "train.batch.grad_accum_steps=2"]
 
 
 def run_suite(device: str, output_dir: Path, out: Path | None = None) -> dict[str, Any]:

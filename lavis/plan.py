@@ -16,11 +16,11 @@ context, allocator fragmentation or temporary buffers.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lavis.config.load import load_config
+from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
 from lavis.model.llm import is_qwen_v1, llm_hf_config, qwen_v1_to_qwen2_config
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
@@ -40,9 +40,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--cfg-path", help="a recipe YAML")
     which.add_argument("--fits-table", action="store_true",
                        help="print README's 'what fits' table: the shipped LLMs x full / LoRA / QLoRA x 2-8 GPUs")
-    ap.add_argument("--gpus", type=int, help="GPUs of the run (default: train.num_stages, one replica)")
+    ap.add_argument("--gpus", type=int, help="GPUs of the run (default: train.parallel.num_stages, one replica)")
     ap.add_argument("--gpu-memory-gib", type=float,
-                    help=f"memory per GPU (default: train.gpu_memory_gib, else {DEFAULT_GPU_GIB:g})")
+                    help=f"memory per GPU (default: train.parallel.gpu_memory_gib, else {DEFAULT_GPU_GIB:g})")
     ap.add_argument("--options", nargs="*", default=[], help="config overrides key=value")
     return ap.parse_args(argv)
 
@@ -99,13 +99,13 @@ class Verdict:
 def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
-    limited = replace(cfg, train=replace(cfg.train, gpu_memory_gib=limit_gib))
+    limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
     try:
         plan = plan_for_config(limited, dims, dp)
     except ValueError as e:
         if "fits" not in str(e):
             raise
-        plan = plan_for_config(replace(cfg, train=replace(cfg.train, gpu_memory_gib=None)), dims, dp)
+        plan = plan_for_config(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dims, dp)
     n = len(plan.parts) - 1
     gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
            for s in range(n)]
@@ -116,28 +116,28 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     """What could make a run fit, cheapest first, as ``--options`` to try; only knobs not already turned."""
     t, llm = cfg.train, cfg.model.llm
     knobs: list[tuple[str, list[str]]] = []
-    for stages in range(t.num_stages + 1, gpus + 1):
+    for stages in range(t.parallel.num_stages + 1, gpus + 1):
         if gpus % stages == 0:
-            knobs.append((f"more stages: train.num_stages={stages}", [f"train.num_stages={stages}"]))
+            knobs.append((f"more stages: train.parallel.num_stages={stages}", [f"train.parallel.num_stages={stages}"]))
             break
-    if t.partition is None and t.num_stages * 2 > gpus:
-        stages = t.num_stages * 2
-        knobs.append((f"more stages on more GPUs: train.num_stages={stages} (needs {stages} GPUs)",
-                      [f"train.num_stages={stages}"]))
-    if t.activation_checkpoint_interval == 0:
-        knobs.append(("recompute every decoder block: train.activation_checkpoint_interval=1",
-                      ["train.activation_checkpoint_interval=1"]))
-    if t.optimizer == "adamw" and t.zero_stage == 0 and not t.offload_optimizer:
-        knobs.append(("8-bit optimizer states: train.optimizer=adamw8bit", ["train.optimizer=adamw8bit"]))
+    if t.parallel.partition is None and t.parallel.num_stages * 2 > gpus:
+        stages = t.parallel.num_stages * 2
+        knobs.append((f"more stages on more GPUs: train.parallel.num_stages={stages} (needs {stages} GPUs)",
+                      [f"train.parallel.num_stages={stages}"]))
+    if t.parallel.activation_checkpoint_interval == 0:
+        knobs.append(("recompute every decoder block: train.parallel.activation_checkpoint_interval=1",
+                      ["train.parallel.activation_checkpoint_interval=1"]))
+    if t.optim.optimizer == "adamw" and t.optim.zero_stage == 0 and not t.optim.offload_optimizer:
+        knobs.append(("8-bit optimizer states: train.optim.optimizer=adamw8bit", ["train.optim.optimizer=adamw8bit"]))
         if t.precision == "bf16":
-            knobs.append(("bf16 weights without fp32 master copies: train.optimizer=adamw_bf16",
-                          ["train.optimizer=adamw_bf16"]))
-    if t.activation_offload is not True:
-        knobs.append(("saved activations in host memory: train.activation_offload=true",
-                      ["train.activation_offload=true"]))
-    if not t.offload_optimizer and t.precision != "fp32" and t.optimizer != "adamw_bf16":
-        knobs.append(("optimizer state in host RAM: train.zero_stage=1 train.offload_optimizer=true",
-                      ["train.zero_stage=1", "train.offload_optimizer=true"]))
+            knobs.append(("bf16 weights without fp32 master copies: train.optim.optimizer=adamw_bf16",
+                          ["train.optim.optimizer=adamw_bf16"]))
+    if t.parallel.activation_offload is not True:
+        knobs.append(("saved activations in host memory: train.parallel.activation_offload=true",
+                      ["train.parallel.activation_offload=true"]))
+    if not t.optim.offload_optimizer and t.precision != "fp32" and t.optim.optimizer != "adamw_bf16":
+        knobs.append(("optimizer state in host RAM: train.optim.zero_stage=1 train.optim.offload_optimizer=true",
+                      ["train.optim.zero_stage=1", "train.optim.offload_optimizer=true"]))
     if not llm.frozen and llm.lora is None:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
@@ -148,25 +148,25 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
 
 
 def _layout(cfg: Config, gpus: int | None) -> tuple[int, int]:
-    stages = cfg.train.num_stages
+    stages = cfg.train.parallel.num_stages
     gpus = stages if gpus is None else gpus
     if gpus < 1 or gpus % stages:
-        raise ValueError(f"--gpus {gpus}: the recipe has train.num_stages={stages}; the GPU count must be a multiple "
-                         "of it (stages x data-parallel replicas)")
+        raise ValueError(f"--gpus {gpus}: the recipe has train.parallel.num_stages={stages}; the GPU count must be a "
+                         "multiple of it (stages x data-parallel replicas)")
     return gpus, gpus // stages
 
 
 FITS_MODELS = ("qwen7b_chat", "qwen14b_chat", "vicuna0_7b", "vicuna0_13b")
 FITS_MODES = {
     "full SFT, AdamW states on the GPU": ["model.llm.frozen=false"],
-    "full SFT, ZeRO-1 + optimizer offload": ["model.llm.frozen=false", "train.zero_stage=1",
-                                             "train.offload_optimizer=true"],
+    "full SFT, ZeRO-1 + optimizer offload": ["model.llm.frozen=false", "train.optim.zero_stage=1",
+                                             "train.optim.offload_optimizer=true"],
     "LoRA r=64 all-linear": ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"],
     "QLoRA (NF4) r=64 all-linear": ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}",
                                     "model.llm.quantize=nf4"],
 }
-FITS_COMMON = ["train.precision=bf16", "train.micro_batch_size=1", "data.max_txt_len=512",
-               "train.activation_checkpoint_interval=1", "model.projection.frozen=false"]
+FITS_COMMON = ["train.precision=bf16", "train.batch.micro_batch_size=1", "data.max_txt_len=512",
+               "train.parallel.activation_checkpoint_interval=1", "model.projection.frozen=false"]
 FITS_GPUS = (2, 4, 6, 8)
 
 
@@ -178,7 +178,7 @@ def fits_table(limit_gib: float) -> str:
         for mode, options in FITS_MODES.items():
             cells = []
             for n in FITS_GPUS:
-                cfg = load_config(preset_path(name), [*FITS_COMMON, *options, f"train.num_stages={n}"])
+                cfg = load_config(preset_path(name), [*FITS_COMMON, *options, f"train.parallel.num_stages={n}"])
                 v = assess(cfg, llm_dims(cfg)[0], 1, limit_gib)
                 cells.append(f"{'fits' if v.fits else 'no'} ({max(v.stage_gib):.1f})")
             rows.append(f"| {name} | {mode} | {' | '.join(cells)} |")
@@ -192,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = load_config(a.cfg_path, a.options)
     gpus, dp = _layout(cfg, a.gpus)
-    limit = a.gpu_memory_gib or cfg.train.gpu_memory_gib or DEFAULT_GPU_GIB
+    limit = a.gpu_memory_gib or cfg.train.parallel.gpu_memory_gib or DEFAULT_GPU_GIB
     dims, where = llm_dims(cfg)
     t = cfg.train
     print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
-          f"{dims['vocab_size']} ({where})\nlayout: {t.num_stages} stage(s) x {dp} replica(s) on {gpus} GPU(s) of "
-          f"{limit:g} GiB; micro-batch {t.micro_batch_size} x {cfg.data.max_txt_len} tokens, {t.precision}, "
-          f"ZeRO-{t.zero_stage}{' + optimizer offload' if t.offload_optimizer else ''}")
+          f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} "
+          f"GPU(s) of "
+          f"{limit:g} GiB; micro-batch {t.batch.micro_batch_size} x {cfg.data.max_txt_len} tokens, {t.precision}, "
+          f"ZeRO-{t.optim.zero_stage}{' + optimizer offload' if t.optim.offload_optimizer else ''}")
     verdict = assess(cfg, dims, dp, limit)
     p = verdict.plan
     print(format_plan(p.parts, p.costs, p.work, p.optim_bytes))
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print("knobs, cheapest first (each tried alone on top of this recipe):")
     for text, options in knob_options(cfg, gpus):
         tried = load_config(a.cfg_path, [*a.options, *options])
-        tried_gpus = max(gpus, tried.train.num_stages)
-        v = assess(tried, llm_dims(tried)[0], tried_gpus // tried.train.num_stages, limit)
+        tried_gpus = max(gpus, tried.train.parallel.num_stages)
+        v = assess(tried, llm_dims(tried)[0], tried_gpus // tried.train.parallel.num_stages, limit)
         print(f"  {'FITS' if v.fits else 'no  '}  {text}: largest stage {max(v.stage_gib):.2f} GiB")
     return 1
 

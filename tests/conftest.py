@@ -95,8 +95,9 @@ def launch(nproc: int, args: list[str], timeout: int = 600, check: bool = True,
 
 
 STEPS = 6
-COMMON = ["train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=1e-3", "train.grad_clip=1.0",
-          "train.precision=fp32", "train.save_every=0"]
+COMMON = ["train.batch.micro_batch_size=4", "train.optim.warmup_steps=2", "train.optim.lr=1e-3",
+          "train.optim.grad_clip=1.0",
+          "train.precision=fp32", "train.checkpoint.save_every=0"]
 
 
 def losses(run: Path) -> list[float]:
@@ -110,7 +111,7 @@ def train(tmp: Path, name: str, nproc: int, stages: int, gas: int, data: Path, s
     out = tmp / name
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
     proc = launch(nproc, ["--cfg-path", str(cfg), "--num-stages", str(stages), "--max-steps", str(steps), *stop,
-                          "--output-dir", str(out), "--options", *COMMON, f"train.grad_accum_steps={gas}",
+                          "--output-dir", str(out), "--options", *COMMON, f"train.batch.grad_accum_steps={gas}",
                           *data_options(data), *extra])
     out.with_suffix(".log").write_text(proc.stdout + proc.stderr)  # beside the run: `<name>.log`
     return out

@@ -1,4 +1,4 @@
-"""`train.activation_offload`: the saved activations of the offloaded stages' forwards go to host memory
+"""`train.parallel.activation_offload`: the saved activations of the offloaded stages' forwards go to host memory
 (``torch.autograd.graph.save_on_cpu``), the planner stops counting them on the GPU, and the losses do not change."""
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ STEPS = 5
 
 def test_offloaded_stages_from_the_config():
     def stages(*options: str) -> frozenset[int]:
-        return offloaded_stages(load_config(None, ["train.num_stages=3", *options]).train)
+        return offloaded_stages(load_config(None, ["train.parallel.num_stages=3", *options]).train)
 
     assert stages() == frozenset()
-    assert stages("train.activation_offload=true") == {0, 1, 2}
-    assert stages("train.activation_offload=[0]") == {0}
-    assert stages("train.activation_offload=false") == frozenset()
+    assert stages("train.parallel.activation_offload=true") == {0, 1, 2}
+    assert stages("train.parallel.activation_offload=[0]") == {0}
+    assert stages("train.parallel.activation_offload=false") == frozenset()
 
 
 def test_an_offload_stage_that_does_not_exist_is_refused():
-    with pytest.raises(ConfigError, match=r"train.activation_offload: stages \[2\] do not exist \(train.num_stages "
-                                          r"is 2"):
-        load_config(None, ["train.num_stages=2", "train.activation_offload=[0, 2]"])
+    with pytest.raises(ConfigError, match=r"train.parallel.activation_offload: stages \[2\] do not exist "
+                                          r"\(train.parallel.num_stages is 2"):
+        load_config(None, ["train.parallel.num_stages=2", "train.parallel.activation_offload=[0, 2]"])
 
 
 def test_the_planner_keeps_one_micro_batch_of_activations_on_an_offloaded_stage():
@@ -110,9 +110,10 @@ def offload_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {
         "plain": train(tmp, "plain", 2, 2, gas=2, data=tiny_data, steps=STEPS),
         "offload": train(tmp, "offload", 2, 2, gas=2, data=tiny_data, steps=STEPS,
-                         extra=("train.activation_offload=true",)),
+                         extra=("train.parallel.activation_offload=true",)),
         "offload0_recompute": train(tmp, "offload0_recompute", 2, 2, gas=2, data=tiny_data, steps=STEPS,
-                                    extra=("train.activation_offload=[0]", "train.activation_checkpoint_interval=1")),
+                                    extra=("train.parallel.activation_offload=[0]",
+                                           "train.parallel.activation_checkpoint_interval=1")),
     }
 
 

@@ -21,7 +21,7 @@ def test_bench_reports_throughput_padding_memory_and_balance(tmp_path: Path) -> 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "lavis.bench", "--cfg-path", str(PRETRAIN_CFG), "--random-init", "--synthetic-data",
            "--seq-len", "96", "--steps", "3", "--warmup", "1", "--num-stages", "2", "--output-dir", str(out),
-           "--peak-tflops", "1.0", "--options", "train.micro_batch_size=4", "train.grad_accum_steps=2"]
+           "--peak-tflops", "1.0", "--options", "train.batch.micro_batch_size=4", "train.batch.grad_accum_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads((out / "bench.json").read_text())

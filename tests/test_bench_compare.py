@@ -24,13 +24,14 @@ from .conftest import PRETRAIN_CFG, REPO
 
 
 def test_predecessor_side_is_the_predecessors_configuration() -> None:
-    cfg = load_config(PRETRAIN_CFG, ["train.num_stages=2"])
+    cfg = load_config(PRETRAIN_CFG, ["train.parallel.num_stages=2"])
     pred = apply_variant(cfg, "predecessor", None)
     assert pred.data.fixed_length and not pred.data.group_by_length
-    assert pred.train.activation_checkpoint_blocks == [0, 1] and pred.train.inter_stage_mask == "float_additive"
-    assert pred.train.partition == [0, 3, 5]  # equal layer counts: 3 + 2 of the 5 layers (DeepSpeed's uniform split)
+    p = pred.train.parallel
+    assert p.activation_checkpoint_blocks == [0, 1] and p.inter_stage_mask == "float_additive"
+    assert p.partition == [0, 3, 5]  # equal layer counts: 3 + 2 of the 5 layers (DeepSpeed's uniform split)
     ours = apply_variant(cfg, "ours", None)
-    assert not ours.data.fixed_length and ours.data.group_by_length and ours.train.partition is None
+    assert not ours.data.fixed_length and ours.data.group_by_length and ours.train.parallel.partition is None
 
 
 def test_float_additive_mask_gives_the_padding_masks_block_output() -> None:
@@ -57,8 +58,8 @@ def test_compare_predecessor_runs_both_sides_on_the_tiny_config(tmp_path: Path) 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "lavis.bench", "--cfg-path", str(PRETRAIN_CFG), "--random-init", "--synthetic-data",
            "--length-mix", "llava-instruct", "--seq-len", "128", "--steps", "2", "--warmup", "1", "--num-stages", "2",
-           "--output-dir", str(out), "--compare", "predecessor", "--options", "train.micro_batch_size=4",
-           "train.grad_accum_steps=2"]
+           "--output-dir", str(out), "--compare", "predecessor", "--options", "train.batch.micro_batch_size=4",
+           "train.batch.grad_accum_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     rep = json.loads((out / "bench.json").read_text())

@@ -26,7 +26,8 @@ FAULT = REPO / "tests/scripts/fault_in_save.py"
 def _args(out: Path, data: Path, steps: int, *extra: str, resume_from: str | None = None) -> list[str]:
     resume = ["--resume-from", resume_from] if resume_from else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(steps), *resume, "--output-dir",
-            str(out), "--options", *COMMON, "train.grad_accum_steps=2", "train.save_every=1", "train.keep_last=10",
+            str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", "train.checkpoint.save_every=1",
+            "train.checkpoint.keep_last=10",
             *data_options(data), *extra]
 
 
@@ -107,7 +108,7 @@ def test_rollback_then_kill_during_the_save_of_an_existing_tag_keeps_latest_whol
     run = copy_run(saved_run, tmp_path)
     old_meta = (run / "global_step4" / META_FILE).read_bytes()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    branch = ("train.lr=5e-4",)  # the new branch differs from the old one
+    branch = ("train.optim.lr=5e-4",)  # the new branch differs from the old one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FAULT),
            "--stall-in-save", "4", *_args(run, tiny_data, 4, *branch, resume_from="global_step2")]
     log = tmp_path / "stalled.log"
@@ -124,13 +125,13 @@ def test_rollback_then_kill_during_the_save_of_an_existing_tag_keeps_latest_whol
     latest = checkpoint.read_latest(run)
     assert latest == "global_step3", log.read_text()[-3000:]
     assert checkpoint.verify_checksums(run / latest) is None
-    assert json.loads((run / latest / META_FILE).read_text())["config"]["train"]["lr"] == 5e-4
+    assert json.loads((run / latest / META_FILE).read_text())["config"]["train"]["optim"]["lr"] == 5e-4
 
     # The requeued job resumes from `latest` and replaces the abandoned step 4 with its own, whole.
     proc2 = launch(2, _args(run, tiny_data, 4, *branch))
     assert f"resumed from {run / 'global_step3'} at step 3" in proc2.stdout + proc2.stderr
     assert checkpoint.read_latest(run) == "global_step4"
-    assert json.loads((run / "global_step4" / META_FILE).read_text())["config"]["train"]["lr"] == 5e-4
+    assert json.loads((run / "global_step4" / META_FILE).read_text())["config"]["train"]["optim"]["lr"] == 5e-4
     assert checkpoint.verify_checksums(run / "global_step4") is None
     assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.is_dir()]
 

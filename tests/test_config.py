@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lavis.config.load import ConfigError, deepspeed_config, load_config, save_config
-from lavis.config.schema import TrainConfig
+from lavis.config.schema import BatchConfig, OptimConfig, TrainConfig
 
 from .conftest import DEMO_CFG, PRETRAIN_CFG
 
@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_demo_recipes_load() -> None:
     cfg = load_config(DEMO_CFG)
-    assert cfg.model.qformer.num_query_tokens == 8 and cfg.train.num_stages == 2
+    assert cfg.model.qformer.num_query_tokens == 8 and cfg.train.parallel.num_stages == 2
     pre = load_config(PRETRAIN_CFG)
     assert pre.model.llm.frozen and pre.model.vision.frozen and not pre.model.projection.frozen
 
@@ -55,17 +55,19 @@ def test_post_init_validation_is_reported(tmp_path: Path) -> None:
 
 
 def test_overrides_and_list_index(tmp_path: Path) -> None:
-    cfg = load_config(DEMO_CFG, ["train.lr=1e-3", "data.train.0.ann_path=x.json", "train.partition=[0,2,5]"])
-    assert cfg.train.lr == 1e-3 and cfg.data.train[0].ann_path == "x.json" and cfg.train.partition == [0, 2, 5]
+    cfg = load_config(DEMO_CFG, ["train.optim.lr=1e-3", "data.train.0.ann_path=x.json",
+                                 "train.parallel.partition=[0,2,5]"])
+    assert cfg.train.optim.lr == 1e-3 and cfg.data.train[0].ann_path == "x.json"
+    assert cfg.train.parallel.partition == [0, 2, 5]
     with pytest.raises(ConfigError, match="train.lrr"):
         load_config(DEMO_CFG, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(DEMO_CFG, ["train.lr"])
+        load_config(DEMO_CFG, ["train.optim.lr"])
 
 
 def test_override_values_are_never_evaluated(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train.lr"):
-        load_config(DEMO_CFG, ["train.lr=__import__('os').system('echo pwned')"])
+    with pytest.raises(ConfigError, match="train.optim.lr"):
+        load_config(DEMO_CFG, ["train.optim.lr=__import__('os').system('echo pwned')"])
 
 
 def test_saved_config_round_trips(tmp_path: Path) -> None:
@@ -75,26 +77,28 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_deepspeed_dict_is_derived() -> None:
-    t = TrainConfig(micro_batch_size=4, grad_accum_steps=8, precision="bf16", zero_stage=1, grad_clip=0.5)
+    t = TrainConfig(precision="bf16", batch=BatchConfig(micro_batch_size=4, grad_accum_steps=8),
+                    optim=OptimConfig(zero_stage=1, grad_clip=0.5))
     ds = deepspeed_config(t, dp_world_size=2)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 8 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
     assert ds["gradient_clipping"] == 0.5
     # fp32 without ZeRO: DeepSpeed's PP norm is wrong, so its clipping is off and ours is used.
-    assert deepspeed_config(TrainConfig(precision="fp32", grad_clip=1.0), 1)["gradient_clipping"] == 0.0
+    fp32 = TrainConfig(precision="fp32", optim=OptimConfig(grad_clip=1.0))
+    assert deepspeed_config(fp32, 1)["gradient_clipping"] == 0.0
 
 
 def test_base_recipe_is_merged_under_the_recipe(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m.yaml").write_text(
         "model:\n  llm: {hf_config: {model_type: qwen2, hidden_size: 64}, system_prompt: base prompt}\n"
-        "train: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
+        "train: {optim: {lr: 1.0e-3, betas: [0.9, 0.95]}}\n")
     (tmp_path / "mid.yaml").write_text("base: models/m.yaml\ntrain: {max_steps: 7}\n")
-    (tmp_path / "run.yaml").write_text("base: mid.yaml\ntrain: {lr: 2.0e-5, betas: [0.9, 0.99]}\n")
+    (tmp_path / "run.yaml").write_text("base: mid.yaml\ntrain: {optim: {lr: 2.0e-5, betas: [0.9, 0.99]}}\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert cfg.model.llm.hf_config == {"model_type": "qwen2", "hidden_size": 64}
     assert cfg.model.llm.system_prompt == "base prompt"
-    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (2e-5, 7, (0.9, 0.99))  # lists replace
+    assert (cfg.train.optim.lr, cfg.train.max_steps, cfg.train.optim.betas) == (2e-5, 7, (0.9, 0.99))  # lists replace
 
 
 def test_base_errors_name_the_file(tmp_path: Path) -> None:
@@ -120,7 +124,7 @@ def test_interpolation_is_refused_in_a_file_and_in_options(tmp_path: Path, monke
     with pytest.raises(ConfigError, match=r"--options: `train.output_dir`.*interpolation is not supported"):
         load_config(DEMO_CFG, ["train.output_dir=${oc.env:LAVIS_TEST_SECRET}"])
     with pytest.raises(ConfigError, match=r"`model.llm.system_prompt\[1\]`"):  # inside a list too
-        load_config(DEMO_CFG, ["model.llm.system_prompt=[a, '${train.lr}']"])
+        load_config(DEMO_CFG, ["model.llm.system_prompt=[a, '${train.optim.lr}']"])
 
 
 def test_literal_dollar_text_that_is_not_interpolation_is_kept(tmp_path: Path) -> None:
@@ -141,10 +145,10 @@ def test_python_tags_and_alias_bombs_are_one_line_naming_file_and_line(tmp_path:
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(e.value).startswith(f"{p}:3: invalid YAML") and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=r"^bad --options item 'train.lr=\[1': invalid YAML"):
-        load_config(DEMO_CFG, ["train.lr=[1"])
+    with pytest.raises(ConfigError, match=r"^bad --options item 'train.optim.lr=\[1': invalid YAML"):
+        load_config(DEMO_CFG, ["train.optim.lr=[1"])
     with pytest.raises(ConfigError, match=r"^bad --options item .*could not determine a constructor"):
-        load_config(DEMO_CFG, ["train.lr=!!python/object/apply:os.system [x]"])
+        load_config(DEMO_CFG, ["train.optim.lr=!!python/object/apply:os.system [x]"])
     p = write(tmp_path, "- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(p)

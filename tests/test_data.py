@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from lavis.config.schema import Config, DatasetConfig
-from lavis.data.collate import Collator
+from lavis.data.collate import Collator, PipeBatch, StageInputs
 from lavis.data.conversation import IGNORE_INDEX, ChatTemplate, SampleError, encode_chatml, encode_prompt, truncate
 from lavis.data.datasets import ConversationDataset, StepSampler, load_records
 from lavis.data.tokenizer import ENDOFTEXT, IM_END, IM_START, load_tokenizer
@@ -104,7 +105,8 @@ def test_collate_dynamic_and_fixed_padding(tiny_cfg: Config, tiny_data: Path, tp
     ds = ConversationDataset(load_records(tiny_cfg.data.train[0]), tpl, tiny_cfg.data, 64)
     samples = [ds[(i, 7)] for i in range(5)]
     pad = tpl.tokenizer.token_id(ENDOFTEXT)
-    (pixels, ids, mask), labels = Collator(pad, 128, 16)(samples)
+    batch = Collator(pad, 128, 16)(samples)
+    (pixels, ids, mask), labels = batch.inputs, batch.labels_BL
     longest = max(len(s.input_ids) for s in samples)
     assert ids.shape[1] == -(-longest // 16) * 16 and ids.shape == labels.shape == mask.shape
     assert pixels.shape[0] == sum(s.pixels_NCHW.shape[0] for s in samples)
@@ -114,6 +116,22 @@ def test_collate_dynamic_and_fixed_padding(tiny_cfg: Config, tiny_data: Path, tp
     assert ids_fixed.shape[1] == 128
     # augmentation is a function of the sample seed: same key, same pixels
     assert torch.equal(ds[(0, 7)].pixels_NCHW, ds[(0, 7)].pixels_NCHW)
+
+
+def test_collated_batch_is_the_tuple_deepspeed_reads(tiny_cfg: Config, tpl: ChatTemplate) -> None:
+    """The named batch is what DeepSpeed's pipeline engine indexes (``batch[0]`` on the first stage, a tuple of
+    tensors; ``batch[1]`` labels on the last), survives a DataLoader worker's pickling, and the first layer reads
+    DeepSpeed's plain-tuple copy of the inputs back by name."""
+    ds = ConversationDataset(load_records(tiny_cfg.data.train[0]), tpl, tiny_cfg.data, 64)
+    batch = Collator(tpl.special_ids().pad, 128, 16)([ds[(i, 0)] for i in range(2)])
+    assert isinstance(batch, PipeBatch) and isinstance(batch, tuple) and isinstance(batch.inputs, StageInputs)
+    assert batch[0] is batch.inputs and batch[1] is batch.labels_BL
+    assert isinstance(batch[0], tuple) and all(torch.is_tensor(x) for x in batch[0]) and torch.is_tensor(batch[1])
+    assert batch.inputs.media.shape[0] == 2 and batch.inputs.mask_BL.dtype == torch.long
+    again = pickle.loads(pickle.dumps(batch))
+    assert type(again) is PipeBatch and torch.equal(again.inputs.input_ids_BL, batch.inputs.input_ids_BL)
+    plain = tuple(x.clone() for x in batch[0])  # what PipelineEngine._exec_load_micro_batch hands the first stage
+    assert torch.equal(StageInputs(*plain).mask_BL, batch.inputs.mask_BL)
 
 
 def test_label_only_dataset_matches_full_dataset(tiny_cfg: Config, tpl: ChatTemplate) -> None:

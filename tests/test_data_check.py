@@ -162,7 +162,7 @@ def test_on_bad_sample_skip_and_raise_with_two_stages(tiny_data: Path, tmp_path:
     # 2 steps x (4 x 2) samples cover the 16-record epoch, so the broken record is drawn exactly once.
     run = tmp_path / "skip"
     proc = launch(2, ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "2", "--output-dir", str(run),
-                      "--options", *COMMON, "train.grad_accum_steps=2", *data_options(data),
+                      "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(data),
                       "data.on_bad_sample=skip"])
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["skipped"] for r in rows) == [0, 1] and sum(r["samples"] for r in rows) == 15

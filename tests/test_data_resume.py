@@ -23,7 +23,7 @@ pytestmark = pytest.mark.process
 def _args(out: Path, data: Path, steps: int, *extra: str, stop_at: int | None = None) -> list[str]:
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(steps), *stop,
-            "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=1",
+            "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=1",
             f"data.train.0.ann_path={data / 'train.json'}", f"data.train.0.vis_root={data}", *extra]
 
 

@@ -16,7 +16,7 @@ from lavis.predecessors.keys import TABLES, rule_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "DATA.md", REPO / "WEIGHT.md", *sorted((REPO / "docs").glob("*.md"))]
-# `train.lr`, `data.train.0.ann_path`, `data.train[].weight`; not `lavis.data.check`, `x/model.pth`, `train.py`
+# `train.optim.lr`, `data.train.0.ann_path`, `data.train[].weight`; not `lavis.data.check`, `x/model.pth`, `train.py`
 KEY = re.compile(r"(?<![\w./-])((?:model|data|train)(?:\.(?:[A-Za-z_]\w*|\d+)|\[\])+)")
 FILE_SUFFIXES = {"py", "pth", "json", "jsonl", "yaml", "yml", "md", "tar", "tsv", "txt", "log", "safetensors"}
 # transformers' weight names (`model.layers.N.*`), not config keys
@@ -82,7 +82,7 @@ def test_every_config_key_named_in_the_docs_exists_in_the_schema():
 
 
 def test_the_key_check_refuses_a_key_that_does_not_exist():
-    assert key_exists("train.lr") and key_exists("data.train.0.ann_path") and key_exists("data.train[].weight")
+    assert key_exists("train.optim.lr") and key_exists("data.train.0.ann_path") and key_exists("data.train[].weight")
     assert key_exists("model.llm.hf_config.num_hidden_layers") and key_exists("model.llm.lora.r")
     assert not key_exists("train.log_every_n") and not key_exists("data.train.ann_path")
 

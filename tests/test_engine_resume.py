@@ -23,8 +23,8 @@ def _launch_and_kill_after(out: Path, data: Path, kill_after_step: int) -> None:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_pipeline.py"), "--cfg-path", str(DEMO_CFG), "--num-stages", "2",
-           "--max-steps", str(STEPS), "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=4",
-           *data_options(data), f"train.save_every={kill_after_step}"]
+           "--max-steps", str(STEPS), "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=4",
+           *data_options(data), f"train.checkpoint.save_every={kill_after_step}"]
     log = open(out.parent / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     latest = out / "latest"
@@ -55,8 +55,8 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_p
     shutil.copytree(out, backup)
 
     proc = launch(2, ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(STEPS), "--resume",
-                      "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=4",
-                      *data_options(tiny_data), "train.save_every=6"])
+                      "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=4",
+                      *data_options(tiny_data), "train.checkpoint.save_every=6"])
     assert f"resumed from {out / 'global_step6'} at step 6" in proc.stdout + proc.stderr
     resumed = losses(out)
     assert len(resumed) == STEPS
@@ -67,7 +67,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_p
     # says so; it continues the uninterrupted run (tests/test_relayout.py covers more layouts).
     proc = launch(1, ["--cfg-path", str(DEMO_CFG), "--num-stages", "1", "--max-steps", str(STEPS),
                       "--stop-at-step", "8", "--output-dir", str(backup), "--options", *COMMON,
-                      "train.grad_accum_steps=4", *data_options(tiny_data)])
+                      "train.batch.grad_accum_steps=4", *data_options(tiny_data)])
     log = proc.stdout + proc.stderr
     assert ("resuming global_step6 written with 2 stages x 1 replica on 1 stage x 1 replica; optimizer state "
             "re-mapped per parameter") in log

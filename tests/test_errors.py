@@ -44,12 +44,12 @@ def test_user_error_is_one_line_and_status_1(capsys: pytest.CaptureFixture, monk
     monkeypatch.delenv("LAVIS_TRACEBACK", raising=False)
 
     def main() -> int:
-        load_config(DEMO_CFG, ["train.save_every=-1"])
+        load_config(DEMO_CFG, ["train.checkpoint.save_every=-1"])
         return 0
 
     code, err = _run_cli(main, capsys)
     assert code == 1
-    assert err.startswith("error: ") and "train.save_every must be >= 0" in err and str(DEMO_CFG) in err
+    assert err.startswith("error: ") and "train.checkpoint.save_every must be >= 0" in err and str(DEMO_CFG) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     monkeypatch.setenv("LAVIS_TRACEBACK", "1")
     code, err = _run_cli(main, capsys)
@@ -136,14 +136,13 @@ def test_root_cause_of_a_two_rank_failure_is_the_failing_rank_even_when_it_is_th
 
 
 @pytest.mark.parametrize("option, key", [
-    ("train.save_every=-1", "train.save_every"),
-    ("train.warmup_steps=-2", "train.warmup_steps"),
-    ("train.lr=0", "train.lr"),
-    ("train.min_lr=1.0", "train.min_lr"),
-    ("train.keep_last=0", "train.keep_last"),
-    ("train.log_every=0", "train.log_every"),
-    ("train.grad_clip=-1", "train.grad_clip"),
-    ("train.betas=[0.9,1.5]", "train.betas"),
+    ("train.checkpoint.save_every=-1", "train.checkpoint.save_every"),
+    ("train.optim.warmup_steps=-2", "train.optim.warmup_steps"),
+    ("train.optim.lr=0", "train.optim.lr"),
+    ("train.optim.min_lr=1.0", "train.optim.min_lr"),
+    ("train.checkpoint.keep_last=0", "train.checkpoint.keep_last"),
+    ("train.optim.grad_clip=-1", "train.optim.grad_clip"),
+    ("train.optim.betas=[0.9,1.5]", "train.optim.betas"),
     ("data.pad_to_multiple_of=0", "data.pad_to_multiple_of"),
     ("data.max_txt_len=0", "data.max_txt_len"),
     ("data.num_workers=-1", "data.num_workers"),
@@ -158,7 +157,7 @@ def test_out_of_range_values_name_the_key(option: str, key: str) -> None:
 
 
 def test_save_every_zero_means_only_at_the_end() -> None:
-    assert load_config(DEMO_CFG, ["train.save_every=0"]).train.save_every == 0
+    assert load_config(DEMO_CFG, ["train.checkpoint.save_every=0"]).train.checkpoint.save_every == 0
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -51,7 +51,7 @@ def plain_loss(run: Path, tag: str, held_out: Path) -> float:
     collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of)
     losses = []
     with torch.no_grad():
-        for start in range(0, HELD_OUT, cfg.train.micro_batch_size):
+        for start in range(0, HELD_OUT, cfg.train.batch.micro_batch_size):
             (pixels, ids, mask), labels = collate([ds[(k, 0)] for k in range(start, start + 4)])
             losses.append(model.loss(pixels, ids, mask, labels).item())
     return sum(losses) / len(losses)
@@ -76,9 +76,10 @@ def test_train_eval_loss_matches_plain_model_and_save_best(tiny_data: Path, held
         f"train.eval.benchmarks=[{{task: vqa, data: {bench['vqa']}, images: {bench['images']}, prompt: '{{question}}',"
         f" name: shapes_vqa}}]",
         f"train.eval.data=[{{ann_path: {held_out / 'val.json'}, vis_root: {held_out}}}]",
-        "train.eval.every=2", f"train.eval.max_samples={HELD_OUT}", "train.save_every=2", "train.keep_last=1",
+        "train.eval.every=2", f"train.eval.max_samples={HELD_OUT}", "train.checkpoint.save_every=2",
+        "train.checkpoint.keep_last=1",
         # the largest eval loss, so that the kept best is not the last checkpoint (the loss goes down)
-        "train.save_best=eval_loss", "train.save_best_mode=max"))
+        "train.checkpoint.save_best=eval_loss", "train.checkpoint.save_best_mode=max"))
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     assert sorted(evals) == [2, 4, 6]

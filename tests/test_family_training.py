@@ -93,9 +93,11 @@ def test_family_recipe_trains_converts_and_chats(name: str, tiny_data: Path, tmp
             "model.vision.frozen=true", f"model.llm.frozen={not fam.sft}", "model.projection.frozen=false",
             f"data.train=[{{ann_path: {tiny_data / 'train.json'}, vis_root: {tiny_data}}}]",
             "data.max_txt_len=320", "data.num_video_frames=2", "data.num_workers=0",
-            "train.precision=fp32", "train.zero_stage=0", "train.offload_optimizer=false", "train.micro_batch_size=2",
-            "train.grad_accum_steps=1", "train.warmup_steps=1", "train.activation_checkpoint_interval=0",
-            "train.gpu_memory_gib=null", "train.save_every=0"]
+            "train.precision=fp32", "train.optim.zero_stage=0", "train.optim.offload_optimizer=false",
+            "train.batch.micro_batch_size=2",
+            "train.batch.grad_accum_steps=1", "train.optim.warmup_steps=1",
+            "train.parallel.activation_checkpoint_interval=0",
+            "train.parallel.gpu_memory_gib=null", "train.checkpoint.save_every=0"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_pipeline.py"), "--cfg-path", str(fam.recipe), "--num-stages", "2", "--max-steps", "3",

@@ -37,9 +37,9 @@ def test_predecessor_options_keys_get_their_equivalent(tmp_path: Path) -> None:
 
     from .conftest import DEMO_CFG
 
-    for key, ours in (("run.init_lr", "`train.lr` here"), ("model.max_txt_len", "`data.max_txt_len` here"),
-                      ("run.deepspeed_config.gradient_accumulation_steps", "`train.grad_accum_steps` here"),
-                      ("run.deepspeed_config.zero_optimization.stage", "`train.zero_stage` here")):
+    for key, ours in (("run.init_lr", "`train.optim.lr` here"), ("model.max_txt_len", "`data.max_txt_len` here"),
+                      ("run.deepspeed_config.gradient_accumulation_steps", "`train.batch.grad_accum_steps` here"),
+                      ("run.deepspeed_config.zero_optimization.stage", "`train.optim.zero_stage` here")):
         with pytest.raises(ConfigError) as e:
             load_config(DEMO_CFG, [f"{key}=3"])
         msg = str(e.value)
@@ -62,8 +62,8 @@ def test_predecessor_training_flag_gets_its_equivalent(capsys: pytest.CaptureFix
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: --llm-grad-ckpt" in err
-    assert "--options train.activation_checkpoint_interval=0" in err and "turns LLM checkpointing OFF" in err
+    assert "--options train.parallel.activation_checkpoint_interval=0" in err and "turns LLM checkpointing OFF" in err
     with pytest.raises(SystemExit):
         parse_args(["--cfg-path", "x.yaml", "--bogus"])
     assert "unrecognized arguments: --bogus\n" in capsys.readouterr().err
-    assert parse_args(["--cfg-path", "x.yaml", "--options", "train.lr=1"]).options == ["train.lr=1"]
+    assert parse_args(["--cfg-path", "x.yaml", "--options", "train.optim.lr=1"]).options == ["train.optim.lr=1"]

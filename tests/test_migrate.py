@@ -6,6 +6,7 @@ one migrated config trains, and every tool refuses a predecessor YAML with the m
 from __future__ import annotations
 
 import json
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +205,18 @@ def test_migrated_config_loads_strictly_with_a_line_per_key(name: str, tmp_path:
         assert any(line.startswith(f"{key}: ") or line.startswith(f"{key} ->") for line in res.lines), key
     assert all(" -> " in line for line in res.lines)
     if name.startswith("pp_"):
-        assert ours.train.betas == (0.9, 0.99) and ours.train.eps == 1e-7 and ours.model.vision.frozen
-        assert ours.train.activation_checkpoint_interval == 1 and ours.train.precision == "bf16"
+        assert ours.train.optim.betas == (0.9, 0.99) and ours.train.optim.eps == 1e-7 and ours.model.vision.frozen
+        assert ours.train.parallel.activation_checkpoint_interval == 1 and ours.train.precision == "bf16"
     if name == "pp_qwen14b_sft_100k_pp.yaml":
-        assert ours.train.zero_stage == 1 and ours.train.offload_optimizer and ours.train.num_stages == 6
+        assert ours.train.optim.zero_stage == 1 and ours.train.optim.offload_optimizer
+        assert ours.train.parallel.num_stages == 6
         assert ours.model.llm.path == "cache/ckpt/Qwen-14B-Chat" and ours.data.max_txt_len == 512
     if name == "minigpt4_stage1_pretrain.yaml":
         t = ours.train
-        assert (t.max_steps, t.warmup_steps, t.lr, t.min_lr, t.grad_clip) == (20000, 5000, 1e-4, 8e-5, 0.0)
-        assert t.micro_batch_size * t.grad_accum_steps * 2 == 256 and t.num_stages == 2  # 4 GPUs: PP2 x DP2
+        o = t.optim
+        assert (t.max_steps, o.warmup_steps, o.lr, o.min_lr, o.grad_clip) == (20000, 5000, 1e-4, 8e-5, 0.0)
+        assert t.batch.micro_batch_size * t.batch.grad_accum_steps * 2 == 256  # 4 GPUs: PP2 x DP2
+        assert t.parallel.num_stages == 2
         assert ours.model.llm.template == "vicuna_v0"
     if name == "minigpt4_eval.yaml":
         assert ours.data.train == [] and ours.model.checkpoint is None
@@ -234,7 +238,7 @@ def test_mpp_7b_sft_side_by_side_matches_the_original(tmp_path: Path, capsys: py
     assert table["precision"] == ("bf16", "bf16") and table["min lr"] == ("0", "0")
     assert "<- differs" not in text and "wrote" in text and "global batch" in rows
     cfg = load_config(out)
-    assert (cfg.train.num_stages, cfg.data.num_video_frames, cfg.data.video_same_augment) == (8, 32, False)
+    assert (cfg.train.parallel.num_stages, cfg.data.num_video_frames, cfg.data.video_same_augment) == (8, 32, False)
     for step in (200, 1000, 1500, 2004):  # after the warmup the LR is the same function of the step in both
         assert mpp_lr(step, warmup=200, total=2005, lr=2e-5, min_lr=0.0, warmup_lr=0.0) == pytest.approx(
             _ours_lr(cfg, step), rel=1e-9, abs=1e-15)
@@ -244,7 +248,7 @@ def _ours_lr(cfg: Any, step: int) -> float:
     from lavis.engine.optim import warmup_cosine
 
     t = cfg.train
-    return warmup_cosine(step, warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
+    return warmup_cosine(step, warmup=t.optim.warmup_steps, total=t.max_steps, lr=t.optim.lr, min_lr=t.optim.min_lr)
 
 
 def test_sample_counts_come_from_the_annotation_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +260,7 @@ def test_sample_counts_come_from_the_annotation_files(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     res = migrate(src, tmp_path / "o.yaml")
     # ceil(1000 / DP 4) = 250 per replica -> 31 micro-batches of 8 -> ceil(31 / GAS 8) = 4 steps; warmup int(0.03 x 4)
-    assert (res.cfg.train.max_steps, res.cfg.train.warmup_steps) == (4, 0)
+    assert (res.cfg.train.max_steps, res.cfg.train.optim.warmup_steps) == (4, 0)
     assert any("1000 samples (counted in the annotation files" in ln for ln in res.lines)
     monkeypatch.chdir(tmp_path / "cache")
     with pytest.raises(ConfigError, match="--num-samples"):
@@ -290,12 +294,12 @@ def test_a_migrated_config_trains(tmp_path: Path, tiny_data: Path) -> None:
     tiny += ["model.checkpoint=null", "model.llm.path=null"]
     run = tmp_path / "run"
     launch(2, ["--cfg-path", str(out), "--num-stages", "2", "--max-steps", "2", "--output-dir", str(run),
-               "--options", *tiny, *COMMON, "train.grad_accum_steps=2", "data.max_txt_len=128",
+               "--options", *tiny, *COMMON, "train.batch.grad_accum_steps=2", "data.max_txt_len=128",
                "data.num_workers=0", "data.pad_to_multiple_of=16", "data.num_video_frames=4", *data_options(tiny_data),
                "data.train.0.format=canonical"])
     assert len(losses(run)) == 2
     saved = load_config(run / "config.yaml")
-    assert saved.model.llm.frozen and not saved.model.projection.frozen and saved.train.betas == (0.9, 0.99)
+    assert saved.model.llm.frozen and not saved.model.projection.frozen and saved.train.optim.betas == (0.9, 0.99)
 
 
 @pytest.mark.parametrize("source,recipe", [
@@ -312,11 +316,13 @@ def test_shipped_recipes_match_the_predecessor_files(source: str, recipe: str, t
     cfg, counts = CASES[source]
     res = migrate(write(tmp_path, source, cfg), tmp_path / "o.yaml", Args(num_samples=counts))
     ours = load_config(REPO / "lavis/projects" / recipe)
-    fields = ["max_steps", "warmup_steps", "lr", "min_lr", "betas", "eps", "weight_decay", "grad_clip", "precision",
-              "zero_stage", "offload_optimizer", "num_stages"]
+    optim = ("warmup_steps", "lr", "min_lr", "betas", "eps", "weight_decay", "grad_clip", "zero_stage",
+             "offload_optimizer")
+    fields = ["max_steps", "precision", "parallel.num_stages", *(f"optim.{f}" for f in optim)]
     t, m = ours.train, res.cfg.train
-    assert {f: getattr(t, f) for f in fields} == {f: getattr(m, f) for f in fields}
-    assert t.micro_batch_size * t.grad_accum_steps == m.micro_batch_size * m.grad_accum_steps  # same global batch
+    assert {f: attrgetter(f)(t) for f in fields} == {f: attrgetter(f)(m) for f in fields}
+    same_global_batch = t.batch.micro_batch_size * t.batch.grad_accum_steps
+    assert same_global_batch == m.batch.micro_batch_size * m.batch.grad_accum_steps
     for f in ("max_txt_len", "num_video_frames", "video_same_augment", "transform"):
         assert getattr(ours.data, f) == getattr(res.cfg.data, f), f
     if source != "minigpt4_stage1_pretrain.yaml":  # the recipe trains on LLaVA-558k: LAION's shards are withdrawn
@@ -382,7 +388,8 @@ def test_minigpt4_data_maps_to_the_readers_of_its_files(tmp_path: Path) -> None:
     d = res.cfg.data.train[0]
     assert (d.ann_path, d.vis_root, d.format) == ("cache/dataset/cc_sbu_align/filter_cap.json",
                                                   "cache/dataset/cc_sbu_align/image", "minigpt4_captions")
-    assert res.cfg.train.micro_batch_size * res.cfg.train.grad_accum_steps == 12  # run.batch_size_train x 1 GPU
+    b = res.cfg.train.batch
+    assert b.micro_batch_size * b.grad_accum_steps == 12  # run.batch_size_train x 1 GPU
     cfg["datasets"]["cc_sbu_align"]["build_info"] = {"storage": "/data/cc_sbu_align/"}
     d = migrate(write(tmp_path, "s2b.yaml", cfg), tmp_path / "o.yaml").cfg.data.train[0]
     assert (d.ann_path, d.vis_root) == ("/data/cc_sbu_align/filter_cap.json", "/data/cc_sbu_align/image")
@@ -422,10 +429,11 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
     res = migrate(write(tmp_path, "train.yaml", mpp_nonpipeline_config("train")), tmp_path / "o.yaml",
                   Args(num_samples=[30000, 150000]))
     t = res.cfg.train
-    assert (t.precision, t.weight_decay, t.grad_clip, t.lr, t.min_lr) == ("bf16", 0.05, 1.0, 1e-4, 1e-6)
-    assert t.micro_batch_size == 4 and t.micro_batch_size * t.grad_accum_steps * res.dp == 16
+    o = t.optim
+    assert (t.precision, o.weight_decay, o.grad_clip, o.lr, o.min_lr) == ("bf16", 0.05, 1.0, 1e-4, 1e-6)
+    assert t.batch.micro_batch_size == 4 and t.batch.micro_batch_size * t.batch.grad_accum_steps * res.dp == 16
     # LAVIS: floor(floor(180000 / 4) / 4) = 11250 optimizer steps per epoch, 5 epochs; warmup 500 iterations / 4
-    assert (t.max_steps, t.warmup_steps) == (56250, 125)
+    assert (t.max_steps, t.optim.warmup_steps) == (56250, 125)
     table = {q: (a, b) for q, a, b in res.table}
     assert table["global batch"][0] == "16 = 4 x 4 x DP1 (assumed)" and table["precision"] == ("bf16", "bf16")
     assert any("GPUs are not in the file: assumed 1" in ln for ln in res.assumed)
@@ -439,7 +447,7 @@ def test_mpp_non_pipeline_configs_keep_batch_precision_decay_and_clipping(tmp_pa
 
     assert "<- differs" not in format_rows([r for r in zero.table if r[0] == "global batch"])  # same global batch
     assert any("assumed 4 from its name" in ln for ln in zero.assumed)
-    assert zero.cfg.train.precision == "bf16" and zero.cfg.train.weight_decay == 0.05
+    assert zero.cfg.train.precision == "bf16" and zero.cfg.train.optim.weight_decay == 0.05
     x4 = migrate(write(tmp_path, "train_3090x4.yaml", mpp_nonpipeline_config("train_3090x4")), tmp_path / "o.yaml",
                  Args(num_samples=[30000, 150000]))
     assert x4.cfg.train.precision == "bf16" and dict((q, a) for q, a, _ in x4.table)["global batch"] == \
@@ -525,4 +533,4 @@ def test_migrate_command_exit_status_and_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and "is the input file" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "train_pipeline.py", "--cfg-path", str(DEMO_CFG), "--llm-grad-ckpt"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--options train.activation_checkpoint_interval=0" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--options train.parallel.activation_checkpoint_interval=0" in r.stderr, r.stderr

@@ -30,7 +30,7 @@ def test_two_node_pp2_dp2_matches_one_node(tiny_data: Path, tmp_path: Path) -> N
     port = _free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     args = ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(STEPS), "--output-dir", str(out),
-            "--options", *COMMON, "train.grad_accum_steps=2", *data_options(tiny_data)]
+            "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(tiny_data)]
     agents = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),

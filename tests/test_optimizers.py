@@ -1,4 +1,4 @@
-"""`train.optimizer`: AdamW, bitsandbytes' 8-bit AdamW and Kahan-compensated bf16 AdamW under the pipeline
+"""`train.optim.optimizer`: AdamW, bitsandbytes' 8-bit AdamW and Kahan-compensated bf16 AdamW under the pipeline
 (clipping, checkpoints, exact resume, the planner's bytes)."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_the_fp32_optimizer_is_still_pipeadamw():
 
 def test_missing_bitsandbytes_is_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(RuntimeError, match=r"train.optimizer: adamw8bit needs bitsandbytes: pip install"):
+    with pytest.raises(RuntimeError, match=r"train.optim.optimizer: adamw8bit needs bitsandbytes: pip install"):
         build_optimizer("adamw8bit", [{"params": [_param()]}], clip=0.0, norm_group=None, lr=1e-3)
 
 
@@ -129,15 +129,16 @@ def test_kahan_bf16_adamw_refuses_fp32_weights():
 
 @pytest.mark.parametrize("options, problem", [
     (["train.precision=fp32"], "needs train.precision: bf16 \\(got fp32\\)"),
-    (["train.precision=bf16", "train.zero_stage=1"], "train.zero_stage: 0 \\(got 1"),
+    (["train.precision=bf16", "train.optim.zero_stage=1"], "train.optim.zero_stage: 0 \\(got 1"),
 ])
 def test_adamw_bf16_needs_bf16_without_zero(options: list[str], problem: str):
     with pytest.raises(ConfigError, match=problem):
-        load_config(None, ["train.optimizer=adamw_bf16", *options])
+        load_config(None, ["train.optim.optimizer=adamw_bf16", *options])
 
 
 def test_adamw_bf16_gets_no_deepspeed_bf16_wrapper_and_our_clipping():
-    t = load_config(None, ["train.optimizer=adamw_bf16", "train.precision=bf16", "train.grad_clip=0.5"]).train
+    t = load_config(None, ["train.optim.optimizer=adamw_bf16", "train.precision=bf16",
+                           "train.optim.grad_clip=0.5"]).train
     ds = deepspeed_config(t, 1)
     assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's BF16_Optimizer would keep fp32 master weights
     assert ds["gradient_clipping"] == 0.0  # our PipeKahanAdamW clips with the all-stage norm
@@ -165,10 +166,10 @@ def test_planner_counts_bf16_adamw_without_master_copies():
 @pytest.fixture(scope="module")
 def opt_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("optim")
-    eight = ("train.optimizer=adamw8bit", "train.save_every=1")
+    eight = ("train.optim.optimizer=adamw8bit", "train.checkpoint.save_every=1")
     runs = {"pp1_8bit": train(tmp, "pp1_8bit", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=eight),
             "pp1_adamw": train(tmp, "pp1_adamw", 1, 1, gas=2, data=tiny_data, steps=STEPS,
-                               extra=("train.save_every=1",))}
+                               extra=("train.checkpoint.save_every=1",))}
     train(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=eight, stop_at=3)  # stops after step 3
     (tmp / "pp2_8bit.log").rename(tmp / "pp2_8bit_first.log")
     runs["pp2_8bit"] = train(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=eight)  # resumes
@@ -202,7 +203,7 @@ def test_8bit_optimizer_state_files_are_at_most_0_4_of_adamws(opt_runs: dict[str
 # bf16 matrix products on the CPU round differently with another intra-op thread count (a 1-stage run would get
 # both cores, each rank of a 2-stage run one), so these runs pin one thread per rank; then the 1- and 2-stage runs
 # are bitwise equal, which the rel <= 1e-5 bound below checks.
-BF16 = ("train.precision=bf16", "train.optimizer=adamw_bf16", "train.num_threads=1")
+BF16 = ("train.precision=bf16", "train.optim.optimizer=adamw_bf16", "train.num_threads=1")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_bf16_adamw_skips_a_nonfinite_step_under_the_guard(tiny_data: Path, tmp_
     to do it); the run goes on with finite weights and writes its checkpoint."""
     out = tmp_path / "skip"
     proc = launch(2, ["--poison-steps", "2", "--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "4",
-                      "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=2",
+                      "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2",
                       *data_options(tiny_data), *BF16, "train.max_nonfinite_steps=1"],
                   script=REPO / "tests/scripts/poison_train.py")
     assert "Skipped (1 of at most 1)" in proc.stdout + proc.stderr

@@ -25,7 +25,7 @@ def test_every_shipped_recipe_fits_its_cards(recipe: Path, capsys: pytest.Captur
 
 def test_14b_sft_on_6_gib_cards_does_not_fit_and_names_the_knobs_that_would(capsys: pytest.CaptureFixture[str]):
     recipe = REPO / "lavis/projects/qwen14b/sft_6x4090.yaml"
-    assert plan.main(["--cfg-path", str(recipe), "--options", "train.gpu_memory_gib=6"]) == 1
+    assert plan.main(["--cfg-path", str(recipe), "--options", "train.parallel.gpu_memory_gib=6"]) == 1
     out = capsys.readouterr().out
     assert "does not fit: stage 0 needs about" in out and "> 6 GiB" in out
     fitting = [ln for ln in out.splitlines() if ln.strip().startswith("FITS")]
@@ -65,15 +65,16 @@ def test_published_shapes_equal_the_planner_dims_the_recipe_tests_use():
 
 def test_knobs_name_the_smaller_optimizers_and_activation_offload_and_each_one_loads():
     cfg = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
-                                                                             "train.zero_stage=0"])
+                                                                             "train.optim.zero_stage=0"])
     names = [" ".join(opts) for _, opts in plan.knob_options(cfg, 8)]
-    assert {"train.optimizer=adamw8bit", "train.optimizer=adamw_bf16", "train.activation_offload=true"} <= set(names)
+    assert {"train.optim.optimizer=adamw8bit", "train.optim.optimizer=adamw_bf16",
+    "train.parallel.activation_offload=true"} <= set(names)
     bf16 = load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml", ["train.precision=bf16",
-                                                                              "train.zero_stage=0",
-                                                                              "train.optimizer=adamw_bf16"])
+                                                                              "train.optim.zero_stage=0",
+                                                                              "train.optim.optimizer=adamw_bf16"])
     for _, opts in plan.knob_options(bf16, 8):  # no knob that the recipe's optimizer refuses (ZeRO-1)
         load_config(REPO / "lavis/projects/qwen7b/pretrain_8x3090.yaml",
-                    ["train.precision=bf16", "train.zero_stage=0", "train.optimizer=adamw_bf16", *opts])
+                    ["train.precision=bf16", "train.optim.zero_stage=0", "train.optim.optimizer=adamw_bf16", *opts])
 
 
 def test_readme_what_fits_table_is_the_commands_output():

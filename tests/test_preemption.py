@@ -33,7 +33,7 @@ LONG = 400  # more steps than any test lets run: the run is always stopped by th
 def _args(out: Path, data: Path, *extra: str, stop_at: int | None = None) -> list[str]:
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(LONG), *stop, "--output-dir",
-            str(out), "--options", *COMMON, "train.grad_accum_steps=2", *data_options(data), *extra]
+            str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(data), *extra]
 
 
 def _start(out: Path, data: Path, launcher: str) -> tuple[subprocess.Popen, Path]:

@@ -27,9 +27,11 @@ def test_sft_recipe_on_qwen_v1_layout_trains_converts_and_inspects(tiny_data: Pa
             f"model.checkpoint={files['mpp_pretrain'].relative_to(tmp_path)}",
             f"data.train=[{{ann_path: {tiny_data / 'train.json'}, vis_root: {tiny_data}}}]",
             "data.max_txt_len=320", "data.num_video_frames=2", "data.num_workers=0",
-            "train.precision=fp32", "train.zero_stage=0", "train.offload_optimizer=false", "train.micro_batch_size=2",
-            "train.grad_accum_steps=2", "train.warmup_steps=1", "train.activation_checkpoint_interval=0",
-            "train.gpu_memory_gib=null"]
+            "train.precision=fp32", "train.optim.zero_stage=0", "train.optim.offload_optimizer=false",
+            "train.batch.micro_batch_size=2",
+            "train.batch.grad_accum_steps=2", "train.optim.warmup_steps=1",
+            "train.parallel.activation_checkpoint_interval=0",
+            "train.parallel.gpu_memory_gib=null"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_pipeline.py"), "--cfg-path", str(RECIPE), "--num-stages", "2", "--max-steps", "2",

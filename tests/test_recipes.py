@@ -34,17 +34,18 @@ def test_recipe_plans_within_24gb_cards(recipe: Path) -> None:
     cfg = load_config(recipe)
     t = cfg.train
     gpus = GPUS[recipe.stem]
-    assert gpus % t.num_stages == 0
-    dp = gpus // t.num_stages
-    assert t.gpu_memory_gib is not None and t.gpu_memory_gib <= 24
+    assert gpus % t.parallel.num_stages == 0
+    dp = gpus // t.parallel.num_stages
+    assert t.parallel.gpu_memory_gib is not None and t.parallel.gpu_memory_gib <= 24
     h, inter, n, heads, kv, vocab = FULL_SIZE[Path(cfg.model.llm.path).name]
     dims = {"hidden_size": h, "intermediate_size": inter, "num_hidden_layers": n, "num_attention_heads": heads,
             "num_key_value_heads": kv, "vocab_size": vocab}
     plan = plan_for_config(cfg, dims, dp)  # raises if no split fits gpu_memory_gib
     table = format_plan(plan.parts, plan.costs, plan.work, plan.optim_bytes)
-    for s in range(t.num_stages):
+    for s in range(t.parallel.num_stages):
         sl = plan.costs[plan.parts[s]:plan.parts[s + 1]]
-        assert stage_memory_bytes(sl, s, t.num_stages, plan.work, plan.optim_bytes) <= t.gpu_memory_gib * 2**30, table
+        limit = t.parallel.gpu_memory_gib * 2**30
+        assert stage_memory_bytes(sl, s, t.parallel.num_stages, plan.work, plan.optim_bytes) <= limit, table
     trains_llm = not cfg.model.llm.frozen
     assert sum(c.trainable_params for c in plan.costs) > (10**9 if trains_llm else 0)
     print(f"{recipe.stem}: parts {plan.parts}\n{table}")

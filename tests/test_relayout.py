@@ -186,23 +186,24 @@ def test_grad_accum_is_derived_to_keep_the_global_batch(tmp_path: Path) -> None:
     assert resume_grad_accum(saved, 1, 4, 1, 2, tmp_path) == 1  # the derived value, named explicitly
     assert resume_grad_accum(saved, 2, 4, 2, 1, tmp_path) == 4
     assert resume_grad_accum(saved, 1, 4, 2, 1, tmp_path) == 2
-    with pytest.raises(RunDirError, match="train.grad_accum_steps=3 on 1 replica.*leave train.grad_accum_steps at 2"):
+    gas = "train.batch.grad_accum_steps"
+    with pytest.raises(RunDirError, match=f"{gas}=3 on 1 replica.*leave {gas} at 2"):
         resume_grad_accum(saved, 1, 4, 3, 1, tmp_path)  # another global batch on the same layout
     six = {"micro_batch_size": 2, "grad_accum_steps": 3}
     with pytest.raises(RunDirError) as e:
         resume_grad_accum(six, 1, 2, 3, 4, tmp_path)  # global 6 on 4 replicas
     msg = str(e.value)
-    assert "\n" not in msg and "train.micro_batch_size x train.grad_accum_steps x replicas" in msg
+    assert "\n" not in msg and "train.batch.micro_batch_size x train.batch.grad_accum_steps x replicas" in msg
     assert "2 x 3 x 1 = 6" in msg and "do not split into micro-batches of 2 on 4 replicas" in msg
     assert "divides 3" in msg
 
 
 def test_accumulation_change_is_applied_not_refused_once_derived() -> None:
-    saved = {"train": {"grad_accum_steps": 2, "micro_batch_size": 4, "num_stages": 2}}
-    new = {"train": {"grad_accum_steps": 1, "micro_batch_size": 4, "num_stages": 1}}
+    saved = {"train": {"batch": {"grad_accum_steps": 2, "micro_batch_size": 4}, "parallel": {"num_stages": 2}}}
+    new = {"train": {"batch": {"grad_accum_steps": 1, "micro_batch_size": 4}, "parallel": {"num_stages": 1}}}
     ch = config_changes(saved, new, defaults={})
     assert ch.refused == []
-    assert ch.applied[0].startswith("train.grad_accum_steps: 2 -> 1 (derived")
+    assert ch.applied[0].startswith("train.batch.grad_accum_steps: 2 -> 1 (derived")
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -228,13 +229,14 @@ def test_micro_batches_of_a_step_do_not_depend_on_the_layout(grouped: bool) -> N
 
 # --- real resumes on another layout ------------------------------------------------------------------------------
 
-SETTINGS = {"adamw": (), "zero1": ("train.zero_stage=1",), "adamw8bit": ("train.optimizer=adamw8bit",)}
+SETTINGS = {"adamw": (), "zero1": ("train.optim.zero_stage=1",), "adamw8bit": ("train.optim.optimizer=adamw8bit",)}
 LAYOUTS = {"3x1": (3, 3), "1x2": (2, 1)}  # (processes, stages)
 
 
 def _args(out: Path, data: Path, stages: int, extra: tuple[str, ...]) -> list[str]:
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", str(stages), "--max-steps", "6", "--output-dir", str(out),
-            "--options", *COMMON, "train.grad_accum_steps=2", "train.save_every=3", *data_options(data), *extra]
+            "--options", *COMMON, "train.batch.grad_accum_steps=2", "train.checkpoint.save_every=3",
+            *data_options(data), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +277,7 @@ def test_resume_on_another_layout_continues_the_uninterrupted_run(
     assert (f"resuming global_step3 written with 2 stages x 1 replica on {new}; optimizer state re-mapped per "
             "parameter") in log, log[-3000:]
     if layout == "1x2":
-        assert "train.grad_accum_steps: 2 -> 1 (derived" in log
+        assert "train.batch.grad_accum_steps: 2 -> 1 (derived" in log
     full, resumed = losses(ref), losses(out)
     assert len(full) == len(resumed) == 6
     for a, b in zip(full[3:], resumed[3:]):
@@ -291,6 +293,6 @@ def test_a_global_batch_the_new_layout_cannot_split_is_refused(references: dict[
     proc = launch(3, [*_args(out, tiny_data, 1, ()), "--resume"], check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
-    assert errors and "train.micro_batch_size x train.grad_accum_steps x replicas" in errors[0], errors
+    assert errors and "train.batch.micro_batch_size x train.batch.grad_accum_steps x replicas" in errors[0], errors
     assert "4 x 2 x 1 = 8" in errors[0] and "on 3 replicas" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == before

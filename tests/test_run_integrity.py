@@ -36,7 +36,8 @@ POISON = REPO / "tests/scripts/poison_train.py"
 def _args(out: Path, data: Path, steps: int, *extra: str, stop_at: int | None = None) -> list[str]:
     stop = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
     return ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", str(steps), *stop,
-            "--output-dir", str(out), "--options", *COMMON, "train.grad_accum_steps=2", *data_options(data), *extra]
+            "--output-dir", str(out), "--options", *COMMON, "train.batch.grad_accum_steps=2", *data_options(data),
+            *extra]
 
 
 def _rows(out: Path) -> list[dict]:
@@ -48,11 +49,11 @@ def _rows(out: Path) -> list[dict]:
 @pytest.mark.process
 def test_nonfinite_step_stops_the_run_without_a_nan_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
-    proc = launch(2, ["--poison-steps", "2", *_args(out, tiny_data, 4, "train.save_every=1")], check=False,
+    proc = launch(2, ["--poison-steps", "2", *_args(out, tiny_data, 4, "train.checkpoint.save_every=1")], check=False,
                   script=POISON)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-3000:]
-    assert "step 2: non-finite training values (loss nan" in log and "lower train.lr" in log, log[-3000:]
+    assert "step 2: non-finite training values (loss nan" in log and "lower train.optim.lr" in log, log[-3000:]
     root_cause = log[log.index("Root Cause"):]  # whichever rank torchrun names, it quotes the real values
     assert "non-finite training values (loss nan, gradient norm" in root_cause and "loss ?" not in log, root_cause
     assert (out / "latest").read_text() == "global_step1"
@@ -95,9 +96,9 @@ def test_resume_applies_a_new_learning_rate_and_says_so(stopped_run: Path, tiny_
     from lavis.engine.optim import warmup_cosine
 
     run = copy_run(stopped_run, tmp_path)
-    proc = launch(2, _args(run, tiny_data, 4, "train.lr=5e-4", "train.min_lr=1e-5"))
+    proc = launch(2, _args(run, tiny_data, 4, "train.optim.lr=5e-4", "train.optim.min_lr=1e-5"))
     log = proc.stdout + proc.stderr
-    assert "resume: train.lr: 0.001 -> 0.0005 (from step 2 on)" in log, log[-3000:]
+    assert "resume: train.optim.lr: 0.001 -> 0.0005 (from step 2 on)" in log, log[-3000:]
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows[2:]:
@@ -185,7 +186,7 @@ def test_sigterm_saves_and_exits_zero_then_resume_matches(runs: dict[str, Path],
     out = tmp_path / "term"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     args = ["--cfg-path", str(DEMO_CFG), "--num-stages", "2", "--max-steps", "6", "--output-dir", str(out),
-            "--options", *COMMON, "train.grad_accum_steps=4", *data_options(tiny_data)]
+            "--options", *COMMON, "train.batch.grad_accum_steps=4", *data_options(tiny_data)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_pipeline.py"), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -236,13 +237,14 @@ def test_find_resume_tag_rules(tmp_path: Path) -> None:
 
 def test_config_changes_refuses_model_and_data_order_keys_only() -> None:
     saved = {"model": {"llm": {"hf_config": {"hidden_size": 128}, "path": "a", "frozen": False}},
-             "train": {"lr": 1e-3, "seed": 42, "max_steps": 10}, "data": {"train": [{"ann_path": "x"}]}}
+             "train": {"optim": {"lr": 1e-3}, "seed": 42, "max_steps": 10}, "data": {"train": [{"ann_path": "x"}]}}
     new = {"model": {"llm": {"hf_config": {"hidden_size": 256}, "path": "b", "frozen": True}, "lora": None},
-           "train": {"lr": 1e-4, "seed": 42, "max_steps": 20, "eval": 5}, "data": {"train": [{"ann_path": "y"}]}}
+           "train": {"optim": {"lr": 1e-4}, "seed": 42, "max_steps": 20, "eval": 5},
+           "data": {"train": [{"ann_path": "y"}]}}
     ch = config_changes(saved, new, defaults={"model": {"lora": None}, "train": {"eval": 0}})
     assert ch.refused == ["model.llm.frozen: False -> True", "model.llm.hf_config.hidden_size: 128 -> 256"]
-    assert [c.split(":")[0] for c in ch.applied] == ["data.train", "model.llm.path", "train.eval", "train.lr",
-                                                     "train.max_steps"]
+    assert [c.split(":")[0] for c in ch.applied] == ["data.train", "model.llm.path", "train.eval", "train.max_steps",
+                                                     "train.optim.lr"]
 
 
 def test_run_lock_reports_holder_and_takes_over_a_stale_lock(tmp_path: Path) -> None:
@@ -289,7 +291,7 @@ def test_config_changes_sees_a_section_saved_in_another_shape_as_present() -> No
 def test_bf16_zero1_checkpoint_resumes_through_the_restricted_unpickler(tiny_data: Path, tmp_path: Path) -> None:
     """ZeRO-1's optimizer files hold DeepSpeed objects (loss scaler, ...): the allow-list must cover them."""
     out = tmp_path / "z1"
-    extra = ("train.precision=bf16", "train.zero_stage=1")
+    extra = ("train.precision=bf16", "train.optim.zero_stage=1")
     launch(2, _args(out, tiny_data, 3, *extra, stop_at=2))
     proc = launch(2, _args(out, tiny_data, 3, *extra))
     assert f"resumed from {out / 'global_step2'} at step 2" in proc.stdout + proc.stderr

@@ -23,7 +23,7 @@ from .conftest import COMMON, DEMO_CFG, PRETRAIN_CFG, STEPS, data_options, losse
 
 def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     """The same training in one process with plain torch: MultimodalLM, AdamW, global-norm clip, same data."""
-    cfg = load_config(DEMO_CFG, [*COMMON, f"train.grad_accum_steps={gas}", *data_options(data)])
+    cfg = load_config(DEMO_CFG, [*COMMON, f"train.batch.grad_accum_steps={gas}", *data_options(data)])
     t = cfg.train
     tok = load_tokenizer(cfg.model.llm.tokenizer)
     tpl = template_from_config(tok, cfg)
@@ -31,12 +31,13 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
     model.init_weights(cfg.model.init_seed)
     model.apply_trainable()
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup=t.warmup_steps, total=steps, lr=t.lr,
-                                                             min_lr=t.min_lr))
+    opt = torch.optim.AdamW(param_groups(model, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas,
+                            weight_decay=t.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup=t.optim.warmup_steps, total=steps, lr=t.optim.lr,
+                                                             min_lr=t.optim.min_lr))
     ds = ConversationDataset(load_records(cfg.data.train[0]), tpl, cfg.data, cfg.model.vision.image_size,
                              label_mode=cfg.data.label_mode)
-    sampler = StepSampler([len(ds)], [1.0], seed=t.seed, micro_batch_size=t.micro_batch_size,
+    sampler = StepSampler([len(ds)], [1.0], seed=t.seed, micro_batch_size=t.batch.micro_batch_size,
                           grad_accum_steps=gas, dp_rank=0, dp_size=1)
     collate = Collator(tok.token_id(ENDOFTEXT), cfg.data.max_txt_len, cfg.data.pad_to_multiple_of)
     batches = iter(sampler)
@@ -48,7 +49,7 @@ def reference_losses(data: Path, gas: int, steps: int) -> list[float]:
             loss = model.loss(pixels, ids, mask, labels)
             (loss / gas).backward()
             total += loss.item() / gas
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.optim.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -101,8 +102,8 @@ def test_pretrain_recipe_frozen_stages(
 ) -> None:
     """Only the projection trains: later stages own no trainable parameter (the anchor keeps DeepSpeed happy)."""
     out = train(tmp_path, "pre", stages, stages, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
-                extra=(f"train.precision={precision}", f"train.zero_stage={zero}",
-                       f"train.offload_optimizer={str(offload).lower()}"))
+                extra=(f"train.precision={precision}", f"train.optim.zero_stage={zero}",
+                       f"train.optim.offload_optimizer={str(offload).lower()}"))
     log = out.with_suffix(".log").read_text()
     assert f"ZeRO stage {zero}" in log and ("offloaded to CPU" in log) == offload
     ls = losses(out)
@@ -154,7 +155,8 @@ def test_hf_out_directory_loads_with_automodel_and_matches(runs: dict[str, Path]
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("option", ["train.activation_checkpoint_interval=1", "train.activation_checkpoint_blocks=[1]"])
+@pytest.mark.parametrize("option", ["train.parallel.activation_checkpoint_interval=1",
+                         "train.parallel.activation_checkpoint_blocks=[1]"])
 def test_activation_checkpointing_keeps_the_losses(runs: dict[str, Path], tiny_data: Path, tmp_path: Path,
                                                    option: str) -> None:
     """DeepSpeed's every-k recomputation and our selected-block recomputation change memory, not the math."""

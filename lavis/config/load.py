@@ -15,14 +15,17 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lavis.config.old_keys import upgrade_config, upgrade_option_key
 from lavis.config.schema import Config, TrainConfig
 from lavis.predecessors.keys import habit_hint
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -99,7 +102,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.lr=1e-4")
+            raise ConfigError(f"bad --options item {item!r}: expected key=value, e.g. train.optim.lr=1e-4")
+        key = upgrade_option_key(key)  # an old flat train key (warned), or None: a removed one (warned)
+        if key is None:
+            continue
         refuse_predecessor_key(key)
         value = parse_yaml(text, f"bad --options item {item!r}", lines=False) if text else ""
         refuse_interpolation(value, "--options", key)
@@ -157,6 +163,10 @@ def _load_with_base(path: Path, chain: tuple[Path, ...]) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        data = upgrade_config(data, str(path))  # each file of a `base:` chain by itself, before they merge
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     raw = OmegaConf.create(data)
     if isinstance(raw, DictConfig):
         refuse_predecessor_config(path, raw)
@@ -214,9 +224,16 @@ def refuse_predecessor_config(path: Path, raw: Any) -> None:
 
 
 def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, recursively; every key must be a field of the dataclass."""
+    """Build dataclass ``cls`` from ``data``, recursively; every key must be a field of the dataclass. A whole
+    :class:`Config` (a run's saved config too) has its old flat ``train`` keys read by their new names, quietly
+    (files and ``--options`` were warned about on loading)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {data!r}")
+    if cls is Config:
+        try:
+            data = upgrade_config(data, source, warn=False)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -303,6 +320,22 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def with_values(node: T, values: dict[str, Any]) -> T:
+    """A copy of the dataclass tree ``node`` with the dotted keys of ``values`` set (``{"train.max_steps": 5,
+    "train.parallel.num_stages": 2}``). Keys of one section are set together, and every section on the way is
+    validated again (its ``__post_init__``)."""
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    deeper = {head: with_values(getattr(node, head), sub) for head, sub in nested.items()}
+    return dataclasses.replace(node, **direct, **deeper)  # type: ignore[type-var]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The dataclass tree as plain containers (tuples become lists so YAML/JSON round-trip)."""
 
@@ -330,27 +363,27 @@ def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
     (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
     so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``). The same
-    holds for ``train.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
+    holds for ``train.optim.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
     ``bf16`` section, so it steps our optimizer directly instead of wrapping it with fp32 master weights.
     """
-    ds_clips = (train.precision != "fp32" and train.optimizer != "adamw_bf16") or train.zero_stage > 0
+    ds_clips = (train.precision != "fp32" and train.optim.optimizer != "adamw_bf16") or train.optim.zero_stage > 0
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * dp_world_size,
-        "gradient_clipping": train.grad_clip if ds_clips else 0.0,
+        "train_micro_batch_size_per_gpu": train.batch.micro_batch_size,
+        "gradient_accumulation_steps": train.batch.grad_accum_steps,
+        "train_batch_size": train.batch.micro_batch_size * train.batch.grad_accum_steps * dp_world_size,
+        "gradient_clipping": train.optim.grad_clip if ds_clips else 0.0,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": train.optim.zero_stage},
         "zero_allow_untested_optimizer": True,
         "pipeline": {"use_reentrant": False},
     }
-    if train.offload_optimizer:
+    if train.optim.offload_optimizer:
         import torch
 
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         cfg["zero_force_ds_cpu_optimizer"] = False  # our AdamW steps the CPU-resident fp32 state
-    if train.precision == "bf16" and train.optimizer != "adamw_bf16":  # adamw_bf16: we cast, no fp32 masters
+    if train.precision == "bf16" and train.optim.optimizer != "adamw_bf16":  # adamw_bf16: we cast, no fp32 masters
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}

@@ -343,29 +343,9 @@ class TrainEvalConfig:
 
 
 @dataclass
-class TrainConfig:
-    output_dir: str = "output/run"
-    seed: int = 42
-    max_steps: int = 1000
-    """Optimizer steps (one ``train_batch`` each)."""
-    micro_batch_size: int = 1
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    """Global gradient-norm clip across all stages; 0 disables."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    zero_stage: Literal[0, 1] = 0
-    offload_optimizer: bool = False
-    """ZeRO-1 only: keep fp32 master weights and Adam state in host RAM and step them on the CPU (DeepSpeed
-    ZeRO-Offload with our AdamW). Frees about 12 bytes per trainable parameter of GPU memory; costs PCIe traffic and
-    CPU time per step."""
-    eps: float = 1e-8
-    """AdamW epsilon (MPP-Qwen uses 1e-7)."""
+class OptimConfig:
+    """``train.optim``: the optimizer, its schedule and where its state lives."""
+
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "adamw_bf16"] = "adamw"
     """``adamw``: torch's AdamW, fp32 moments (8 bytes per trained parameter). ``adamw8bit``: bitsandbytes'
     blockwise 8-bit AdamW (2 bytes for both moments; tensors under 4,096 elements keep fp32 moments, as
@@ -375,15 +355,70 @@ class TrainConfig:
     error of one update into the next), which is deterministic, so runs reproduce across layouts and resume exactly
     (stochastic rounding would need per-parameter random state, checkpointed and re-split on a layout change).
     12 bytes per trained parameter in all (weight 2, gradient 2, first moment bf16 2, second moment fp32 4,
-    compensation 2) against mixed-precision AdamW's 20; needs ``precision: bf16`` and ``zero_stage: 0``. All of
-    them under the same global-norm clipping and non-finite guard; the 8-bit ones need bitsandbytes
+    compensation 2) against mixed-precision AdamW's 20; needs ``train.precision: bf16`` and ``zero_stage: 0``. All
+    of them under the same global-norm clipping and non-finite guard; the 8-bit ones need bitsandbytes
     (``pip install -e '.[quant]'``)."""
+    lr: float = 1e-4
+    """Peak learning rate (after warmup; then cosine down to ``min_lr`` at ``train.max_steps``)."""
+    min_lr: float = 0.0
+    """Learning rate at the last step."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    weight_decay: float = 0.05
+    """AdamW weight decay of weight matrices (biases, norms and other vectors get none)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon (MPP-Qwen uses 1e-7)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip across all stages; 0 disables."""
+    zero_stage: Literal[0, 1] = 0
+    """DeepSpeed ZeRO stage: 1 partitions the optimizer state over the data-parallel replicas."""
+    offload_optimizer: bool = False
+    """ZeRO-1 only: keep fp32 master weights and Adam state in host RAM and step them on the CPU (DeepSpeed
+    ZeRO-Offload with our AdamW). Frees about 12 bytes per trainable parameter of GPU memory; costs PCIe traffic and
+    CPU time per step."""
+
+    def __post_init__(self) -> None:
+        check_range(self.lr > 0, "train.optim.lr", "> 0", self.lr)
+        check_range(0 <= self.min_lr <= self.lr, "train.optim.min_lr", f"in [0, train.optim.lr = {self.lr}]",
+                    self.min_lr)
+        check_range(self.warmup_steps >= 0, "train.optim.warmup_steps", ">= 0", self.warmup_steps)
+        check_range(self.weight_decay >= 0, "train.optim.weight_decay", ">= 0", self.weight_decay)
+        check_range(all(0 <= b < 1 for b in self.betas), "train.optim.betas", "two values in [0, 1)",
+                    list(self.betas))
+        check_range(self.grad_clip >= 0, "train.optim.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+        check_range(self.eps > 0, "train.optim.eps", "> 0", self.eps)
+        if self.offload_optimizer and self.zero_stage != 1:
+            raise ValueError("train.optim.offload_optimizer needs train.optim.zero_stage: 1 (DeepSpeed offloads ZeRO "
+                             "optimizer state)")
+
+
+@dataclass
+class BatchConfig:
+    """``train.batch``: how many samples one optimizer step takes (per data-parallel replica)."""
+
+    micro_batch_size: int = 1
+    """Samples per micro-batch (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("train.batch.micro_batch_size and train.batch.grad_accum_steps must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """``train.parallel``: the pipeline's stages and what each stage keeps in memory."""
+
     num_stages: int = 1
+    """Pipeline stages (processes = stages x data-parallel replicas)."""
     partition: list[int] | None = None
+    """Explicit stage boundaries, e.g. [0, 3, 5] for 2 stages over 5 layers; None = planned."""
     gpu_memory_gib: float | None = None
     """Per-GPU memory the planner must stay within (e.g. 22 for a 24 GB card, leaving room for the CUDA context and
     fragmentation); None = balance compute only. Ignored when ``partition`` is given."""
-    """Explicit stage boundaries, e.g. [0, 3, 5] for 2 stages over 5 layers; None = planned."""
     activation_checkpoint_interval: int = 0
     """Recompute decoder blocks in backward, in groups of this many (DeepSpeed's pipeline checkpointing,
     non-reentrant); 0 = off."""
@@ -400,25 +435,77 @@ class TrainConfig:
     block builds its causal mask from it), or ``float_additive``, a ``[B, 1, L, L]`` float additive causal + padding
     mask that takes part in autograd (the predecessors' layout; only for ``python -m lavis.bench --compare
     predecessor``)."""
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1:
+            raise ValueError(f"train.parallel.num_stages must be >= 1 (got {self.num_stages})")
+        if self.partition is not None and len(self.partition) != self.num_stages + 1:
+            raise ValueError(f"train.parallel.partition {self.partition} must have num_stages + 1 = "
+                             f"{self.num_stages + 1} boundaries")
+        check_range(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "train.parallel.gpu_memory_gib",
+                    "> 0 or null", self.gpu_memory_gib)
+        check_range(self.activation_checkpoint_interval >= 0, "train.parallel.activation_checkpoint_interval",
+                    ">= 0", self.activation_checkpoint_interval)
+        if self.activation_checkpoint_interval and self.activation_checkpoint_blocks:
+            raise ValueError("set train.parallel.activation_checkpoint_interval or "
+                             "train.parallel.activation_checkpoint_blocks, not both")
+        if isinstance(self.activation_offload, list):
+            bad = [s for s in self.activation_offload if not 0 <= s < self.num_stages]
+            if bad:
+                raise ValueError(f"train.parallel.activation_offload: stages {bad} do not exist "
+                                 f"(train.parallel.num_stages is {self.num_stages}: stages 0..{self.num_stages - 1})")
+
+
+@dataclass
+class CheckpointConfig:
+    """``train.checkpoint``: when checkpoints are written and which are kept."""
+
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
-    log_every: int = 1
-    num_threads: int = 0
-    """torch intra-op threads per rank (0 = leave torch's default). CPU runs set this to cores / ranks."""
-    tensorboard: bool = True
-    """Write TensorBoard events to ``<output_dir>/tensorboard`` (rank 0)."""
-    wandb_project: str | None = None
-    """Also log to Weights & Biases under this project (needs ``pip install wandb``); None = off."""
-    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
-    """Held-out loss and benchmark scores during training (README "Evaluate")."""
+    """Checkpoints kept (older ones are deleted; the best one by ``save_best`` is kept besides)."""
     save_best: str | None = None
     """Keep the checkpoint with the best value of this metric (a key of the metrics row, e.g. ``eval_loss`` or
     ``eval_vqa_accuracy``) besides the last ``keep_last``; its tag is written to ``<output_dir>/best``. Only
     checkpoints saved at a step where the metric was computed compete (make ``save_every`` a multiple of
-    ``eval.every``)."""
+    ``train.eval.every``)."""
     save_best_mode: Literal["auto", "min", "max"] = "auto"
     """``auto``: lower is better for metrics whose name contains "loss", higher otherwise."""
+
+    def __post_init__(self) -> None:
+        check_range(self.save_every >= 0, "train.checkpoint.save_every", ">= 0 (0: save only at the end)",
+                    self.save_every)
+        if self.keep_last < 1:
+            raise ValueError(f"train.checkpoint.keep_last must be >= 1 (got {self.keep_last})")
+
+
+@dataclass
+class LogConfig:
+    """``train.log``: where the metrics of every step go besides ``<output_dir>/metrics.jsonl``."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events to ``<output_dir>/tensorboard`` (rank 0)."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (needs ``pip install wandb``); None = off."""
+
+
+@dataclass
+class TrainConfig:
+    """``train``: the run's own keys, and one section per concern (optim, batch, parallel, checkpoint, log, eval).
+
+    The flat keys of earlier versions (``train.lr`` for ``train.optim.lr``, ...) are still read, with a warning
+    naming the new key (``lavis.config.old_keys``)."""
+
+    output_dir: str = "output/run"
+    """The run directory: checkpoints, ``config.yaml``, metrics, logs."""
+    seed: int = 42
+    """Fixes the data order, augmentation and the random init (a function of it alone, whatever the layout)."""
+    max_steps: int = 1000
+    """Optimizer steps (one ``train_batch`` each)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision (DeepSpeed's bf16 / fp16 modes with fp32 master weights, or plain fp32)."""
+    num_threads: int = 0
+    """torch intra-op threads per rank (0 = leave torch's default). CPU runs set this to cores / ranks."""
     max_nonfinite_steps: int = 0
     """Steps with a non-finite loss or gradient norm that may be skipped (no weight update, logged with
     ``nonfinite: true``) before the run stops; 0 = stop at the first one."""
@@ -426,56 +513,38 @@ class TrainConfig:
     """Resume even though a training dataset's records changed since the checkpoint (record count or content
     fingerprint in its ``lavis_meta.json``); the data order from the resumed step on then differs from the
     original run's. Without it such a resume is refused."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and learning-rate schedule."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Micro-batch size and gradient accumulation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Pipeline stages, their boundaries and activation memory."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and rotation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """TensorBoard and Weights & Biases."""
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    """Held-out loss and benchmark scores during training (README "Evaluate")."""
 
     def __post_init__(self) -> None:
-        self._check_ranges()
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1 (got {self.max_steps})")
-        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError("train.micro_batch_size and train.grad_accum_steps must be >= 1")
-        if self.num_stages < 1:
-            raise ValueError(f"train.num_stages must be >= 1 (got {self.num_stages})")
-        if self.partition is not None and len(self.partition) != self.num_stages + 1:
-            raise ValueError(
-                f"train.partition {self.partition} must have num_stages + 1 = {self.num_stages + 1} boundaries"
-            )
-        if self.activation_checkpoint_interval and self.activation_checkpoint_blocks:
-            raise ValueError("set train.activation_checkpoint_interval or train.activation_checkpoint_blocks, not both")
-        if self.offload_optimizer and self.zero_stage != 1:
-            raise ValueError(
-                "train.offload_optimizer needs train.zero_stage: 1 (DeepSpeed offloads ZeRO optimizer state)")
-        if isinstance(self.activation_offload, list):
-            bad = [s for s in self.activation_offload if not 0 <= s < self.num_stages]
-            if bad:
-                raise ValueError(f"train.activation_offload: stages {bad} do not exist (train.num_stages is "
-                                 f"{self.num_stages}: stages 0..{self.num_stages - 1})")
-        if self.optimizer == "adamw_bf16" and (self.precision != "bf16" or self.zero_stage != 0):
-            raise ValueError(f"train.optimizer: adamw_bf16 trains bf16 weights without fp32 master copies: it needs "
-                             f"train.precision: bf16 (got {self.precision}) and train.zero_stage: 0 (got "
-                             f"{self.zero_stage}; ZeRO-1 would add fp32 master copies)")
-        if self.keep_last < 1:
-            raise ValueError(f"train.keep_last must be >= 1 (got {self.keep_last})")
-        if self.save_best is not None and not self.eval.every:
-            raise ValueError(f"train.save_best: {self.save_best} needs train.eval.every > 0 (the metric comes from "
-                             f"the held-out evaluation)")
+        check_range(self.num_threads >= 0, "train.num_threads", ">= 0 (0: torch's default)", self.num_threads)
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"train.max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
+        o = self.optim
+        if o.optimizer == "adamw_bf16" and (self.precision != "bf16" or o.zero_stage != 0):
+            raise ValueError(f"train.optim.optimizer: adamw_bf16 trains bf16 weights without fp32 master copies: it "
+                             f"needs train.precision: bf16 (got {self.precision}) and train.optim.zero_stage: 0 (got "
+                             f"{o.zero_stage}; ZeRO-1 would add fp32 master copies)")
+        if self.checkpoint.save_best is not None and not self.eval.every:
+            raise ValueError(f"train.checkpoint.save_best: {self.checkpoint.save_best} needs train.eval.every > 0 "
+                             "(the metric comes from the held-out evaluation)")
 
-    def _check_ranges(self) -> None:
-        check_range(self.lr > 0, "train.lr", "> 0", self.lr)
-        check_range(0 <= self.min_lr <= self.lr, "train.min_lr", f"in [0, train.lr = {self.lr}]", self.min_lr)
-        check_range(self.warmup_steps >= 0, "train.warmup_steps", ">= 0", self.warmup_steps)
-        check_range(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
-        check_range(all(0 <= b < 1 for b in self.betas), "train.betas", "two values in [0, 1)", list(self.betas))
-        check_range(self.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
-        check_range(self.eps > 0, "train.eps", "> 0", self.eps)
-        check_range(self.save_every >= 0, "train.save_every", ">= 0 (0: save only at the end)", self.save_every)
-        check_range(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
-        check_range(self.num_threads >= 0, "train.num_threads", ">= 0 (0: torch's default)", self.num_threads)
-        check_range(self.activation_checkpoint_interval >= 0, "train.activation_checkpoint_interval", ">= 0",
-                    self.activation_checkpoint_interval)
-        check_range(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "train.gpu_memory_gib", "> 0 or null",
-                    self.gpu_memory_gib)
+
+TRAIN_SECTIONS: dict[str, type] = {"optim": OptimConfig, "batch": BatchConfig, "parallel": ParallelConfig,
+                                   "checkpoint": CheckpointConfig, "log": LogConfig}
+"""The sections of ``train`` that hold the flat keys of earlier versions (``lavis.config.old_keys``)."""
 
 
 @dataclass

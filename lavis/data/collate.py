@@ -1,22 +1,45 @@
-"""Samples -> one micro-batch in the pipeline's input layout, with dynamic padding.
+"""Samples -> one micro-batch in the pipeline's input layout (:class:`PipeBatch`), with dynamic padding.
 
-``batch[0] = (pixels [N,3,S,S], input_ids [B,L], attention_mask [B,L])`` feeds the first stage (with
-``data.feature_cache``, cached features ``[N,T,C]`` in place of the pixels);
-``batch[1] = labels [B,L]`` feeds the loss on the last stage. ``L`` is the longest sample rounded up to a multiple
-of ``pad_to_multiple_of`` (capped at ``max_txt_len``), or exactly ``max_txt_len`` in fixed-length mode (parity with
-the predecessors, which pad everything to ``max_txt_len``). Padding is on the right with the pad id and label -100.
+``PipeBatch.inputs`` (:class:`StageInputs`: pixels ``[N,3,S,S]``, input_ids ``[B,L]``, attention mask ``[B,L]``)
+feeds the first stage (with ``data.feature_cache``, cached features ``[N,T,C]`` in place of the pixels);
+``PipeBatch.labels_BL`` feeds the loss on the last stage. Both are ``NamedTuple``s, so they are the plain tuples
+DeepSpeed's pipeline engine reads by position (``batch[0]`` on the first stage, ``batch[1]`` on the last; it
+rebuilds ``batch[0]`` as a plain tuple, which the first layer reads back as :class:`StageInputs`).
+``L`` is the longest sample rounded up to a multiple of ``pad_to_multiple_of`` (capped at ``max_txt_len``), or
+exactly ``max_txt_len`` in fixed-length mode (parity with the predecessors, which pad everything to
+``max_txt_len``). Padding is on the right with the pad id and label -100.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from lavis.data.conversation import IGNORE_INDEX
 from lavis.data.datasets import Sample
 
-PipeBatch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class StageInputs(NamedTuple):
+    """What the first pipeline stage reads: one micro-batch of media and padded token ids."""
+
+    media: torch.Tensor
+    """``[N, 3, S, S]`` pixels of the N images / video frames, or with ``data.feature_cache`` their cached features
+    ``[N, T, C]``; ``N`` may be 0 (a text-only micro-batch)."""
+    input_ids_BL: torch.Tensor
+    """``[B, L]`` int64 token ids, right-padded with the pad id."""
+    mask_BL: torch.Tensor
+    """``[B, L]`` int64 attention mask: 1 for tokens, 0 for padding."""
+
+
+class PipeBatch(NamedTuple):
+    """One micro-batch as the data iterator yields it to DeepSpeed's ``train_batch`` / ``eval_batch``."""
+
+    inputs: StageInputs
+    """Read by the first stage (DeepSpeed's ``batch[0]``)."""
+    labels_BL: torch.Tensor
+    """``[B, L]`` int64 labels (-100 where no loss is taken), read by the loss on the last stage (``batch[1]``)."""
 
 
 @dataclass(frozen=True)
@@ -44,4 +67,4 @@ class Collator:
             labels[i, :n] = s.labels
             mask[i, :n] = 1
         pixels = torch.cat([s.pixels_NCHW for s in samples])
-        return (pixels, ids, mask), labels
+        return PipeBatch(StageInputs(pixels, ids, mask), labels)

@@ -303,7 +303,11 @@ def resolve_tokenizer_ref(ref: str, cfg_path: str | Path | None) -> str:
     return str(beside) if beside.exists() else ref
 
 
-def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer | SentencePieceTokenizer:
+AnyTokenizer = TextTokenizer | QwenTokenizer | SentencePieceTokenizer
+"""Any tokenizer :func:`load_tokenizer` returns (they share :class:`TextTokenizer`'s operations)."""
+
+
+def load_tokenizer(ref: str) -> AnyTokenizer:
     """Resolve ``model.llm.tokenizer``: ``builtin:shapes``; a ``qwen.tiktoken`` file or a directory holding one
     (Qwen-7B/14B-Chat); a ``tokenizer.model`` (sentencepiece) file or a directory holding one (LLaMA / Vicuna); a
     ``tokenizer.json`` file or its directory (Qwen2.5 / Qwen3)."""

@@ -32,11 +32,14 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from lavis.pipeline.plan import LayerEntry
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 META_FILE = "lavis_meta.json"
 LATEST_FILE = "latest"
@@ -91,7 +94,7 @@ def table_from_json(rows: list[dict[str, Any]]) -> list[LayerEntry]:
     return [LayerEntry(r["index"], r["kind"], tuple((a, b) for a, b in r["prefixes"])) for r in rows]
 
 
-def save(engine: Any, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
+def save(engine: PipelineEngine, output_dir: Path, step: int, meta: dict[str, Any], keep_last: int,
          protected: set[str] | frozenset[str] = frozenset()) -> Path:
     """Collective: every rank calls it. Returns the tag directory. Rotation keeps the last ``keep_last`` checkpoints
     and every tag in ``protected``. See the module docstring for the order of writes."""
@@ -146,7 +149,7 @@ def _write_failed(tag_dir: Path, tmp_dir: Path, e: BaseException) -> CheckpointW
     return CheckpointWriteError(
         f"cannot write checkpoint {tag_dir} ({type(e).__name__}: {first}; {free} on {output_dir}): the partial "
         f"directory was removed and `latest` still names {kept or 'no checkpoint'}. Free disk space (or lower "
-        "train.keep_last) and run the same command to resume.")
+        "train.checkpoint.keep_last) and run the same command to resume.")
 
 
 def _fsync_dir(path: Path) -> None:

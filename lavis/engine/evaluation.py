@@ -1,7 +1,8 @@
-"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint (``train.save_best``).
+"""Held-out evaluation during training (``train.eval``) and keeping the best checkpoint
+(``train.checkpoint.save_best``).
 
 * Held-out loss: the first ``train.eval.max_samples`` records of ``train.eval.data``, read with the eval transform
-  and no augmentation, cut into full micro-batches of ``train.micro_batch_size`` (micro-batch i goes to
+  and no augmentation, cut into full micro-batches of ``train.batch.micro_batch_size`` (micro-batch i goes to
   data-parallel replica i mod D; a tail that fills no micro-batch on every replica is left out, the count printed),
   run through DeepSpeed's ``PipelineEngine.eval_batch`` on every stage. The value is the mean of
   the micro-batches' token-mean losses, as the training loss is.
@@ -14,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,11 @@ from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, Record, load_records
 from lavis.pipeline.plan import LayerEntry, layers_to_plain
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from lavis.engine.pipe_module import LavisPipelineModule
 
 
 def held_out_records(cfg: Config) -> list[Record]:
@@ -64,7 +70,7 @@ def build_eval_batches(
     records = held_out_records(cfg)
     if not records:
         raise ValueError("train.eval.data holds no records")
-    keys, used = micro_batch_keys(len(records), cfg.train.micro_batch_size, dp_rank, dp_size)
+    keys, used = micro_batch_keys(len(records), cfg.train.batch.micro_batch_size, dp_rank, dp_size)
     if not (first or last):
         return None, len(keys), used
     ds = ConversationDataset(records, tpl, cfg.data, cfg.model.vision.image_size, train=False, load_media=first,
@@ -74,17 +80,18 @@ def build_eval_batches(
     return [collate([ds[k] for k in mb]) for mb in keys], len(keys), used
 
 
-def eval_loss(engine: Any, batches: Sequence[PipeBatch] | None, num_micro_batches: int) -> float:
+def eval_loss(engine: PipelineEngine, batches: Sequence[PipeBatch] | None, num_micro_batches: int) -> float:
     """Collective (every rank): the mean loss of the micro-batches through DeepSpeed's ``eval_batch`` (all stages;
     averaged over data-parallel replicas; the same value returned on every rank). The engine goes back to train
     mode at the next ``train_batch``."""
     data_iter: Iterator[PipeBatch] | None = iter(batches) if batches is not None else None
     loss = engine.eval_batch(data_iter, num_micro_batches=num_micro_batches)
-    return float(loss)
+    return float(cast(torch.Tensor, loss))
 
 
 # --- benchmarks through the plain model on rank 0 --------------------------------------------------------------------
-def gather_plain_state(pipe: Any, table: list[LayerEntry], dp_rank: int) -> dict[str, torch.Tensor] | None:
+def gather_plain_state(pipe: LavisPipelineModule, table: list[LayerEntry],
+                       dp_rank: int) -> dict[str, torch.Tensor] | None:
     """Collective: every stage (its first data-parallel replica) sends its layers' full state (frozen weights
     included) to rank 0, which returns the plain-model state dict; other ranks return None."""
     mine = {}

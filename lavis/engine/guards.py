@@ -67,7 +67,7 @@ def trainable_weights_finite(module: nn.Module) -> bool:
 
 def nonfinite_advice(step: int, loss: float | None, grad_norm: float | None, lr: float, precision: str) -> str:
     return (f"step {step}: non-finite training values (loss {loss}, gradient norm {grad_norm}); the weights were not "
-            f"updated at this step. Try a lower train.lr (now {lr:.3g}), "
+            f"updated at this step. Try a lower train.optim.lr (now {lr:.3g}), "
             + ("train.precision: bf16 instead of fp16 (fp16 overflows easily), " if precision == "fp16" else "")
             + "data.on_bad_sample: skip if one batch is to blame, or train.max_nonfinite_steps: N to skip up to N "
               "such steps")

@@ -17,20 +17,20 @@ class MetricsLogger:
         self.path = out / "metrics.jsonl"
         truncate_metrics(self.path, start_step)
         self.tb = None
-        if t.tensorboard:
+        if t.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a crashed run wrote after the checkpoint it resumes from.
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.wandb = None
-        if t.wandb_project:
+        if t.log.wandb_project:
             try:
                 import wandb
             except ImportError as e:
-                raise ImportError("train.wandb_project is set but wandb is not installed: pip install wandb "
-                                  "(or unset train.wandb_project; TensorBoard logs are in <output_dir>/tensorboard)"
+                raise ImportError("train.log.wandb_project is set but wandb is not installed: pip install wandb "
+                                  "(or unset train.log.wandb_project; TensorBoard logs are in <output_dir>/tensorboard)"
                                   ) from e
-            self.wandb = wandb.init(project=t.wandb_project, dir=str(out), config=run_config, resume="allow",
+            self.wandb = wandb.init(project=t.log.wandb_project, dir=str(out), config=run_config, resume="allow",
                                     id=hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16])
 
     def log(self, row: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Optimizer and LR schedule: the AdamW variants of ``train.optimizer``; global-norm clipping where DeepSpeed gets it
-wrong.
+"""Optimizer and LR schedule: the AdamW variants of ``train.optim.optimizer``; global-norm clipping where DeepSpeed gets
+it wrong.
 
 DeepSpeed's fp32/no-ZeRO clipping under PP sums only stage 0's gradients (docs/PIPELINE.md section 6). In that mode
 (and under ``adamw_bf16``, which DeepSpeed steps the same way) :class:`GlobalNormClip` computes the norm over every
@@ -55,11 +55,11 @@ class GlobalNormClip:
 
 
 class PipeAdamW(GlobalNormClip, torch.optim.AdamW):
-    """torch's AdamW (``train.optimizer: adamw``)."""
+    """torch's AdamW (``train.optim.optimizer: adamw``)."""
 
 
 class KahanAdamW(torch.optim.Optimizer):
-    """AdamW on bf16 weights without fp32 master copies (``train.optimizer: adamw_bf16``).
+    """AdamW on bf16 weights without fp32 master copies (``train.optim.optimizer: adamw_bf16``).
 
     Each step computes the update in fp32 from the bf16 gradient and adds it to the bf16 weight with Kahan
     compensation: ``comp`` (bf16, one per weight) holds what the rounding to bf16 dropped last time and is added to
@@ -88,7 +88,7 @@ class KahanAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.dtype != torch.bfloat16:
-                    raise TypeError(f"train.optimizer: adamw_bf16 steps bf16 weights, got a {p.dtype} one "
+                    raise TypeError(f"train.optim.optimizer: adamw_bf16 steps bf16 weights, got a {p.dtype} one "
                                     f"(shape {tuple(p.shape)})")
                 state = self.state[p]
                 if not state:
@@ -106,7 +106,7 @@ class KahanAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
         if not p.is_contiguous():
-            raise ValueError(f"train.optimizer: adamw_bf16 needs contiguous weights (shape {tuple(p.shape)})")
+            raise ValueError(f"train.optim.optimizer: adamw_bf16 needs contiguous weights (shape {tuple(p.shape)})")
         chunks = zip(*(t.view(-1).split(self.CHUNK) for t in (p, p.grad.contiguous(), state["exp_avg"],
                                                                 state["exp_avg_sq"], state["comp"])))
         for w, g, m, v, c in chunks:
@@ -134,12 +134,12 @@ class KahanAdamW(torch.optim.Optimizer):
 
 
 class PipeKahanAdamW(GlobalNormClip, KahanAdamW):
-    """:class:`KahanAdamW` under the all-stage gradient-norm clipping (``train.optimizer: adamw_bf16``)."""
+    """:class:`KahanAdamW` under the all-stage gradient-norm clipping (``train.optim.optimizer: adamw_bf16``)."""
 
 
 def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: object | None,
                     **kwargs: object) -> torch.optim.Optimizer:
-    """``train.optimizer`` -> the optimizer with our global-norm clipping (see :class:`GlobalNormClip`)."""
+    """``train.optim.optimizer`` -> the optimizer with our global-norm clipping (see :class:`GlobalNormClip`)."""
     if kind == "adamw":
         return PipeAdamW(groups, clip=clip, norm_group=norm_group, **kwargs)
     if kind == "adamw_bf16":
@@ -147,8 +147,8 @@ def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: o
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise RuntimeError(f"train.optimizer: {kind} needs bitsandbytes: pip install -e '.[quant]' (or use "
-                           "train.optimizer: adamw)") from e
+        raise RuntimeError(f"train.optim.optimizer: {kind} needs bitsandbytes: pip install -e '.[quant]' (or use "
+                           "train.optim.optimizer: adamw)") from e
     base = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[kind]
     cls = type(f"Pipe{base.__name__}", (GlobalNormClip, base), {})
     return cls(groups, clip=clip, norm_group=norm_group, **kwargs)

@@ -39,7 +39,7 @@ def layer_specs(
 ) -> list[LayerSpec]:
     """``recompute_blocks``: decoder block indices recomputed in backward (``train.activation_recompute_blocks``);
     ``feature_cache``: ``data.feature_cache`` (stage 0 then builds no frozen vision module); ``float_mask``:
-    ``train.inter_stage_mask == "float_additive"``."""
+    ``train.parallel.inter_stage_mask == "float_additive"``."""
     check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
     seed, std = cfg.init_seed, cfg.init_std
     n = hf.num_hidden_layers
@@ -55,7 +55,7 @@ class LavisPipelineModule(PipelineModule):
     def __init__(self, specs: list[LayerSpec], boundaries: list[int], offload_stages: frozenset[int] = frozenset(),
                  **kwargs: object) -> None:
         """``offload_stages``: stages whose forward keeps its saved activations in host memory
-        (``train.activation_offload``, :func:`lavis.pipeline.plan.offloaded_stages`)."""
+        (``train.parallel.activation_offload``, :func:`lavis.pipeline.plan.offloaded_stages`)."""
         object.__setattr__(self, "_planned_boundaries", list(boundaries))
         super().__init__(specs, num_stages=len(boundaries) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
         self.group_anchors = nn.ParameterList()
@@ -148,7 +148,7 @@ def cast_float_buffers_(module: nn.Module, dtype: torch.dtype) -> None:
 
 def cast_float_params_(module: nn.Module, dtype: torch.dtype) -> None:
     """Floating parameters to ``dtype`` in place (the same ``Parameter`` objects, as DeepSpeed's own bf16 cast;
-    quantized integer weights stay): ``train.optimizer: adamw_bf16`` trains the bf16 weights themselves, so the
+    quantized integer weights stay): ``train.optim.optimizer: adamw_bf16`` trains the bf16 weights themselves, so the
     module is cast here and DeepSpeed's bf16 mode, which would add fp32 master copies, stays off."""
     for p in module.parameters():
         if p.is_floating_point() and p.dtype != dtype:

@@ -6,7 +6,7 @@ re-mapping. The checkpoint's own files are re-mapped when a run resumes on anoth
 at save time except the parameter names of each stage's optimizer groups (``lavis_meta.json``
 ``optimizer_params``), which DeepSpeed does not record for an unpartitioned optimizer.
 
-- **Unpartitioned optimizer** (``train.zero_stage: 0``: adamw, adamw8bit, paged_adamw8bit, adamw_bf16). Stage S's
+- **Unpartitioned optimizer** (``train.optim.zero_stage: 0``: adamw, adamw8bit, paged_adamw8bit, adamw_bf16). Stage S's
   state is ``mp_rank_SS_model_states.pt`` ``optimizer``: torch's format, one entry per parameter by position.
   :func:`states_by_name` names each entry with ``optimizer_params``; :func:`state_dict_for` builds the new stage's
   state dict, which the optimizer's own ``load_state_dict`` loads. Each entry is moved whole, never converted:

@@ -31,11 +31,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lavis.config.old_keys import upgrade_config
 from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import LATEST_FILE, META_FILE, TAG_PREFIX, load_meta, tag_dirs
 from lavis.predecessors.checkpoints import resume_advice
+
+if TYPE_CHECKING:
+    from lavis.data.tokenizer import AnyTokenizer
 
 LOCK_FILE = ".lock"
 
@@ -45,10 +49,10 @@ WEIGHT_PATH_KEYS = frozenset({
 })
 # Train keys that fix the data order or the optimizer state's layout.
 FIXED_TRAIN_KEYS = frozenset({
-    "train.seed", "train.micro_batch_size", "train.precision", "train.zero_stage", "train.offload_optimizer",
-    "train.optimizer",
+    "train.seed", "train.batch.micro_batch_size", "train.precision", "train.optim.zero_stage",
+    "train.optim.offload_optimizer", "train.optim.optimizer",
 })
-GAS_KEY = "train.grad_accum_steps"
+GAS_KEY = "train.batch.grad_accum_steps"
 """Not fixed itself: the global batch (micro-batch x accumulation x replicas) is, and :func:`resume_grad_accum`
 derives the accumulation that keeps it on the resuming layout (refusing any other value) before the configs are
 compared."""
@@ -193,7 +197,8 @@ def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dic
                         ) -> tuple[dict[str, Any], list[str]]:
     """Read the checkpoint's metadata; refuse a resume that changes what cannot change. Returns (meta, changes)."""
     meta = load_meta(tag_dir)
-    changes = config_changes(meta["config"], new_config, defaults)
+    saved = upgrade_config(meta["config"], str(tag_dir), warn=False)  # a run saved with the old flat train keys
+    changes = config_changes(saved, new_config, defaults)
     if changes.refused:
         raise RunDirError(
             f"cannot resume from {tag_dir} with this config: it changes what a checkpoint fixes (the model, the data "
@@ -203,18 +208,18 @@ def check_resume_config(tag_dir: Path, new_config: dict[str, Any], defaults: dic
     return meta, changes.applied
 
 
-def resume_grad_accum(saved_train: dict[str, Any], saved_dp: int, micro_batch_size: int, grad_accum_steps: int,
+def resume_grad_accum(saved_batch: dict[str, Any], saved_dp: int, micro_batch_size: int, grad_accum_steps: int,
                       dp: int, tag_dir: Path) -> int:
     """The gradient accumulation a resume on ``dp`` replicas uses: the one that keeps the checkpoint's global batch
-    (``saved_train``: its config's ``train`` section, written on ``saved_dp`` replicas), so that every step sees the
-    same samples as on the old layout. The config may name the checkpoint's accumulation (it is then replaced) or the
-    derived one; anything else, or a global batch that ``dp`` replicas cannot split, is refused (one line)."""
-    m0, gas0 = int(saved_train["micro_batch_size"]), int(saved_train["grad_accum_steps"])
+    (``saved_batch``: its config's ``train.batch`` section, written on ``saved_dp`` replicas), so that every step sees
+    the same samples as on the old layout. The config may name the checkpoint's accumulation (it is then replaced) or
+    the derived one; anything else, or a global batch that ``dp`` replicas cannot split, is refused (one line)."""
+    m0, gas0 = int(saved_batch["micro_batch_size"]), int(saved_batch["grad_accum_steps"])
     total = m0 * gas0 * saved_dp
     if micro_batch_size != m0:
         return grad_accum_steps  # a changed micro-batch is refused with the other fixed keys (config_changes)
     derived, rest = divmod(total, micro_batch_size * dp)
-    fixed = (f"the global batch train.micro_batch_size x {GAS_KEY} x replicas is what a checkpoint fixes "
+    fixed = (f"the global batch train.batch.micro_batch_size x {GAS_KEY} x replicas is what a checkpoint fixes "
              f"({m0} x {gas0} x {saved_dp} = {total} in {tag_dir})")
     if rest or not derived:
         raise RunDirError(f"cannot resume on {dp} data-parallel replica(s): {fixed}, and {total} samples do not "
@@ -264,12 +269,12 @@ def check_resume_data(tag_dir: Path, saved: list[dict[str, Any]] | None, new: li
 PROBE_TEXT = "A red circle. What is in the image? 1234 ÄÖü 漢字 <|im_start|> ###Human: [INST] \n\t x"
 
 
-def tokenizer_fingerprint(tok: Any) -> tuple[int, tuple[int, ...]]:
+def tokenizer_fingerprint(tok: AnyTokenizer) -> tuple[int, tuple[int, ...]]:
     """Vocabulary size and the ids of a probe text: differs between any two tokenizers a user could mix up."""
     return tok.vocab_size, tuple(tok.encode(PROBE_TEXT))
 
 
-def check_tokenizer(saved_file: Path, new_tokenizer: Any) -> None:
+def check_tokenizer(saved_file: Path, new_tokenizer: AnyTokenizer) -> None:
     """Refuse a resume whose tokenizer differs from the run's saved copy."""
     if not saved_file.is_file():
         return  # nothing to compare with

@@ -14,18 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from lavis.config.load import deepspeed_config, load_config, save_config, to_dict
+from lavis.config.load import deepspeed_config, load_config, save_config, to_dict, with_values
+from lavis.config.old_keys import upgrade_config
 from lavis.config.schema import Config
-from lavis.data.collate import Collator
-from lavis.data.conversation import template_from_config
+from lavis.data.collate import Collator, PipeBatch
+from lavis.data.conversation import ChatTemplate, template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.step_loader import StepLoader
-from lavis.data.tokenizer import load_tokenizer
+from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
 from lavis.engine import checkpoint, ds_compat, relayout, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.guards import (
@@ -52,17 +53,30 @@ from lavis.engine.run_dir import (
     resume_grad_accum,
 )
 from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, checkpoint_blocks, format_plan, layer_table, offloaded_stages, plan_for_config
+from lavis.pipeline.plan import (
+    LLM_DIMS,
+    LayerEntry,
+    checkpoint_blocks,
+    format_plan,
+    layer_table,
+    offloaded_stages,
+    plan_for_config,
+)
 from lavis.predecessors.keys import flag_hint
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg-path", required=True, help="YAML recipe (e.g. lavis/projects/demo/shapes.yaml)")
-    p.add_argument("--num-stages", type=int, help="pipeline stages (overrides train.num_stages)")
+    p.add_argument("--num-stages", type=int, help="pipeline stages (overrides train.parallel.num_stages)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides train.save_every)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides train.checkpoint.save_every)")
     p.add_argument("--partition", help="explicit stage boundaries, e.g. 0,3,5 (overrides the planner)")
     p.add_argument("--stop-at-step", type=int,
                    help="stop (with a checkpoint) after this optimizer step without changing the LR schedule; "
@@ -72,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume-from", metavar="global_stepN",
                    help="resume from this checkpoint of the output directory instead of the one `latest` names")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. train.lr=1e-4 data.max_txt_len=256")
+                   help="config overrides, e.g. train.optim.lr=1e-4 data.max_txt_len=256")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args, unknown = p.parse_known_args(argv)
     if unknown:  # a predecessor's flag gets its equivalent (lavis.predecessors.keys.FLAGS)
@@ -83,21 +97,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.cfg_path, args.options)
-    t = cfg.train
+    p = cfg.train.parallel
     updates: dict[str, Any] = {}
     if args.num_stages is not None:
-        updates["num_stages"] = args.num_stages
+        updates["train.parallel.num_stages"] = args.num_stages
     if args.max_steps is not None:
-        updates["max_steps"] = args.max_steps
+        updates["train.max_steps"] = args.max_steps
     if args.output_dir is not None:
-        updates["output_dir"] = args.output_dir
+        updates["train.output_dir"] = args.output_dir
     if args.save_every is not None:
-        updates["save_every"] = args.save_every
+        updates["train.checkpoint.save_every"] = args.save_every
     if args.partition is not None:
-        updates["partition"] = [int(x) for x in args.partition.split(",")]
-    elif args.num_stages is not None and t.partition is not None and len(t.partition) != args.num_stages + 1:
-        updates["partition"] = None  # the recipe's partition was for another stage count
-    return replace(cfg, train=replace(t, **updates)) if updates else cfg
+        updates["train.parallel.partition"] = [int(x) for x in args.partition.split(",")]
+    elif args.num_stages is not None and p.partition is not None and len(p.partition) != args.num_stages + 1:
+        updates["train.parallel.partition"] = None  # the recipe's partition was for another stage count
+    return with_values(cfg, updates)
 
 
 def main(argv: list[str] | None = None, hooks_for: Callable[[Config], Sequence[Hook]] | None = None) -> None:
@@ -120,12 +134,13 @@ class Run:
     cfg: Config
     """The resolved config as saved in the run directory (``model.llm.tokenizer`` names the run's own copy)."""
     out: Path
-    engine: Any
+    engine: PipelineEngine
     pipe: LavisPipelineModule
     optimizer: torch.optim.Optimizer
-    tok: Any
-    tpl: Any
-    table: list
+    tok: AnyTokenizer
+    tpl: ChatTemplate
+    table: list[LayerEntry]
+    """The model's layer list in pipeline order (``lavis.pipeline.plan.layer_table``)."""
     boundaries: list[int]
     """Stage s owns layers ``boundaries[s]`` to ``boundaries[s+1]-1`` (saved as ``parts`` in lavis_meta.json)."""
     dp: int
@@ -134,7 +149,8 @@ class Run:
     start_step: int = 0
     nonfinite_steps: int = 0
     protected_tags: set[str] = field(default_factory=set)
-    """Checkpoint tags that rotation (``train.keep_last``) never deletes (e.g. the best one by an eval metric)."""
+    """Checkpoint tags that rotation (``train.checkpoint.keep_last``) never deletes (e.g. the best one by an eval
+    metric)."""
     steps: StepLoader | None = None
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
@@ -153,7 +169,7 @@ class Run:
 
     @property
     def is_last_stage(self) -> bool:
-        return self.stage == self.cfg.train.num_stages - 1
+        return self.stage == self.cfg.train.parallel.num_stages - 1
 
     def meta(self) -> dict[str, Any]:
         """What ``lavis_meta.json`` records besides the step (converters and resume read it)."""
@@ -166,9 +182,10 @@ class Run:
         if not trainable_weights_finite(self.pipe):
             raise NonFiniteError(
                 f"step {step}: some trained weights are not finite; no checkpoint was written and `latest` still "
-                f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.lr and resume from it.")
+                f"names the last good one ({checkpoint.read_latest(self.out)}). Lower train.optim.lr and resume from "
+                "it.")
         meta = {**self.meta(), relayout.NAMES_KEY: relayout.gather_names(self.engine)}  # a collective
-        return checkpoint.save(self.engine, self.out, step, meta, self.cfg.train.keep_last,
+        return checkpoint.save(self.engine, self.out, step, meta, self.cfg.train.checkpoint.keep_last,
                                protected=self.protected_tags)
 
 
@@ -232,9 +249,9 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     t = cfg.train
     out = Path(t.output_dir)
     world = dist.get_world_size()
-    if world % t.num_stages:
-        raise ValueError(f"{world} processes cannot form {t.num_stages} pipeline stages (need a multiple)")
-    dp = world // t.num_stages
+    if world % t.parallel.num_stages:
+        raise ValueError(f"{world} processes cannot form {t.parallel.num_stages} pipeline stages (need a multiple)")
+    dp = world // t.parallel.num_stages
     _set_threads(t)
 
     tok = load_tokenizer(cfg.model.llm.tokenizer)
@@ -253,15 +270,15 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     table = layer_table(hf.num_hidden_layers)
     plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
     boundaries = plan.parts
-    print0(f"pipeline: {t.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
+    print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
            + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
     pipe = LavisPipelineModule(
         layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
-                    feature_cache=cfg.data.feature_cache, float_mask=t.inter_stage_mask == "float_additive"),
+                    feature_cache=cfg.data.feature_cache, float_mask=t.parallel.inter_stage_mask == "float_additive"),
         boundaries,
         offload_stages=offloaded_stages(t),
-        activation_checkpoint_interval=t.activation_checkpoint_interval,
+        activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
         checkpointable_layers=["DecoderBlockPipe"],
         dynamic_shape=not cfg.data.fixed_length,
     )
@@ -270,23 +287,25 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     pipe.apply_trainable(cfg.model, table)
     if pipe.offload_activations:
         print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
-    if t.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)
+    if t.optim.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)
         cast_float_params_(pipe, torch.bfloat16)
     # DeepSpeed's norm is wrong where its own fp32 path clips (see engine.optim); adamw_bf16 takes that path too.
-    own_clip = (t.precision == "fp32" or t.optimizer == "adamw_bf16") and t.zero_stage == 0
+    own_clip = (t.precision == "fp32" or t.optim.optimizer == "adamw_bf16") and t.optim.zero_stage == 0
     optimizer = build_optimizer(
-        t.optimizer, param_groups(pipe, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
-        weight_decay=t.weight_decay,
-        clip=t.grad_clip if own_clip else 0.0,
+        t.optim.optimizer, param_groups(pipe, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas,
+        eps=t.optim.eps,
+        weight_decay=t.optim.weight_decay,
+        clip=t.optim.grad_clip if own_clip else 0.0,
         norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(t, dp))
+    assert isinstance(engine, deepspeed.PipelineEngine), "a PipelineModule gets DeepSpeed's pipeline engine"
     safe_load.install(engine)
     if t.precision != "fp32":
         cast_float_buffers_(pipe, torch.bfloat16 if t.precision == "bf16" else torch.float16)
-    print0(f"optimizer: {t.optimizer}, {type(engine.optimizer).__name__} ({t.precision}, "
+    print0(f"optimizer: {t.optim.optimizer}, {type(engine.optimizer).__name__} ({t.precision}, "
            f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
@@ -294,17 +313,18 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
 
 
 def _lr_lambda(t: Any) -> Any:
-    return lr_lambda(warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
+    return lr_lambda(warmup=t.optim.warmup_steps, total=t.max_steps, lr=t.optim.lr, min_lr=t.optim.min_lr)
 
 
-def _check_resume(tag_dir: Path, cfg: Config, tok: Any, dp: int) -> Config:
+def _check_resume(tag_dir: Path, cfg: Config, tok: AnyTokenizer, dp: int) -> Config:
     """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step. Returns
     ``cfg`` with the gradient accumulation that keeps the checkpoint's global batch on ``dp`` replicas."""
     saved = checkpoint.load_meta(tag_dir)
-    t = cfg.train
-    saved_train = {**to_dict(Config())["train"], **saved["config"].get("train", {})}
-    gas = resume_grad_accum(saved_train, int(saved["dp_size"]), t.micro_batch_size, t.grad_accum_steps, dp, tag_dir)
-    cfg = replace(cfg, train=replace(t, grad_accum_steps=gas)) if gas != t.grad_accum_steps else cfg
+    b = cfg.train.batch
+    saved_config = upgrade_config(saved["config"], str(tag_dir), warn=False)  # a run saved with flat train keys
+    saved_batch = {**to_dict(Config())["train"]["batch"], **saved_config.get("train", {}).get("batch", {})}
+    gas = resume_grad_accum(saved_batch, int(saved["dp_size"]), b.micro_batch_size, b.grad_accum_steps, dp, tag_dir)
+    cfg = with_values(cfg, {"train.batch.grad_accum_steps": gas}) if gas != b.grad_accum_steps else cfg
     meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
     _verify_checkpoint_files(tag_dir)
     check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
@@ -349,7 +369,7 @@ def restore(run: Run, tag: str | None) -> None:
         print0(f"WARNING: {tag} was written with {relayout.describe(meta['parts'], int(meta['dp_size']))} by an "
                f"older version that does not name its optimizer state per parameter; this run uses "
                f"{relayout.describe(run.boundaries, run.dp)}: module weights were loaded, optimizer state was reset")
-    apply_schedule(run.engine.lr_scheduler, run.cfg.train.lr)
+    apply_schedule(run.engine.lr_scheduler, run.cfg.train.optim.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
@@ -428,13 +448,13 @@ def build_data(run: Run) -> StepLoader:
         dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
-                              micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
+                              micro_batch_size=t.batch.micro_batch_size, grad_accum_steps=t.batch.grad_accum_steps,
                               dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,
                               length_of=dataset.num_tokens if cfg.data.group_by_length else None)
         collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
                            cfg.data.fixed_length)
-    return StepLoader(dataset, sampler, collate, grad_accum_steps=t.grad_accum_steps,
-                      micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,
+    return StepLoader(dataset, sampler, collate, grad_accum_steps=t.batch.grad_accum_steps,
+                      micro_batch_size=t.batch.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,
                       on_bad_sample=cfg.data.on_bad_sample,
                       num_workers=cfg.data.num_workers if run.is_first_stage else 0,  # the last stage decodes nothing
                       device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
@@ -467,7 +487,8 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
                 bar.update(row)
             if verdict.nonfinite:
                 _count_nonfinite(run, done, verdict)  # raises past train.max_nonfinite_steps
-            if save and (done == end or verdict.stop or (t.save_every and done % t.save_every == 0)):
+            every = t.checkpoint.save_every
+            if save and (done == end or verdict.stop or (every and done % every == 0)):
                 tag_dir = run.save(done)
                 print0(f"saved {tag_dir}")
                 for h in hooks:
@@ -512,7 +533,8 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
     skipped = run.steps.step_skips(step)
     row = {"step": step + 1, "loss": loss if is_finite(loss) else None, "lr": lr,
            "grad_norm": grad_norm if is_finite(grad_norm) else None,
-           "tokens": run.steps.step_tokens(step), "samples": t.micro_batch_size * t.grad_accum_steps * run.dp - skipped,
+           "tokens": run.steps.step_tokens(step),
+           "samples": t.batch.micro_batch_size * t.batch.grad_accum_steps * run.dp - skipped,
            "skipped": skipped, "step_time_s": round(dt, 4), **counter.take()}
     if verdict.nonfinite:
         row.update(nonfinite=True, nonfinite_loss=repr(loss), nonfinite_grad_norm=repr(grad_norm))
@@ -538,18 +560,18 @@ class _PadCounter:
     """Passes batches through, counting real (mask 1) and padded (mask numel) token slots and images (video frames)
     since the last take()."""
 
-    def __init__(self, it: Any) -> None:
+    def __init__(self, it: Iterator[PipeBatch] | None) -> None:
         self.it, self.real, self.padded, self.images = it, 0, 0, 0
 
     def __iter__(self) -> _PadCounter:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> PipeBatch:
+        assert self.it is not None, "set .it before iterating"
         batch = next(self.it)
-        pixels_NCHW, _, mask_BL = batch[0]
-        self.images += pixels_NCHW.shape[0]
-        self.real += int(mask_BL.sum())
-        self.padded += mask_BL.numel()
+        self.images += batch.inputs.media.shape[0]
+        self.real += int(batch.inputs.mask_BL.sum())
+        self.padded += batch.inputs.mask_BL.numel()
         return batch
 
     def take(self) -> dict[str, int]:

@@ -19,7 +19,8 @@ class Task:
     """Default answer length (replies are short except captions)."""
     score: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
     headline: tuple[str, ...]
-    """The summary's main number (printed first; ``train.save_best``): the first of these keys the scores have."""
+    """The summary's main number (printed first; ``train.checkpoint.save_best``): the first of these keys the scores
+    have."""
 
     def main_metric(self, scores: dict[str, Any]) -> str:
         return next(k for k in self.headline if k in scores)

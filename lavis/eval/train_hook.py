@@ -1,14 +1,15 @@
-"""The training hook of ``train.eval`` and ``train.save_best`` (see :mod:`lavis.engine.evaluation` for the held-out
-loss): every ``train.eval.every`` steps the held-out loss and, with ``train.eval.generate``, benchmark scores from the
-chat engine and ``lavis.eval``; the best checkpoint is kept from pruning. It scores with chat and eval, so it sits on
-the eval floor, above engine: ``train_pipeline.py`` hands :func:`config_hooks` to ``lavis.engine.trainer.main``."""
+"""The training hook of ``train.eval`` and ``train.checkpoint.save_best`` (see :mod:`lavis.engine.evaluation` for the
+held-out loss): every ``train.eval.every`` steps the held-out loss and, with ``train.eval.generate``, benchmark
+scores from the chat engine and ``lavis.eval``; the best checkpoint is kept from pruning. It scores with chat and
+eval, so it sits on the eval floor, above engine: ``train_pipeline.py`` hands :func:`config_hooks` to
+``lavis.engine.trainer.main``."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -23,6 +24,9 @@ from lavis.engine.hooks import Hook
 from lavis.eval.runner import run_task
 from lavis.eval.tasks import Source
 from lavis.model.mllm import MultimodalLM
+
+if TYPE_CHECKING:
+    from lavis.engine.trainer import Run
 
 
 def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tensor], out: Path,
@@ -51,7 +55,7 @@ def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tens
 
 
 def better(value: float, best: float | None, metric: str, mode: str) -> bool:
-    """Whether ``value`` beats ``best`` for ``train.save_best_mode`` (``auto``: min for losses, else max)."""
+    """Whether ``value`` beats ``best`` for ``train.checkpoint.save_best_mode`` (``auto``: min for losses, else max)."""
     if best is None:
         return True
     lower = mode == "min" or (mode == "auto" and "loss" in metric)
@@ -63,12 +67,12 @@ BEST_FILE = "best"
 
 
 class TrainEvalHook(Hook):
-    """``train.eval`` and ``train.save_best`` as a trainer hook.
+    """``train.eval`` and ``train.checkpoint.save_best`` as a trainer hook.
 
     ``after_step``: on every ``train.eval.every``-th step, the held-out loss (all ranks) and, with ``generate``,
     benchmark scores (rank 0) are added to the metrics row. ``after_save``: when the checkpoint's step had an
-    evaluation and ``train.save_best``'s metric beat the best so far, its tag is kept from pruning and written to
-    ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
+    evaluation and ``train.checkpoint.save_best``'s metric beat the best so far, its tag is kept from pruning and
+    written to ``<output_dir>/best`` (``{"tag", "step", "metric", "value"}``); the previous best is released to pruning.
     """
 
     def __init__(self) -> None:
@@ -78,7 +82,7 @@ class TrainEvalHook(Hook):
         self.best: float | None = None
         self.best_tag: str | None = None
 
-    def on_start(self, run: Any) -> None:
+    def on_start(self, run: Run) -> None:
         e = run.cfg.train.eval
         if not e.every:
             return
@@ -92,13 +96,13 @@ class TrainEvalHook(Hook):
                 print(f"held-out eval: {used} records in {self.num_micro * dp_size} micro-batches every {e.every} "
                       f"steps", file=sys.stderr, flush=True)
         best = Path(run.out) / BEST_FILE
-        if run.cfg.train.save_best and best.is_file():  # a resumed run keeps competing against its best
+        if run.cfg.train.checkpoint.save_best and best.is_file():  # a resumed run keeps competing against its best
             rec = json.loads(best.read_text())
-            if rec.get("metric") == run.cfg.train.save_best and (Path(run.out) / rec["tag"]).is_dir():
+            if rec.get("metric") == run.cfg.train.checkpoint.save_best and (Path(run.out) / rec["tag"]).is_dir():
                 self.best, self.best_tag = float(rec["value"]), rec["tag"]
                 run.protected_tags.add(rec["tag"])
 
-    def after_step(self, run: Any, step: int, row: dict[str, Any] | None) -> None:
+    def after_step(self, run: Run, step: int, row: dict[str, Any] | None) -> None:
         e = run.cfg.train.eval
         if not e.every or step % e.every:
             return
@@ -116,17 +120,17 @@ class TrainEvalHook(Hook):
             # tqdm.write prints above the trainer's progress bar without breaking it
             tqdm.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
 
-    def after_save(self, run: Any, step: int, tag_dir: Path) -> None:
-        metric = run.cfg.train.save_best
+    def after_save(self, run: Run, step: int, tag_dir: Path) -> None:
+        metric = run.cfg.train.checkpoint.save_best
         if metric is None or self.last is None or self.last[0] != step:
             return
         if metric not in self.last[1]:
             if run.rank == 0 and self.last[1]:
-                raise KeyError(f"train.save_best: {metric!r} is not among the evaluation metrics "
+                raise KeyError(f"train.checkpoint.save_best: {metric!r} is not among the evaluation metrics "
                                f"{sorted(self.last[1])}")
             return
         value = self.last[1][metric]
-        if not better(value, self.best, metric, run.cfg.train.save_best_mode):
+        if not better(value, self.best, metric, run.cfg.train.checkpoint.save_best_mode):
             return
         if self.best_tag is not None:
             run.protected_tags.discard(self.best_tag)
@@ -136,7 +140,7 @@ class TrainEvalHook(Hook):
             write_atomic(Path(run.out) / BEST_FILE,
                          json.dumps({"tag": tag_dir.name, "step": step, "metric": metric, "value": value}))
 
-    def on_end(self, run: Any) -> None:
+    def on_end(self, run: Run) -> None:
         self.batches = None
 
 

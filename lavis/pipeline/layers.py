@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from lavis.config.schema import LoRAConfig, ModelConfig
 from lavis.data.cache_features import FROZEN_PREFIXES, FeatureCache, cache_level
+from lavis.data.collate import StageInputs
 from lavis.features import check_weights
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
@@ -41,9 +42,10 @@ class VisionEmbedPipe(nn.Module):
     """Layer 0: images -> ViT -> ln_vision -> Q-Former (or concatenated patch tokens) -> projection, written over the
     token embeddings.
 
-    Input (the data iterator's ``batch[0]``): ``(pixels [N,3,S,S] float, input_ids [B,L] int64, mask [B,L] int64)``.
+    Input (the data iterator's ``PipeBatch.inputs``, :class:`~lavis.data.collate.StageInputs`): ``media`` (pixels
+    ``[N,3,S,S]`` float), ``input_ids_BL`` and ``mask_BL`` (``[B,L]`` int64).
     With ``feature_cache`` (``data.feature_cache``) the frozen modules are not built (their init draws are still
-    taken, on the meta device, so the rest of the layer starts identical) and ``batch[0][0]`` holds the cache's
+    taken, on the meta device, so the rest of the layer starts identical) and ``media`` holds the cache's
     features instead of pixels: ``[N, Q, H]`` Q-Former outputs or ``[N, 1 + P, W]`` ``ln_vision`` features
     (``lavis.data.cache_features``). A cache built from other weights is refused here, at build time.
     """
@@ -55,7 +57,7 @@ class VisionEmbedPipe(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.float_mask = float_mask
-        """Send a float additive mask instead of the padding mask (``train.inter_stage_mask``)."""
+        """Send a float additive mask instead of the padding mask (``train.parallel.inter_stage_mask``)."""
         self.placeholder_id = placeholder_id
         self.cached: str | None = None
         skipped: list[str] = []
@@ -84,8 +86,9 @@ class VisionEmbedPipe(nn.Module):
             keep_frozen_encoders_in_eval(self.cfg, self.visual_encoder, self.qformer)
         return self
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StageIO:
-        media_in, input_ids_BL, mask_BL = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> StageIO:
+        batch = StageInputs(*inputs)  # DeepSpeed hands the first stage a plain tuple
+        media_in, input_ids_BL, mask_BL = batch.media, batch.input_ids_BL, batch.mask_BL
         embeds_BLD = self.embed_tokens(input_ids_BL)
         media = None
         if media_in.shape[0] > 0:
@@ -137,7 +140,7 @@ class DecoderBlockPipe(nn.Module):
         if rotary.inv_freq.device != hidden_BLD.device:
             self._rotary[0] = rotary = rotary.to(hidden_BLD.device)
         pos_1L = torch.arange(hidden_BLD.shape[1], device=hidden_BLD.device).unsqueeze(0)
-        if mask_BL.is_floating_point():  # train.inter_stage_mask: float_additive, already [B, 1, L, L]
+        if mask_BL.is_floating_point():  # train.parallel.inter_stage_mask: float_additive, already [B, 1, L, L]
             attn_mask = mask_BL
         else:
             make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
@@ -185,8 +188,8 @@ class LMHeadPipe(nn.Module):
     def forward(self, io: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_BLD, mask = io
         if mask.is_floating_point() and mask.requires_grad:
-            # train.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a stage,
-            # also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
+            # train.parallel.inter_stage_mask: float_additive: DeepSpeed requires a gradient for every float input of a
+            # stage, also on a last stage without decoder blocks (a uniform split can leave it only norm and head).
             # One element times zero: a sum over the mask would overflow to -inf (its entries are the dtype's min).
             hidden_BLD = hidden_BLD + (mask.reshape(-1)[0] * 0.0).to(hidden_BLD.dtype)
         return self.lm_head(hidden_BLD)

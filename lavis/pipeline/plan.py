@@ -95,7 +95,7 @@ class Workload:
     checkpointed_blocks: frozenset[int] = frozenset()
     """Or only these decoder blocks."""
     offloaded_stages: frozenset[int] = frozenset()
-    """Stages whose saved activations live in host memory (``train.activation_offload``)."""
+    """Stages whose saved activations live in host memory (``train.parallel.activation_offload``)."""
 
 
 def layer_costs(
@@ -210,7 +210,7 @@ def lora_params_per_block(cfg: ModelConfig, hf_dims: dict[str, int]) -> int:
 
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adamw_bf16": 8.0}
-"""``train.optimizer`` -> bytes of Adam's two moments per trainable parameter (blockwise 8-bit: one byte each; its
+"""``train.optim.optimizer`` -> bytes of Adam's two moments per trainable parameter (blockwise 8-bit: one byte each; its
 per-block scales, 4 bytes per 2,048 values, are left out; ``adamw_bf16``: first moment bf16 2, second moment fp32
 4, Kahan compensation bf16 2)."""
 
@@ -348,18 +348,18 @@ LLM_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 
 
 def offloaded_stages(t: TrainConfig) -> frozenset[int]:
-    """The stages whose saved activations go to host memory (``train.activation_offload``: true = all)."""
-    if t.activation_offload is True:
-        return frozenset(range(t.num_stages))
-    return frozenset(t.activation_offload or ())
+    """The stages whose saved activations go to host memory (``train.parallel.activation_offload``: true = all)."""
+    if t.parallel.activation_offload is True:
+        return frozenset(range(t.parallel.num_stages))
+    return frozenset(t.parallel.activation_offload or ())
 
 
 def checkpoint_blocks(t: TrainConfig, num_blocks: int) -> frozenset[int]:
-    """``train.activation_checkpoint_blocks`` validated against the model's block count."""
-    blocks = frozenset(t.activation_checkpoint_blocks or ())
+    """``train.parallel.activation_checkpoint_blocks`` validated against the model's block count."""
+    blocks = frozenset(t.parallel.activation_checkpoint_blocks or ())
     bad = sorted(b for b in blocks if not 0 <= b < num_blocks)
     if bad:
-        raise ValueError(f"train.activation_checkpoint_blocks {bad}: the LLM has blocks 0..{num_blocks - 1}")
+        raise ValueError(f"train.parallel.activation_checkpoint_blocks {bad}: the LLM has blocks 0..{num_blocks - 1}")
     return blocks
 
 
@@ -372,25 +372,26 @@ class StagePlan:
 
 
 def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
-    """The run's plan: ``train.partition`` if given (validated), else :func:`plan_stages` within
-    ``train.gpu_memory_gib``; the workload is one micro-batch of ``data.max_txt_len`` tokens and one image per
+    """The run's plan: ``train.parallel.partition`` if given (validated), else :func:`plan_stages` within
+    ``train.parallel.gpu_memory_gib``; the workload is one micro-batch of ``data.max_txt_len`` tokens and one image per
     sample."""
     t = cfg.train
-    work = Workload(tokens=t.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
-                    images=t.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
-                    activation_checkpointing=t.activation_checkpoint_interval > 0,
+    work = Workload(tokens=t.batch.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
+                    images=t.batch.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
+                    activation_checkpointing=t.parallel.activation_checkpoint_interval > 0,
                     checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]),
                     offloaded_stages=offloaded_stages(t))
     cached = None
     if cfg.data.feature_cache is not None:
         cached = cache_level(cfg.model)
     costs = layer_costs(cfg.model, dims, work, cached)
-    optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp, t.optimizer)
-    if t.partition is not None:
-        parts = check_partition(list(t.partition), len(costs), t.num_stages)
+    optim_bytes = optimizer_bytes_per_param(t.precision, t.optim.zero_stage, t.optim.offload_optimizer, dp,
+                                            t.optim.optimizer)
+    if t.parallel.partition is not None:
+        parts = check_partition(list(t.parallel.partition), len(costs), t.parallel.num_stages)
     else:
-        limit = None if t.gpu_memory_gib is None else t.gpu_memory_gib * 2**30
-        parts = plan_stages(costs, t.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
+        limit = None if t.parallel.gpu_memory_gib is None else t.parallel.gpu_memory_gib * 2**30
+        parts = plan_stages(costs, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
     return StagePlan(parts, costs, work, optim_bytes)
 
 

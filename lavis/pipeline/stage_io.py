@@ -17,7 +17,7 @@ class StageIO(NamedTuple):
     hidden_BLD: torch.Tensor
     """``[B, L, D]`` hidden states (float, requires grad)."""
     mask_BL: torch.Tensor
-    """``[B, L]`` int64 attention mask: 1 for tokens, 0 for right padding. With ``train.inter_stage_mask:
+    """``[B, L]`` int64 attention mask: 1 for tokens, 0 for right padding. With ``train.parallel.inter_stage_mask:
     float_additive`` instead a ``[B, 1, L, L]`` float additive causal + padding mask that requires grad (the
     predecessors' layout, kept for comparison: DeepSpeed then ships it and its gradient between stages)."""
 

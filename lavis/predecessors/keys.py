@@ -91,7 +91,8 @@ MPP_KEYS: dict[str, Rule] = {
     "datasets.*.text_processor.train.max_words": Rule("", "base_instruction does not cut; data.max_txt_len bounds "
                                                           "the sample"),
     "run.task": Rule("", "one task: multimodal chat training"),
-    "run.runner": Rule("", "deepspeed_runner (non-pipeline ZeRO): ours is the pipeline trainer, train.zero_stage"),
+    "run.runner": Rule("", "deepspeed_runner (non-pipeline ZeRO): ours is the pipeline trainer, "
+                           "train.optim.zero_stage"),
     "run.output_dir": Rule("train.output_dir"),
     "run.num_workers": Rule("data.num_workers"),
     "run.seed": Rule("train.seed", "differs: the predecessors add the rank; ours makes data order and augmentation "
@@ -103,21 +104,22 @@ MPP_KEYS: dict[str, Rule] = {
     "run.device": _LAVIS_DIST,
     "run.max_epoch": Rule("train.max_steps", "epochs x optimizer steps per epoch, counted as the predecessor's "
                                              "script counts them from the sample count"),
-    "run.log_freq": Rule("train.log_every"),
-    "run.lr_sched": Rule("", "ours is one schedule: linear warmup, then cosine to train.min_lr per optimizer step "
-                             "(MPP's step-wise one has the same shape; LAVIS's linear_warmup_cosine_lr decays per "
+    "run.log_freq": Rule("", "ours logs every optimizer step (metrics.jsonl, TensorBoard, the progress bar)"),
+    "run.lr_sched": Rule("", "ours is one schedule: linear warmup, then cosine to train.optim.min_lr per optimizer "
+                             "step (MPP's step-wise one has the same shape; LAVIS's linear_warmup_cosine_lr decays per "
                              "epoch)"),
-    "run.init_lr": Rule("train.lr"),
-    "run.min_lr": Rule("train.min_lr"),
+    "run.init_lr": Rule("train.optim.lr"),
+    "run.min_lr": Rule("train.optim.min_lr"),
     "run.warmup_lr": Rule("", "ours warms up linearly from lr / warmup_steps"),
-    "run.warmup_ratio": Rule("train.warmup_steps", "int(ratio x optimizer steps of one epoch), as MPP's "
+    "run.warmup_ratio": Rule("train.optim.warmup_steps", "int(ratio x optimizer steps of one epoch), as MPP's "
                                                    "train_pipeline.py"),
-    "run.warmup_steps": Rule("train.warmup_steps", "non-pipeline files count it in micro-batches: / accum_grad_iters"),
-    "run.weight_decay": Rule("train.weight_decay", "non-pipeline files"),
-    "run.grad_norm_clip": Rule("train.grad_clip", "non-pipeline files"),
-    "run.batch_size_train": Rule("train.micro_batch_size", "non-pipeline files: per GPU"),
-    "run.accum_grad_iters": Rule("train.grad_accum_steps", "non-pipeline files (x the GPU count / our DP to keep the "
-                                                           "global batch)"),
+    "run.warmup_steps": Rule("train.optim.warmup_steps",
+                             "non-pipeline files count it in micro-batches: / accum_grad_iters"),
+    "run.weight_decay": Rule("train.optim.weight_decay", "non-pipeline files"),
+    "run.grad_norm_clip": Rule("train.optim.grad_clip", "non-pipeline files"),
+    "run.batch_size_train": Rule("train.batch.micro_batch_size", "non-pipeline files: per GPU"),
+    "run.accum_grad_iters": Rule("train.batch.grad_accum_steps",
+                                 "non-pipeline files (x the GPU count / our DP to keep the global batch)"),
     "run.amp": Rule("train.precision", "true: bf16 (MPP's autocast_dtype); false: fp32"),
     "run.autocast_dtype": Rule("train.precision", "non-pipeline files: bf16 / fp16 with run.amp: true"),
     "run.loss_scale": Rule("", "GradScaler switch of the non-pipeline runner: ours scales fp16 losses dynamically "
@@ -140,11 +142,11 @@ MPP_KEYS: dict[str, Rule] = {
                                      "a path: a DeepSpeed ZeRO checkpoint of the non-pipeline runner; convert it and "
                                      "use it as model.checkpoint"),
     "run.resume_ckpt_tag": Rule("", "goes with resume_ckpt_load_dir"),
-    "run.wandb_log": Rule("", "set train.wandb_project to log to Weights & Biases (off unless set)"),
-    "run.deepspeed_config.train_micro_batch_size_per_gpu": Rule("train.micro_batch_size"),
-    "run.deepspeed_config.gradient_accumulation_steps": Rule("train.grad_accum_steps"),
-    "run.deepspeed_config.gradient_clipping": Rule("train.grad_clip", "the global norm over all stages"),
-    "run.deepspeed_config.steps_per_print": Rule("", "we log every train.log_every steps ourselves"),
+    "run.wandb_log": Rule("", "set train.log.wandb_project to log to Weights & Biases (off unless set)"),
+    "run.deepspeed_config.train_micro_batch_size_per_gpu": Rule("train.batch.micro_batch_size"),
+    "run.deepspeed_config.gradient_accumulation_steps": Rule("train.batch.grad_accum_steps"),
+    "run.deepspeed_config.gradient_clipping": Rule("train.optim.grad_clip", "the global norm over all stages"),
+    "run.deepspeed_config.steps_per_print": Rule("", "we log every step ourselves"),
     "run.deepspeed_config.wall_clock_breakdown": Rule("", "python -m lavis.bench measures per-stage time"),
     "run.deepspeed_config.dump_state": Rule("", "DeepSpeed debug output"),
     "run.deepspeed_config.bf16.enabled": Rule("train.precision", "true: bf16"),
@@ -155,16 +157,16 @@ MPP_KEYS: dict[str, Rule] = {
     "run.deepspeed_config.fp16.hysteresis": _FP16_ONLY,
     "run.deepspeed_config.fp16.min_loss_scale": _FP16_ONLY,
     "run.deepspeed_config.optimizer.type": Rule("", "ours is always AdamW (what every predecessor file uses)"),
-    "run.deepspeed_config.optimizer.params.lr": Rule("train.lr", "when run.init_lr is absent; overwritten by the "
+    "run.deepspeed_config.optimizer.params.lr": Rule("train.optim.lr", "when run.init_lr is absent; overwritten by the "
                                                                  "schedule in MPP"),
-    "run.deepspeed_config.optimizer.params.betas": Rule("train.betas"),
-    "run.deepspeed_config.optimizer.params.eps": Rule("train.eps"),
-    "run.deepspeed_config.optimizer.params.weight_decay": Rule("train.weight_decay",
+    "run.deepspeed_config.optimizer.params.betas": Rule("train.optim.betas"),
+    "run.deepspeed_config.optimizer.params.eps": Rule("train.optim.eps"),
+    "run.deepspeed_config.optimizer.params.weight_decay": Rule("train.optim.weight_decay",
                                                                "ours exempts biases and norms as LAVIS does"),
-    "run.deepspeed_config.zero_optimization.stage": Rule("train.zero_stage", "",
+    "run.deepspeed_config.zero_optimization.stage": Rule("train.optim.zero_stage", "",
                                                          "2 or 3: DeepSpeed's pipeline engine has ZeRO 0/1 only"),
     "run.deepspeed_config.zero_optimization.offload_optimizer.device": Rule(
-        "train.offload_optimizer", "cpu: optimizer state in host RAM", "anything but cpu with ZeRO stage 1"),
+        "train.optim.offload_optimizer", "cpu: optimizer state in host RAM", "anything but cpu with ZeRO stage 1"),
     "run.deepspeed_config.zero_optimization.offload_optimizer.pin_memory": Rule("", "pinned when CUDA is present"),
     "run.deepspeed_config.zero_optimization.allgather_partitions": _DS_TUNING,
     "run.deepspeed_config.zero_optimization.allgather_bucket_size": _DS_TUNING,
@@ -207,8 +209,8 @@ MINIGPT4_KEYS: dict[str, Rule] = {
     "datasets.*.build_info.storage": Rule("data.train[].ann_path", "the shard pattern, or the cc_sbu_align "
                                                                    "directory's filter_cap.json and image/"),
     "datasets.*.data_type": Rule("", "images follow from each record"),
-    "datasets.*.batch_size": Rule("train.micro_batch_size", "per GPU; x GPUs x accum_grad_iters is the global batch "
-                                                            "migrate keeps"),
+    "datasets.*.batch_size": Rule("train.batch.micro_batch_size",
+                                  "per GPU; x GPUs x accum_grad_iters is the global batch migrate keeps"),
     "datasets.*.sample_ratio": Rule("", "differs: MiniGPT-4 picks a dataset per iteration by this ratio; ours mixes "
                                         "data.train[].weight x size records per epoch"),
     "datasets.*.vis_processor.train.name": Rule("data.transform", "blip2_image_train / blip2_image_eval -> {kind: "
@@ -219,17 +221,18 @@ MINIGPT4_KEYS: dict[str, Rule] = {
     "run.task": Rule("", "one task: multimodal chat training"),
     "run.lr_sched": Rule("", "differs: MiniGPT-4's linear_warmup_cosine_lr decays per epoch (a staircase); ours per "
                              "step"),
-    "run.init_lr": Rule("train.lr"),
-    "run.min_lr": Rule("train.min_lr"),
+    "run.init_lr": Rule("train.optim.lr"),
+    "run.min_lr": Rule("train.optim.min_lr"),
     "run.warmup_lr": Rule("", "ours warms up linearly from about 0"),
-    "run.weight_decay": Rule("train.weight_decay"),
-    "run.beta2": Rule("train.betas", "[0.9, beta2]"),
+    "run.weight_decay": Rule("train.optim.weight_decay"),
+    "run.beta2": Rule("train.optim.betas", "[0.9, beta2]"),
     "run.max_epoch": Rule("train.max_steps", "max_epoch x iters_per_epoch"),
     "run.iters_per_epoch": Rule("train.max_steps", "max_epoch x iters_per_epoch"),
-    "run.warmup_steps": Rule("train.warmup_steps"),
-    "run.batch_size_train": Rule("train.micro_batch_size", "per GPU (x GPUs x accum_grad_iters: the global batch)"),
+    "run.warmup_steps": Rule("train.optim.warmup_steps"),
+    "run.batch_size_train": Rule("train.batch.micro_batch_size",
+                                 "per GPU (x GPUs x accum_grad_iters: the global batch)"),
     "run.batch_size_eval": _NO_EVAL_LOOP,
-    "run.accum_grad_iters": Rule("train.grad_accum_steps", "x GPUs / our DP keeps the global batch"),
+    "run.accum_grad_iters": Rule("train.batch.grad_accum_steps", "x GPUs / our DP keeps the global batch"),
     "run.num_workers": Rule("data.num_workers"),
     "run.seed": Rule("train.seed", "differs: MiniGPT-4 adds the rank"),
     "run.output_dir": Rule("train.output_dir"),
@@ -242,7 +245,7 @@ MINIGPT4_KEYS: dict[str, Rule] = {
     "run.world_size": _LAVIS_DIST,
     "run.dist_url": _LAVIS_DIST,
     "run.distributed": _LAVIS_DIST,
-    "run.wandb_log": Rule("", "set train.wandb_project to log to Weights & Biases (off unless set)"),
+    "run.wandb_log": Rule("", "set train.log.wandb_project to log to Weights & Biases (off unless set)"),
     "run.job_name": Rule("", "the run is named by train.output_dir"),
     "run.name": Rule("", "the run is named by train.output_dir"),
 }
@@ -250,7 +253,7 @@ MINIGPT4_KEYS: dict[str, Rule] = {
 TABLES = {MPP: MPP_KEYS, MINIGPT4: MINIGPT4_KEYS}
 
 FLAGS: dict[str, Rule] = {
-    "--llm-grad-ckpt": Rule("--options train.activation_checkpoint_interval=0",
+    "--llm-grad-ckpt": Rule("--options train.parallel.activation_checkpoint_interval=0",
                             "differs: MPP's train_pipeline.py flag turns LLM checkpointing OFF (it is on by "
                             "default); ours is on (interval 1) in migrated recipes, 0 turns it off"),
     "--cfg-path": Rule("--cfg-path", "the same, with a migrated recipe (python -m lavis.config.migrate)"),

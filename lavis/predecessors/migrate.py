@@ -295,9 +295,9 @@ def _layout(m: Migration, args: Args) -> tuple[int, int]:
     dp = args.dp or (known[1] if known else 1)
     src = ("--num-stages/--dp" if args.num_stages or args.dp else known[2] if known
            else "not in the file; our choice PP2 x DP1, pass --num-stages/--dp")
-    m.lines.append(f"(layout) -> train.num_stages: {stages}, data-parallel replicas {dp}  ({src}; launch "
+    m.lines.append(f"(layout) -> train.parallel.num_stages: {stages}, data-parallel replicas {dp}  ({src}; launch "
                    f"{stages * dp} processes)")
-    m.set("train.num_stages", stages)
+    m.set("train.parallel.num_stages", stages)
     m.dp = dp
     return stages, dp
 
@@ -381,11 +381,12 @@ def migrate_mpp(m: Migration, args: Args, out_dir: Path) -> Original:
     _run_common(m)
     m.drop_no_effect(MPP)
     if args.gpu_memory_gib:
-        m.set("train.gpu_memory_gib", args.gpu_memory_gib)
-        m.lines.append(f"(--gpu-memory-gib) -> train.gpu_memory_gib: {args.gpu_memory_gib}")
-    m.set("train.activation_checkpoint_interval", 1)
-    m.lines.append("(train_pipeline.py --llm-grad-ckpt, on by default in MPP) -> train.activation_checkpoint_interval"
-                   ": 1  (MPP's flag turns checkpointing OFF when given; ours: set the interval to 0)")
+        m.set("train.parallel.gpu_memory_gib", args.gpu_memory_gib)
+        m.lines.append(f"(--gpu-memory-gib) -> train.parallel.gpu_memory_gib: {args.gpu_memory_gib}")
+    m.set("train.parallel.activation_checkpoint_interval", 1)
+    m.lines.append("(train_pipeline.py --llm-grad-ckpt, on by default in MPP) -> "
+                   "train.parallel.activation_checkpoint_interval: 1  (MPP's flag turns checkpointing OFF when given; "
+                   "ours: set the interval to 0)")
     return orig
 
 
@@ -424,10 +425,11 @@ def _mpp_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int],
     if m.has("run.warmup_ratio"):
         warmup = int(_float(m.get("run.warmup_ratio")) * per_epoch)
         wnote = f"int({m.get('run.warmup_ratio')} x {per_epoch} steps of one epoch), as MPP's train_pipeline.py"
-        m.map("run.warmup_ratio", "train.warmup_steps", warmup, wnote)
+        m.map("run.warmup_ratio", "train.optim.warmup_steps", warmup, wnote)
     else:
         warmup = int(m.get("run.warmup_steps", 0))
-        m.map("run.warmup_steps", "train.warmup_steps", warmup, "" if m.has("run.warmup_steps") else "not in the file")
+        m.map("run.warmup_steps", "train.optim.warmup_steps", warmup,
+              "" if m.has("run.warmup_steps") else "not in the file")
         if not m.has("run.warmup_steps"):
             assumed["warmup steps"] = "no warmup key in the file: assumed 0"
     m.map("run.max_epoch", "train.max_steps", total,
@@ -437,8 +439,8 @@ def _mpp_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int],
     lr = _float(m.get("run.init_lr", m.get(ds + "optimizer.params.lr", 1e-4)))
     min_lr = _float(m.get("run.min_lr", 0.0))
     warmup_lr = _float(m.get("run.warmup_lr", -1))
-    m.map("run.init_lr", "train.lr", lr, "" if m.has("run.init_lr") else "optimizer.params.lr (no run.init_lr)")
-    m.map("run.min_lr", "train.min_lr", min_lr, "end of the cosine" if m.has("run.min_lr") else "not in the file")
+    m.map("run.init_lr", "train.optim.lr", lr, "" if m.has("run.init_lr") else "optimizer.params.lr (no run.init_lr)")
+    m.map("run.min_lr", "train.optim.min_lr", min_lr, "end of the cosine" if m.has("run.min_lr") else "not in the file")
     if not m.has("run.lr_sched"):
         why = "no run.lr_sched in the file: assumed warmup + cosine (ours)"
         assumed.update({"min lr": why, "lr at step": why})
@@ -479,9 +481,9 @@ def _lavis_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int
         raise ConfigError(f"the original's global batch {global_batch} (batch_size_train {micro} x accum {gas} x "
                           f"{gpus} GPUs) is not a multiple of micro-batch {micro} x our DP {dp}; pass --dp")
     our_gas = global_batch // (micro * dp)
-    m.map("run.batch_size_train", "train.micro_batch_size", micro, "per GPU, as the original")
+    m.map("run.batch_size_train", "train.batch.micro_batch_size", micro, "per GPU, as the original")
     m.done.add(ds + "train_micro_batch_size_per_gpu")
-    m.map("run.accum_grad_iters", "train.grad_accum_steps", our_gas,
+    m.map("run.accum_grad_iters", "train.batch.grad_accum_steps", our_gas,
           f"global batch {global_batch} = {micro} x {gas} x {gpus} GPUs kept: {micro} x {our_gas} x DP {dp}")
     m.done.add(ds + "gradient_accumulation_steps")
     epochs = int(m.get("run.max_epoch", 1))
@@ -489,15 +491,15 @@ def _lavis_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int
     total = epochs * per_epoch
     _check_steps(total, n, global_batch, f"{micro} x accum {gas} x {gpus} GPUs")
     warmup = int(m.get("run.warmup_steps", 0)) // gas
-    m.map("run.warmup_steps", "train.warmup_steps", warmup,
+    m.map("run.warmup_steps", "train.optim.warmup_steps", warmup,
           f"LAVIS counts warmup_steps in micro-batches: {m.get('run.warmup_steps', 0)} // accum {gas}")
     m.map("run.max_epoch", "train.max_steps", total,
           f"{epochs} epoch(s) x {per_epoch} steps; {n} samples ({how}: {', '.join(map(str, counts))}), "
           f"floor(floor(ceil({n} / {gpus} GPUs) / {micro}) / accum {gas}) per epoch, as LAVIS's runner counts them")
     lr = _float(m.get("run.init_lr", m.get(ds + "optimizer.params.lr", 1e-4)))
     min_lr = _float(m.get("run.min_lr", 0.0))
-    m.map("run.init_lr", "train.lr", lr)
-    m.map("run.min_lr", "train.min_lr", min_lr)
+    m.map("run.init_lr", "train.optim.lr", lr)
+    m.map("run.min_lr", "train.optim.min_lr", min_lr)
     m.note("run.lr_sched", "LAVIS's linear_warmup_cosine_lr decays once per epoch (a staircase); ours per step")
     if m.has("run.warmup_lr"):
         m.note("run.warmup_lr", "ours warms up linearly from lr / warmup_steps")
@@ -513,9 +515,9 @@ def _lavis_schedule(m: Migration, args: Args, n: int, how: str, counts: list[int
         for k in ("model.autocast_dtype", "run.autocast_dtype"):
             if m.has(k):
                 m.note(k, f"train.precision: {precision}")
-        m.map("run.weight_decay", "train.weight_decay", _float(m.get("run.weight_decay", 0.05)))
+        m.map("run.weight_decay", "train.optim.weight_decay", _float(m.get("run.weight_decay", 0.05)))
         clip = _float(m.get("run.grad_norm_clip", 0.0))
-        m.map("run.grad_norm_clip", "train.grad_clip", clip, "global norm" if clip else "no clipping")
+        m.map("run.grad_norm_clip", "train.optim.grad_clip", clip, "global norm" if clip else "no clipping")
     if m.get("run.fsdp"):
         raise ConfigError("run.fsdp: true: no FSDP under pipeline parallelism; use more stages or ZeRO-1")
     for k in ("run.resume_ckpt_load_dir", "run.resume_ckpt_path"):
@@ -594,7 +596,7 @@ def _datasets(m: Migration, table: dict[str, DatasetSpec]) -> None:
             m.drop(p + "sample_ratio", "MiniGPT-4 picks a dataset per iteration by this ratio; ours mixes "
                                        "data.train[].weight x size records per epoch (one substitute here)")
         if m.has(p + "batch_size"):
-            m.note(p + "batch_size", "train.micro_batch_size (below)")
+            m.note(p + "batch_size", "train.batch.micro_batch_size (below)")
         m.drop(p + "data_type", "images or videos follow from each record")
     if not train:
         raise ConfigError("the file lists no datasets: nothing to train on")
@@ -632,34 +634,34 @@ def _precision(m: Migration, pipeline: bool = True) -> str:
 
 def _deepspeed(m: Migration, micro: int, gas: int, lr: float) -> None:
     ds = "run.deepspeed_config."
-    m.map(ds + "train_micro_batch_size_per_gpu", "train.micro_batch_size", micro)
-    m.map(ds + "gradient_accumulation_steps", "train.grad_accum_steps", gas,
+    m.map(ds + "train_micro_batch_size_per_gpu", "train.batch.micro_batch_size", micro)
+    m.map(ds + "gradient_accumulation_steps", "train.batch.grad_accum_steps", gas,
           "" if int(m.get(ds + "gradient_accumulation_steps", gas)) == gas else "the original's global batch kept on "
           "our layout (above)")
     if m.has(ds + "gradient_clipping"):
-        m.map(ds + "gradient_clipping", "train.grad_clip", _float(m.get(ds + "gradient_clipping")),
+        m.map(ds + "gradient_clipping", "train.optim.grad_clip", _float(m.get(ds + "gradient_clipping")),
               "global norm over all stages")
     p = ds + "optimizer.params."
     if m.has(p + "lr"):
-        m.note(p + "lr", f"overwritten by the schedule at every step in MPP too; train.lr: {lr}")
+        m.note(p + "lr", f"overwritten by the schedule at every step in MPP too; train.optim.lr: {lr}")
     if m.has(p + "betas"):
-        m.map(p + "betas", "train.betas", [float(b) for b in m.get(p + "betas")])
+        m.map(p + "betas", "train.optim.betas", [float(b) for b in m.get(p + "betas")])
     if m.has(p + "eps"):
-        m.map(p + "eps", "train.eps", _float(m.get(p + "eps")))
+        m.map(p + "eps", "train.optim.eps", _float(m.get(p + "eps")))
     if m.has(p + "weight_decay"):
-        m.map(p + "weight_decay", "train.weight_decay", _float(m.get(p + "weight_decay")),
+        m.map(p + "weight_decay", "train.optim.weight_decay", _float(m.get(p + "weight_decay")),
               "ours exempts biases and norms as LAVIS does")
     z = ds + "zero_optimization."
     stage = int(m.get(z + "stage", 0))
     if stage > 1:
         raise ConfigError(f"{z}stage: {stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
-    m.map(z + "stage", "train.zero_stage", stage)
+    m.map(z + "stage", "train.optim.zero_stage", stage)
     offload = m.get(z + "offload_optimizer.device")
     if offload is not None:
         if offload != "cpu" or stage != 1:
             raise ConfigError(f"{z}offload_optimizer.device: {offload!r}: only cpu offload with ZeRO stage 1 "
                               "works here")
-        m.map(z + "offload_optimizer.device", "train.offload_optimizer", True, "optimizer state in host RAM")
+        m.map(z + "offload_optimizer.device", "train.optim.offload_optimizer", True, "optimizer state in host RAM")
 
 
 def _run_common(m: Migration) -> None:
@@ -671,7 +673,7 @@ def _run_common(m: Migration) -> None:
     if m.has("run.num_workers"):
         m.map("run.num_workers", "data.num_workers", int(m.get("run.num_workers")))
     if m.has("run.log_freq"):
-        m.map("run.log_freq", "train.log_every", int(m.get("run.log_freq")))
+        m.drop("run.log_freq", "ours logs every optimizer step (metrics.jsonl, TensorBoard, the progress bar)")
     resume = m.get("run.resume_ckpt_path")
     if resume:
         m.map("run.resume_ckpt_path", "model.checkpoint", str(resume),
@@ -681,7 +683,7 @@ def _run_common(m: Migration) -> None:
         m.drop("run.resume_ckpt_path", "null: nothing to resume; a run resumes from train.output_dir/latest by "
                                        "itself (--resume requires it)")
     if m.has("run.wandb_log"):
-        m.drop("run.wandb_log", "set train.wandb_project to log to Weights & Biases (off unless set)")
+        m.drop("run.wandb_log", "set train.log.wandb_project to log to Weights & Biases (off unless set)")
 
 
 # --- MiniGPT-4 ------------------------------------------------------------------------------------------------------
@@ -746,34 +748,34 @@ def migrate_minigpt4(m: Migration, args: Args, out_dir: Path) -> None:
         raise ConfigError(f"global batch {global_batch} ({per_gpu} per GPU x {gpus} GPUs) is not a multiple of "
                           f"micro-batch {micro} x DP {dp}; pass --micro-batch-size / --dp")
     gas = global_batch // (micro * dp)
-    m.set("train.micro_batch_size", micro)
-    m.set("train.grad_accum_steps", gas)
-    m.lines.append(f"(datasets.*.batch_size, run.accum_grad_iters) -> train.micro_batch_size: {micro}, "
-                   f"train.grad_accum_steps: {gas}  (MiniGPT-4's global batch {global_batch} = {per_gpu} per GPU x "
-                   f"{gpus} GPUs (--pred-gpus); ours {micro} x {gas} x DP {dp})")
+    m.set("train.batch.micro_batch_size", micro)
+    m.set("train.batch.grad_accum_steps", gas)
+    m.lines.append(f"(datasets.*.batch_size, run.accum_grad_iters) -> train.batch.micro_batch_size: {micro}, "
+                   f"train.batch.grad_accum_steps: {gas}  (MiniGPT-4's global batch {global_batch} = {per_gpu} per "
+                   f"GPU x {gpus} GPUs (--pred-gpus); ours {micro} x {gas} x DP {dp})")
     m.done.add("run.accum_grad_iters")
     if m.has("run.batch_size_train"):
-        m.note("run.batch_size_train", f"train.micro_batch_size: {micro}, x GPUs x accum: the global batch above")
+        m.note("run.batch_size_train", f"train.batch.micro_batch_size: {micro}, x GPUs x accum: the global batch above")
     epochs, iters = int(m.get("run.max_epoch", 1)), int(m.get("run.iters_per_epoch", 1))
     m.map("run.max_epoch", "train.max_steps", epochs * iters, f"{epochs} epochs x {iters} iters_per_epoch")
     m.note("run.iters_per_epoch", "train.max_steps (above)")
-    m.map("run.warmup_steps", "train.warmup_steps", int(m.get("run.warmup_steps", 0)))
-    m.map("run.init_lr", "train.lr", _float(m.get("run.init_lr", 1e-4)))
-    m.map("run.min_lr", "train.min_lr", _float(m.get("run.min_lr", 0.0)))
+    m.map("run.warmup_steps", "train.optim.warmup_steps", int(m.get("run.warmup_steps", 0)))
+    m.map("run.init_lr", "train.optim.lr", _float(m.get("run.init_lr", 1e-4)))
+    m.map("run.min_lr", "train.optim.min_lr", _float(m.get("run.min_lr", 0.0)))
     if m.has("run.warmup_lr"):
         m.note("run.warmup_lr", f"ours warms up linearly from about 0, not from {m.get('run.warmup_lr')}")
-    m.map("run.weight_decay", "train.weight_decay", _float(m.get("run.weight_decay", 0.05)))
+    m.map("run.weight_decay", "train.optim.weight_decay", _float(m.get("run.weight_decay", 0.05)))
     beta2 = _float(m.get("run.beta2", 0.999))
-    m.map("run.beta2", "train.betas", [0.9, beta2], "LAVIS's AdamW betas (0.9, beta2)")
-    m.set("train.grad_clip", 0.0)
-    m.lines.append("(no clipping in MiniGPT-4) -> train.grad_clip: 0.0")
+    m.map("run.beta2", "train.optim.betas", [0.9, beta2], "LAVIS's AdamW betas (0.9, beta2)")
+    m.set("train.optim.grad_clip", 0.0)
+    m.lines.append("(no clipping in MiniGPT-4) -> train.optim.grad_clip: 0.0")
     amp = bool(m.get("run.amp", False))
     m.map("run.amp", "train.precision", "bf16" if amp else "fp32",
           "MiniGPT-4's amp is fp16 autocast with a GradScaler; bf16 needs no scaler (Ampere or newer; "
           "train.precision: fp16 for older cards)" if amp else "")
     _run_common(m)
     if args.gpu_memory_gib:
-        m.set("train.gpu_memory_gib", args.gpu_memory_gib)
+        m.set("train.parallel.gpu_memory_gib", args.gpu_memory_gib)
 
 
 def _prompt_path(m: Migration) -> None:
@@ -805,17 +807,18 @@ def side_by_side(orig: Original, cfg: Config, dp: int) -> list[tuple[str, str, s
     """(quantity, predecessor, ours) rows; the values are computed independently from each config. A predecessor
     value that the file does not state is marked ``(assumed)`` (:func:`assumptions` says why)."""
     t = cfg.train
+    micro, gas = t.batch.micro_batch_size, t.batch.grad_accum_steps
     steps = [orig.warmup_steps, (orig.warmup_steps + orig.total_steps) // 2, orig.total_steps - 1]
     rows = [
         ("global batch", f"{orig.micro * orig.gas * orig.dp} = {orig.micro} x {orig.gas} x DP{orig.dp}",
-         f"{t.micro_batch_size * t.grad_accum_steps * dp} = {t.micro_batch_size} x {t.grad_accum_steps} x DP{dp}"),
-        ("warmup steps", str(orig.warmup_steps), str(t.warmup_steps)),
+         f"{micro * gas * dp} = {micro} x {gas} x DP{dp}"),
+        ("warmup steps", str(orig.warmup_steps), str(t.optim.warmup_steps)),
         ("total steps", str(orig.total_steps), str(t.max_steps)),
-        ("peak lr", f"{orig.lr:g}", f"{t.lr:g}"),
-        ("min lr", f"{orig.min_lr:g}", f"{t.min_lr:g}"),
+        ("peak lr", f"{orig.lr:g}", f"{t.optim.lr:g}"),
+        ("min lr", f"{orig.min_lr:g}", f"{t.optim.min_lr:g}"),
     ]
     for s in steps:
-        b = warmup_cosine(s, warmup=t.warmup_steps, total=t.max_steps, lr=t.lr, min_lr=t.min_lr)
+        b = warmup_cosine(s, warmup=t.optim.warmup_steps, total=t.max_steps, lr=t.optim.lr, min_lr=t.optim.min_lr)
         rows.append((f"lr at step {s}", f"{orig.lr_at(s):.4g}", f"{b:.4g}"))
     rows += [("max length", str(orig.max_len), str(cfg.data.max_txt_len)),
              ("precision", orig.precision, t.precision)]
@@ -943,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-type", help="model config in lavis/projects/models/ (default: from the file)")
     ap.add_argument("--micro-batch-size", type=int,
                     help="MiniGPT-4: split its per-GPU batch into micro-batches of this size (same global batch)")
-    ap.add_argument("--gpu-memory-gib", type=float, help="also set train.gpu_memory_gib (the planner's per-GPU limit)")
+    ap.add_argument("--gpu-memory-gib", type=float,
+                    help="also set train.parallel.gpu_memory_gib (the planner's per-GPU limit)")
     ap.add_argument("--pred-gpus", type=int,
                     help="GPUs the original run used when its file does not say (MiniGPT-4, MPP's non-pipeline "
                          "files): its global batch = per-GPU batch x accumulation x this")
@@ -976,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cli_demo.py --cfg-path {a.out} -c CHECKPOINT.pth", file=info)
     else:
         Path(a.out).write_text(res.text)
-        stages = res.cfg.train.num_stages
+        stages = res.cfg.train.parallel.num_stages
         print(f"\nwrote {a.out} (loads strictly). Train with:\n  torchrun --nproc_per_node {stages * res.dp} "
               f"train_pipeline.py --cfg-path {a.out}   ({stages} stages x {res.dp} data-parallel replicas)", file=info)
     return 0
