@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lavis.config.load import load_config
@@ -26,6 +27,11 @@ from lavis.data.tokenizer import TextTokenizer
 REPO = Path(__file__).resolve().parents[1]
 # Annotation indexes (lavis.data.records) of this test session, not the user's ~/.cache; launches inherit it.
 os.environ.setdefault("LAVIS_RECORD_INDEX_DIR", tempfile.mkdtemp(prefix="lavis-test-records-"))
+# One intra-op thread per test process: the tiny models of the suite gain nothing from a second one, and with two
+# xdist workers (or other jobs) on two cores, spinning OpenMP threads cost 10-40x the CPU time of the ops themselves
+# (measured: 400 AdamW steps on 4096 weights, 2.7 s of CPU with 2 threads, 0.07 s with 1). Launches get the same
+# through OMP_NUM_THREADS=1 (`launch`).
+torch.set_num_threads(1)
 DEMO_CFG = REPO / "lavis/projects/demo/shapes.yaml"
 PRETRAIN_CFG = REPO / "lavis/projects/demo/shapes_pretrain.yaml"
 
