@@ -164,12 +164,11 @@ def test_planner_counts_bf16_adamw_without_master_copies():
 
 
 @pytest.fixture(scope="module")
-def opt_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def opt_runs(runs: dict[str, Path], tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("optim")
-    eight = ("train.optimizer=adamw8bit", "train.save_every=1")
+    eight = ("train.optimizer=adamw8bit",)
     return {"pp1_8bit": train(tmp, "pp1_8bit", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=eight),
-            "pp1_adamw": train(tmp, "pp1_adamw", 1, 1, gas=2, data=tiny_data, steps=STEPS,
-                               extra=("train.save_every=1",)),
+            "pp1_adamw": runs["pp1"],  # the session's fp32 AdamW run of the same model (1 stage)
             # stopped after step 3, resumed to STEPS
             "pp2_8bit": train_stopped_and_resumed(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS,
                                                   extra=eight),
@@ -195,11 +194,10 @@ def test_8bit_adamw_pp1_equals_pp2_with_a_resume_in_between(opt_runs: dict[str, 
     assert "resumed from" in log
     assert f"optimizer: {kind}, {cls}" in log
     assert "optimizer: adamw8bit, PipeAdamW8bit" in opt_runs["pp1_8bit"].with_suffix(".log").read_text()
-    assert one != losses(opt_runs["pp1_adamw"])  # another optimizer, another course
 
 
 def _optimizer_state_bytes(run: Path) -> int:
-    tag = run / f"global_step{STEPS}"
+    tag = run / (run / "latest").read_text()  # the sizes depend on the model, not on the step
     files = {*tag.glob("mp_rank_*"), *tag.glob("*optim*")}
     assert files, f"no optimizer state files in {tag}"
     return sum(f.stat().st_size for f in files)
