@@ -74,9 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="output/bench", help="scratch run directory (no checkpoints are written)")
     p.add_argument("--out", help="write the report as JSON here (default <output-dir>/bench.json)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--compare", choices=["predecessor"],
-                   help="also run the predecessors' configuration on the same model, data and machine and print the "
-                        "ratio of non-pad tokens/s and each side's memory per stage")
+    p.add_argument("--compare", choices=["predecessor", "optimizers", "activation_offload"],
+                   help="predecessor: also run the predecessors' configuration on the same model, data and machine "
+                        "and print the ratio of non-pad tokens/s and each side's memory per stage; optimizers: "
+                        "each train.optim.optimizer (adamw_bf16 with precision bf16) against fp32 AdamW, step time "
+                        "and memory per stage side by side; activation_offload: train.parallel.activation_offload "
+                        "false vs true")
     p.add_argument("--feature-cache", metavar="DIR",
                    help="also run from this frozen-feature cache (built first if DIR holds none) and print the "
                         "steps/s ratio; both sides use the eval transform without flip")
@@ -95,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-VARIANTS = ("ours", "predecessor", "pixels", "feature_cache")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adamw_bf16")
+OFFLOAD = ("no_offload", "offload")
+VARIANTS = ("ours", "predecessor", "pixels", "feature_cache", *OPTIMIZERS, *OFFLOAD)
 
 
 def variants(args: argparse.Namespace) -> list[str]:
@@ -103,6 +108,10 @@ def variants(args: argparse.Namespace) -> list[str]:
     out = []
     if args.compare == "predecessor":
         out += ["ours", "predecessor"]
+    if args.compare == "optimizers":
+        out += OPTIMIZERS
+    if args.compare == "activation_offload":
+        out += OFFLOAD
     if args.feature_cache:
         out += ["pixels", "feature_cache"]
     return out
@@ -113,7 +122,9 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     ``predecessor`` (MiniGPT-4 / MPP-Qwen): every sample padded to ``max_txt_len``, every decoder block recomputed
     in backward (``torch.utils.checkpoint``), a float additive mask shipped (with its gradient) between stages, and
     a uniform split (equal layer counts per stage, as DeepSpeed's ``uniform`` with identity pads). ``pixels`` /
-    ``feature_cache``: the eval transform without flip, from pixels or from ``feature_cache``."""
+    ``feature_cache``: the eval transform without flip, from pixels or from ``feature_cache``. An optimizer name:
+    that ``train.optim.optimizer``, in fp32 (``adamw_bf16``: bf16, which it needs). ``no_offload`` / ``offload``:
+    ``train.parallel.activation_offload`` false / true."""
     d, t = cfg.data, cfg.train
     if variant == "ours":
         d = replace(d, fixed_length=False, group_by_length=True)
@@ -127,6 +138,11 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
                             "parallel.activation_checkpoint_blocks": list(range(blocks)),
                             "parallel.inter_stage_mask": "float_additive",
                             "parallel.partition": partition_uniform(blocks + 3, t.parallel.num_stages)})
+    elif variant in OPTIMIZERS:
+        t = with_values(t, {"optim.optimizer": variant, "precision": "bf16" if variant == "adamw_bf16" else "fp32",
+                            "optim.zero_stage": 0, "optim.offload_optimizer": False})
+    elif variant in OFFLOAD:
+        t = with_values(t, {"parallel.activation_offload": variant == "offload"})
     elif variant in ("pixels", "feature_cache"):
         d = replace(d, transform=replace(d.transform, kind="eval", hflip=False),
                     feature_cache=feature_cache if variant == "feature_cache" else None)
@@ -365,10 +381,27 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         lines.append(f"feature cache vs pixels: {1 / fc['step_time_s']:.2f} vs {1 / px['step_time_s']:.2f} steps/s = "
                      f"{result['feature_cache_steps_per_s_ratio']:.2f}x")
         lines += _memory_lines(fc, px, "feature cache", "pixels")
+    if "adamw" in reports:
+        lines += _side_by_side(reports, "adamw", result)
+    if "offload" in reports:
+        lines += _side_by_side(reports, "no_offload", result)
     for name, rep in reports.items():
         print(f"--- {name}\n{format_report(rep)}")
     print("\n".join(lines), flush=True)
     return result
+
+
+def _side_by_side(reports: dict[str, Any], base: str, result: dict[str, Any]) -> list[str]:
+    """One line per side: step time, its ratio to ``base``'s, and peak memory per stage (sets
+    ``result["step_time_ratio"][side]``)."""
+    ratios = result.setdefault("step_time_ratio", {})
+    lines = [f"side by side (step time relative to {base}; peak memory per stage):"]
+    for name, rep in reports.items():
+        ratios[name] = round(rep["step_time_s"] / max(1e-9, reports[base]["step_time_s"]), 3)
+        memory = ", ".join(f"stage {s['stage']} {s['peak_memory_gib']:.2f} GiB ({s['memory_kind']})"
+                           for s in rep["stages"])
+        lines.append(f"  {name:<16} {rep['step_time_s']:.3f} s/step ({ratios[name]:.2f}x) | {memory}")
+    return lines
 
 
 def _memory_lines(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> list[str]:

@@ -16,9 +16,7 @@ from lavis.config.load import ConfigError, load_config
 from lavis.engine import pipe_module
 from lavis.pipeline.plan import LayerCost, Workload, offloaded_stages, stage_memory_bytes
 
-from .conftest import losses, train
-
-STEPS = 5
+from .conftest import STEPS, losses, train
 
 
 def test_offloaded_stages_from_the_config():
@@ -105,13 +103,15 @@ def test_the_hook_wraps_the_forward_of_the_offloaded_stages_only(
 
 
 @pytest.fixture(scope="module")
-def offload_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def offload_runs(runs: dict[str, Path], tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two offloaded runs, with the settings of the session's plain 2-stage run (conftest `runs`, GAS 4) that
+    they are compared with."""
     tmp = tmp_path_factory.mktemp("offload")
     return {
-        "plain": train(tmp, "plain", 2, 2, gas=2, data=tiny_data, steps=STEPS),
-        "offload": train(tmp, "offload", 2, 2, gas=2, data=tiny_data, steps=STEPS,
+        "plain": runs["pp2"],
+        "offload": train(tmp, "offload", 2, 2, gas=4, data=tiny_data,
                          extra=("train.parallel.activation_offload=true",)),
-        "offload0_recompute": train(tmp, "offload0_recompute", 2, 2, gas=2, data=tiny_data, steps=STEPS,
+        "offload0_recompute": train(tmp, "offload0_recompute", 2, 2, gas=4, data=tiny_data,
                                     extra=("train.parallel.activation_offload=[0]",
                                            "train.parallel.activation_checkpoint_interval=1")),
     }
@@ -128,5 +128,3 @@ def test_activation_offload_leaves_the_losses_unchanged(offload_runs: dict[str, 
     on = [s for s in (0, 1) if f"[stage {s}] activation offload: saved activations kept in host memory" in log]
     assert on == stages
     assert "activation offload" not in offload_runs["plain"].with_suffix(".log").read_text()
-
-

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lavis.bench import apply_variant
+from lavis.bench import _side_by_side, apply_variant, parse_args, variants
 from lavis.config.load import load_config
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.layers import DecoderBlockPipe, LMHeadPipe
@@ -32,6 +32,30 @@ def test_predecessor_side_is_the_predecessors_configuration() -> None:
     assert p.partition == [0, 3, 5]  # equal layer counts: 3 + 2 of the 5 layers (DeepSpeed's uniform split)
     ours = apply_variant(cfg, "ours", None)
     assert not ours.data.fixed_length and ours.data.group_by_length and ours.train.parallel.partition is None
+
+
+def test_optimizer_and_offload_sides_change_only_their_keys() -> None:
+    cfg = load_config(PRETRAIN_CFG, ["train.parallel.num_stages=2", "train.precision=bf16"])
+    args = parse_args(["--cfg-path", str(PRETRAIN_CFG), "--compare", "optimizers"])
+    assert variants(args) == ["adamw", "adamw8bit", "paged_adamw8bit", "adamw_bf16"]
+    sides = {v: apply_variant(cfg, v, None).train for v in variants(args)}
+    assert {v: (t.optim.optimizer, t.precision) for v, t in sides.items()} == {
+        "adamw": ("adamw", "fp32"), "adamw8bit": ("adamw8bit", "fp32"), "paged_adamw8bit": ("paged_adamw8bit", "fp32"),
+        "adamw_bf16": ("adamw_bf16", "bf16")}  # against fp32 AdamW; adamw_bf16 needs bf16 weights
+    assert all(t.parallel.num_stages == 2 and t.batch.micro_batch_size == cfg.train.batch.micro_batch_size
+               for t in sides.values())
+    args = parse_args(["--cfg-path", str(PRETRAIN_CFG), "--compare", "activation_offload"])
+    assert [apply_variant(cfg, v, None).train.parallel.activation_offload for v in variants(args)] == [False, True]
+
+
+def test_side_by_side_lines_give_each_sides_step_time_ratio_and_memory() -> None:
+    def rep(step: float, gib: float) -> dict:
+        return {"step_time_s": step, "stages": [{"stage": 0, "peak_memory_gib": gib, "memory_kind": "host RSS"}]}
+
+    result: dict = {}
+    lines = _side_by_side({"adamw": rep(2.0, 1.5), "adamw8bit": rep(3.0, 1.25)}, "adamw", result)
+    assert result["step_time_ratio"] == {"adamw": 1.0, "adamw8bit": 1.5}
+    assert "1.50x" in lines[2] and "stage 0 1.25 GiB (host RSS)" in lines[2]
 
 
 def test_float_additive_mask_gives_the_padding_masks_block_output() -> None:

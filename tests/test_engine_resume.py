@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train
+from .conftest import COMMON, DEMO_CFG, REPO, copy_run, data_options, launch, losses, train
 
 STEPS = 12
 
@@ -78,18 +78,20 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tiny_data: Path, tmp_p
     assert (backup / "latest").read_text() == "global_step8"
 
 
+# The next two tests damage a copy of the session's finished 2-stage run (conftest `runs`, checkpoint at step 6)
+# instead of each training one of their own.
 @pytest.mark.process
-def test_interrupted_save_never_becomes_latest(tiny_data: Path, tmp_path: Path) -> None:
+def test_interrupted_save_never_becomes_latest(runs: dict[str, Path], tmp_path: Path) -> None:
     """A tag directory without our metadata (a save killed half-way) is never resumed from."""
     from lavis.engine import checkpoint
 
-    run = train(tmp_path, "run", 2, 2, gas=2, data=tiny_data, steps=2)
-    assert checkpoint.read_latest(run) == "global_step2"
-    partial = run / "global_step4"
+    run = copy_run(runs["pp2"], tmp_path)
+    assert checkpoint.read_latest(run) == "global_step6"
+    partial = run / "global_step8"
     partial.mkdir()
     (partial / "layer_00-model_states.pt").write_bytes(b"half")
-    assert checkpoint.read_latest(run) == "global_step2"  # `latest` is written last, atomically
-    (run / "latest").write_text("global_step4")  # simulate a corrupted pointer: refused with a clear error
+    assert checkpoint.read_latest(run) == "global_step6"  # `latest` is written last, atomically
+    (run / "latest").write_text("global_step8")  # simulate a corrupted pointer: refused with a clear error
     try:
         checkpoint.read_latest(run)
     except FileNotFoundError as e:
@@ -99,18 +101,19 @@ def test_interrupted_save_never_becomes_latest(tiny_data: Path, tmp_path: Path) 
 
 
 @pytest.mark.process
-def test_resume_refuses_a_layer_file_missing_trained_weights(tiny_data: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_layer_file_missing_trained_weights(runs: dict[str, Path], tiny_data: Path,
+                                                             tmp_path: Path) -> None:
     """Layer files are loaded non-strict (frozen weights are not saved), so a trained weight missing from one must
     be caught by our own check, not silently left at its initial value."""
     import pytest
     import torch
 
-    run = train(tmp_path, "run", 2, 2, gas=2, data=tiny_data, steps=2)
-    f = run / "global_step2" / "layer_02-model_states.pt"
+    run = copy_run(runs["pp2"], tmp_path)  # 2 stages, GAS 4: resumed below with the same settings
+    f = run / "global_step6" / "layer_02-model_states.pt"
     state = torch.load(f, weights_only=True)
     dropped = next(k for k in state if k.endswith("up_proj.weight"))
     del state[dropped]
     torch.save(state, f)
     (f.parent / "checksums.json").unlink()  # as an older version wrote it (else the edit is refused as damage)
     with pytest.raises(AssertionError, match=f"trainable weights missing \\['{dropped}'\\]"):
-        train(tmp_path, "run", 2, 2, gas=2, data=tiny_data, steps=3)
+        train(tmp_path, "run", 2, 2, gas=4, data=tiny_data, steps=7)

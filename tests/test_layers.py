@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import grimp
@@ -39,7 +41,8 @@ def _deferred_lines(path: Path) -> tuple[set[int], set[int]]:
     return in_function, type_checking
 
 
-def _imports() -> list[tuple[str, str, int, bool]]:
+@cache  # the graph of the tree under test, built once for all the tests of this file
+def _imports() -> tuple[tuple[str, str, int, bool], ...]:
     """Every lavis-internal import: (importer, imported, line, inside a function); annotation-only ones left out."""
     graph = grimp.build_graph("lavis", include_external_packages=False)
     out = []
@@ -49,7 +52,7 @@ def _imports() -> list[tuple[str, str, int, bool]]:
             for d in graph.get_import_details(importer=importer, imported=imported):
                 if d["line_number"] not in type_checking:
                     out.append((importer, imported, d["line_number"], d["line_number"] in in_function))
-    return out
+    return tuple(out)
 
 
 def _unit(module: str) -> str:
@@ -80,7 +83,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def _edges(imports: list[tuple[str, str, int, bool]], key, module_level_only: bool) -> dict[str, set[str]]:
+def _edges(imports: Sequence[tuple[str, str, int, bool]], key, module_level_only: bool) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = defaultdict(set)
     for a, b, _, in_function in imports:
         if not (module_level_only and in_function) and key(a) != key(b):

@@ -19,7 +19,7 @@ from lavis.model.llm import decoder_parts, qwen_v1_to_qwen2_config
 from lavis.model.lora import is_adapter_key
 from lavis.pipeline.layers import DecoderBlockPipe
 
-from .conftest import REPO, data_options, losses, train
+from .conftest import REPO, data_options, losses, train, train_stopped_and_resumed
 
 LORA_CFG = REPO / "lavis/projects/demo/shapes_lora.yaml"
 ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -111,11 +111,8 @@ def test_planner_counts_adapters_exactly_and_quantized_weights(tiny_data: Path) 
 def lora_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("lora")
     kw = dict(data=tiny_data, steps=STEPS, cfg=LORA_CFG, extra=ADAPTERS_ONLY)
-    runs = {"pp1": train(tmp, "pp1", 1, 1, gas=2, **kw)}
-    train(tmp, "pp2", 2, 2, gas=2, stop_at=3, **kw)  # PP2 stops after step 3 with a checkpoint ...
-    (tmp / "pp2.log").rename(tmp / "pp2_first.log")
-    runs["pp2"] = train(tmp, "pp2", 2, 2, gas=2, **kw)  # ... and resumes to step 5
-    return runs
+    return {"pp1": train(tmp, "pp1", 1, 1, gas=2, **kw),
+            "pp2": train_stopped_and_resumed(tmp, "pp2", 2, 2, gas=2, **kw)}  # stops after step 3, resumes to 5
 
 
 @pytest.mark.process

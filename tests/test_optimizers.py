@@ -16,7 +16,8 @@ from lavis.config.load import ConfigError, deepspeed_config, load_config
 from lavis.engine.optim import PipeAdamW, PipeKahanAdamW, build_optimizer
 from lavis.pipeline.plan import optimizer_bytes_per_param
 
-from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train
+from .conftest import COMMON, DEMO_CFG, REPO, data_options, launch, losses, train, train_stopped_and_resumed
+from .test_lora import ADAPTERS, ADAPTERS_ONLY, LORA_CFG, PROJ
 
 STEPS = 5
 
@@ -164,31 +165,40 @@ def test_planner_counts_bf16_adamw_without_master_copies():
 
 
 @pytest.fixture(scope="module")
-def opt_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def opt_runs(runs: dict[str, Path], tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("optim")
-    eight = ("train.optim.optimizer=adamw8bit", "train.checkpoint.save_every=1")
-    runs = {"pp1_8bit": train(tmp, "pp1_8bit", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=eight),
-            "pp1_adamw": train(tmp, "pp1_adamw", 1, 1, gas=2, data=tiny_data, steps=STEPS,
-                               extra=("train.checkpoint.save_every=1",))}
-    train(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=eight, stop_at=3)  # stops after step 3
-    (tmp / "pp2_8bit.log").rename(tmp / "pp2_8bit_first.log")
-    runs["pp2_8bit"] = train(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=eight)  # resumes
-    return runs
+    eight = ("train.optim.optimizer=adamw8bit",)
+    return {"pp1_8bit": train(tmp, "pp1_8bit", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=eight),
+            "pp1_adamw": runs["pp1"],  # the session's fp32 AdamW run of the same model (1 stage)
+            # stopped after step 3, resumed to STEPS
+            "pp2_8bit": train_stopped_and_resumed(tmp, "pp2_8bit", 2, 2, gas=2, data=tiny_data, steps=STEPS,
+                                                  extra=eight),
+            "pp2_paged": train_stopped_and_resumed(tmp, "pp2_paged", 2, 2, gas=2, data=tiny_data, steps=STEPS,
+                                                   extra=("train.optim.optimizer=paged_adamw8bit",))}
 
 
+# fp32 `adamw` (the default) is covered by the launches of other files: 1 and 2 stages against plain torch
+# (test_train_launch.py::test_pp1_pp2_pp2xdp2_match_plain_torch) and exact resume of a 2-stage run
+# (test_engine_resume.py::test_sigkill_then_resume_reproduces_uninterrupted_run).
 @pytest.mark.process
-def test_8bit_adamw_pp1_equals_pp2_with_a_resume_in_between(opt_runs: dict[str, Path]):
-    one, two = losses(opt_runs["pp1_8bit"]), losses(opt_runs["pp2_8bit"])
+@pytest.mark.parametrize("pp2, kind, cls", [("pp2_8bit", "adamw8bit", "PipeAdamW8bit"),
+                                          ("pp2_paged", "paged_adamw8bit", "PipePagedAdamW8bit")])
+def test_8bit_adamw_pp1_equals_pp2_with_a_resume_in_between(opt_runs: dict[str, Path], pp2: str, kind: str, cls: str):
+    """Both 8-bit variants against the 1-stage adamw8bit run: on a CPU bitsandbytes' paged AdamW8bit falls back to
+    the plain one ("Paged optimizers are not supported on CPU"), so its 2-stage run stopped at step 3 and resumed
+    must give the same losses; on CUDA only its state's memory differs (unified memory paged to the host)."""
+    one, two = losses(opt_runs["pp1_8bit"]), losses(opt_runs[pp2])
     assert len(one) == len(two) == STEPS
     for a, b in zip(one, two):
         assert abs(a - b) / abs(a) <= 1e-5, (one, two)
-    assert "resumed from" in opt_runs["pp2_8bit"].with_suffix(".log").read_text()
+    log = opt_runs[pp2].with_suffix(".log").read_text()
+    assert "resumed from" in log
+    assert f"optimizer: {kind}, {cls}" in log
     assert "optimizer: adamw8bit, PipeAdamW8bit" in opt_runs["pp1_8bit"].with_suffix(".log").read_text()
-    assert one != losses(opt_runs["pp1_adamw"])  # another optimizer, another course
 
 
 def _optimizer_state_bytes(run: Path) -> int:
-    tag = run / f"global_step{STEPS}"
+    tag = run / (run / "latest").read_text()  # the sizes depend on the model, not on the step
     files = {*tag.glob("mp_rank_*"), *tag.glob("*optim*")}
     assert files, f"no optimizer state files in {tag}"
     return sum(f.stat().st_size for f in files)
@@ -209,11 +219,14 @@ BF16 = ("train.precision=bf16", "train.optim.optimizer=adamw_bf16", "train.num_t
 @pytest.fixture(scope="module")
 def bf16_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("optim_bf16")
-    runs = {"pp1": train(tmp, "pp1", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=BF16)}
-    train(tmp, "pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=BF16, stop_at=3)  # stops after step 3
-    (tmp / "pp2.log").rename(tmp / "pp2_first.log")
-    runs["pp2"] = train(tmp, "pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=BF16)  # resumes
-    return runs
+    return {"pp1": train(tmp, "pp1", 1, 1, gas=2, data=tiny_data, steps=STEPS, extra=BF16),
+            # stopped after step 3, resumed to STEPS
+            "pp2": train_stopped_and_resumed(tmp, "pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, extra=BF16),
+            # 1 stage x 2 replicas: the same global batch (2 x 4 samples) as pp1's 2 micro-batches
+            "pp1dp2": train(tmp, "pp1dp2", 2, 1, gas=1, data=tiny_data, steps=STEPS, extra=BF16),
+            # LoRA: only the adapters and the projection train, on 2 stages
+            "lora_pp2": train(tmp, "lora_pp2", 2, 2, gas=2, data=tiny_data, steps=STEPS, cfg=LORA_CFG,
+                              extra=(*ADAPTERS_ONLY, *BF16))}
 
 
 @pytest.mark.process
@@ -231,6 +244,44 @@ def test_bf16_adamw_pp1_equals_pp2_with_a_resume_in_between(bf16_runs: dict[str,
     assert state and all(s["comp"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.float32
                          for s in state.values())
     assert one[-1] < one[0]  # it learns
+
+
+def _kahan_state(run: Path, files: str) -> list[dict]:
+    """The optimizer's per-parameter state of each stage of ``run``'s last checkpoint."""
+    out = []
+    for f in sorted((run / f"global_step{STEPS}").glob(files)):
+        out += torch.load(f, map_location="cpu", weights_only=True)["optimizer"]["state"].values()
+    return out
+
+
+@pytest.mark.process
+def test_bf16_adamw_data_parallel_replicas_follow_the_one_stage_run(bf16_runs: dict[str, Path]):
+    """1 stage x 2 replicas: the replicas' bf16 gradients are averaged before our all-stage clipping and the Kahan
+    update, and the run gives the 1-stage run's losses (same global batch; bitwise equal here, checked to 1e-5)."""
+    one, dp = losses(bf16_runs["pp1"]), losses(bf16_runs["pp1dp2"])
+    assert len(one) == len(dp) == STEPS
+    for a, b in zip(one, dp):
+        assert abs(a - b) / abs(a) <= 1e-5, (one, dp)
+    assert dp[-1] < dp[0]  # it learns
+    log = bf16_runs["pp1dp2"].with_suffix(".log").read_text()
+    assert "optimizer: adamw_bf16, PipeKahanAdamW (bf16, ZeRO stage 0)" in log
+    state = _kahan_state(bf16_runs["pp1dp2"], "mp_rank_00_model_states.pt")
+    assert state and all(s["comp"].dtype == torch.bfloat16 for s in state)
+
+
+@pytest.mark.process
+def test_bf16_adamw_trains_lora_adapters_only(bf16_runs: dict[str, Path]):
+    """With LoRA the optimizer holds state for the adapters and the projection only (and the stages' zero
+    anchors), all bf16 with their compensation; the run learns."""
+    run = bf16_runs["lora_pp2"]
+    ls = losses(run)
+    assert len(ls) == STEPS and ls[-1] < ls[0]
+    log = run.with_suffix(".log").read_text()
+    assert "optimizer: adamw_bf16, PipeKahanAdamW (bf16, ZeRO stage 0)" in log
+    state = _kahan_state(run, "mp_rank_*_model_states.pt")
+    trained = sum(s["exp_avg"].numel() for s in state if s["exp_avg"].numel() > 1)  # anchors hold one zero each
+    assert trained == PROJ + ADAPTERS
+    assert all(s["comp"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.float32 for s in state)
 
 
 @pytest.mark.process

@@ -93,19 +93,22 @@ def test_run_directory_contract_and_full_model_converter(runs: dict[str, Path], 
     assert torch.equal(state["llm_model.model.embed_tokens.weight"], layer["embed_tokens.weight"])
 
 
-@pytest.mark.parametrize(("stages", "precision", "zero", "offload"),
-                         [(2, "fp32", 0, False), (3, "fp32", 0, False), (2, "bf16", 0, False), (3, "bf16", 0, False),
-                          (3, "bf16", 1, False), (2, "bf16", 1, True)])
+@pytest.mark.parametrize(("stages", "precision", "zero", "offload", "optimizer"),
+                         [(2, "fp32", 0, False, "adamw"), (3, "fp32", 0, False, "adamw"),
+                          (2, "bf16", 0, False, "adamw"), (3, "bf16", 0, False, "adamw_bf16"),
+                          (3, "bf16", 1, False, "adamw"), (2, "bf16", 1, True, "adamw")])
 @pytest.mark.process
 def test_pretrain_recipe_frozen_stages(
-    tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int, offload: bool
+    tiny_data: Path, tmp_path: Path, stages: int, precision: str, zero: int, offload: bool, optimizer: str
 ) -> None:
-    """Only the projection trains: later stages own no trainable parameter (the anchor keeps DeepSpeed happy)."""
+    """Only the projection trains: later stages own no trainable parameter (the anchor keeps DeepSpeed happy), also
+    under the bf16 AdamW without fp32 master copies (``adamw_bf16``)."""
     out = train(tmp_path, "pre", stages, stages, gas=2, data=tiny_data, steps=3, cfg=PRETRAIN_CFG,
                 extra=(f"train.precision={precision}", f"train.optim.zero_stage={zero}",
-                       f"train.optim.offload_optimizer={str(offload).lower()}"))
+                       f"train.optim.offload_optimizer={str(offload).lower()}", f"train.optim.optimizer={optimizer}"))
     log = out.with_suffix(".log").read_text()
     assert f"ZeRO stage {zero}" in log and ("offloaded to CPU" in log) == offload
+    assert f"optimizer: {optimizer}, " in log
     ls = losses(out)
     assert len(ls) == 3 and all(torch.isfinite(torch.tensor(ls)))
     tag = out / "global_step3"
