@@ -13,7 +13,7 @@ from typing import Literal
 from lavis.config.schema import Config, ModelConfig, TrainConfig
 from lavis.model.components import FIRST_LAYER_PREFIXES
 
-LayerKind = Literal["embed", "block", "norm", "head"]
+LayerKind = Literal["embed", "block", "norm", "head", "vision"]
 
 
 @dataclass(frozen=True)
