@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from lavis.data.formats import DatasetFormat
 from lavis.data.templates import TemplateName
+from lavis.vlm.config import VLMConfig
 
 
 def check_range(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -177,6 +178,9 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the random init of weight matrices (transformers' ``initializer_range``). 0.02 suits wide models;
     a from-scratch tiny model (width 128) learns faster with about 1/sqrt(width)."""
+    vlm: VLMConfig | None = None
+    """A transformers VLM (Qwen2.5-VL / Qwen3-VL directory, ``lavis.vlm``) instead of the BLIP-2-style stack above;
+    None = the BLIP-2-style model."""
 
     def __post_init__(self) -> None:
         check_range(self.init_std > 0, "model.init_std", "> 0", self.init_std)

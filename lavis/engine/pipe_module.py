@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -76,11 +77,15 @@ class LavisPipelineModule(PipelineModule):
     def apply_trainable(self, cfg: ModelConfig, table: list[LayerEntry]) -> int:
         """Set ``requires_grad`` from the config; add anchors for the optimizer groups this stage lacks. Returns
         the number of trainable parameters."""
+        return self.apply_trainable_by(lambda plain: is_trainable(plain, cfg), table)
+
+    def apply_trainable_by(self, trainable: Callable[[str], bool], table: list[LayerEntry]) -> int:
+        """:meth:`apply_trainable` with ``trainable(plain weight name)`` deciding (any model family)."""
         count = 0
         has_matrix = has_vector = False  # the optimizer's weight-decay / no-decay groups (engine.optim)
         for idx, layer in self.local_layers().items():
             for name, p in layer.named_parameters():
-                p.requires_grad_(is_trainable(table[idx].to_plain(name), cfg))
+                p.requires_grad_(trainable(table[idx].to_plain(name)))
                 if p.requires_grad:
                     count += p.numel()
                     has_matrix |= p.ndim >= 2

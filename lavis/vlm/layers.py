@@ -269,24 +269,28 @@ def layer_classes(hf: PretrainedConfig, per_layer: int = 1) -> list[tuple[type[n
 
 
 def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1) -> list:
-    """DeepSpeed ``LayerSpec``s: each stage builds only its own layers (on the meta device; weights are then
-    streamed in by :func:`lavis.vlm.weights.load_stage`)."""
+    """DeepSpeed ``LayerSpec``s: each stage builds only its own layers, allocated but not initialised (weights are
+    then streamed in by :func:`lavis.vlm.weights.load_stage`)."""
     from deepspeed.pipe import LayerSpec
 
-    return [LayerSpec(MetaBuilt, cls, *args) for cls, args in layer_classes(hf, per_layer)]
+    class MetaLayerSpec(LayerSpec):
+        def build(self, log: bool = False) -> nn.Module:
+            return meta_built(self.typename, *self.module_args, **self.module_kwargs)
+
+    return [MetaLayerSpec(cls, *args) for cls, args in layer_classes(hf, per_layer)]
 
 
-def MetaBuilt(cls: type[nn.Module], *args: object) -> nn.Module:  # noqa: N802 - a LayerSpec "class"
+def meta_built(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Module:
     """``cls(*args)`` with its parameters allocated but not initialised (no random init is drawn for weights that
-    are read from files next)."""
+    are read next)."""
     with torch.device("meta"):
-        module = cls(*args)
+        module = cls(*args, **kwargs)
     return module.to_empty(device="cpu")
 
 
 def build_layers(hf: PretrainedConfig, per_layer: int = 1, meta: bool = True) -> list[nn.Module]:
     """Every layer, in one process (tests, converters, chat)."""
-    make = MetaBuilt if meta else (lambda cls, *args: cls(*args))
+    make = meta_built if meta else (lambda cls, *args: cls(*args))
     return [make(cls, *args) for cls, args in layer_classes(hf, per_layer)]
 
 

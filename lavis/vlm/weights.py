@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from lavis.pipeline.plan import LayerEntry
 from lavis.vlm.arch import reference_model
 from lavis.vlm.config import VLMConfig
-from lavis.vlm.layers import build_layers
+from lavis.vlm.layers import build_layers, layer_table
 from lavis.weights.llm import scan_llm_dir
 from lavis.weights.report import FileReport, ShapeMismatch
 
@@ -36,8 +36,6 @@ def published_key(key: str) -> str:
 
 def model_shapes(hf: PretrainedConfig, per_layer: int = 1) -> dict[str, tuple[int, ...]]:
     """Published name -> shape of every weight of the layer list (built on the meta device: nothing allocated)."""
-    from lavis.vlm.layers import layer_table
-
     table = layer_table(hf, per_layer)
     with torch.device("meta"):
         layers = build_layers(hf, per_layer, meta=False)
