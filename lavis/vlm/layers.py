@@ -79,6 +79,7 @@ class PatchEmbedPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> VisionIO:
         pixels, grid, kind, second_per_grid, ids_BL, mask_BL = inputs
+        check_placeholders(self.hf, grid, kind, ids_BL)
         images, videos = grid[kind == IMAGE], grid[kind == VIDEO]
         pos = self.rope_index(ids_BL, mask_BL, images if len(images) else None, videos if len(videos) else None,
                               second_per_grid[kind == VIDEO] if len(videos) else None)
@@ -178,22 +179,29 @@ class MergerEmbedPipe(nn.Module):
         """``tokens`` (all items' merged tokens, grid order) written over ``base_BLD`` at the placeholders: image
         items' tokens at the image token in order, video items' at the video token (``masked_scatter``, as
         transformers does)."""
-        merge = self.hf.vision_config.spatial_merge_size
-        sizes = (grid.prod(-1) // merge**2).tolist()
+        sizes = (grid.prod(-1) // self.hf.vision_config.spatial_merge_size**2).tolist()
         parts = torch.split(tokens, sizes)
         out = base_BLD
-        for code, token_id, what in ((IMAGE, self.hf.image_token_id, "image"),
-                                     (VIDEO, self.hf.video_token_id, "video")):
+        check_placeholders(self.hf, grid, kind, ids_BL)
+        for code, token_id in ((IMAGE, self.hf.image_token_id), (VIDEO, self.hf.video_token_id)):
             rows = [p for p, k in zip(parts, kind.tolist()) if k == code]
-            mask = ids_BL == token_id
-            n_feat = sum(r.shape[0] for r in rows)
-            if int(mask.sum()) != n_feat:
-                raise ValueError(f"{what} placeholders in the batch: {int(mask.sum())}, {what} tokens from the "
-                                 f"vision tower: {n_feat} (each {what} needs grid_t*grid_h*grid_w/{merge**2} "
-                                 "placeholders; was the text made by the model's own processor?)")
             if rows:
-                out = out.masked_scatter(mask.unsqueeze(-1), torch.cat(rows).to(out.dtype))
+                mask = (ids_BL == token_id).unsqueeze(-1)
+                out = out.masked_scatter(mask, torch.cat(rows).to(out.dtype))
         return out
+
+
+def check_placeholders(hf: PretrainedConfig, grid: torch.Tensor, kind: torch.Tensor, ids_BL: torch.Tensor) -> None:
+    """The batch holds as many image / video placeholders as the grids give merged tokens."""
+    merge = hf.vision_config.spatial_merge_size
+    tokens = (grid.prod(-1) // merge**2).tolist()
+    for code, token_id, what in ((IMAGE, hf.image_token_id, "image"), (VIDEO, hf.video_token_id, "video")):
+        n_feat = sum(n for n, k in zip(tokens, kind.tolist()) if k == code)
+        n_ids = int((ids_BL == token_id).sum())
+        if n_ids != n_feat:
+            raise ValueError(f"{what} placeholders in the batch: {n_ids}, {what} tokens from the vision tower: "
+                             f"{n_feat} (each {what} needs grid_t*grid_h*grid_w/{merge**2} placeholders; was the "
+                             "text made by the model's own processor?)")
 
 
 class DecoderBlockPipe(nn.Module):

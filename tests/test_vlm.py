@@ -1,0 +1,149 @@
+"""lavis.vlm: tiny Qwen2.5-VL and Qwen3-VL directories written by transformers itself are read with every tensor
+accounted for, and the layer list (transformers' own modules, split for the pipeline) computes transformers' logits
+for two images of different, non-square sizes (and an image + a video)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
+
+from lavis.model.mllm import lm_loss
+from lavis.pipeline.plan import Workload, plan_stages
+from lavis.testing.vlm import (
+    FAMILIES,
+    image_and_video_batch,
+    reference_forward,
+    two_image_batch,
+    write_tiny_dir,
+)
+from lavis.vlm.arch import read_hf_config
+from lavis.vlm.config import VLMConfig
+from lavis.vlm.costs import is_trainable, layer_costs
+from lavis.vlm.layers import build_layers, layer_table, run_layers
+from lavis.vlm.weights import check_directory, load_stage, published_key
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dir(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _ours(path: Path, per_layer: int = 1) -> tuple[list[torch.nn.Module], VLMConfig]:
+    cfg = VLMConfig(path=str(path), vision_blocks_per_layer=per_layer)
+    hf = read_hf_config(cfg)
+    layers = build_layers(hf, per_layer)
+    load_stage(cfg, hf, layer_table(hf, per_layer), dict(enumerate(layers)))
+    return [layer.eval() for layer in layers], cfg
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_every_tensor_of_a_sharded_directory_is_accounted_for(tiny_dir: Path) -> None:
+    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 3  # really sharded
+    cfg = VLMConfig(path=str(tiny_dir))
+    reports = check_directory(cfg, read_hf_config(cfg))
+    assert all(r.ok for r in reports)
+    assert sorted(k for r in reports for k in r.loaded) == sorted(index)
+    hf = read_hf_config(cfg)
+    table = layer_table(hf)
+    ours = {table[i].to_plain(k) for i, layer in enumerate(build_layers(hf)) for k in layer.state_dict()}
+    assert ours == {published_key(k) for k in index}  # Qwen3-VL is saved with transformers' in-memory names
+
+
+def _rewrite_shard(directory: Path, edit: str, key: str) -> Path:
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = directory / (index["weight_map"][key] if edit == "drop" else sorted(set(index["weight_map"].values()))[0])
+    tensors = load_file(shard)
+    if edit == "drop":
+        del tensors[key]
+        del index["weight_map"][key]
+    else:
+        tensors[key] = torch.zeros(2)
+        index["weight_map"][key] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    return shard
+
+
+@pytest.mark.parametrize("family,edit,key", [
+    ("qwen2_5_vl", "drop", "visual.blocks.1.attn.qkv.weight"),
+    ("qwen2_5_vl", "drop", "model.layers.2.mlp.down_proj.weight"),
+    ("qwen2_5_vl", "add", "visual.blocks.7.attn.qkv.weight"),
+    ("qwen3_vl", "drop", "model.visual.deepstack_merger_list.1.norm.weight"),
+    ("qwen3_vl", "add", "model.language_model.layers.3.mlp.up_proj.weight"),
+])
+def test_a_missing_or_extra_tensor_is_refused_naming_it(tmp_path: Path, family: str, edit: str, key: str) -> None:
+    directory = write_tiny_dir(tmp_path / "m", family)
+    shard = _rewrite_shard(directory, edit, key)
+    cfg = VLMConfig(path=str(directory))
+    hf = read_hf_config(cfg)
+    layers = build_layers(hf)
+    named = published_key(key) if edit == "drop" else key  # missing: the model's name; unexpected: the file's
+    with pytest.raises(ValueError, match=f"(missing|unexpected): {named}") as e:
+        load_stage(cfg, hf, layer_table(hf), {0: layers[0]})  # any stage checks the whole directory first
+    assert str(directory) in str(e.value) and (edit == "drop" or shard.name in str(e.value))
+
+
+def test_not_a_model_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no config.json"):
+        read_hf_config(VLMConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("per_layer", [1, 2])
+def test_logits_for_two_non_square_images_equal_transformers(tiny_dir: Path, per_layer: int) -> None:
+    ref = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    layers, _ = _ours(tiny_dir, per_layer)
+    inputs, labels = two_image_batch()
+    with torch.no_grad():
+        want = reference_forward(ref, inputs, labels)
+        got = run_layers(layers, inputs)
+    assert got.shape == want.logits.shape
+    assert _rel(got, want.logits) <= 1e-5
+    assert abs(float(lm_loss(got, labels)) - float(want.loss)) <= 1e-5 * float(want.loss)
+
+
+def test_an_image_and_a_video_equal_transformers(tiny_dir: Path) -> None:
+    ref = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    layers, _ = _ours(tiny_dir)
+    inputs, _ = image_and_video_batch(read_hf_config(VLMConfig(path=str(tiny_dir))).model_type)
+    with torch.no_grad():
+        assert _rel(run_layers(layers, inputs), reference_forward(ref, inputs).logits) <= 1e-5
+
+
+def test_placeholder_count_must_match_the_grids(tiny_dir: Path) -> None:
+    layers, _ = _ours(tiny_dir)
+    pixels, grid, kind, spg, ids, mask = two_image_batch()[0]
+    ids = ids.clone()
+    ids[0, 3] = 5  # one image placeholder less
+    with pytest.raises(ValueError, match="image placeholders in the batch: 23, image tokens from the vision tower: 24"):
+        run_layers(layers, (pixels, grid, kind, spg, ids, mask))
+
+
+def test_costs_place_vision_blocks_and_freezing_follows_the_config(tiny_dir: Path) -> None:
+    cfg = VLMConfig(path=str(tiny_dir), freeze_vision=True, freeze_merger=False, freeze_llm=False)
+    hf = read_hf_config(cfg)
+    table = layer_table(hf)
+    work = Workload(tokens=2 * 64, seq_len=64, images=4)
+    costs = layer_costs(hf, cfg, work, patches=96)
+    assert [c.kind for c in costs] == [e.kind for e in table]
+    layers = build_layers(hf)
+    assert [c.params for c in costs] == [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    assert all(c.trainable_params == 0 for c in costs if c.kind == "vision")
+    assert all(c.trainable_params == c.params for c in costs if c.kind in ("block", "norm", "head"))
+    assert costs[0].flops == 2.0 * costs[0].params * 96  # frozen, nothing trainable before it: forward only
+    trained = layer_costs(hf, VLMConfig(path=str(tiny_dir), freeze_vision=False), work, patches=96)
+    assert trained[0].flops == 3 * costs[0].flops  # trainable: backward twice the forward
+    more = layer_costs(hf, cfg, work, patches=960)
+    assert all(m.flops > c.flops for m, c in zip(more[1:4], costs[1:4]))  # vision blocks grow with the patches
+    parts = plan_stages(costs, 3, work)
+    assert parts[0] == 0 and parts[-1] == len(table) and len(parts) == 4
+    assert is_trainable("visual.merger.mlp.0.weight", cfg) and not is_trainable("visual.blocks.0.norm1.weight", cfg)
