@@ -5,6 +5,9 @@ for two images of different, non-square sizes (and an image + a video)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload, plan_stages
 from lavis.testing.vlm import (
     FAMILIES,
+    MICRO_BATCH,
     image_and_video_batch,
     reference_forward,
     two_image_batch,
@@ -26,6 +30,8 @@ from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import check_directory, load_stage, published_key
+
+from .conftest import REPO
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -147,3 +153,39 @@ def test_costs_place_vision_blocks_and_freezing_follows_the_config(tiny_dir: Pat
     parts = plan_stages(costs, 3, work)
     assert parts[0] == 0 and parts[-1] == len(table) and len(parts) == 4
     assert is_trainable("visual.merger.mlp.0.weight", cfg) and not is_trainable("visual.blocks.0.norm1.weight", cfg)
+
+
+TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
+PARTITIONS = {1: "0,10", 2: "0,3,10", 3: "0,2,6,10"}
+"""Of the 10 layers (patch embed, 3 vision blocks, merger + embed, 3 decoder blocks, norm, head): 2 stages cut the
+vision tower (a DeepStack feature of Qwen3-VL travels with the patches); 3 stages also cut between the decoder
+blocks that add DeepStack features (the second one travels with the hidden states)."""
+
+
+def _train(directory: Path, stages: int, out: Path, steps: int = 5) -> dict:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = out / f"losses{stages}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
+           str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(result.read_text())
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_training_with_1_2_3_stages_gives_the_same_losses(family: str, tmp_path: Path) -> None:
+    """The real trainer's ``build_run`` (``model.vlm``) and DeepSpeed's pipeline engine on CPU (gloo), fp32: the
+    first loss is transformers' loss on the same batch; 5 steps give the same losses with 1, 2 and 3 stages."""
+    directory = write_tiny_dir(tmp_path / "model", family)
+    ref = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():  # step 1 = micro-batches 0 and 1 (grad_accum_steps 2); DeepSpeed reports their mean
+        first = sum(float(reference_forward(ref, *two_image_batch(seed=i, batch=MICRO_BATCH)).loss)
+                    for i in range(2)) / 2
+    runs = {s: _train(directory, s, tmp_path) for s in (1, 2, 3)}
+    assert [runs[s]["boundaries"] for s in (1, 2, 3)] == [[int(b) for b in PARTITIONS[s].split(",")] for s in (1, 2, 3)]
+    base = runs[1]["losses"]
+    assert len(base) == 5 and abs(base[0] - first) <= 1e-5 * first
+    for s in (2, 3):
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(runs[s]["losses"], base)), (s, runs[s], base)
+    assert base[-1] != base[0]  # the weights moved

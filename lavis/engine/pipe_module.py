@@ -30,7 +30,6 @@ from lavis.model.lora import check_quantize_runtime, is_adapter_key
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
 from lavis.pipeline.plan import LayerEntry
-from lavis.pipeline.stage_io import StageIO
 from lavis.weights.report import FileReport
 
 
@@ -124,8 +123,8 @@ class LavisPipelineModule(PipelineModule):
             out = super().forward(forward_input)
         if len(self.group_anchors):
             zero = sum(0.0 * a.sum() for a in self.group_anchors)
-            if isinstance(out, tuple):
-                out = StageIO(out[0] + zero.to(out[0].dtype), *out[1:])
+            if isinstance(out, tuple):  # StageIO, or another family's inter-stage tuple (lavis.vlm.layers)
+                out = (out[0] + zero.to(out[0].dtype), *out[1:])
             else:
                 out = out + zero.to(out.dtype)
         # DeepSpeed sends plain tuples of tensors between stages.

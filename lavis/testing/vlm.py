@@ -21,6 +21,8 @@ VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hi
 SPECIAL = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START,
                vision_end_token_id=VISION_END, tie_word_embeddings=False)
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+MICRO_BATCH = 2
+"""Samples per micro-batch of the pipeline training test (``tests/scripts/vlm_train.py``)."""
 
 
 def tiny_hf_dict(family: str) -> dict[str, Any]:

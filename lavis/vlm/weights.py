@@ -100,8 +100,9 @@ def check_directory(cfg: VLMConfig, hf: PretrainedConfig) -> list[FileReport]:
 def load_stage(cfg: VLMConfig, hf: PretrainedConfig, table: list[LayerEntry],
                layers: dict[int, nn.Module]) -> list[FileReport]:
     """Copy in the weights of ``layers`` (``{layer index: module}``, this stage's layers): from ``model.vlm.path``
-    (the whole directory checked first, then only these tensors read, one at a time), or with no path from
-    transformers' own random init of the whole model drawn from ``init_seed`` (tiny models)."""
+    (the whole directory checked first, headers only, raising on any missing / unexpected / mis-shaped tensor;
+    then only these tensors read, one at a time), or with no path from transformers' own random init of the whole
+    model drawn from ``init_seed`` (tiny models). Returns one report per file read (what this stage loaded)."""
     targets = {table[i].to_plain(k): t for i, layer in layers.items() for k, t in layer.state_dict().items()}
     if cfg.path is None:
         state = {published_key(k): v for k, v in reference_model(hf, cfg.init_seed).state_dict().items()}
@@ -109,16 +110,20 @@ def load_stage(cfg: VLMConfig, hf: PretrainedConfig, table: list[LayerEntry],
             for key, t in targets.items():
                 t.copy_(state[key] if key in state or key != TIED_HEAD[0] else state[TIED_HEAD[1]])
         return [FileReport(f"random init (model.vlm.init_seed={cfg.init_seed})", loaded=sorted(targets))]
-    reports = check_directory(cfg, hf)
+    notes = [n for r in check_directory(cfg, hf) for n in r.notes]
     index = DirectoryIndex(cfg.path)
     by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
     for key in targets:
         source = key if key in index.location else TIED_HEAD[1]
         file, fkey = index.location[source]
         by_file[file].append((key, fkey))
+    reports = []
     with torch.no_grad():
         for file, keys in sorted(by_file.items()):
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key, fkey in keys:
                     targets[key].copy_(f.get_tensor(fkey))
+            reports.append(FileReport(str(file), loaded=[fkey for _, fkey in keys]))
+    if reports:
+        reports[0].notes += notes
     return reports
