@@ -15,6 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
+from lavis.config.load import ConfigError, from_dict
+from lavis.config.schema import Config, DataConfig, ModelConfig
+from lavis.convert.pipe_to_pth import load_plain_state
+from lavis.convert.vlm_export import trained_layers
+from lavis.engine.vlm_pipe import build_vlm_pipe
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload, plan_stages
 from lavis.testing.vlm import (
@@ -22,10 +27,11 @@ from lavis.testing.vlm import (
     MICRO_BATCH,
     image_and_video_batch,
     reference_forward,
+    tiny_hf_dict,
     two_image_batch,
     write_tiny_dir,
 )
-from lavis.vlm.arch import read_hf_config
+from lavis.vlm.arch import read_hf_config, reference_model
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.layers import build_layers, layer_table, run_layers
@@ -162,11 +168,12 @@ vision tower (a DeepStack feature of Qwen3-VL travels with the patches); 3 stage
 blocks that add DeepStack features (the second one travels with the hidden states)."""
 
 
-def _train(directory: Path, stages: int, out: Path, steps: int = 5) -> dict:
+def _train(directory: Path, stages: int, out: Path, steps: int = 5, save: bool = False) -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = out / f"losses{stages}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
-           str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps)]
+           str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps),
+           *(["save"] if save else [])]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(result.read_text())
@@ -176,16 +183,74 @@ def _train(directory: Path, stages: int, out: Path, steps: int = 5) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_training_with_1_2_3_stages_gives_the_same_losses(family: str, tmp_path: Path) -> None:
     """The real trainer's ``build_run`` (``model.vlm``) and DeepSpeed's pipeline engine on CPU (gloo), fp32: the
-    first loss is transformers' loss on the same batch; 5 steps give the same losses with 1, 2 and 3 stages."""
+    first loss is transformers' loss on the same batch; 5 steps give the same losses with 1, 2 and 3 stages. The
+    2-stage run's checkpoint exported with ``pipemodel2pth.py --hf-out`` loads in transformers with the logits of
+    our layers holding the trained weights."""
     directory = write_tiny_dir(tmp_path / "model", family)
+    (directory / "chat_template.jinja").write_text("{{ messages }}")  # a processor file: copied by the export
     ref = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():  # step 1 = micro-batches 0 and 1 (grad_accum_steps 2); DeepSpeed reports their mean
         first = sum(float(reference_forward(ref, *two_image_batch(seed=i, batch=MICRO_BATCH)).loss)
                     for i in range(2)) / 2
-    runs = {s: _train(directory, s, tmp_path) for s in (1, 2, 3)}
+    runs = {s: _train(directory, s, tmp_path, save=s == 2) for s in (1, 2, 3)}
     assert [runs[s]["boundaries"] for s in (1, 2, 3)] == [[int(b) for b in PARTITIONS[s].split(",")] for s in (1, 2, 3)]
     base = runs[1]["losses"]
     assert len(base) == 5 and abs(base[0] - first) <= 1e-5 * first
     for s in (2, 3):
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(runs[s]["losses"], base)), (s, runs[s], base)
     assert base[-1] != base[0]  # the weights moved
+    _check_hf_export(tmp_path / "run2", directory, ref)
+
+
+def _check_hf_export(run: Path, source: Path, before: torch.nn.Module) -> None:
+    out = run.parent / "exported"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "pipemodel2pth.py"), "--ckpt-dir", str(run), "--hf-out", str(out),
+                           "--hf-dtype", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(exported) is type(before)
+    tag = run / (run / "latest").read_text().strip()
+    layers, _, _ = trained_layers(tag, *load_plain_state(tag))
+    inputs, _ = two_image_batch(seed=99)
+    with torch.no_grad():
+        ours = run_layers([layer.eval() for layer in layers], inputs)
+        theirs = reference_forward(exported, inputs).logits
+        untrained = reference_forward(before, inputs).logits
+    assert _rel(theirs, ours) <= 1e-5
+    assert _rel(theirs, untrained) > 1e-3  # the export holds the trained weights, not the source's
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_config_without_path_is_transformers_random_init(family: str) -> None:
+    """``model.vlm.hf_config`` alone (tiny from-scratch models): every stage copies its layers out of the same
+    transformers init drawn from ``init_seed``."""
+    cfg = VLMConfig(hf_config=tiny_hf_dict(family), init_seed=3)
+    hf = read_hf_config(cfg)
+    layers = build_layers(hf)
+    load_stage(cfg, hf, layer_table(hf), dict(enumerate(layers)))
+    ref = reference_model(hf, 3).eval()
+    inputs, _ = two_image_batch(seed=1)
+    with torch.no_grad():
+        got = run_layers([layer.eval() for layer in layers], inputs)
+        assert _rel(got, reference_forward(ref, inputs).logits) <= 1e-5
+
+
+def test_model_vlm_section_loads_strictly() -> None:
+    cfg = from_dict(Config, {"model": {"vlm": {"hf_config": tiny_hf_dict("qwen3_vl"), "freeze_llm": True}}},
+                    source="recipe.yaml")
+    assert cfg.model.vlm is not None and cfg.model.vlm.freeze_llm and cfg.model.vlm.freeze_vision
+    with pytest.raises(ConfigError, match="model.vlm.freez_llm"):
+        from_dict(Config, {"model": {"vlm": {"path": "x", "freez_llm": True}}}, source="recipe.yaml")
+    with pytest.raises(ConfigError, match="model.vlm needs `path`"):
+        from_dict(Config, {"model": {"vlm": {"hf_config": {"model_type": "llava"}}}}, source="recipe.yaml")
+
+
+def test_options_this_family_lacks_and_tied_training_are_refused() -> None:
+    vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
+        build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
+    tied = VLMConfig(hf_config={**tiny_hf_dict("qwen2_5_vl"), "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="tie_word_embeddings is true"):
+        build_vlm_pipe(Config(model=ModelConfig(vlm=tied)), dp=1)

@@ -54,8 +54,14 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
         raise ValueError(f"{vlm.path or 'model.vlm.hf_config'}: tie_word_embeddings is true (the LM head is the token "
                          "embedding); training the LLM with tied embeddings across stages is not supported yet: set "
                          "model.vlm.freeze_llm: true (or train a model with untied embeddings)")
-    if t.activation_checkpoint_interval or t.activation_checkpoint_blocks:
-        raise ValueError("train.activation_checkpoint_* is not supported for model.vlm yet: set them to 0 / null")
+    unsupported = [name for name, on in (
+        ("train.activation_checkpoint_interval / activation_checkpoint_blocks",
+         t.activation_checkpoint_interval or t.activation_checkpoint_blocks),
+        ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
+        ("data.feature_cache", cfg.data.feature_cache is not None)) if on]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
+                         "model's options)")
     table = layer_table(hf, vlm.vision_blocks_per_layer)
     plan = vlm_plan(cfg, hf, dp)
     pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer), plan.parts,

@@ -2,7 +2,10 @@
 DeepSpeed's pipeline engine for a few steps on fixed batches (two non-square images per sample); rank 0 writes the
 losses as JSON. Run under torchrun with one process per stage:
 
-    torchrun --nproc_per_node S tests/scripts/vlm_train.py DIR S PARTITION OUT.json STEPS
+    torchrun --nproc_per_node S tests/scripts/vlm_train.py DIR S PARTITION OUT.json STEPS [save]
+
+With ``save`` the run's checkpoint of the last step is written (``run.save``) into ``OUT.json``'s directory /
+``runS``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def micro_batches(steps: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.
 
 def main() -> None:
     directory, stages, partition, out, steps = sys.argv[1:6]
+    save = sys.argv[6:] == ["save"]
     torch.manual_seed(0)
     init_distributed()
     cfg = Config(
@@ -42,6 +46,8 @@ def main() -> None:
     run = build_run(cfg, None)
     data = micro_batches(int(steps))
     losses = [float(run.engine.train_batch(data_iter=data)) for _ in range(int(steps))]
+    if save:
+        run.save(int(steps))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"losses": losses, "boundaries": run.boundaries}))
     shutdown()
