@@ -6,6 +6,8 @@ engine and loop are the same as for every model.
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
 from lavis.config.schema import Config
 from lavis.engine.pipe_module import LavisPipelineModule
 from lavis.pipeline.plan import (
@@ -23,7 +25,7 @@ from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
 
 
-def vlm_plan(cfg: Config, hf: object, dp: int) -> StagePlan:
+def vlm_plan(cfg: Config, hf: PretrainedConfig, dp: int) -> StagePlan:
     """``train.partition`` if given (validated), else the boundary search within ``train.gpu_memory_gib``. The
     workload is one micro-batch of ``data.max_txt_len`` tokens whose visual tokens may fill it (patches =
     merge^2 x tokens), the most a sample may hold."""
@@ -32,8 +34,8 @@ def vlm_plan(cfg: Config, hf: object, dp: int) -> StagePlan:
     tokens = t.micro_batch_size * cfg.data.max_txt_len
     work = Workload(tokens=tokens, seq_len=cfg.data.max_txt_len, images=t.micro_batch_size,
                     param_bytes=4 if t.precision == "fp32" else 2, offloaded_stages=offloaded_stages(t))
-    merge = hf.vision_config.spatial_merge_size  # type: ignore[attr-defined]
-    costs = layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2)  # type: ignore[arg-type]
+    merge = hf.vision_config.spatial_merge_size
+    costs = layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2)
     optim_bytes = optimizer_bytes_per_param(t.precision, t.zero_stage, t.offload_optimizer, dp, t.optimizer)
     if t.partition is not None:
         parts = check_partition(list(t.partition), len(costs), t.num_stages)

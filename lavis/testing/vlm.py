@@ -105,7 +105,7 @@ def image_and_video_batch(family: str, seed: int = 0) -> tuple[tuple[torch.Tenso
     return inputs, ids_t.clone()
 
 
-def reference_forward(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+def reference_forward(model: Any, inputs: tuple[torch.Tensor, ...],
                       labels: torch.Tensor | None = None) -> Any:
     """transformers' own forward on the same batch (images / videos split back out of the stage-0 tuple)."""
     pixels, grid, kind, second_per_grid, ids, mask = inputs

@@ -17,7 +17,7 @@ rest are int64, see ``lavis.pipeline.stage_io``):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -283,7 +283,7 @@ def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1) -> list:
 
     class MetaLayerSpec(LayerSpec):
         def build(self, log: bool = False) -> nn.Module:
-            return meta_built(self.typename, *self.module_args, **self.module_kwargs)
+            return meta_built(cast(type[nn.Module], self.typename), *self.module_args, **self.module_kwargs)
 
     return [MetaLayerSpec(cls, *args) for cls, args in layer_classes(hf, per_layer)]
 
