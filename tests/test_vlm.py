@@ -168,12 +168,12 @@ vision tower (a DeepStack feature of Qwen3-VL travels with the patches); 3 stage
 blocks that add DeepStack features (the second one travels with the hidden states)."""
 
 
-def _train(directory: Path, stages: int, out: Path, steps: int = 5, save: bool = False) -> dict:
+def _train(directory: Path, stages: int, out: Path, steps: int = 5, mode: str | None = None) -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = out / f"losses{stages}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
            str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps),
-           *(["save"] if save else [])]
+           *([mode] if mode else [])]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(result.read_text())
@@ -185,14 +185,14 @@ def test_pipeline_training_with_1_2_3_stages_gives_the_same_losses(family: str, 
     """The real trainer's ``build_run`` (``model.vlm``) and DeepSpeed's pipeline engine on CPU (gloo), fp32: the
     first loss is transformers' loss on the same batch; 5 steps give the same losses with 1, 2 and 3 stages. The
     2-stage run's checkpoint exported with ``pipemodel2pth.py --hf-out`` loads in transformers with the logits of
-    our layers holding the trained weights."""
+    our layers holding the trained weights; resumed from its step-3 checkpoint it gives the same steps 4 and 5."""
     directory = write_tiny_dir(tmp_path / "model", family)
     (directory / "chat_template.jinja").write_text("{{ messages }}")  # a processor file: copied by the export
     ref = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():  # step 1 = micro-batches 0 and 1 (grad_accum_steps 2); DeepSpeed reports their mean
         first = sum(float(reference_forward(ref, *two_image_batch(seed=i, batch=MICRO_BATCH)).loss)
                     for i in range(2)) / 2
-    runs = {s: _train(directory, s, tmp_path, save=s == 2) for s in (1, 2, 3)}
+    runs = {s: _train(directory, s, tmp_path, mode="save" if s == 2 else None) for s in (1, 2, 3)}
     assert [runs[s]["boundaries"] for s in (1, 2, 3)] == [[int(b) for b in PARTITIONS[s].split(",")] for s in (1, 2, 3)]
     base = runs[1]["losses"]
     assert len(base) == 5 and abs(base[0] - first) <= 1e-5 * first
@@ -200,6 +200,9 @@ def test_pipeline_training_with_1_2_3_stages_gives_the_same_losses(family: str, 
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(runs[s]["losses"], base)), (s, runs[s], base)
     assert base[-1] != base[0]  # the weights moved
     _check_hf_export(tmp_path / "run2", directory, ref)
+    (tmp_path / "run2" / "latest").write_text("global_step3")  # resume the 2-stage run from its step-3 checkpoint
+    resumed = _train(directory, 2, tmp_path, mode="resume")["losses"]
+    assert len(resumed) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(resumed, base[3:])), (resumed, base)
 
 
 def _check_hf_export(run: Path, source: Path, before: torch.nn.Module) -> None:
