@@ -152,6 +152,7 @@ def test_costs_place_vision_blocks_and_freezing_follows_the_config(tiny_dir: Pat
     assert all(c.trainable_params == 0 for c in costs if c.kind == "vision")
     assert all(c.trainable_params == c.params for c in costs if c.kind in ("block", "norm", "head"))
     assert costs[0].flops == 2.0 * costs[0].params * 96  # frozen, nothing trainable before it: forward only
+    assert all(c.act_bytes == 0 for c in costs[:4])  # ... and no activations kept for a backward
     trained = layer_costs(hf, VLMConfig(path=str(tiny_dir), freeze_vision=False), work, patches=96)
     assert trained[0].flops == 3 * costs[0].flops  # trainable: backward twice the forward
     more = layer_costs(hf, cfg, work, patches=960)
