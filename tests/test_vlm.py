@@ -258,3 +258,18 @@ def test_options_this_family_lacks_and_tied_training_are_refused() -> None:
     tied = VLMConfig(hf_config={**tiny_hf_dict("qwen2_5_vl"), "tie_word_embeddings": True})
     with pytest.raises(ValueError, match="tie_word_embeddings is true"):
         build_vlm_pipe(Config(model=ModelConfig(vlm=tied)), dp=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_run_in_bf16(family: str) -> None:
+    """DeepSpeed's bf16 mode casts the layers' parameters; pixels arrive in fp32 and the rotary tables stay fp32
+    (held outside the module tree): the logits stay close to fp32's."""
+    cfg = VLMConfig(hf_config=tiny_hf_dict(family))
+    hf = read_hf_config(cfg)
+    layers = build_layers(hf)
+    load_stage(cfg, hf, layer_table(hf), dict(enumerate(layers)))
+    inputs, _ = two_image_batch()
+    with torch.no_grad():
+        full = run_layers(layers, inputs)
+        half = run_layers([layer.to(torch.bfloat16) for layer in layers], inputs)
+    assert half.dtype == torch.bfloat16 and _rel(half.float(), full) < 5e-2
