@@ -273,3 +273,20 @@ def test_layers_run_in_bf16(family: str) -> None:
         full = run_layers(layers, inputs)
         half = run_layers([layer.to(torch.bfloat16) for layer in layers], inputs)
     assert half.dtype == torch.bfloat16 and _rel(half.float(), full) < 5e-2
+
+
+def test_a_video_sample_trains_every_weight(tiny_dir: Path) -> None:
+    """An image + a video: the loss reaches every weight (vision blocks, mergers, DeepStack mergers, decoder) with a
+    finite gradient, and one SGD step lowers it."""
+    layers, _ = _ours(tiny_dir)
+    inputs, labels = image_and_video_batch(read_hf_config(VLMConfig(path=str(tiny_dir))).model_type)
+    params = [p for layer in layers for p in layer.parameters()]
+    loss = lm_loss(run_layers(layers, inputs), labels)
+    loss.backward()
+    no_grad = [n for layer in layers for n, p in layer.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not no_grad
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    with torch.no_grad():
+        for p in params:
+            p -= 0.5 * p.grad
+        assert float(lm_loss(run_layers(layers, inputs), labels)) < float(loss)
