@@ -20,7 +20,8 @@ DOCS = [REPO / "README.md", REPO / "DATA.md", REPO / "WEIGHT.md", *sorted((REPO 
 KEY = re.compile(r"(?<![\w./-])((?:model|data|train)(?:\.(?:[A-Za-z_]\w*|\d+)|\[\])+)")
 FILE_SUFFIXES = {"py", "pth", "json", "jsonl", "yaml", "yml", "md", "tar", "tsv", "txt", "log", "safetensors"}
 # transformers' weight names (`model.layers.N.*`), not config keys
-WEIGHT_PREFIXES = ("model.layers", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.lm_head")
+WEIGHT_PREFIXES = ("model.layers", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.lm_head",
+                   "model.visual", "model.language_model")
 
 
 def _unwrap(tp: object) -> object:

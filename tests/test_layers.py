@@ -57,7 +57,8 @@ def _imports() -> tuple[tuple[str, str, int, bool], ...]:
 
 def _unit(module: str) -> str:
     parts = module.split(".")
-    return ".".join(parts[:3] if parts[1] == "predecessors" and len(parts) > 2 else parts[:2])
+    # predecessors and vlm are packages whose modules sit on different floors (docs/ARCHITECTURE.md "Layers")
+    return ".".join(parts[:3] if parts[1] in ("predecessors", "vlm") and len(parts) > 2 else parts[:2])
 
 
 def _cycle(edges: dict[str, set[str]]) -> list[str] | None:

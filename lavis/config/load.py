@@ -268,6 +268,8 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
                 return None
             raise bad(" or ".join(_name(a) for a in args))
         non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1 and dataclasses.is_dataclass(non_none[0]):  # a section or null: name the bad key inside
+            return _convert(non_none[0], value, source=source, key=key)
         for a in non_none:
             try:
                 return _convert(a, value, source=source, key=key)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lavis.vlm.config import VLMConfig
+
 DatasetFormat = Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt", "minigpt4_captions",
                         "webdataset"]
 """``data.train[].format``: the names of ``lavis.data.formats.FORMATS``, one reader and converter each (a test keeps the
@@ -182,6 +184,9 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the random init of weight matrices (transformers' ``initializer_range``). 0.02 suits wide models;
     a from-scratch tiny model (width 128) learns faster with about 1/sqrt(width)."""
+    vlm: VLMConfig | None = None
+    """A transformers VLM (Qwen2.5-VL / Qwen3-VL directory, ``lavis.vlm``) instead of the BLIP-2-style stack above;
+    None = the BLIP-2-style model."""
 
     def __post_init__(self) -> None:
         check_range(self.init_std > 0, "model.init_std", "> 0", self.init_std)

@@ -36,6 +36,7 @@ from lavis.config.presets import preset_path
 from lavis.config.schema import ModelConfig
 from lavis.convert import lora_export
 from lavis.convert.hf_export import export_hf
+from lavis.convert.vlm_export import export_vlm_hf, is_vlm_run
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
 from lavis.model.freezing import is_trainable
 from lavis.pipeline.plan import layers_to_plain
@@ -239,6 +240,14 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
                 "train or export from the .pth")
     refuse_outputs_over_inputs(args, kind)
+    if args.model_type is None and args.cfg_path is None and is_vlm_run(load_meta(resolve_tag_dir(args.ckpt_dir))):
+        if not args.hf_out or kind != "model":
+            p.error("a model.vlm run (a transformers VLM) is exported with pipemodel2pth.py --hf-out DIR: a directory "
+                    "of the source's class that transformers loads")
+        tag_dir = resolve_tag_dir(args.ckpt_dir)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
+        print(export_vlm_hf(tag_dir, *load_plain_state(tag_dir), args.hf_out, dtype))
+        return
     pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
                   args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
                   allow_nonfinite=args.allow_nonfinite)

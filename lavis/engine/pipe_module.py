@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -29,7 +30,6 @@ from lavis.model.lora import check_quantize_runtime, is_adapter_key
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
 from lavis.pipeline.plan import LayerEntry
-from lavis.pipeline.stage_io import StageIO
 from lavis.weights.report import FileReport
 
 
@@ -76,11 +76,15 @@ class LavisPipelineModule(PipelineModule):
     def apply_trainable(self, cfg: ModelConfig, table: list[LayerEntry]) -> int:
         """Set ``requires_grad`` from the config; add anchors for the optimizer groups this stage lacks. Returns
         the number of trainable parameters."""
+        return self.apply_trainable_by(lambda plain: is_trainable(plain, cfg), table)
+
+    def apply_trainable_by(self, trainable: Callable[[str], bool], table: list[LayerEntry]) -> int:
+        """:meth:`apply_trainable` with ``trainable(plain weight name)`` deciding (any model family)."""
         count = 0
         has_matrix = has_vector = False  # the optimizer's weight-decay / no-decay groups (engine.optim)
         for idx, layer in self.local_layers().items():
             for name, p in layer.named_parameters():
-                p.requires_grad_(is_trainable(table[idx].to_plain(name), cfg))
+                p.requires_grad_(trainable(table[idx].to_plain(name)))
                 if p.requires_grad:
                     count += p.numel()
                     has_matrix |= p.ndim >= 2
@@ -119,8 +123,8 @@ class LavisPipelineModule(PipelineModule):
             out = super().forward(forward_input)
         if len(self.group_anchors):
             zero = sum(0.0 * a.sum() for a in self.group_anchors)
-            if isinstance(out, tuple):
-                out = StageIO(out[0] + zero.to(out[0].dtype), *out[1:])
+            if isinstance(out, tuple):  # StageIO, or another family's inter-stage tuple (lavis.vlm.layers)
+                out = (out[0] + zero.to(out[0].dtype), *out[1:])
             else:
                 out = out + zero.to(out.dtype)
         # DeepSpeed sends plain tuples of tensors between stages.

@@ -52,6 +52,7 @@ from lavis.engine.run_dir import (
     find_resume_tag,
     resume_grad_accum,
 )
+from lavis.engine.vlm_pipe import build_vlm_pipe
 from lavis.model.llm import decoder_parts, llm_hf_config
 from lavis.pipeline.plan import (
     LLM_DIMS,
@@ -260,31 +261,41 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     if resume_tag is not None:
         cfg = _check_resume(out / resume_tag, cfg, tok, dp)
         t = cfg.train
-    hf = llm_hf_config(cfg.model.llm)
-    if tok.vocab_size > hf.vocab_size:
-        raise ValueError(
-            f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
+    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm)
+        tpl = template_from_config(tok, cfg)
+        pipe, table, plan, reports = build_vlm_pipe(cfg, dp)
+        boundaries = plan.parts
+        print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
+               + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
+        for rep in reports:
+            print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
+    else:
+        hf = llm_hf_config(cfg.model.llm)
+        if tok.vocab_size > hf.vocab_size:
+            raise ValueError(
+                f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
+            )
+        tpl = template_from_config(tok, cfg)
+
+        table = layer_table(hf.num_hidden_layers)
+        plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
+        boundaries = plan.parts
+        print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
+               + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
+
+        pipe = LavisPipelineModule(
+            layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id,
+                        checkpoint_blocks(t, hf.num_hidden_layers), feature_cache=cfg.data.feature_cache,
+                        float_mask=t.parallel.inter_stage_mask == "float_additive"),
+            boundaries,
+            offload_stages=offloaded_stages(t),
+            activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
+            checkpointable_layers=["DecoderBlockPipe"],
+            dynamic_shape=not cfg.data.fixed_length,
         )
-    tpl = template_from_config(tok, cfg)
-
-    table = layer_table(hf.num_hidden_layers)
-    plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
-    boundaries = plan.parts
-    print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
-           + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
-
-    pipe = LavisPipelineModule(
-        layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id, checkpoint_blocks(t, hf.num_hidden_layers),
-                    feature_cache=cfg.data.feature_cache, float_mask=t.parallel.inter_stage_mask == "float_additive"),
-        boundaries,
-        offload_stages=offloaded_stages(t),
-        activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
-        checkpointable_layers=["DecoderBlockPipe"],
-        dynamic_shape=not cfg.data.fixed_length,
-    )
-    for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
-        print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
-    pipe.apply_trainable(cfg.model, table)
+        for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
+            print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
+        pipe.apply_trainable(cfg.model, table)
     if pipe.offload_activations:
         print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
     if t.optim.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)

@@ -14,7 +14,7 @@ from lavis.config.schema import Config, ModelConfig, TrainConfig
 from lavis.data.cache_features import cache_level
 from lavis.model.components import FIRST_LAYER_PREFIXES
 
-LayerKind = Literal["embed", "block", "norm", "head"]
+LayerKind = Literal["embed", "block", "norm", "head", "vision"]
 
 
 @dataclass(frozen=True)

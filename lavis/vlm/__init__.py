@@ -1,0 +1,9 @@
+"""Native-resolution VLMs from their published transformers directories (Qwen2.5-VL, Qwen3-VL) under the pipeline.
+
+- ``config``: the ``model.vlm`` section (which directory, what is frozen, tiny from-scratch overrides).
+- ``arch``: which transformers classes build each piece of a family (the modules are transformers' own).
+- ``weights``: a directory's tensors, every one accounted for; one stage reads only its own layers' tensors.
+- ``layers``: the pipeline's layer list (vision tower entries, merger + embeddings, decoder blocks, norm, head), its
+  layer table and the inter-stage tuple.
+- ``costs``: per-layer parameter / FLOP / activation estimates for ``lavis.pipeline.plan``'s boundary search.
+"""

@@ -1,0 +1,80 @@
+"""Per-layer costs of the VLM layer list for ``lavis.pipeline.plan``'s boundary search.
+
+Parameter counts are exact (each layer is built on the meta device and counted). FLOPs per micro-batch: ``2 x
+params x rows`` forward (rows: patches for the vision tower, tokens for the language model; merged tokens for the
+merger) plus attention, ``4 x span^2 x width`` per attention segment (a vision block attends within an image or a
+frame, or within Qwen2.5-VL's windows; a decoder block within a sequence); backward is 2x forward for trainable
+layers, 1x for frozen ones that gradients must cross, 0 for frozen layers with nothing trainable before them (which
+then keep no activations either). Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
+bytes per row for a block, a bf16 row of the output for the other layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+from lavis.pipeline.plan import LayerCost, Workload
+from lavis.vlm.config import VLMConfig
+from lavis.vlm.layers import build_layers, layer_table
+
+
+def is_trainable(plain_key: str, cfg: VLMConfig) -> bool:
+    """From ``model.vlm.freeze_*``: the mergers, the rest of ``visual.*`` (the tower), everything else (the LLM)."""
+    if plain_key.startswith(("visual.merger.", "visual.deepstack_merger_list.")):
+        return not cfg.freeze_merger
+    if plain_key.startswith("visual."):
+        return not cfg.freeze_vision
+    return not cfg.freeze_llm
+
+
+def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: int,
+                grid_hw: tuple[int, int] = (32, 32)) -> list[LayerCost]:
+    """One :class:`LayerCost` per layer of :func:`lavis.vlm.layers.layer_table`, for a micro-batch of
+    ``work.tokens`` tokens in sequences of ``work.seq_len`` and ``patches`` vision patches in images of
+    ``grid_hw`` patches (the real sample's grids give the real costs)."""
+    per = cfg.vision_blocks_per_layer
+    table = layer_table(hf, per)
+    with torch.device("meta"):
+        layers = build_layers(hf, per, meta=False)
+    v, t = hf.vision_config, hf.text_config
+    merged = patches // v.spatial_merge_size**2
+    image_patches = grid_hw[0] * grid_hw[1]
+    windowed = getattr(v, "window_size", None) is not None and hasattr(v, "fullatt_block_indexes")
+    window = (v.window_size // v.patch_size) ** 2 if windowed else image_patches
+    full_blocks = set(v.fullatt_block_indexes) if windowed else set(range(v.depth))
+    seqs = max(1, work.tokens // max(1, work.seq_len))
+
+    counts, trainable = [], []
+    for i, layer in enumerate(layers):
+        named = [(table[i].to_plain(k), p.numel()) for k, p in layer.named_parameters()]
+        counts.append(sum(n for _, n in named))
+        trainable.append(sum(n for k, n in named if is_trainable(k, cfg)))
+
+    costs = []
+    upstream = False  # something before this layer trains: gradients must cross it
+    for i, entry in enumerate(table):
+        params, train = counts[i], trainable[i]
+        if entry.kind == "vision" and i == 0:
+            fwd, act = 2.0 * params * patches, patches * v.hidden_size * 2.0
+        elif entry.kind == "vision":
+            blocks = [int(plain.split(".")[2]) for _, plain in entry.prefixes]  # "visual.blocks.N."
+            fwd = 2.0 * params * patches
+            for b in blocks:
+                span = min(window, image_patches) if b not in full_blocks else image_patches
+                fwd += 4.0 * (patches // span) * span**2 * v.hidden_size
+            act = patches * (16 * v.hidden_size + 2 * v.intermediate_size) * 2.0 * len(blocks)
+        elif entry.kind == "embed":
+            fwd, act = 2.0 * (params - t.vocab_size * t.hidden_size) * merged, work.tokens * t.hidden_size * 2.0
+        elif entry.kind == "block":
+            fwd = 2.0 * params * work.tokens + 4.0 * seqs * work.seq_len**2 * t.hidden_size
+            act = work.tokens * (16 * t.hidden_size + 2 * t.intermediate_size) * 2.0
+        else:
+            fwd = 2.0 * params * work.tokens
+            act = work.tokens * (t.vocab_size if entry.kind == "head" else t.hidden_size) * 6.0
+        bwd = 2.0 if train else (1.0 if upstream else 0.0)
+        upstream = upstream or train > 0
+        if bwd == 0:  # no gradient passes: autograd keeps nothing (when the layer is on stage 0, see docs/PIPELINE.md)
+            act = 0.0
+        costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act))
+    return costs
