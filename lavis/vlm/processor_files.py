@@ -24,6 +24,8 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from lavis.data.tokenizer import build_demo_tokenizer
+
 QWEN_NUM_REGULAR = 151643
 """Regular (BPE) tokens of the Qwen vocabulary; the added tokens follow from this id on."""
 
@@ -269,8 +271,6 @@ def write_shapes_processor(directory: str | Path, family: str = "qwen2_5_vl") ->
     """A ``family`` processor over the shapes demo's byte-level BPE (``builtin:shapes``, 512 tokens, built locally,
     identical everywhere) saved into ``directory``; ``AutoProcessor.from_pretrained`` loads it. The added tokens
     follow the 512 regular ones (:func:`token_ids` of the saved directory gives their ids)."""
-    from lavis.data.tokenizer import build_demo_tokenizer
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
