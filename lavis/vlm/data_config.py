@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 @dataclass
 class VLMDataConfig:
+    processor: str | None = None
+    """Where the processor comes from: a directory ``AutoProcessor`` loads (a published model directory or a saved
+    processor), or ``builtin:shapes`` (a Qwen2.5-VL processor over the shapes demo's 512-token BPE, built locally).
+    None = the model's directory (``model.vlm.path``)."""
     image_min_pixels: int | None = None
     """Smallest image area (pixels) kept: smaller images are upscaled to it, aspect kept (the processor's
     ``size.shortest_edge``, Qwen's ``min_pixels``)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenizers import AddedToken
 from transformers import (
+    AutoProcessor,
     Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
@@ -267,17 +268,38 @@ SHAPES_MAX_PIXELS = 28 * 28 * 16
 """The demo's budget: a 64 x 64 shapes image keeps its size (56 x 56 after rounding to 28: 4 visual tokens)."""
 
 
-def write_shapes_processor(directory: str | Path, family: str = "qwen2_5_vl") -> Path:
-    """A ``family`` processor over the shapes demo's byte-level BPE (``builtin:shapes``, 512 tokens, built locally,
-    identical everywhere) saved into ``directory``; ``AutoProcessor.from_pretrained`` loads it. The added tokens
-    follow the 512 regular ones (:func:`token_ids` of the saved directory gives their ids)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+def shapes_processor(family: str = "qwen2_5_vl") -> Qwen2_5_VLProcessor | Qwen3VLProcessor:
+    """A ``family`` processor over the shapes demo's byte-level BPE (``builtin:shapes``: the regular tokens of the
+    demo tokenizer, built locally and identical everywhere, then the family's added tokens not already in it)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = json.loads(build_demo_tokenizer().save_to(tmp).read_text(encoding="utf-8"))["model"]
     vocab: dict[str, int] = model["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    build_processor(build_tokenizer(vocab, merges, family), family, SHAPES_MIN_PIXELS,
-                    SHAPES_MAX_PIXELS).save_pretrained(str(out))
+    return build_processor(build_tokenizer(vocab, merges, family), family, SHAPES_MIN_PIXELS, SHAPES_MAX_PIXELS)
+
+
+def write_shapes_processor(directory: str | Path, family: str = "qwen2_5_vl") -> Path:
+    """:func:`shapes_processor` saved into ``directory`` (``AutoProcessor.from_pretrained`` loads it)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes_processor(family).save_pretrained(str(out))
     return out
+
+
+BUILTIN_SHAPES = "builtin:shapes"
+
+
+def load_processor(ref: str) -> Any:
+    """``data.vlm.processor`` (or ``model.vlm.path``) -> the processor: ``builtin:shapes`` or a directory that
+    ``AutoProcessor`` loads; a clear error naming the reference otherwise."""
+    if ref == BUILTIN_SHAPES:
+        return shapes_processor()
+    path = Path(ref)
+    if not path.is_dir():
+        raise FileNotFoundError(f"VLM processor {ref!r}: not a directory (data.vlm.processor / model.vlm.path names "
+                                f"a transformers model or processor directory, or {BUILTIN_SHAPES})")
+    if not any((path / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        raise FileNotFoundError(f"VLM processor {ref!r}: no processor_config.json or preprocessor_config.json; copy "
+                                "the processor files of the published model into it (or set data.vlm.processor)")
+    return AutoProcessor.from_pretrained(str(path))
 
