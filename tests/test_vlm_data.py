@@ -4,7 +4,9 @@ native-resolution budgets, video sampling, the length check, the ShareGPT format
 from __future__ import annotations
 
 import copy
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +296,27 @@ def test_collate_dynamic_shapes(family: str, clip_path: Path, qwen_vl_processors
                                          {"role": "assistant", "content": "Hello."}], "t"), [], [], VLMDataConfig(),
                       "t")])
     assert text_only.inputs.pixels.shape[0] == 0 and text_only.inputs.grid_thw.shape == (0, 3)
+
+
+def test_webdataset_and_videochatgpt_train_the_vlm(tmp_path: Path, clip_path: Path,
+                                                   qwen_vl_processors: dict[str, Any]) -> None:
+    """An image read from inside a tar shard, and a raw Video-ChatGPT record whose clip the processor samples."""
+    proc = qwen_vl_processors["qwen2_5_vl"]
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 90), "red").save(buf, format="PNG")
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("k1.png", buf.getvalue()), ("k1.txt", b"A red rectangle.")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = DatasetConfig(ann_path=str(shard), format="webdataset")
+    s = VLMConversationDataset(load_records(ds), proc, DataConfig(train=[ds]))[0, 0]
+    assert s.image_grid_thw.tolist() == [[1, 6, 4]] and _trained_text(proc, s.labels) == "A red rectangle.<|im_end|>\n"
+    (tmp_path / "v1.mp4").write_bytes(clip_path.read_bytes())
+    raw = tmp_path / "vcg.json"
+    raw.write_text(json.dumps([{"video_id": "v1", "q": "What happens?", "a": "It darkens."}]))
+    ds = DatasetConfig(ann_path=str(raw), vis_root=str(tmp_path), format="videochatgpt")
+    v = VLMConversationDataset(load_records(ds), proc, DataConfig(train=[ds]), VLMDataConfig(video_fps=2.0))[0, 0]
+    assert v.video_grid_thw[0, 0] == 3 and _trained_text(proc, v.labels) == "It darkens.<|im_end|>\n"
+    assert "What happens?\n<|vision_start|><|video_pad|>" in proc.tokenizer.decode(v.input_ids)
