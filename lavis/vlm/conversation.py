@@ -51,7 +51,7 @@ def to_messages(conversations: list[dict], record_id: str) -> list[dict[str, Any
         if not isinstance(content, str):
             raise SampleError(f"record {record_id}: turn {i} `content` must be a string (got {content!r})")
         if role == "system" and i == 0:
-            _no_markers(content, record_id, i, role)
+            _no_markers(content, record_id, i, "system")
             messages.append({"role": "system", "content": content})
             continue
         if role != expected:
@@ -60,7 +60,7 @@ def to_messages(conversations: list[dict], record_id: str) -> list[dict[str, Any
         if role == "user":
             messages.append({"role": "user", "content": user_content(content)})
         else:
-            _no_markers(content, record_id, i, role)
+            _no_markers(content, record_id, i, "assistant")
             messages.append({"role": "assistant", "content": content})
         expected = "assistant" if role == "user" else "user"
     if expected != "user":

@@ -56,13 +56,13 @@ class VLMSample:
     second_per_grid_ts: torch.Tensor
     """``[n_videos]`` float32: seconds per temporal patch (Qwen2.5-VL's M-RoPE time axis; 1.0 where the processor
     gives none, as Qwen3-VL, which writes timestamps into the text instead)."""
+    image_token_id: int = -1
+    """The processor's ``<|image_pad|>`` id (what :attr:`num_visual_tokens` counts)."""
+    video_token_id: int = -1
 
     @property
     def num_visual_tokens(self) -> int:
         return int(((self.input_ids == self.image_token_id) | (self.input_ids == self.video_token_id)).sum())
-
-    image_token_id: int = -1
-    video_token_id: int = -1
 
 
 def patch_dim(processor: Any) -> int:
@@ -84,7 +84,8 @@ def load_clip(path: Path, processor: Any, budget: VLMDataConfig) -> Clip:
     for name, value in budget.video_sampling_kwargs().items():
         setattr(sampler, name, value)
     try:
-        frames, metadata = load_video(str(path), backend=budget.video_backend, sample_indices_fn=sampler.sample_frames)
+        frames, metadata = load_video(str(path),  # type: ignore[arg-type]  # a path is a VideoInput at runtime
+                                      backend=budget.video_backend, sample_indices_fn=sampler.sample_frames)
     except (OSError, ValueError, RuntimeError, IndexError) as e:
         raise media.MediaError(f"{path}: cannot decode video with {budget.video_backend} ({type(e).__name__}: "
                                f"{e})") from e

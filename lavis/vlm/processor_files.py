@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken
 from transformers import (
+    AddedToken,
     AutoProcessor,
     Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
@@ -233,8 +233,10 @@ def build_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], family
     """transformers' ``Qwen2Tokenizer`` (Qwen's pre-tokenizer regex, NFC, byte-level) over ``vocab`` / ``merges``,
     then ``family``'s added tokens in published order (ids after the vocabulary; a token already in ``vocab`` keeps
     its id); eos ``<|im_end|>`` and pad ``<|endoftext|>`` as the published Instruct tokenizers."""
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                         unk_token=None)
+    # merges are pairs at runtime (tokenizers' BPE refuses "a b" strings, whatever the annotation says); unk_token
+    # None as the published tokenizer_config.json
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|endoftext|>",  # type: ignore[arg-type]
+                         pad_token="<|endoftext|>", unk_token=None)  # type: ignore[arg-type]
     for text, special in _added_tokens(family):
         if text not in vocab and text != "<|endoftext|>":
             tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
@@ -274,8 +276,14 @@ def shapes_processor(family: str = "qwen2_5_vl") -> Qwen2_5_VLProcessor | Qwen3V
     with tempfile.TemporaryDirectory() as tmp:
         model = json.loads(build_demo_tokenizer().save_to(tmp).read_text(encoding="utf-8"))["model"]
     vocab: dict[str, int] = model["vocab"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = [_merge_pair(m) for m in model["merges"]]
     return build_processor(build_tokenizer(vocab, merges, family), family, SHAPES_MIN_PIXELS, SHAPES_MAX_PIXELS)
+
+
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    """One merge of a ``tokenizer.json`` (``"a b"`` or ``["a", "b"]``, by version) as a pair."""
+    left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return left, right
 
 
 def write_shapes_processor(directory: str | Path, family: str = "qwen2_5_vl") -> Path:
