@@ -16,8 +16,10 @@ from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from lavis.config.schema import DataConfig, DatasetConfig
 from lavis.data import shapes
 from lavis.data.conversation import IGNORE_INDEX
-from lavis.data.datasets import load_records
+from lavis.data.datasets import StepSampler, load_records
+from lavis.data.step_loader import StepLoader
 from lavis.vlm.collate import MEDIA_IMAGE, MEDIA_VIDEO, VLMCollator, VLMPipeBatch
+from lavis.vlm.data import build_vlm_data, processor_ref
 from lavis.vlm.data_config import VLMDataConfig
 from lavis.vlm.processor import VLMConversationDataset
 from lavis.vlm.processor_files import load_processor, shapes_processor, write_shapes_processor
@@ -113,3 +115,25 @@ def test_collated_demo_batch_runs_through_transformers_qwen2_5_vl(demo_dataset: 
                     video_grid_thw=x.grid_thw[video], second_per_grid_ts=x.second_per_grid[video])
     assert torch.isfinite(out.loss)
     assert abs(out.loss.item() - math.log(hf["text_config"]["vocab_size"])) < 1.0  # random init: about ln(vocab)
+
+
+def test_step_loader_streams_vlm_micro_batches(demo_dataset: VLMConversationDataset, processor: Any) -> None:
+    """The shared sampler and StepLoader drive the VLM dataset and collator (what build_data wires for model.vlm)."""
+    dataset, collate = build_vlm_data(demo_dataset.records, demo_dataset.data, demo_dataset.budget, None, processor)
+    assert collate.pad_id == processor.tokenizer.pad_token_id == 0
+    sampler = StepSampler([len(dataset)], [1.0], seed=1, micro_batch_size=4, grad_accum_steps=2, dp_rank=0,
+                          dp_size=1, length_of=dataset.num_tokens)
+    loader = StepLoader(dataset, sampler, collate, grad_accum_steps=2, micro_batch_size=4, dp_rank=0, dp_size=1,
+                        on_bad_sample="raise")
+    try:
+        batches = list(loader.next_step(0) or [])
+    finally:
+        loader.close()
+    assert len(batches) == 2 and all(isinstance(b, VLMPipeBatch) for b in batches)
+    for b in batches:
+        x = b.inputs
+        assert x.input_ids_BL.shape[0] == 4 and x.pixels.shape[0] == int(x.grid_thw.prod(-1).sum())
+    assert processor_ref(VLMDataConfig(processor="builtin:shapes"), "/m") == "builtin:shapes"
+    assert processor_ref(VLMDataConfig(), "/m") == "/m"
+    with pytest.raises(ValueError, match="needs data.vlm.processor"):
+        processor_ref(VLMDataConfig(), None)

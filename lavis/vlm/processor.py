@@ -196,7 +196,9 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             images = [load_record_image(p) for p in r.images]
             clips = [load_clip(r.video, self.processor, self.budget)] if r.video is not None else []
             s = encode_sample(self.processor, messages, images, clips, self.budget, r.id)
-            return fit_max_len(s, self.data.max_txt_len, self.data.length_policy, self.vision_end_id)
+            s = fit_max_len(s, self.data.max_txt_len, self.data.length_policy, self.vision_end_id)
+            self._lengths[index] = len(s.input_ids)
+            return s
         except media.MediaError as e:
             raise media.MediaError(f"{r.where} (id {r.id}): {e}") from e
         except SampleError as e:
