@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from lavis.config.schema import DataConfig, DatasetConfig
-from lavis.data.conversation import IGNORE_INDEX, SampleError, TooLongError
+from lavis.data.conversation import IGNORE_INDEX, ChatTemplate, SampleError, TooLongError, encode_conversation
 from lavis.data.datasets import load_records
 from lavis.data.shapes import write_video
+from lavis.data.tokenizer import build_demo_tokenizer
 from lavis.vlm.collate import MEDIA_IMAGE, MEDIA_VIDEO, VLMCollator
 from lavis.vlm.conversation import to_messages
 from lavis.vlm.data_config import VLMDataConfig
@@ -320,3 +321,15 @@ def test_webdataset_and_videochatgpt_train_the_vlm(tmp_path: Path, clip_path: Pa
     v = VLMConversationDataset(load_records(ds), proc, DataConfig(train=[ds]), VLMDataConfig(video_fps=2.0))[0, 0]
     assert v.video_grid_thw[0, 0] == 3 and _trained_text(proc, v.labels) == "It darkens.<|im_end|>\n"
     assert "What happens?\n<|vision_start|><|video_pad|>" in proc.tokenizer.decode(v.input_ids)
+
+
+def test_blip2_templates_refuse_a_sharegpt_system_turn_naming_the_record(tmp_path: Path) -> None:
+    """What DATA.md promises for the BLIP-2 family: a system turn read by the sharegpt format is refused, not lost."""
+    records = load_records(DatasetConfig(ann_path=str(_write_dataset(tmp_path, [
+        {"id": "s1", "system": "Be terse.", "messages": [{"role": "user", "content": "<image>Colour?"},
+                                                         {"role": "assistant", "content": "Red."}],
+         "images": ["red.png"]}])), vis_root=str(tmp_path), format="sharegpt"))
+    assert records[0].conversations[0] == {"role": "system", "content": "Be terse."}
+    tpl = ChatTemplate(build_demo_tokenizer(), "You are a helpful assistant.", "<|extra_0|>", 8, 4)
+    with pytest.raises(SampleError, match="record s1: turn 0 has role 'system', expected 'user'"):
+        encode_conversation(records[0].conversations, tpl, record_id="s1")
