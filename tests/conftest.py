@@ -230,3 +230,27 @@ def byte_level_tokenizer(specials: list[str]) -> TextTokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     return TextTokenizer(tok, source="test:bytes")
+
+
+QWEN_TIKTOKEN = REPO.parent / "shared/data/qwen.tiktoken"
+"""The real Qwen vocabulary (151643 BPE ranks, shared by Qwen v1/2/2.5/3); read in tests, never copied."""
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_processor_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen2.5-VL and Qwen3-VL processor directories (real vocabulary, published chat templates, small pixel
+    budgets) saved by transformers, keyed by family; skips where ``qwen.tiktoken`` is absent."""
+    from lavis.testing.synthetic_vlm import FAMILIES, write_qwen_vl_processor
+
+    if not QWEN_TIKTOKEN.is_file():
+        pytest.skip(f"{QWEN_TIKTOKEN} (the real Qwen BPE ranks) is absent")
+    root = tmp_path_factory.mktemp("qwen_vl_processors")
+    return {family: write_qwen_vl_processor(root / family, QWEN_TIKTOKEN, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_processors(qwen_vl_processor_dirs: dict[str, Path]) -> dict[str, object]:
+    """The processors of ``qwen_vl_processor_dirs`` loaded once by ``AutoProcessor`` (a load takes seconds)."""
+    from transformers import AutoProcessor
+
+    return {family: AutoProcessor.from_pretrained(d) for family, d in qwen_vl_processor_dirs.items()}

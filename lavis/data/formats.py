@@ -20,6 +20,13 @@ record layout. Each name of ``data.train[].format`` (the schema's ``DatasetForma
 - ``minigpt4_captions``: MiniGPT-4's cc_sbu_align ``filter_cap.json``, ``{"annotations": [{"image_id", "caption"}]}``,
   images ``<vis_root>/<image_id>.jpg``; the question is one of MiniGPT-4's four stage-2 alignment prompts, chosen
   per record from a hash of the image id (MiniGPT-4 draws one at random per batch).
+- ``sharegpt``: ShareGPT-style records as LLaMA-Factory reads them (``formatting: sharegpt``):
+  ``{"messages": [{"role": "system" | "user" | "assistant", "content": "<image>..."}], "images": [...],
+  "videos": [...]}`` (its ``mllm_demo.json`` layout), or ShareGPT's own ``{"conversations": [{"from": "human" | "gpt"
+  | "system", "value": ...}]}``; an optional top-level ``system`` string is the system turn. ``<image>`` / ``<video>``
+  markers stay where they are written (no reordering). A system turn is kept as the first turn (the VLM family's chat
+  template renders it; the BLIP-2 family's templates refuse it, naming the record). Tool turns
+  (``function_call`` / ``observation`` / ``tool``) are refused; at most one video, and not together with images.
 - ``webdataset``: tar shards of ``<key>.jpg|jpeg|png|webp`` + ``<key>.txt`` or ``<key>.json`` (``caption``), as
   MiniGPT-4 stage 1 (CC/SBU/LAION via img2dataset) uses; ``ann_path`` is a shard, a directory of shards, or a brace
   pattern (``shards/{00000..00099}.tar``). An index of (shard, member) is built once when the dataset is read, so
@@ -287,6 +294,54 @@ def from_videochatgpt(r: dict[str, Any], where: str, index: int, ds: DatasetConf
     return from_mpp(r, where, index, ds)
 
 
+SHAREGPT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                  "system": "system"}
+SHAREGPT_TOOL_ROLES = ("function_call", "observation", "tool", "function")
+
+
+def _sharegpt_turns(r: dict[str, Any], where: str) -> list[dict[str, str]]:
+    key, role_key, text_key = (("messages", "role", "content") if "messages" in r
+                               else ("conversations", "from", "value"))
+    turns = r.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: a sharegpt record needs a non-empty `messages` (role/content) or "
+                         "`conversations` (from/value) list")
+    out = [{"role": "system", "content": r["system"]}] if isinstance(r.get("system"), str) and r["system"] else []
+    for i, turn in enumerate(turns):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if role in SHAREGPT_TOOL_ROLES:
+            raise ValueError(f"{where}: turn {i} is a tool turn ({role_key} {role!r}); tool calls are not supported "
+                             "for training yet, remove those records")
+        if role not in SHAREGPT_ROLES or not isinstance(turn.get(text_key), str):
+            raise ValueError(f"{where}: turn {i} needs `{role_key}` in {sorted(SHAREGPT_ROLES)} and a string "
+                             f"`{text_key}`")
+        out.append({"role": SHAREGPT_ROLES[role], "content": turn[text_key]})
+    return out
+
+
+def _path_list(r: dict[str, Any], key: str, where: str) -> list[str]:
+    value = r.get(key)
+    if value is None:
+        return []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"{where}: `{key}` must be a list of path strings (got {r[key]!r})")
+    return value
+
+
+def from_sharegpt(r: dict[str, Any], where: str, index: int, ds: DatasetConfig) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": str(r.get("id", where)), "conversations": _sharegpt_turns(r, where)}
+    images, videos = _path_list(r, "images", where), _path_list(r, "videos", where)
+    if len(videos) > 1 or (videos and images):
+        raise ValueError(f"{where}: {len(images)} images and {len(videos)} videos; a record holds images or one video "
+                         "(split the record)")
+    if images:
+        rec["images"] = images
+    if videos:
+        rec["video"] = videos[0]
+    return rec
+
+
 def from_minigpt4_captions(r: dict[str, Any], where: str, index: int, ds: DatasetConfig) -> dict[str, Any]:
     image_id, caption = r.get("image_id"), r.get("caption")
     if image_id is None or not isinstance(caption, str):
@@ -332,6 +387,7 @@ FORMATS: dict[str, Format] = {
     "llava": Format(_json, from_llava),
     "llava_pretrain": Format(_json, from_llava_pretrain),
     "videochatgpt": Format(_json, from_videochatgpt),
+    "sharegpt": Format(_json, from_sharegpt),
     "minigpt4_captions": Format(lambda spec: read_minigpt4_captions(Path(spec)), from_minigpt4_captions, False),
     "webdataset": Format(read_webdataset, from_webdataset, False),
 }

@@ -5,5 +5,7 @@
 - ``weights``: a directory's tensors, every one accounted for; one stage reads only its own layers' tensors.
 - ``layers``: the pipeline's layer list (vision tower entries, merger + embeddings, decoder blocks, norm, head), its
   layer table and the inter-stage tuple.
+- ``data_config``, ``conversation``, ``processor``, ``processor_files``, ``collate``, ``data``: the data side (the
+  model's own processor and chat template, labels on assistant turns, pixel budgets, dynamic-shape micro-batches).
 - ``costs``: per-layer parameter / FLOP / activation estimates for ``lavis.pipeline.plan``'s boundary search.
 """

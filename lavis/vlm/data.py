@@ -1,0 +1,39 @@
+"""The VLM data side assembled for the trainer: the processor, the dataset and the collator of a run.
+
+``build_data`` (``lavis.engine.trainer``) calls :func:`build_vlm_data` in place of ``ConversationDataset`` /
+``Collator`` when ``model.vlm`` is set; the sampler and ``StepLoader`` are shared with the BLIP-2 path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lavis.config.schema import DataConfig
+from lavis.data.datasets import Record
+from lavis.vlm.collate import VLMCollator
+from lavis.vlm.data_config import VLMDataConfig
+from lavis.vlm.processor import VLMConversationDataset
+from lavis.vlm.processor_files import load_processor
+
+
+def processor_ref(budget: VLMDataConfig, model_path: str | None) -> str:
+    """Where the run's processor comes from: ``data.vlm.processor``, else the model directory."""
+    ref = budget.processor or model_path
+    if ref is None:
+        raise ValueError("a model.vlm run without model.vlm.path needs data.vlm.processor (a processor directory, or "
+                         "builtin:shapes for the demo)")
+    return ref
+
+
+def build_vlm_data(records: Sequence[Record], data: DataConfig, budget: VLMDataConfig | None,
+                   model_path: str | None, processor: Any = None) -> tuple[VLMConversationDataset, VLMCollator]:
+    """The dataset over ``records`` and its collator (pad id: the processor's tokenizer's). ``processor`` given
+    (already loaded) skips :func:`load_processor`."""
+    budget = budget or VLMDataConfig()
+    processor = processor if processor is not None else load_processor(processor_ref(budget, model_path))
+    pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the VLM processor's tokenizer has no pad token (pad_token in tokenizer_config.json)")
+    dataset = VLMConversationDataset(records, processor, data, budget)
+    return dataset, VLMCollator(int(pad), data.max_txt_len, data.pad_to_multiple_of)
