@@ -37,11 +37,11 @@ from lavis.config.schema import ModelConfig
 from lavis.convert import lora_export
 from lavis.convert.hf_export import export_hf
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
-from lavis.model.components import COMPONENTS
-from lavis.model.freezing import component_trains, is_trainable
-from lavis.model.llm import is_qwen_v1, llm_hf_config, read_config_json, to_qwen_v1_names
+from lavis.model.freezing import is_trainable
+from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.lora import model_targets
-from lavis.model.mllm import MultimodalLM
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.family import describe, family_named
 from lavis.pipeline.plan import layers_to_plain
 from lavis.weights.base import load_torch_file
 
@@ -145,10 +145,6 @@ def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return layers_to_plain(table, states), meta
 
 
-def trained_components(cfg: ModelConfig) -> list[str]:
-    return [c for c in COMPONENTS if component_trains(c, cfg)]
-
-
 def describe_run(trained: list[str]) -> str:
     """``pretrain`` (only the projection trained), ``SFT`` (the LLM trained too) or the list of what trained."""
     kind = "pretrain" if trained == ["projection"] else "SFT" if "llm" in trained else "custom"
@@ -180,10 +176,13 @@ def refuse_nonfinite(state: dict[str, torch.Tensor], tag_dir: Path, allow: bool)
         print(f"warning: {len(bad)} weight(s) hold NaN or inf: {bad[:5]} (--allow-nonfinite)", file=sys.stderr)
 
 
-def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int) -> list[str]:
-    """Strict shape check against a meta-device model; returns the model keys the file does not hold."""
+def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int,
+                        spec: ModelSpec | None = None) -> list[str]:
+    """Strict shape check against a meta-device model (``spec``: the description of ``cfg``, resolved when not
+    given); returns the model keys the file does not hold."""
+    spec = spec or describe(cfg)
     with torch.device("meta"):
-        model = MultimodalLM(cfg, placeholder_id)
+        model = family_named(spec.family).build(spec, cfg, placeholder_id)
         expected = {k: v.shape for k, v in model_targets(model, cfg).items()}  # with LoRA: + adapters
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
@@ -194,27 +193,32 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
     return sorted(set(expected) - set(state))
 
 
-def minigpt4_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, Any]:
+def minigpt4_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: ModelSpec) -> dict[str, Any]:
     """MiniGPT-4's checkpoint format (its ``_save_checkpoint`` / released ``pretrained_minigpt4*.pth``): the projection
     as ``llama_proj.*`` under ``"model"``, fp32 as its model holds it."""
     other = sorted(k for k in state if not k.startswith("llm_proj."))
     if other:
         raise ValueError(f"--names minigpt4: MiniGPT-4's checkpoint holds only the projection (llama_proj), but this "
                          f".pth would hold {other[:3]}; use pipe_proj2pth.py --names minigpt4")
-    family = llm_hf_config(cfg.llm).model_type
+    family = spec.llm_type
     if family != "llama":
         raise ValueError(f"--names minigpt4: MiniGPT-4 runs LLaMA / Vicuna, but this run's LLM is {family!r}; its "
                          "projection would not fit MiniGPT-4's model. Use --names auto")
     return {"model": {"llama_proj." + k[len("llm_proj."):]: v.float() for k, v in state.items()}}
 
 
-def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, Any]:
+def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names,
+                  spec: ModelSpec | None = None) -> dict[str, Any]:
     """``auto``: Qwen v1 names (``llm_model.transformer.h.N.attn.c_attn...``) when the LLM was read from a Qwen v1
     directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise.
     A LoRA run's adapters have no Qwen v1 names: its ``.pth`` keeps ours (``--merge-lora`` writes Qwen v1 names).
-    ``minigpt4``: :func:`minigpt4_checkpoint`."""
+    ``minigpt4``: :func:`minigpt4_checkpoint`. ``spec``: the description of ``cfg`` (resolved when not given)."""
+    spec = spec or describe(cfg)
+    if names not in family_named(spec.family).converter_names:
+        raise ValueError(f"--names {names}: the {spec.family} model family's converters write "
+                         f"{', '.join(family_named(spec.family).converter_names)}")
     if names == "minigpt4":
-        return minigpt4_checkpoint(state, cfg)
+        return minigpt4_checkpoint(state, cfg, spec)
     if cfg.llm.lora is not None:
         if names == "qwen_v1":
             raise ValueError("--names qwen_v1: adapter tensors have no Qwen v1 names; add --merge-lora")
@@ -244,7 +248,8 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
-    trained = trained_components(cfg)
+    spec = describe(cfg)  # the one description of the model this conversion uses
+    trained = list(spec.trains)
     print(f"{tag_dir}: {describe_run(trained)}", file=sys.stderr)
     mismatch = kind_mismatch(kind, trained)
     if mismatch and not allow_kind_mismatch:
@@ -255,13 +260,13 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
         state = {k: v for k, v in state.items() if k.startswith("llm_proj.")}
         if not state:
             raise ValueError(f"{tag_dir} holds no llm_proj weights (was model.projection.frozen true?)")
-    missing = check_against_model(state, cfg, meta["placeholder_id"])
+    missing = check_against_model(state, cfg, meta["placeholder_id"], spec)
     if kind == "model":
         trainable_missing = [k for k in missing if is_trainable(k, cfg)]
         if trainable_missing:
             raise ValueError(f"{tag_dir}: trained weights missing from the layer files: {trainable_missing[:5]}")
     refuse_nonfinite(state, tag_dir, allow_nonfinite)
-    state = release_names(state, cfg, names)
+    state = release_names(state, cfg, names, spec)
     dest = Path(out) if out is not None else Path(ckpt_dir) / OUTPUT_NAME[kind]
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(state, tmp)
