@@ -152,3 +152,31 @@ def test_the_trainer_describes_once_per_process(tiny_cfg: Config, tmp_path: Path
         os.environ.clear()
         os.environ.update(saved)
     assert hf_builds == ["qwen2"] and run.spec is not None and run.table == run.spec.table
+
+
+def test_feature_cache_builder_describes_once(tiny_data: Path, tmp_path: Path, hf_builds: list[str]):
+    """The builder (``python -m lavis.data.cache_features``) and the pipeline layer 0 that checks the cache."""
+    from lavis.features import main as build_main
+
+    from .conftest import PRETRAIN_CFG
+
+    opts = [*data_options(tiny_data), "data.transform.kind=eval", "data.transform.hflip=false"]
+    out = tmp_path / "cache"
+    assert build_main(["--cfg-path", str(PRETRAIN_CFG), "--out", str(out), "--workers", "0", "--dtype", "fp32",
+                       "--options", *opts]) == 0
+    assert hf_builds == ["qwen2"]
+    cfg = load_config(PRETRAIN_CFG, [*opts, f"data.feature_cache={out}"])
+    spec = describe(cfg.model)
+    recipes = family_named(spec.family).pipeline_layers(spec, cfg, placeholder_id=3)
+    recipes[0].cls(*recipes[0].args)  # layer 0 checks the cache's weights fingerprint with the same spec
+    assert hf_builds == ["qwen2", "qwen2"]
+
+
+@pytest.mark.process
+def test_the_converter_with_hf_out_describes_once(runs: dict[str, Path], tmp_path: Path, hf_builds: list[str]):
+    from lavis.convert.pipe_to_pth import cli
+
+    cli("model", "", ["--ckpt-dir", str(runs["pp2"]), "--out", str(tmp_path / "m.pth"),
+                      "--hf-out", str(tmp_path / "hf"), "--hf-dtype", "fp32"])
+    assert (tmp_path / "m.pth").is_file() and (tmp_path / "hf" / "config.json").is_file()
+    assert hf_builds == ["qwen2"]

@@ -233,6 +233,16 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
             allow_nonfinite: bool = False) -> Path:
     """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
     ``lavis.predecessors.mpp_layers``); ``include_frozen``: write its frozen weights too."""
+    return convert_and_describe(ckpt_dir, kind, out, names, model, include_frozen,
+                                allow_kind_mismatch=allow_kind_mismatch, allow_nonfinite=allow_nonfinite)[0]
+
+
+def convert_and_describe(
+    ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",
+    model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
+    allow_nonfinite: bool = False,
+) -> tuple[Path, ModelSpec | None]:
+    """:func:`convert`, and the run's model description for the exports that follow (None for MPP layer files)."""
     from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint
 
     if out is not None:
@@ -244,7 +254,7 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
         dest, report = convert_mpp(ckpt_dir, kind, model, out, names, include_frozen,
                                    allow_kind_mismatch=allow_kind_mismatch)
         print(report.format(limit=10))
-        return dest
+        return dest, None
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
@@ -271,7 +281,7 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, dest)
-    return dest
+    return dest, spec
 
 
 def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
@@ -310,15 +320,15 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
                 "train or export from the .pth")
     refuse_outputs_over_inputs(args, kind)
-    pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
-                  args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
-                  allow_nonfinite=args.allow_nonfinite)
+    pth, spec = convert_and_describe(args.ckpt_dir, kind, args.out, args.names,
+                                     _model_arg(args.model_type, args.cfg_path), args.include_frozen,
+                                     allow_kind_mismatch=args.allow_kind_mismatch, allow_nonfinite=args.allow_nonfinite)
     print(pth)
     if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth):
         return
     if args.hf_out:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
-        print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
+        print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype, spec))
 
 
 def refuse_outputs_over_inputs(args: Any, kind: Kind) -> None:
