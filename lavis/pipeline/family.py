@@ -98,8 +98,8 @@ def blip2_layers(
 class Blip2Family:
     """ViT -> ln_vision -> Q-Former (optional) -> projection -> decoder LLM (Qwen, Vicuna, LLaMA): ``lavis.model``."""
 
-    name = mllm.FAMILY
-    converter_names = ("auto", "ours", "qwen_v1", "minigpt4")
+    name: str = mllm.FAMILY
+    converter_names: tuple[str, ...] = ("auto", "ours", "qwen_v1", "minigpt4")
 
     def claims(self, cfg: ModelConfig) -> bool:
         return True  # the default: every config no other family claims
