@@ -324,7 +324,7 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
                                      _model_arg(args.model_type, args.cfg_path), args.include_frozen,
                                      allow_kind_mismatch=args.allow_kind_mismatch, allow_nonfinite=args.allow_nonfinite)
     print(pth)
-    if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth):
+    if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth, spec):
         return
     if args.hf_out:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
@@ -349,8 +349,9 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
     return load_config(preset_path(model_type) if model_type else cfg_path).model
 
 
-def lora_cli(args: object, pth: Path) -> bool:
-    """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run."""
+def lora_cli(args: object, pth: Path, spec: ModelSpec | None = None) -> bool:
+    """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run.
+    ``spec``: the run's model description (the converter's)."""
     tag_dir = resolve_tag_dir(args.ckpt_dir)
     cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
                     prefix="model.")
@@ -363,9 +364,9 @@ def lora_cli(args: object, pth: Path) -> bool:
         adapters = pth.with_name("lora_" + pth.name)
         os.replace(pth, adapters)
         print(adapters)
-        print(lora_export.merge_lora(tag_dir, adapters, pth, args.names))
+        print(lora_export.merge_lora(tag_dir, adapters, pth, args.names, spec))
     if args.hf_out:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
-        print(lora_export.export_merged_hf(tag_dir, adapters, args.hf_out, dtype) if args.merge_lora
-              else lora_export.export_peft(tag_dir, adapters, args.hf_out))
+        print(lora_export.export_merged_hf(tag_dir, adapters, args.hf_out, dtype, spec) if args.merge_lora
+              else lora_export.export_peft(tag_dir, adapters, args.hf_out, spec))
     return True
