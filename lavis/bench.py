@@ -50,8 +50,9 @@ from lavis.engine.distributed import init_distributed, print0, shutdown
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.features import build_cache
-from lavis.model.llm import llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, Workload, layer_costs
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.family import describe
+from lavis.pipeline.plan import Workload, layer_costs
 
 if TYPE_CHECKING:
     from lavis.engine.trainer import Run
@@ -117,14 +118,16 @@ def variants(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -> Config:
+def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None,
+                  spec: ModelSpec | None = None) -> Config:
     """``ours``: dynamic padding with length grouping, the planner's partition, the padding mask between stages.
     ``predecessor`` (MiniGPT-4 / MPP-Qwen): every sample padded to ``max_txt_len``, every decoder block recomputed
     in backward (``torch.utils.checkpoint``), a float additive mask shipped (with its gradient) between stages, and
     a uniform split (equal layer counts per stage, as DeepSpeed's ``uniform`` with identity pads). ``pixels`` /
     ``feature_cache``: the eval transform without flip, from pixels or from ``feature_cache``. An optimizer name:
     that ``train.optim.optimizer``, in fp32 (``adamw_bf16``: bf16, which it needs). ``no_offload`` / ``offload``:
-    ``train.parallel.activation_offload`` false / true."""
+    ``train.parallel.activation_offload`` false / true. ``spec``: the model's description (described here when not
+    given)."""
     d, t = cfg.data, cfg.train
     if variant == "ours":
         d = replace(d, fixed_length=False, group_by_length=True)
@@ -132,7 +135,7 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     elif variant == "predecessor":
         from deepspeed.runtime.utils import partition_uniform
 
-        blocks = int(llm_hf_config(cfg.model.llm).num_hidden_layers)
+        blocks = (spec or describe(cfg.model)).num_blocks
         d = replace(d, fixed_length=True, group_by_length=False)
         t = with_values(t, {"parallel.activation_checkpoint_interval": 0,
                             "parallel.activation_checkpoint_blocks": list(range(blocks)),
@@ -149,11 +152,14 @@ def apply_variant(cfg: Config, variant: str | None, feature_cache: str | None) -
     return replace(cfg, data=d, train=t)
 
 
-def bench_config(args: argparse.Namespace) -> Config:
+def bench_config(args: argparse.Namespace) -> tuple[Config, ModelSpec]:
+    """The measured run's config and the model's description (resolved once, from the recipe: ``--random-init``
+    keeps its shape)."""
     cfg = load_config(args.cfg_path, args.options)
     m = cfg.model
+    spec = describe(m)
     if args.random_init:
-        hf = llm_hf_config(m.llm).to_dict()
+        hf = spec.hf.to_dict()
         keep = {k: v for k, v in hf.items() if not k.startswith("_") and k not in
                 ("architectures", "transformers_version", "auto_map", "torch_dtype", "dtype")}
         llm = replace(m.llm, path=None, hf_config=keep)
@@ -179,7 +185,7 @@ def bench_config(args: argparse.Namespace) -> Config:
         ann = Path(args.output_dir) / "synthetic" / "train.json"  # shared by the sides of a comparison
         data = replace(data, train=[DatasetConfig(ann_path=str(ann), vis_root=str(ann.parent))],
                        max_txt_len=max(data.max_txt_len, args.seq_len))
-    return apply_variant(replace(cfg, model=m, train=t, data=data), args.variant, args.feature_cache)
+    return apply_variant(replace(cfg, model=m, train=t, data=data), args.variant, args.feature_cache, spec), spec
 
 
 def mix_lengths(cfg: Config, n: int, tokenizer: str | None, seed: int = 0) -> list[int]:
@@ -258,7 +264,7 @@ class MeasureHook(Hook):
         self.result = {"ranks": ranks}
 
 
-def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace, spec: ModelSpec) -> dict[str, Any]:
     rows = [json.loads(ln) for ln in Path(result["rows_path"]).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["step"] > args.warmup]
     t = cfg.train
@@ -268,8 +274,7 @@ def summarize(cfg: Config, result: dict[str, Any], args: argparse.Namespace) -> 
     padded = sum(r["padded_tokens_r0"] for r in rows)
     micro = t.batch.grad_accum_steps * len(rows)
     # FLOPs at the measured mean padded micro-batch shape of replica 0, times all micro-batches of all replicas.
-    hf = llm_hf_config(cfg.model.llm)
-    dims = {k: getattr(hf, k) for k in LLM_DIMS}
+    dims = spec.dims
     tokens_per_micro = padded / max(1, micro)
     seq = tokens_per_micro / t.batch.micro_batch_size
     images = round(sum(r["images_r0"] for r in rows) / max(1, micro))
@@ -352,7 +357,7 @@ def prepare_data(cfg: Config, args: argparse.Namespace) -> None:
 def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Run each side in its own process group (``torch.distributed.run``; separate processes, so host peak RSS is
     per side), one after the other on the same data, and put the reports side by side."""
-    cfg = bench_config(args)
+    cfg, _ = bench_config(args)
     prepare_data(cfg, args)
     world = cfg.train.parallel.num_stages * args.dp
     reports: dict[str, Any] = {}
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
         return
-    cfg = bench_config(args)
+    cfg, spec = bench_config(args)
     world = cfg.train.parallel.num_stages * args.dp
     if "RANK" not in os.environ and world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
@@ -438,10 +443,10 @@ def main(argv: list[str] | None = None) -> None:
         prepare_data(cfg, args)
     dist.barrier()
     hook = MeasureHook(measure_from=args.warmup + 1)
-    run = train(cfg, hooks=[hook], resume=False, save=False)
+    run = train(cfg, hooks=[hook], resume=False, save=False, spec=spec)
     result = {**hook.result, "parts": run.boundaries, "rows_path": str(run.out / "metrics.jsonl")}
     if dist.get_rank() == 0:
-        rep = summarize(cfg, result, args)
+        rep = summarize(cfg, result, args, spec)
         print(format_report(rep), flush=True)
         out = Path(args.out or Path(cfg.train.output_dir) / "bench.json")
         out.parent.mkdir(parents=True, exist_ok=True)

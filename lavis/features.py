@@ -44,15 +44,17 @@ from lavis.data.datasets import load_records
 from lavis.data.records import file_digest
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
-from lavis.model.mllm import encode_queries, encode_vision
+from lavis.model.mllm import describe, encode_queries, encode_vision
 from lavis.model.qformer import build_qformer, build_query_tokens
+from lavis.model.spec import ModelSpec
 from lavis.weights.base import load_weights, model_shapes, raise_if_bad, stream_into
 
 
-def weights_fingerprint(model: ModelConfig, level: Level) -> str:
+def weights_fingerprint(model: ModelConfig, level: Level, spec: ModelSpec | None = None) -> str:
     """SHA-256 of the cached modules' config and frozen tensors as the config's weight files provide them (see
-    the module docstring). Reads those tensors once (memory-mapped), builds no module."""
-    shapes = model_shapes(model)
+    the module docstring). Reads those tensors once (memory-mapped), builds no module. ``spec``: the description
+    of ``model``."""
+    shapes = model_shapes(model, spec)
     prefixes = FROZEN_PREFIXES[level]
     want = {k: s for k, s in shapes.items() if k.startswith(prefixes)}
     digests: dict[str, str] = {}
@@ -81,9 +83,9 @@ def _arch(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in ("checkpoint", "frozen")}
 
 
-def check_weights(cache: FeatureCache, model: ModelConfig) -> None:
+def check_weights(cache: FeatureCache, model: ModelConfig, spec: ModelSpec | None = None) -> None:
     """Raise :class:`CacheError` unless ``cache`` holds the features ``model``'s frozen weights give (level,
-    shape and weights fingerprint)."""
+    shape and weights fingerprint). ``spec``: the description of ``model``."""
     level = cache_level(model)
     if cache.index["level"] != level:
         raise CacheError(f"{cache.root}: cache holds {cache.index['level']}-level features but this config needs "
@@ -92,7 +94,7 @@ def check_weights(cache: FeatureCache, model: ModelConfig) -> None:
     if list(cache.index["feature_shape"]) != want:
         raise CacheError(f"{cache.root}: cached features are {cache.index['feature_shape']}, this model needs "
                          f"{want}; rebuild the cache")
-    fp = weights_fingerprint(model, level)
+    fp = weights_fingerprint(model, level, spec)
     if fp != cache.index["fingerprint"]:
         raise CacheError(f"{cache.root}: stale feature cache: it was built from other frozen weights (fingerprint "
                          f"{cache.index['fingerprint'][:12]}, this config's {fp[:12]}: another checkpoint, "
@@ -155,7 +157,7 @@ def collect_items(cfg: Config, views: int, findings: list[Any]) -> list[Item]:
 class FrozenEncoder(nn.Module):
     """The frozen modules of a cache level, initialised and loaded exactly as pipeline layer 0 does."""
 
-    def __init__(self, model: ModelConfig, level: Level) -> None:
+    def __init__(self, model: ModelConfig, level: Level, spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.level = level
         self.visual_encoder = build_eva_vit(model.vision)
@@ -167,7 +169,7 @@ class FrozenEncoder(nn.Module):
             mods += [self.qformer, self.query_tokens]
         # These modules open layer 0's init order, so their draws equal a full layer-0 init (lavis.model.init).
         init_modules_(mods, model.init_seed, model.init_std)
-        reports, _ = stream_into(model, self.state_dict(keep_vars=True), set(model_shapes(model)))
+        reports, _ = stream_into(model, self.state_dict(keep_vars=True), set(model_shapes(model, spec)))
         for rep in reports:
             print(rep.summary(), file=sys.stderr)
         self.requires_grad_(False)
@@ -242,7 +244,8 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
 
     model = cfg.model
     level = cache_level(model)
-    fp = weights_fingerprint(model, level)
+    spec = describe(model)  # the one description of the model this process uses
+    fp = weights_fingerprint(model, level, spec)
     head = {"version": FORMAT_VERSION, "level": level, "fingerprint": fp,
             "transform": transform_spec(model.vision.image_size, cfg.data, views),
             "feature_shape": list(feature_shape(model, level)),
@@ -264,7 +267,7 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
     print(f"feature cache {out}: {level}-level features {head['feature_shape']} ({dtype}), {len(items)} item(s), "
           f"{len(items) - len(todo)} already cached", file=sys.stderr)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    enc = FrozenEncoder(model, level).to(dev)
+    enc = FrozenEncoder(model, level, spec).to(dev)
     first = int(done_names[-1].removeprefix("shard_")) + 1 if done_names else 0  # never reuse a kept shard's name
     writer = _ShardWriter(out, first, shard_rows, DTYPES[dtype][0], head)
     loader = torch.utils.data.DataLoader(_PixelItems(todo, model, cfg.data, views), batch_size=None,

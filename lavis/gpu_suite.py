@@ -35,8 +35,8 @@ from lavis.bench import apply_variant, bench_config, parse_args
 from lavis.chat.engine import ChatEngine, GenerationSettings
 from lavis.config.presets import preset_path
 from lavis.data import shapes
-from lavis.model.llm import llm_hf_config
-from lavis.pipeline.plan import LLM_DIMS, plan_for_config, stage_memory_bytes
+from lavis.pipeline.family import plan as plan_model
+from lavis.pipeline.plan import stage_memory_bytes
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +116,9 @@ def _memory_vs_plan(compare: dict[str, Any], dry: bool) -> dict[str, Any]:
     """The planner's stage-0 estimate (weights, gradients, optimizer state, activations of max_txt_len micro-batches
     in flight) for the configuration our side ran, next to its measured peak."""
     args = parse_args(compare["args"])
-    cfg = apply_variant(bench_config(args), "ours", None)
-    dims = {k: getattr(llm_hf_config(cfg.model.llm), k) for k in LLM_DIMS}
-    plan = plan_for_config(cfg, dims, 1)
+    cfg, spec = bench_config(args)
+    cfg = apply_variant(cfg, "ours", None, spec)
+    plan = plan_model(spec, cfg, 1)
     est = stage_memory_bytes(plan.costs[plan.parts[0]:plan.parts[1]], 0, 1, plan.work, plan.optim_bytes) / 2**30
     measured = compare["ours"]["stages"][0]["peak_memory_gib"]
     return {"planner_estimate_gib": round(est, 3), "measured_peak_gib": measured,

@@ -24,8 +24,9 @@ from lavis.data import shapes
 from lavis.data.conversation import encode_prompt, template_from_config
 from lavis.data.media import image_transform
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
-from lavis.model.llm import llm_hf_config
 from lavis.model.mllm import MultimodalLM
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.family import describe
 from lavis.weights.base import default_init_keys, load_weights, model_shapes, stream_into
 
 if TYPE_CHECKING:
@@ -44,11 +45,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _forward(cfg: Config, tok: Any, checkpoint: str | None, dtype: torch.dtype) -> bool:
+def _forward(cfg: Config, model_spec: ModelSpec, tok: Any, checkpoint: str | None, dtype: torch.dtype) -> bool:
     t0 = time.perf_counter()
     torch.set_default_dtype(dtype)
     try:
-        model = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder))
+        model = MultimodalLM(cfg.model, tok.token_id(cfg.model.llm.image_placeholder), model_spec)
     finally:
         torch.set_default_dtype(torch.float32)
     model.init_weights(cfg.model.init_seed)
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     path = preset_path(a.model_type) if a.model_type else a.cfg_path
     cfg = load_config(path, a.options)
     print(f"config: {path}")
-    hf = llm_hf_config(cfg.model.llm)
+    spec = describe(cfg.model)
+    hf = spec.hf
     tok = load_tokenizer(resolve_tokenizer_ref(cfg.model.llm.tokenizer, a.cfg_path))
     placeholder = tok.token_id(cfg.model.llm.image_placeholder)
     print(f"LLM: {type(hf).__name__} hidden {hf.hidden_size}, {hf.num_hidden_layers} layers, vocab {hf.vocab_size}; "
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: tokenizer ids reach {max(placeholder, tok.vocab_size - 1)} but the embedding has "
               f"{hf.vocab_size} rows: another model family's tokenizer?")
         ok = False
-    want = model_shapes(cfg.model)
+    want = model_shapes(cfg.model, spec)
     _, reports = load_weights(cfg.model, want, checkpoint=a.checkpoint, read=False)
     if not reports:
         print("no weight file configured: every tensor keeps the seeded random init")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              if by_design else "")
           + f"{len(rest)} keep the seeded init" + (f" ({', '.join(groups)})" if rest else ""))
     if ok and a.forward:
-        ok = _forward(cfg, tok, a.checkpoint, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+        ok = _forward(cfg, spec, tok, a.checkpoint, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
-from lavis.model.llm import is_qwen_v1, llm_hf_config, qwen_v1_to_qwen2_config
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
-from lavis.pipeline.plan import LLM_DIMS, format_plan, plan_for_config, stage_memory_bytes
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.family import describe
+from lavis.pipeline.family import plan as plan_model
+from lavis.pipeline.plan import format_plan, stage_memory_bytes
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -47,17 +49,23 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
-    """The cost model's LLM dimensions and where they came from; reads at most a ``config.json``."""
+def model_spec(cfg: Config) -> tuple[ModelSpec, str]:
+    """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``."""
     llm = cfg.model.llm
     if llm.path is None or (Path(llm.path) / "config.json").is_file():
-        hf = llm_hf_config(llm)
+        spec = describe(cfg.model)
         where = f"{llm.path}/config.json" if llm.path else "model.llm.hf_config"
     else:
         name, raw = published_config_for(llm.path)
-        hf = hf_config_from_raw(raw, llm.hf_config)
+        spec = describe(cfg.model, published=raw)
         where = f"the published shape of {name} ({llm.path} holds no config.json yet)"
-    return {k: getattr(hf, k) for k in LLM_DIMS}, where
+    return spec, where
+
+
+def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
+    """The cost model's LLM dimensions and where they came from (:func:`model_spec`)."""
+    spec, where = model_spec(cfg)
+    return spec.dims, where
 
 
 def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
@@ -68,21 +76,6 @@ def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
     raise FileNotFoundError(
         f"model.llm.path={llm_path}: no config.json there and no shipped model config uses this path, so its shape "
         "is unknown; put the model's config.json there (no weights needed) or set model.llm.hf_config")
-
-
-def hf_config_from_raw(raw: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """A transformers config from a config.json's content (Qwen v1 through our key map), with ``overrides``."""
-    from transformers import AutoConfig
-
-    if is_qwen_v1(raw):
-        hf = qwen_v1_to_qwen2_config(raw)
-    else:
-        fields = {k: v for k, v in raw.items() if k != "model_type"}
-        hf = AutoConfig.for_model(raw["model_type"], **fields)
-    for k, v in overrides.items():
-        if k != "model_type":
-            setattr(hf, k, v)
-    return hf
 
 
 @dataclass(frozen=True)
@@ -96,16 +89,16 @@ class Verdict:
         return max(self.stage_gib) <= self.limit_gib
 
 
-def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
+def assess(cfg: Config, spec: ModelSpec, dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
     limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
     try:
-        plan = plan_for_config(limited, dims, dp)
+        plan = plan_model(spec, limited, dp)
     except ValueError as e:
         if "fits" not in str(e):
             raise
-        plan = plan_for_config(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dims, dp)
+        plan = plan_model(spec, with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dp)
     n = len(plan.parts) - 1
     gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
            for s in range(n)]
@@ -179,7 +172,7 @@ def fits_table(limit_gib: float) -> str:
             cells = []
             for n in FITS_GPUS:
                 cfg = load_config(preset_path(name), [*FITS_COMMON, *options, f"train.parallel.num_stages={n}"])
-                v = assess(cfg, llm_dims(cfg)[0], 1, limit_gib)
+                v = assess(cfg, model_spec(cfg)[0], 1, limit_gib)
                 cells.append(f"{'fits' if v.fits else 'no'} ({max(v.stage_gib):.1f})")
             rows.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     return "\n".join(rows)
@@ -193,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.cfg_path, a.options)
     gpus, dp = _layout(cfg, a.gpus)
     limit = a.gpu_memory_gib or cfg.train.parallel.gpu_memory_gib or DEFAULT_GPU_GIB
-    dims, where = llm_dims(cfg)
+    spec, where = model_spec(cfg)
+    dims = spec.dims
     t = cfg.train
     print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
           f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} "
-          f"GPU(s) of "
-          f"{limit:g} GiB; micro-batch {t.batch.micro_batch_size} x {cfg.data.max_txt_len} tokens, {t.precision}, "
-          f"ZeRO-{t.optim.zero_stage}{' + optimizer offload' if t.optim.offload_optimizer else ''}")
-    verdict = assess(cfg, dims, dp, limit)
+          f"GPU(s) of {limit:g} GiB; micro-batch {t.batch.micro_batch_size} x {cfg.data.max_txt_len} tokens, "
+          f"{t.precision}, ZeRO-{t.optim.zero_stage}{' + optimizer offload' if t.optim.offload_optimizer else ''}")
+    verdict = assess(cfg, spec, dp, limit)
     p = verdict.plan
     print(format_plan(p.parts, p.costs, p.work, p.optim_bytes))
     worst = max(range(len(verdict.stage_gib)), key=verdict.stage_gib.__getitem__)
@@ -213,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for text, options in knob_options(cfg, gpus):
         tried = load_config(a.cfg_path, [*a.options, *options])
         tried_gpus = max(gpus, tried.train.parallel.num_stages)
-        v = assess(tried, llm_dims(tried)[0], tried_gpus // tried.train.parallel.num_stages, limit)
+        v = assess(tried, model_spec(tried)[0], tried_gpus // tried.train.parallel.num_stages, limit)
         print(f"  {'FITS' if v.fits else 'no  '}  {text}: largest stage {max(v.stage_gib):.2f} GiB")
     return 1
 

@@ -154,24 +154,29 @@ def _probe(cfg: ModelConfig, placeholder_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @pytest.mark.process
-def test_converters_merged_pth_and_peft_directory(lora_runs: dict[str, Path], tmp_path: Path) -> None:
+def test_converters_merged_pth_and_peft_directory(lora_runs: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import PeftModel
 
     from lavis.chat.engine import load_model
     from lavis.convert.lora_export import without_lora
     from lavis.convert.pipe_to_pth import cli
     from lavis.data.tokenizer import load_tokenizer
+    from lavis.model import mllm
     from lavis.weights.release import check_against_model
 
     run = lora_runs["pp2"]
     pth = tmp_path / "unfreeze_llm_model.pth"
+    builds: list[object] = []  # the LLM's transformers config, built once per conversion (the run's ModelSpec)
+    monkeypatch.setattr(mllm, "llm_hf_config", lambda *a, real=mllm.llm_hf_config: builds.append(1) or real(*a))
     cli("model", "", ["--ckpt-dir", str(run), "--out", str(pth), "--hf-out", str(tmp_path / "peft")])
+    assert len(builds) == 1
     adapters = torch.load(pth, weights_only=True)
     assert sorted(k for k in adapters if not is_adapter_key(k)) == ["llm_proj.bias", "llm_proj.weight"]
     assert len(adapters) == 2 + 12 and sum(v.numel() for v in adapters.values()) == PROJ + ADAPTERS
     cli("model", "", ["--ckpt-dir", str(run), "--out", str(pth), "--merge-lora", "--hf-out", str(tmp_path / "hf"),
                       "--hf-dtype", "fp32"])
-    assert (tmp_path / "lora_unfreeze_llm_model.pth").is_file()
+    assert (tmp_path / "lora_unfreeze_llm_model.pth").is_file() and len(builds) == 2
 
     cfg = load_config(run / "config.yaml")
     tok = load_tokenizer(str(run / "tokenizer.json"))

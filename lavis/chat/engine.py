@@ -47,9 +47,10 @@ from lavis.chat.stops import StopStrings, context_start
 from lavis.config.load import load_config
 from lavis.config.presets import model_types
 from lavis.data import media
-from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt, template_from_config
+from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 from lavis.model.mllm import MultimodalLM
+from lavis.pipeline.family import describe, family_named
 from lavis.weights.load import load_model
 
 __all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "MediaMarkerError", "Request",
@@ -394,7 +395,8 @@ class ChatEngine:
             load_dev = torch.device(device)
         cfg = load_config(cfg_path, list(options))
         tok = load_tokenizer(resolve_tokenizer_ref(cfg.model.llm.tokenizer, Path(cfg_path)))
-        model = load_model(cfg, checkpoint, tok, load_dev, dtype)
+        spec = describe(cfg.model)
+        model = load_model(cfg, checkpoint, tok, load_dev, dtype, spec)
         if mode == "8bit":
             n = quantize_llm_8bit(model)
             model = model.to(torch.device("cuda", 0)).eval()
@@ -402,7 +404,7 @@ class ChatEngine:
             print(f"LLM in 8-bit: {n} linear layers quantized by bitsandbytes", file=sys.stderr)
         elif mode == "auto":
             load_dev = dispatch_auto(model)
-        tpl = template_from_config(tok, cfg)
+        tpl = family_named(spec.family).template(tok, cfg)
         return cls(model, tpl, cfg.model.vision.image_size, load_dev, cfg.data.video_fps)
 
     # --- media and turns -----------------------------------------------------------------------------------------

@@ -359,16 +359,23 @@ def save_config(cfg: Config, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
-    """Derive the DeepSpeed dict from ``train``. The optimizer and scheduler are built by us, not by DeepSpeed.
+def optimizer_clips(train: TrainConfig) -> bool:
+    """Who clips gradients: True when our optimizer clips with the all-stage norm (``engine.optim``), False when
+    DeepSpeed does. The one owner of this rule (the trainer and :func:`deepspeed_config` ask it).
 
     DeepSpeed's own gradient clipping is used only where it computes the global norm correctly under PP
     (bf16 / ZeRO-1). In plain fp32 without ZeRO it counts only stage 0's gradients (docs/PIPELINE.md section 6),
-    so there it is disabled and our optimizer clips with the all-stage norm instead (``engine.optim``). The same
-    holds for ``train.optim.optimizer: adamw_bf16``: the trainer casts the module to bf16 itself and DeepSpeed gets no
-    ``bf16`` section, so it steps our optimizer directly instead of wrapping it with fp32 master weights.
+    so there our optimizer clips instead. The same holds for ``train.optim.optimizer: adamw_bf16``: the trainer casts
+    the module to bf16 itself and DeepSpeed gets no ``bf16`` section, so it steps our optimizer directly instead of
+    wrapping it with fp32 master weights.
     """
-    ds_clips = (train.precision != "fp32" and train.optim.optimizer != "adamw_bf16") or train.optim.zero_stage > 0
+    return (train.precision == "fp32" or train.optim.optimizer == "adamw_bf16") and train.optim.zero_stage == 0
+
+
+def deepspeed_config(train: TrainConfig, dp_world_size: int) -> dict[str, Any]:
+    """Derive the DeepSpeed dict from ``train``. The optimizer and scheduler are built by us, not by DeepSpeed;
+    DeepSpeed clips gradients only where :func:`optimizer_clips` says our optimizer does not."""
+    ds_clips = not optimizer_clips(train)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch.micro_batch_size,
         "gradient_accumulation_steps": train.batch.grad_accum_steps,

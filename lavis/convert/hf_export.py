@@ -23,17 +23,19 @@ from lavis.config.load import from_dict, save_config
 from lavis.config.schema import Config
 from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
+from lavis.model.spec import ModelSpec
 from lavis.weights.load import load_model
 
 
-def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+              spec: ModelSpec | None = None) -> Path:
     meta = load_meta(tag_dir)
     cfg = from_dict(Config, meta["config"], source=str(tag_dir / META_FILE))
     tok_file = tag_dir / meta["tokenizer"]
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} missing: the checkpoint directory lacks the run's tokenizer")
     tok = load_tokenizer(str(tok_file))
-    model = load_model(cfg, pth, tok, torch.device("cpu"), dtype)
+    model = load_model(cfg, pth, tok, torch.device("cpu"), dtype, spec)  # spec: the converter's (one per process)
     return write_hf_dir(model, cfg, tok_file, out_dir)
 
 

@@ -27,6 +27,7 @@ from lavis.convert.hf_export import write_hf_dir, write_sidecar
 from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
 from lavis.model.lora import ADAPTER_NAME, is_adapter_key, merge_adapters_, peft_config
+from lavis.model.spec import ModelSpec
 from lavis.weights.load import load_model
 from lavis.weights.release import check_against_model, release_names
 
@@ -54,36 +55,40 @@ def without_lora(cfg: Config) -> Config:
     return replace(cfg, model=replace(cfg.model, llm=llm))
 
 
-def load_merged(tag_dir: Path, adapter_pth: Path):  # noqa: ANN201 - (MultimodalLM, Config, Path)
-    """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left."""
+def load_merged(tag_dir: Path, adapter_pth: Path, spec: ModelSpec | None = None):  # noqa: ANN201 - (MultimodalLM, Config, Path)
+    """Base weights + the adapter ``.pth``, adapters folded in: a plain model with no adapter layers left. ``spec``:
+    the run's model description (the converter's; folding the adapters changes no shape, so it also describes the
+    merged model)."""
     cfg, tok_file = run_config(tag_dir)
     model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"),
-                       DTYPES[cfg.train.precision])
+                       DTYPES[cfg.train.precision], spec)
     if not merge_adapters_(model.llm_model):
         raise ValueError(f"{adapter_pth}: the model has no adapter layers to merge")
     return model, cfg, tok_file
 
 
-def merge_lora(tag_dir: Path, adapter_pth: Path, out: Path, names: str = "auto") -> Path:
+def merge_lora(tag_dir: Path, adapter_pth: Path, out: Path, names: str = "auto",
+               spec: ModelSpec | None = None) -> Path:
     """Write the merged ``.pth``: every LLM tensor (adapters folded in) and the other trained tensors of
     ``adapter_pth`` (projection, ...), named as ``lavis.weights.release.release_names`` says."""
-    model, cfg, _ = load_merged(tag_dir, adapter_pth)
+    model, cfg, _ = load_merged(tag_dir, adapter_pth, spec)
     trained = {k for k in torch.load(adapter_pth, map_location="cpu", weights_only=True, mmap=True)
                if not is_adapter_key(k)}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if k.startswith(LLM_PREFIX) or k in trained}
     plain = without_lora(cfg)
-    check_against_model(state, plain.model, load_meta(tag_dir)["placeholder_id"])
-    state = release_names(state, plain.model, names)  # type: ignore[arg-type]
+    check_against_model(state, plain.model, load_meta(tag_dir)["placeholder_id"], spec)
+    state = release_names(state, plain.model, names, spec)  # type: ignore[arg-type]
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
     return out
 
 
-def export_merged_hf(tag_dir: Path, adapter_pth: Path, out_dir: str | Path, dtype: torch.dtype) -> Path:
+def export_merged_hf(tag_dir: Path, adapter_pth: Path, out_dir: str | Path, dtype: torch.dtype,
+                     spec: ModelSpec | None = None) -> Path:
     """The merged LLM as a transformers directory (``AutoModelForCausalLM.from_pretrained``)."""
-    model, cfg, tok_file = load_merged(tag_dir, adapter_pth)
+    model, cfg, tok_file = load_merged(tag_dir, adapter_pth, spec)
     return write_hf_dir(model.to(dtype), without_lora(cfg), tok_file, out_dir)
 
 
@@ -102,7 +107,7 @@ def peft_state(adapter_state: dict[str, torch.Tensor], train_embeddings: bool) -
     return out
 
 
-def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
+def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path, spec: ModelSpec | None = None) -> Path:
     """A peft adapter directory: ``PeftModel.from_pretrained(base_llm, DIR)`` gives the trained LLM."""
     from safetensors.torch import save_file
 
@@ -122,6 +127,6 @@ def export_peft(tag_dir: Path, adapter_pth: Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     save_file(peft_state(state, lora.train_embeddings), str(out / "adapter_model.safetensors"))
-    model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"), torch.float32)
+    model = load_model(cfg, adapter_pth, load_tokenizer(str(tok_file)), torch.device("cpu"), torch.float32, spec)
     write_sidecar(model, cfg, tok_file, out)
     return out

@@ -39,6 +39,8 @@ from lavis.convert.hf_export import export_hf
 from lavis.convert.vlm_export import export_vlm_hf, is_vlm_run
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
 from lavis.model.freezing import is_trainable
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.family import describe, family_named
 from lavis.pipeline.plan import layers_to_plain
 from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint, resolve_mpp_tag_dir
 from lavis.weights.release import (
@@ -49,7 +51,6 @@ from lavis.weights.release import (
     describe_run,
     kind_mismatch,
     release_names,
-    trained_components,
 )
 from lavis.weights.torch_file import load_torch_file
 
@@ -161,11 +162,28 @@ def refuse_nonfinite(state: dict[str, torch.Tensor], tag_dir: Path, allow: bool)
         print(f"warning: {len(bad)} weight(s) hold NaN or inf: {bad[:5]} (--allow-nonfinite)", file=sys.stderr)
 
 
+def check_converter_names(spec: ModelSpec, names: str) -> None:
+    """Refuse ``--names`` that the run's model family does not write."""
+    allowed = family_named(spec.family).converter_names
+    if names not in allowed:
+        raise ValueError(f"--names {names}: the {spec.family} model family's converters write {', '.join(allowed)}")
+
+
 def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",
             model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
             allow_nonfinite: bool = False) -> Path:
     """``model``: the model config for a checkpoint without our metadata (MPP-Qwen-Next's layer files,
     ``lavis.predecessors.mpp_layers``); ``include_frozen``: write its frozen weights too."""
+    return convert_and_describe(ckpt_dir, kind, out, names, model, include_frozen,
+                                allow_kind_mismatch=allow_kind_mismatch, allow_nonfinite=allow_nonfinite)[0]
+
+
+def convert_and_describe(
+    ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",
+    model: ModelConfig | None = None, include_frozen: bool = False, *, allow_kind_mismatch: bool = False,
+    allow_nonfinite: bool = False,
+) -> tuple[Path, ModelSpec | None]:
+    """:func:`convert`, and the run's model description for the exports that follow (None for MPP layer files)."""
     if out is not None:
         refuse_output_over_inputs("--out", out, command_inputs(ckpt_dir))
     if is_mpp_checkpoint(ckpt_dir):
@@ -175,11 +193,13 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
         dest, report = convert_mpp(ckpt_dir, kind, model, out, names, include_frozen,
                                    allow_kind_mismatch=allow_kind_mismatch)
         print(report.format(limit=10))
-        return dest
+        return dest, None
     tag_dir = resolve_tag_dir(ckpt_dir)
     state, meta = load_plain_state(tag_dir)
     cfg = from_dict(ModelConfig, meta["config"]["model"], source=str(tag_dir / META_FILE), prefix="model.")
-    trained = trained_components(cfg)
+    spec = describe(cfg)  # the one description of the model this conversion uses
+    check_converter_names(spec, names)
+    trained = list(spec.trains)
     print(f"{tag_dir}: {describe_run(trained)}", file=sys.stderr)
     mismatch = kind_mismatch(kind, trained)
     if mismatch and not allow_kind_mismatch:
@@ -190,18 +210,18 @@ def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, nam
         state = {k: v for k, v in state.items() if k.startswith("llm_proj.")}
         if not state:
             raise ValueError(f"{tag_dir} holds no llm_proj weights (was model.projection.frozen true?)")
-    missing = check_against_model(state, cfg, meta["placeholder_id"])
+    missing = check_against_model(state, cfg, meta["placeholder_id"], spec)
     if kind == "model":
         trainable_missing = [k for k in missing if is_trainable(k, cfg)]
         if trainable_missing:
             raise ValueError(f"{tag_dir}: trained weights missing from the layer files: {trainable_missing[:5]}")
     refuse_nonfinite(state, tag_dir, allow_nonfinite)
-    state = release_names(state, cfg, names)
+    state = release_names(state, cfg, names, spec)
     dest = Path(out) if out is not None else Path(ckpt_dir) / OUTPUT_NAME[kind]
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, dest)
-    return dest
+    return dest, spec
 
 
 def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
@@ -248,15 +268,15 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
         print(export_vlm_hf(tag_dir, *load_plain_state(tag_dir), args.hf_out, dtype))
         return
-    pth = convert(args.ckpt_dir, kind, args.out, args.names, _model_arg(args.model_type, args.cfg_path),
-                  args.include_frozen, allow_kind_mismatch=args.allow_kind_mismatch,
-                  allow_nonfinite=args.allow_nonfinite)
+    pth, spec = convert_and_describe(args.ckpt_dir, kind, args.out, args.names,
+                                     _model_arg(args.model_type, args.cfg_path), args.include_frozen,
+                                     allow_kind_mismatch=args.allow_kind_mismatch, allow_nonfinite=args.allow_nonfinite)
     print(pth)
-    if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth):
+    if kind == "model" and args.model_type is None and args.cfg_path is None and lora_cli(args, pth, spec):
         return
     if args.hf_out:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
-        print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype))
+        print(export_hf(resolve_tag_dir(args.ckpt_dir), pth, args.hf_out, dtype, spec))
 
 
 def refuse_outputs_over_inputs(args: Any, kind: Kind) -> None:
@@ -277,8 +297,9 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
     return load_config(preset_path(model_type) if model_type else cfg_path).model
 
 
-def lora_cli(args: object, pth: Path) -> bool:
-    """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run."""
+def lora_cli(args: object, pth: Path, spec: ModelSpec | None = None) -> bool:
+    """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run.
+    ``spec``: the run's model description (the converter's)."""
     tag_dir = resolve_tag_dir(args.ckpt_dir)
     cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
                     prefix="model.")
@@ -291,9 +312,9 @@ def lora_cli(args: object, pth: Path) -> bool:
         adapters = pth.with_name("lora_" + pth.name)
         os.replace(pth, adapters)
         print(adapters)
-        print(lora_export.merge_lora(tag_dir, adapters, pth, args.names))
+        print(lora_export.merge_lora(tag_dir, adapters, pth, args.names, spec))
     if args.hf_out:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
-        print(lora_export.export_merged_hf(tag_dir, adapters, args.hf_out, dtype) if args.merge_lora
-              else lora_export.export_peft(tag_dir, adapters, args.hf_out))
+        print(lora_export.export_merged_hf(tag_dir, adapters, args.hf_out, dtype, spec) if args.merge_lora
+              else lora_export.export_peft(tag_dir, adapters, args.hf_out, spec))
     return True

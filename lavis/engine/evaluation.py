@@ -24,7 +24,8 @@ from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, Record, load_records
-from lavis.pipeline.plan import LayerEntry, layers_to_plain
+from lavis.model.spec import LayerEntry
+from lavis.pipeline.plan import layers_to_plain
 
 if TYPE_CHECKING:
     from deepspeed.runtime.pipe.engine import PipelineEngine

@@ -26,10 +26,10 @@ from lavis.config.schema import ModelConfig
 from lavis.engine import ds_compat
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts
-from lavis.model.lora import check_quantize_runtime, is_adapter_key
+from lavis.model.lora import is_adapter_key
 from lavis.model.mllm import lm_loss
-from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
-from lavis.pipeline.plan import LayerEntry
+from lavis.model.spec import LayerEntry, ModelSpec
+from lavis.pipeline.family import LayerRecipe, ModelFamily, blip2_layers
 from lavis.weights.report import FileReport
 
 
@@ -37,18 +37,13 @@ def layer_specs(
     cfg: ModelConfig, hf: PretrainedConfig, parts: DecoderParts, placeholder_id: int,
     recompute_blocks: frozenset[int] = frozenset(), feature_cache: str | None = None, float_mask: bool = False,
 ) -> list[LayerSpec]:
-    """``recompute_blocks``: decoder block indices recomputed in backward (``train.activation_recompute_blocks``);
-    ``feature_cache``: ``data.feature_cache`` (stage 0 then builds no frozen vision module); ``float_mask``:
-    ``train.parallel.inter_stage_mask == "float_additive"``."""
-    check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
-    seed, std = cfg.init_seed, cfg.init_std
-    n = hf.num_hidden_layers
-    lora, quantize = cfg.llm.lora, cfg.llm.quantize
-    specs = [LayerSpec(VisionEmbedPipe, cfg, hf, placeholder_id, seed, feature_cache, float_mask)]
-    specs += [LayerSpec(DecoderBlockPipe, hf, parts, j, seed + 1 + j, std, j in recompute_blocks, lora, quantize)
-              for j in range(n)]
-    specs += [LayerSpec(FinalNormPipe, hf, parts, seed + 1 + n, std), LayerSpec(LMHeadPipe, hf, seed + 2 + n, std)]
-    return specs
+    """The BLIP-2-style family's layer list (``lavis.pipeline.family.blip2_layers``) as DeepSpeed layer specs."""
+    return to_layer_specs(blip2_layers(cfg, hf, parts, placeholder_id, recompute_blocks, feature_cache, float_mask))
+
+
+def to_layer_specs(layers: list[LayerRecipe]) -> list[LayerSpec]:
+    """A family's layer list (``ModelFamily.pipeline_layers``) as DeepSpeed layer specs."""
+    return [LayerSpec(r.cls, *r.args) for r in layers]
 
 
 class LavisPipelineModule(PipelineModule):
@@ -67,11 +62,11 @@ class LavisPipelineModule(PipelineModule):
     def local_layers(self) -> dict[int, nn.Module]:
         return ds_compat.local_layers(self)
 
-    def load_weights(self, cfg: ModelConfig, table: list[LayerEntry]) -> list[FileReport]:
-        """This rank reads only its own layers' tensors from the configured files (``lavis.weights.base``); raises
-        if a file does not fit. Frozen weights come from here on every start, resumes included (checkpoints
-        exclude them)."""
-        return load_layer_weights(cfg, self.local_layers(), table)
+    def load_weights(self, family: ModelFamily, spec: ModelSpec, cfg: ModelConfig) -> list[FileReport]:
+        """This rank reads only its own layers' tensors from the configured files (the family's weight reading,
+        ``lavis.weights.base``); raises if a file does not fit. Frozen weights come from here on every start,
+        resumes included (checkpoints exclude them)."""
+        return family.load_layer_weights(spec, cfg, self.local_layers())
 
     def apply_trainable(self, cfg: ModelConfig, table: list[LayerEntry]) -> int:
         """Set ``requires_grad`` from the config; add anchors for the optimizer groups this stage lacks. Returns

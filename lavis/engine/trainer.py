@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lavis.config.load import deepspeed_config, load_config, save_config, to_dict, with_values
+from lavis.config.load import deepspeed_config, load_config, optimizer_clips, save_config, to_dict, with_values
 from lavis.config.old_keys import upgrade_config
 from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
@@ -42,7 +42,7 @@ from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
 from lavis.engine.optim import build_optimizer, lr_lambda, param_groups
-from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, cast_float_params_, layer_specs
+from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, cast_float_params_, to_layer_specs
 from lavis.engine.run_dir import (
     RunDirError,
     RunLock,
@@ -53,16 +53,10 @@ from lavis.engine.run_dir import (
     resume_grad_accum,
 )
 from lavis.engine.vlm_pipe import build_vlm_pipe
-from lavis.model.llm import decoder_parts, llm_hf_config
-from lavis.pipeline.plan import (
-    LLM_DIMS,
-    LayerEntry,
-    checkpoint_blocks,
-    format_plan,
-    layer_table,
-    offloaded_stages,
-    plan_for_config,
-)
+from lavis.model.spec import LayerEntry, ModelSpec
+from lavis.pipeline.family import describe, family_named
+from lavis.pipeline.family import plan as plan_model
+from lavis.pipeline.plan import format_plan, offloaded_stages
 from lavis.predecessors.keys import flag_hint
 
 if TYPE_CHECKING:
@@ -153,6 +147,8 @@ class Run:
     """Checkpoint tags that rotation (``train.checkpoint.keep_last``) never deletes (e.g. the best one by an eval
     metric)."""
     steps: StepLoader | None = None
+    spec: ModelSpec | None = None
+    """The model's description, resolved once by :func:`build_run`."""
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
 
@@ -192,17 +188,18 @@ class Run:
 
 def train(
     cfg: Config, *, require_resume: bool = False, resume_from: str | None = None, stop_at_step: int | None = None,
-    hooks: Sequence[Hook] = (), resume: bool = True, save: bool = True,
+    hooks: Sequence[Hook] = (), resume: bool = True, save: bool = True, spec: ModelSpec | None = None,
 ) -> Run:
     """Lock the run directory, build the run, restore it from its checkpoint, fit it. ``resume``/``save`` False
-    (``python -m lavis.bench``): start fresh and write no checkpoints."""
+    (``python -m lavis.bench``): start fresh and write no checkpoints. ``spec``: the model's description when the
+    caller resolved it already (see :func:`build_run`)."""
     out = Path(cfg.train.output_dir)
     stop_signal = StopSignal().install()  # from the start: a SIGTERM while the run is built stops it after step 1
     lock = _lock_run_dir(out)
     run = None
     try:
         tag = find_resume_tag(out, require=require_resume, resume_from=resume_from) if resume else None
-        run = build_run(cfg, tag)
+        run = build_run(cfg, tag, spec)
         restore(run, tag)
         run.steps = build_data(run)
         _check_resume_data(run, tag)
@@ -242,9 +239,10 @@ def _set_threads(t: Any) -> None:
         torch.set_num_threads(t.num_threads)
 
 
-def build_run(cfg: Config, resume_tag: str | None) -> Run:
+def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None) -> Run:
     """Tokenizer and template, the stage plan, this rank's layers with their weights, optimizer and engine. With
-    ``resume_tag``, first refuse a config that changes what the checkpoint fixes (nothing is built or written)."""
+    ``resume_tag``, first refuse a config that changes what the checkpoint fixes (nothing is built or written).
+    ``spec``: the model's description (``lavis.pipeline.family.describe``), resolved here when not given."""
     import deepspeed
 
     t = cfg.train
@@ -270,38 +268,37 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
         for rep in reports:
             print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     else:
-        hf = llm_hf_config(cfg.model.llm)
+        spec = spec or describe(cfg.model)  # the one description of the model this process uses
+        family = family_named(spec.family)
+        hf = spec.hf
         if tok.vocab_size > hf.vocab_size:
             raise ValueError(
                 f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
             )
-        tpl = template_from_config(tok, cfg)
+        tpl = family.template(tok, cfg)
 
-        table = layer_table(hf.num_hidden_layers)
-        plan = plan_for_config(cfg, {k: getattr(hf, k) for k in LLM_DIMS}, dp)
+        table = spec.table
+        plan = plan_model(spec, cfg, dp)
         boundaries = plan.parts
         print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
                + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
         pipe = LavisPipelineModule(
-            layer_specs(cfg.model, hf, decoder_parts(hf), tpl.placeholder_id,
-                        checkpoint_blocks(t, hf.num_hidden_layers), feature_cache=cfg.data.feature_cache,
-                        float_mask=t.parallel.inter_stage_mask == "float_additive"),
+            to_layer_specs(family.pipeline_layers(spec, cfg, tpl.placeholder_id)),
             boundaries,
             offload_stages=offloaded_stages(t),
             activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
             checkpointable_layers=["DecoderBlockPipe"],
             dynamic_shape=not cfg.data.fixed_length,
         )
-        for rep in pipe.load_weights(cfg.model, table):  # this rank's layers only; raises if a file does not fit
+        for rep in pipe.load_weights(family, spec, cfg.model):  # this rank's layers only; raises if a file does not fit
             print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
         pipe.apply_trainable(cfg.model, table)
     if pipe.offload_activations:
         print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
     if t.optim.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)
         cast_float_params_(pipe, torch.bfloat16)
-    # DeepSpeed's norm is wrong where its own fp32 path clips (see engine.optim); adamw_bf16 takes that path too.
-    own_clip = (t.precision == "fp32" or t.optim.optimizer == "adamw_bf16") and t.optim.zero_stage == 0
+    own_clip = optimizer_clips(t)  # DeepSpeed's norm is wrong where its own fp32 path clips (see engine.optim)
     optimizer = build_optimizer(
         t.optim.optimizer, param_groups(pipe, t.optim.weight_decay), lr=t.optim.lr, betas=t.optim.betas,
         eps=t.optim.eps,
@@ -320,7 +317,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
            f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
-               boundaries=boundaries, dp=dp, own_clip=own_clip)
+               boundaries=boundaries, dp=dp, own_clip=own_clip, spec=spec)
 
 
 def _lr_lambda(t: Any) -> Any:

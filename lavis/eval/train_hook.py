@@ -24,19 +24,20 @@ from lavis.engine.hooks import Hook
 from lavis.eval.runner import run_task
 from lavis.eval.tasks import Source
 from lavis.model.mllm import MultimodalLM
+from lavis.model.spec import ModelSpec
 
 if TYPE_CHECKING:
     from lavis.engine.trainer import Run
 
 
 def score_benchmarks(cfg: Config, tpl: ChatTemplate, state: dict[str, torch.Tensor], out: Path,
-                     step: int) -> dict[str, float]:
+                     step: int, spec: ModelSpec | None = None) -> dict[str, float]:
     """Rank 0: load ``state`` into the plain model (fp32 on CPU, or the first GPU) and score every benchmark of
     ``train.eval.benchmarks`` on at most ``max_samples`` samples; returns ``{"eval_<name>_<metric>": value}`` for
     every scalar score. Predictions and summaries go to ``out/eval/step<N>/<name>/``."""
     e = cfg.train.eval
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = MultimodalLM(cfg.model, tpl.placeholder_id)
+    model = MultimodalLM(cfg.model, tpl.placeholder_id, spec)
     model.load_state_dict(state, strict=True)  # the gathered stages must give exactly the plain model
     model = model.to(device=device, dtype=torch.float32).eval()
     engine = ChatEngine(model, tpl, cfg.model.vision.image_size, device, cfg.data.video_fps)
@@ -112,7 +113,7 @@ class TrainEvalHook(Hook):
         if e.generate:
             state = gather_plain_state(run.pipe, run.table, self.dp_rank)
             if state is not None:
-                metrics.update(score_benchmarks(run.cfg, run.tpl, state, Path(run.out), step))
+                metrics.update(score_benchmarks(run.cfg, run.tpl, state, Path(run.out), step, run.spec))
         self.last = (step, metrics)
         if row is not None:
             row.update(metrics)

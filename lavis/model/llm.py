@@ -20,10 +20,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwe
 from lavis.config.schema import LLMConfig
 
 
-def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
-    """The transformers config: ``path``'s config.json updated by ``hf_config``, or ``hf_config`` alone."""
+def llm_hf_config(cfg: LLMConfig, published: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The transformers config: ``path``'s config.json updated by ``hf_config``, or ``hf_config`` alone; with
+    ``published`` (a config.json's content, for planning before a download) that content where ``path`` holds no
+    config.json yet. The one builder of the LLM's config: only a model family's ``describe`` calls it
+    (``lavis.model.spec.ModelSpec`` carries the result to every consumer)."""
     overrides = dict(cfg.hf_config)
-    if cfg.path is not None:
+    if cfg.path is not None and (published is None or (Path(cfg.path) / "config.json").is_file()):
         if not (Path(cfg.path) / "config.json").is_file():
             raise FileNotFoundError(f"model.llm.path={cfg.path}: no config.json there (see WEIGHT.md)")
         raw = read_config_json(cfg.path)
@@ -33,6 +36,8 @@ def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
             raise ValueError(f"model.llm.hf_config.model_type={model_type!r} but {cfg.path} is {hf.model_type!r}")
         for k, v in overrides.items():
             setattr(hf, k, v)
+    elif published is not None:
+        return _published_hf_config(published, overrides)
     else:
         model_type = overrides.pop("model_type")
         hf = AutoConfig.for_model(model_type, **overrides)
@@ -42,6 +47,20 @@ def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
             "model.llm: tied input/output embeddings are not supported by the pipeline yet; "
             "set model.llm.hf_config.tie_word_embeddings=false"
         )
+    return hf
+
+
+def _published_hf_config(raw: dict[str, Any], overrides: dict[str, Any]) -> PretrainedConfig:
+    """A transformers config from a config.json's content (Qwen v1 through our key map), with ``overrides``: shapes
+    for the planner only (nothing is built from it)."""
+    if is_qwen_v1(raw):
+        hf = qwen_v1_to_qwen2_config(raw)
+    else:
+        fields = {k: v for k, v in raw.items() if k != "model_type"}
+        hf = AutoConfig.for_model(raw["model_type"], **fields)
+    for k, v in overrides.items():
+        if k != "model_type":
+            setattr(hf, k, v)
     return hf
 
 

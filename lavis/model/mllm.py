@@ -13,17 +13,31 @@ Shapes: B batch, L tokens, D LLM width, N images (video frames count as images),
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lavis.config.schema import ModelConfig, ProjectionConfig, QFormerConfig
 from lavis.data.conversation import IGNORE_INDEX
+from lavis.model.components import COMPONENTS
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision, vit_features
-from lavis.model.freezing import is_trainable
+from lavis.model.freezing import component_trains, is_trainable
 from lavis.model.init import init_modules_
 from lavis.model.llm import build_llm, llm_hf_config
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
+from lavis.model.spec import ModelSpec, layer_table
+
+FAMILY = "blip2"
+"""This model's family name (``lavis.pipeline.family.FAMILIES``)."""
+
+
+def describe(cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:
+    """This family's ``ModelSpec`` of ``cfg``: the one call of ``llm_hf_config`` (``published``: see there)."""
+    hf = llm_hf_config(cfg.llm, published)
+    return ModelSpec(family=FAMILY, hf=hf, layers=tuple(layer_table(hf.num_hidden_layers)),
+                     trains=tuple(c for c in COMPONENTS if component_trains(c, cfg)))
 
 
 def build_qformer_parts(cfg: QFormerConfig, encoder_width: int) -> tuple[nn.Module | None, nn.Parameter | None]:
@@ -124,14 +138,15 @@ def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, placeholder_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, placeholder_id: int, spec: ModelSpec | None = None) -> None:
+        """``spec``: the entry point's description of ``cfg`` (described here when not given)."""
         super().__init__()
         self.cfg = cfg
         self.placeholder_id = placeholder_id
         self.visual_encoder = build_eva_vit(cfg.vision)
         self.ln_vision = build_ln_vision(cfg.vision)
         self.qformer, self.query_tokens = build_qformer_parts(cfg.qformer, cfg.vision.width)
-        hf = llm_hf_config(cfg.llm)
+        hf = (spec or describe(cfg)).hf
         self.llm_proj = build_projection(cfg.projection, cfg.projection_in_dim, hf.hidden_size)
         self.llm_model = build_llm(hf)
 

@@ -32,7 +32,7 @@ from lavis.model.mllm import (
     merge_media,
     project_queries,
 )
-from lavis.pipeline.plan import LayerEntry
+from lavis.model.spec import LayerEntry, ModelSpec
 from lavis.pipeline.stage_io import StageIO, float_additive_mask
 from lavis.weights.base import model_shapes, stream_into
 from lavis.weights.report import FileReport
@@ -52,7 +52,7 @@ class VisionEmbedPipe(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, hf: PretrainedConfig, placeholder_id: int, seed: int | None,
-        feature_cache: str | None = None, float_mask: bool = False,
+        feature_cache: str | None = None, float_mask: bool = False, spec: ModelSpec | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -63,7 +63,7 @@ class VisionEmbedPipe(nn.Module):
         skipped: list[str] = []
         if feature_cache is not None:
             self.cached = cache_level(cfg)
-            check_weights(FeatureCache.open(feature_cache), cfg)
+            check_weights(FeatureCache.open(feature_cache), cfg, spec)
             skipped = [p.rstrip(".") for p in FROZEN_PREFIXES[self.cached]]
         with torch.device("meta") if "visual_encoder" in skipped else contextlib.nullcontext():
             visual_encoder = build_eva_vit(cfg.vision)
@@ -197,16 +197,16 @@ class LMHeadPipe(nn.Module):
 
 def load_layer_weights(
     cfg: ModelConfig, layers: dict[int, nn.Module], table: list[LayerEntry], known: set[str] | None = None,
-    checkpoint: str | None = None,
+    checkpoint: str | None = None, spec: ModelSpec | None = None,
 ) -> list[FileReport]:
     """Read from disk only the tensors of ``layers`` (``{layer index: module}``, one stage's layers) from every file
     the config names, copy them in, and return the per-file reports (raises on any missing / unexpected /
     shape-mismatched key). Files are checked (headers) before any tensor is read; each tensor is copied in as it is
     read, so host RAM is the stage's parameters plus one tensor. Keys no configured file provides keep their seeded
-    init."""
+    init. ``spec``: the entry point's description of ``cfg``."""
     # LoRA: base weights under their plain names (peft's ``base_layer.`` dropped); adapters are in no base file.
     targets = {table[idx].to_plain(plain_key(name)): t for idx, layer in layers.items()
                for name, t in layer.state_dict(keep_vars=True).items() if not is_adapter_key(name)}
     if known is None:
-        known = set(model_shapes(cfg))
+        known = set(model_shapes(cfg, spec))
     return stream_into(cfg, targets, known, checkpoint)[0]

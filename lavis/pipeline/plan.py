@@ -1,66 +1,22 @@
-"""Layer table and stage plan: pure functions, no torch modules built, no DeepSpeed.
+"""Stage plan: pure functions, no torch modules built, no DeepSpeed.
 
-The layer table is the one place that knows which pipeline layer holds which plain-model weights; training,
-the converters and the tests all use it. The stage plan turns per-layer cost estimates into contiguous stage
-boundaries that minimise the slowest stage, subject to an optional per-GPU memory limit.
+The layer table (which pipeline layer holds which plain-model weights) is part of the model's description and lives
+in ``lavis.model.spec``; its names are re-exported here for the pipeline's users. The stage plan turns per-layer
+cost estimates into contiguous stage boundaries that minimise the slowest stage, subject to an optional per-GPU
+memory limit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from lavis.config.schema import Config, ModelConfig, TrainConfig
 from lavis.data.cache_features import cache_level
-from lavis.model.components import FIRST_LAYER_PREFIXES
-
-LayerKind = Literal["embed", "block", "norm", "head", "vision"]
-
-
-@dataclass(frozen=True)
-class LayerEntry:
-    index: int
-    kind: LayerKind
-    prefixes: tuple[tuple[str, str], ...]
-    """(local name prefix, plain-model name prefix) pairs; every local key starts with exactly one."""
-
-    def to_plain(self, local_key: str) -> str:
-        for local, plain in self.prefixes:
-            if local_key == local or local_key.startswith(local):
-                return plain + local_key[len(local):]
-        raise KeyError(f"layer {self.index} ({self.kind}) has no mapping for key {local_key!r}")
-
-    def from_plain(self, plain_key: str) -> str | None:
-        for local, plain in self.prefixes:
-            if plain_key == plain or plain_key.startswith(plain):
-                return local + plain_key[len(plain):]
-        return None
-
-
-def layer_table(num_blocks: int) -> list[LayerEntry]:
-    """``[embed] [block] x num_blocks [norm] [head]`` with their plain-model weight prefixes."""
-    table = [
-        LayerEntry(
-            0,
-            "embed",
-            (*((p, p) for p in FIRST_LAYER_PREFIXES), ("embed_tokens.", "llm_model.model.embed_tokens.")),
-        )
-    ]
-    for j in range(num_blocks):
-        table.append(LayerEntry(1 + j, "block", (("layer.", f"llm_model.model.layers.{j}."),)))
-    table.append(LayerEntry(1 + num_blocks, "norm", (("norm.", "llm_model.model.norm."),)))
-    table.append(LayerEntry(2 + num_blocks, "head", (("lm_head.", "llm_model.lm_head."),)))
-    return table
-
-
-def layer_of_plain_key(table: list[LayerEntry], plain_key: str) -> tuple[int, str]:
-    """(layer index, local key) holding ``plain_key``."""
-    for entry in table:
-        local = entry.from_plain(plain_key)
-        if local is not None:
-            return entry.index, local
-    raise KeyError(f"no pipeline layer holds {plain_key!r}")
-
+from lavis.model.spec import LLM_DIMS as LLM_DIMS  # re-exported: the pipeline's users import them from here
+from lavis.model.spec import LayerEntry, LayerKind
+from lavis.model.spec import layer_of_plain_key as layer_of_plain_key
+from lavis.model.spec import layer_table as layer_table
 
 # --- cost model -------------------------------------------------------------------------------------------------
 
@@ -342,11 +298,6 @@ def format_plan(
     return "\n".join(rows)
 
 
-LLM_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size")
-"""The transformers config fields the cost model reads."""
-
-
 def offloaded_stages(t: TrainConfig) -> frozenset[int]:
     """The stages whose saved activations go to host memory (``train.parallel.activation_offload``: true = all)."""
     if t.parallel.activation_offload is True:
@@ -371,28 +322,33 @@ class StagePlan:
     optim_bytes: float
 
 
-def plan_for_config(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
+def plan_for_config(cfg: Config, dims: dict[str, int], dp: int,
+                    costs: Callable[[Workload], list[LayerCost]] | None = None) -> StagePlan:
     """The run's plan: ``train.parallel.partition`` if given (validated), else :func:`plan_stages` within
     ``train.parallel.gpu_memory_gib``; the workload is one micro-batch of ``data.max_txt_len`` tokens and one image per
-    sample."""
+    sample. ``costs``: the model family's per-layer estimates for a workload (``lavis.pipeline.family.plan``);
+    by default the BLIP-2-style model's :func:`layer_costs`."""
     t = cfg.train
     work = Workload(tokens=t.batch.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,
                     images=t.batch.micro_batch_size, param_bytes=4 if t.precision == "fp32" else 2,
                     activation_checkpointing=t.parallel.activation_checkpoint_interval > 0,
                     checkpointed_blocks=checkpoint_blocks(t, dims["num_hidden_layers"]),
                     offloaded_stages=offloaded_stages(t))
-    cached = None
-    if cfg.data.feature_cache is not None:
-        cached = cache_level(cfg.model)
-    costs = layer_costs(cfg.model, dims, work, cached)
-    optim_bytes = optimizer_bytes_per_param(t.precision, t.optim.zero_stage, t.optim.offload_optimizer, dp,
-                                            t.optim.optimizer)
+    if costs is None:
+        cached = None
+        if cfg.data.feature_cache is not None:
+            cached = cache_level(cfg.model)
+        layer_list = layer_costs(cfg.model, dims, work, cached)
+    else:
+        layer_list = costs(work)
+    o = t.optim
+    optim_bytes = optimizer_bytes_per_param(t.precision, o.zero_stage, o.offload_optimizer, dp, o.optimizer)
     if t.parallel.partition is not None:
-        parts = check_partition(list(t.parallel.partition), len(costs), t.parallel.num_stages)
+        parts = check_partition(list(t.parallel.partition), len(layer_list), t.parallel.num_stages)
     else:
         limit = None if t.parallel.gpu_memory_gib is None else t.parallel.gpu_memory_gib * 2**30
-        parts = plan_stages(costs, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
-    return StagePlan(parts, costs, work, optim_bytes)
+        parts = plan_stages(layer_list, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
+    return StagePlan(parts, layer_list, work, optim_bytes)
 
 
 def layers_to_plain(table: list[LayerEntry], layer_states: dict[int, dict]) -> dict:

@@ -35,7 +35,8 @@ from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE
 from lavis.model.components import component_of
 from lavis.model.freezing import is_trainable
-from lavis.model.llm import llm_hf_config, qwen_v1_targets, take_third
+from lavis.model.llm import qwen_v1_targets, take_third
+from lavis.pipeline.family import describe
 from lavis.predecessors.checkpoints import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.release import OUTPUT_NAME, check_against_model, describe_run, kind_mismatch, release_names
 from lavis.weights.report import FileReport
@@ -187,7 +188,8 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
     tag_dir = resolve_mpp_tag_dir(ckpt_dir)
     if tag_dir is None:
         raise FileNotFoundError(f"{ckpt_dir}: no MPP layer files (layer_00-model_states.pt) here or under `latest`")
-    num_blocks = int(llm_hf_config(cfg.llm).num_hidden_layers)
+    spec = describe(cfg)  # the one description of the model this conversion uses
+    num_blocks = spec.num_blocks
     state, origin, report = read_mpp_dir(tag_dir, num_blocks)
     if report.unexpected:
         raise ValueError(f"MPP layer files hold keys that fit no layer of a {num_blocks}-block LLM: is --model-type / "
@@ -202,13 +204,13 @@ def convert_mpp(ckpt_dir: str | Path, kind: str, cfg: ModelConfig, out: str | Pa
     keep = select(state, origin, report, cfg, kind, include_frozen)
     if not keep:
         raise ValueError(f"{tag_dir}: nothing to write for {OUTPUT_NAME[kind]}")
-    missing = check_against_model(keep, cfg, 0)
+    missing = check_against_model(keep, cfg, 0, spec)
     if kind == "model":
         lacking = [k for k in missing if is_trainable(k, cfg)]
         if lacking:
             raise ValueError(f"{tag_dir}: weights this config trains are not in the layer files: {lacking[:5]}")
     report.loaded = sorted(keep)
-    keep = release_names(keep, cfg, names)  # type: ignore[arg-type]
+    keep = release_names(keep, cfg, names, spec)  # type: ignore[arg-type]
     dest = Path(out) if out is not None else tag_dir / OUTPUT_NAME[kind]
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(keep, tmp)

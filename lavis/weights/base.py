@@ -10,14 +10,15 @@ before training).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from lavis.config.schema import ModelConfig
-from lavis.model.llm import llm_hf_config
 from lavis.model.mllm import MultimodalLM
+from lavis.model.spec import ModelSpec
 from lavis.weights.checkpoint import read_checkpoint
 from lavis.weights.llm import plan_llm, read_llm, scan_llm_dir
 from lavis.weights.report import FileReport
@@ -26,11 +27,20 @@ from lavis.weights.vision import read_blip2, read_eva_vit
 Shape = tuple[int, ...]
 
 
-def model_shapes(cfg: ModelConfig) -> dict[str, Shape]:
-    """Plain-model name -> shape of every tensor of the full model, built on the meta device (no memory)."""
+_BLOCK_KEY = re.compile(r"llm_model\.model\.layers\.(\d+)\.")
+
+
+def model_shapes(cfg: ModelConfig, spec: ModelSpec | None = None) -> dict[str, Shape]:
+    """Plain-model name -> shape of every tensor of the full model, built on the meta device (no memory); ``spec``:
+    the entry point's description of ``cfg``."""
     with torch.device("meta"):
-        model = MultimodalLM(cfg, placeholder_id=0)
+        model = MultimodalLM(cfg, placeholder_id=0, spec=spec)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def llm_blocks(keys: Iterable[str]) -> int:
+    """The LLM's block count as the model's plain keys (``known``: all stages) show it."""
+    return 1 + max((int(m[1]) for k in keys if (m := _BLOCK_KEY.match(k))), default=-1)
 
 
 def default_init_keys(cfg: ModelConfig) -> dict[str, str]:
@@ -92,8 +102,7 @@ def load_weights(
         reports.append(rep)
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
     if ckpt:
-        num_layers = int(llm_hf_config(cfg.llm).num_hidden_layers)
-        got, rep = read_checkpoint(ckpt, want, known, num_layers=num_layers)
+        got, rep = read_checkpoint(ckpt, want, known, num_layers=llm_blocks(known or want))
         take(got)
         reports.append(rep)
     return tensors, reports

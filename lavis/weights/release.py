@@ -11,9 +11,10 @@ import torch
 from lavis.config.schema import ModelConfig
 from lavis.model.components import COMPONENTS
 from lavis.model.freezing import component_trains
-from lavis.model.llm import is_qwen_v1, llm_hf_config, read_config_json, to_qwen_v1_names
+from lavis.model.llm import is_qwen_v1, read_config_json, to_qwen_v1_names
 from lavis.model.lora import model_targets
-from lavis.model.mllm import MultimodalLM
+from lavis.model.mllm import MultimodalLM, describe
+from lavis.model.spec import ModelSpec
 
 Kind = Literal["proj", "model"]
 Names = Literal["auto", "ours", "qwen_v1", "minigpt4"]
@@ -42,10 +43,12 @@ def kind_mismatch(kind: Kind, trained: list[str]) -> str | None:
     return None
 
 
-def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int) -> list[str]:
-    """Strict shape check against a meta-device model; returns the model keys the file does not hold."""
+def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeholder_id: int,
+                        spec: ModelSpec | None = None) -> list[str]:
+    """Strict shape check against a meta-device model (``spec``: the description of ``cfg``, resolved when not
+    given); returns the model keys the file does not hold."""
     with torch.device("meta"):
-        model = MultimodalLM(cfg, placeholder_id)
+        model = MultimodalLM(cfg, placeholder_id, spec)
         expected = {k: v.shape for k, v in model_targets(model, cfg).items()}  # with LoRA: + adapters
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
@@ -56,27 +59,28 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, placeh
     return sorted(set(expected) - set(state))
 
 
-def minigpt4_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, Any]:
+def minigpt4_checkpoint(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any]:
     """MiniGPT-4's checkpoint format (its ``_save_checkpoint`` / released ``pretrained_minigpt4*.pth``): the projection
     as ``llama_proj.*`` under ``"model"``, fp32 as its model holds it."""
     other = sorted(k for k in state if not k.startswith("llm_proj."))
     if other:
         raise ValueError(f"--names minigpt4: MiniGPT-4's checkpoint holds only the projection (llama_proj), but this "
                          f".pth would hold {other[:3]}; use pipe_proj2pth.py --names minigpt4")
-    family = llm_hf_config(cfg.llm).model_type
+    family = spec.llm_type
     if family != "llama":
         raise ValueError(f"--names minigpt4: MiniGPT-4 runs LLaMA / Vicuna, but this run's LLM is {family!r}; its "
                          "projection would not fit MiniGPT-4's model. Use --names auto")
     return {"model": {"llama_proj." + k[len("llm_proj."):]: v.float() for k, v in state.items()}}
 
 
-def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names) -> dict[str, Any]:
+def release_names(state: dict[str, torch.Tensor], cfg: ModelConfig, names: Names,
+                  spec: ModelSpec | None = None) -> dict[str, Any]:
     """``auto``: Qwen v1 names (``llm_model.transformer.h.N.attn.c_attn...``) when the LLM was read from a Qwen v1
     directory, as MPP-Qwen's converter writes them, so its users' tools keep working; our names otherwise.
     A LoRA run's adapters have no Qwen v1 names: its ``.pth`` keeps ours (``--merge-lora`` writes Qwen v1 names).
-    ``minigpt4``: :func:`minigpt4_checkpoint`."""
+    ``minigpt4``: :func:`minigpt4_checkpoint`. ``spec``: the description of ``cfg`` (resolved when not given)."""
     if names == "minigpt4":
-        return minigpt4_checkpoint(state, cfg)
+        return minigpt4_checkpoint(state, spec or describe(cfg))
     if cfg.llm.lora is not None:
         if names == "qwen_v1":
             raise ValueError("--names qwen_v1: adapter tensors have no Qwen v1 names; add --merge-lora")

@@ -1,0 +1,155 @@
+"""Model families: ``FAMILIES`` maps a name to the one object that provides a family's pieces.
+
+A family is how an architecture plugs in (docs/CONTRIBUTING.md, "Add a model family"). Its object (``ModelFamily``)
+provides:
+
+- ``name``, and ``converter_names``: the weight-name conventions the converters may write for it (``--names``);
+- ``claims(cfg)``: whether a model config (``ModelConfig``) is this family's. :func:`family_of` asks the families in
+  table order; the BLIP-2-style family claims every config and comes last, so a new family goes before it;
+- ``describe(cfg, published)``: the ``lavis.model.spec.ModelSpec``: the LLM's transformers config (the family's
+  ``describe`` is the only caller of ``lavis.model.llm.llm_hf_config``), dimensions, layer table, which components
+  train. ``published``: a config.json's content for planning before the weights are downloaded;
+- ``build(spec, cfg, placeholder_id)``: the plain model, an ``nn.Module`` whose ``state_dict`` keys are the layer
+  table's plain names (chat, eval, inspect and the converters' checks run it);
+- ``template(tok, cfg)``: the chat template (``lavis.data.conversation.ChatTemplate``) for a ``Config``;
+- ``pipeline_layers(spec, cfg, placeholder_id)``: the pipeline's layer list for a ``Config``, one ``LayerRecipe``
+  (class and arguments, built only on the rank that holds the layer) per entry of ``spec.layers``. What travels
+  between layers (hidden states, masks, position ids such as M-RoPE's 3 x L, features that later layers add) is the
+  family's own tuple: the pipeline passes it on and never looks inside;
+- ``load_layer_weights(spec, cfg, layers)``: fill one stage's layers (``{layer index: module}``) from the files the
+  model config names, every key accounted for (raises on a file that does not fit);
+- ``layer_costs(spec, cfg, work)``: the planner's per-layer estimates (``lavis.pipeline.plan.LayerCost``, one per
+  entry of ``spec.layers``) for a ``Config`` and a ``Workload``.
+
+Every entry point (the trainer's ``build_run``, ``python -m lavis.plan``, the converters, chat's model loading, eval,
+the feature cache builder, bench, the GPU check, inspect) calls :func:`describe` once and hands the spec on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from lavis.config.schema import Config, ModelConfig
+from lavis.data.cache_features import cache_level
+from lavis.data.conversation import ChatTemplate, template_from_config
+from lavis.data.tokenizer import TextTokenizer
+from lavis.model import mllm
+from lavis.model.llm import DecoderParts, decoder_parts
+from lavis.model.lora import check_quantize_runtime
+from lavis.model.spec import ModelSpec
+from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
+from lavis.pipeline.plan import LayerCost, StagePlan, Workload, checkpoint_blocks, layer_costs, plan_for_config
+from lavis.weights.report import FileReport
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """One pipeline layer: ``cls(*args)`` is built on the rank that holds it (DeepSpeed's ``LayerSpec``)."""
+
+    cls: type[nn.Module]
+    args: tuple[Any, ...]
+
+
+class ModelFamily(Protocol):
+    """The pieces a model family provides (see the module docstring)."""
+
+    name: str
+    converter_names: tuple[str, ...]
+
+    def claims(self, cfg: ModelConfig) -> bool: ...
+
+    def describe(self, cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec: ...
+
+    def build(self, spec: ModelSpec, cfg: ModelConfig, placeholder_id: int) -> nn.Module: ...
+
+    def template(self, tok: TextTokenizer, cfg: Config) -> ChatTemplate: ...
+
+    def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]: ...
+
+    def load_layer_weights(self, spec: ModelSpec, cfg: ModelConfig, layers: dict[int, nn.Module]) -> list[FileReport]:
+        ...
+
+    def layer_costs(self, spec: ModelSpec, cfg: Config, work: Workload) -> list[LayerCost]: ...
+
+
+def blip2_layers(
+    cfg: ModelConfig, hf: Any, parts: DecoderParts, placeholder_id: int, recompute_blocks: frozenset[int] = frozenset(),
+    feature_cache: str | None = None, float_mask: bool = False, spec: ModelSpec | None = None,
+) -> list[LayerRecipe]:
+    """``[VisionEmbedPipe] [DecoderBlockPipe] x n [FinalNormPipe] [LMHeadPipe]``. ``recompute_blocks``: decoder
+    block indices recomputed in backward (``train.activation_recompute_blocks``); ``feature_cache``:
+    ``data.feature_cache`` (stage 0 then builds no frozen vision module); ``float_mask``:
+    ``train.parallel.inter_stage_mask == "float_additive"``; ``spec``: the model's description (checks a feature
+    cache)."""
+    check_quantize_runtime(cfg)  # QLoRA needs CUDA: refuse before any layer is built
+    seed, std = cfg.init_seed, cfg.init_std
+    n = hf.num_hidden_layers
+    lora, quantize = cfg.llm.lora, cfg.llm.quantize
+    layers = [LayerRecipe(VisionEmbedPipe, (cfg, hf, placeholder_id, seed, feature_cache, float_mask, spec))]
+    layers += [LayerRecipe(DecoderBlockPipe, (hf, parts, j, seed + 1 + j, std, j in recompute_blocks, lora, quantize))
+               for j in range(n)]
+    layers += [LayerRecipe(FinalNormPipe, (hf, parts, seed + 1 + n, std)),
+               LayerRecipe(LMHeadPipe, (hf, seed + 2 + n, std))]
+    return layers
+
+
+class Blip2Family:
+    """ViT -> ln_vision -> Q-Former (optional) -> projection -> decoder LLM (Qwen, Vicuna, LLaMA): ``lavis.model``."""
+
+    name: str = mllm.FAMILY
+    converter_names: tuple[str, ...] = ("auto", "ours", "qwen_v1", "minigpt4")
+
+    def claims(self, cfg: ModelConfig) -> bool:
+        return True  # the default: every config no other family claims
+
+    def describe(self, cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:
+        return mllm.describe(cfg, published)
+
+    def build(self, spec: ModelSpec, cfg: ModelConfig, placeholder_id: int) -> nn.Module:
+        return mllm.MultimodalLM(cfg, placeholder_id, spec)
+
+    def template(self, tok: TextTokenizer, cfg: Config) -> ChatTemplate:
+        return template_from_config(tok, cfg)
+
+    def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:
+        t = cfg.train
+        return blip2_layers(cfg.model, spec.hf, decoder_parts(spec.hf), placeholder_id,
+                            checkpoint_blocks(t, spec.num_blocks), feature_cache=cfg.data.feature_cache,
+                            float_mask=t.parallel.inter_stage_mask == "float_additive", spec=spec)
+
+    def load_layer_weights(self, spec: ModelSpec, cfg: ModelConfig, layers: dict[int, nn.Module]) -> list[FileReport]:
+        return load_layer_weights(cfg, layers, spec.table, spec=spec)
+
+    def layer_costs(self, spec: ModelSpec, cfg: Config, work: Workload) -> list[LayerCost]:
+        cached = cache_level(cfg.model) if cfg.data.feature_cache is not None else None
+        return layer_costs(cfg.model, spec.dims, work, cached)
+
+
+FAMILIES: dict[str, ModelFamily] = {mllm.FAMILY: Blip2Family()}
+"""Every model family by name, in the order :func:`family_of` asks them (the default last)."""
+
+
+def family_of(cfg: ModelConfig) -> ModelFamily:
+    """The first family in ``FAMILIES`` that claims ``cfg``."""
+    return next(f for f in FAMILIES.values() if f.claims(cfg))
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family a ``ModelSpec`` names."""
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def describe(cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:
+    """The model's description: what an entry point resolves once and hands to every consumer."""
+    return family_of(cfg).describe(cfg, published)
+
+
+def plan(spec: ModelSpec, cfg: Config, dp: int) -> StagePlan:
+    """The run's stage plan from the family's layer costs (``lavis.pipeline.plan.plan_for_config``)."""
+    family = family_named(spec.family)
+    return plan_for_config(cfg, spec.dims, dp, costs=lambda work: family.layer_costs(spec, cfg, work))
