@@ -109,6 +109,7 @@ def test_the_family_plan_equals_the_planner_default(tiny_cfg: Config):
     """The family's costs are the planner's costs: the stage plan is what it was before the family table."""
     spec = describe(tiny_cfg.model)
     two = with_values(tiny_cfg, {"train.parallel.num_stages": 2})
+    from lavis.pipeline.plan import plan_for_config
 
     assert families.plan(spec, two, 1) == plan_for_config(two, spec.dims, 1)
 
