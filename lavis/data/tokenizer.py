@@ -275,6 +275,10 @@ class SentencePieceTokenizer:
         return dest
 
 
+AnyTokenizer = TextTokenizer | QwenTokenizer | SentencePieceTokenizer
+"""What :func:`load_tokenizer` returns: each class has the interface of the module docstring."""
+
+
 def build_demo_tokenizer() -> TextTokenizer:
     """Train the demo's byte-level BPE on the shapes generator's fixed corpus (deterministic, < 1 s)."""
     from lavis.data import shapes
@@ -303,7 +307,7 @@ def resolve_tokenizer_ref(ref: str, cfg_path: str | Path | None) -> str:
     return str(beside) if beside.exists() else ref
 
 
-def load_tokenizer(ref: str) -> TextTokenizer | QwenTokenizer | SentencePieceTokenizer:
+def load_tokenizer(ref: str) -> AnyTokenizer:
     """Resolve ``model.llm.tokenizer``: ``builtin:shapes``; a ``qwen.tiktoken`` file or a directory holding one
     (Qwen-7B/14B-Chat); a ``tokenizer.model`` (sentencepiece) file or a directory holding one (LLaMA / Vicuna); a
     ``tokenizer.json`` file or its directory (Qwen2.5 / Qwen3)."""
