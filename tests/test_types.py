@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+from dataclasses import replace
+from pathlib import Path
 from typing import get_args
 
+import pytest
+from PIL import Image
+
+from lavis.config.load import load_config
+from lavis.config.schema import DatasetConfig
+from lavis.data.cache_features import CacheError
 from lavis.data.formats import FORMATS, DatasetFormat
 from lavis.data.templates import TEMPLATES, TemplateName
+from lavis.features import collect_items
+
+from .conftest import PRETRAIN_CFG
 
 
 def test_template_names_are_the_template_table() -> None:
@@ -14,3 +27,24 @@ def test_template_names_are_the_template_table() -> None:
 
 def test_dataset_formats_are_the_format_table() -> None:
     assert get_args(DatasetFormat) == tuple(FORMATS)
+
+
+def test_feature_cache_refuses_tar_shard_members_by_name(tmp_path: Path) -> None:
+    """Bug found by the type checker: a webdataset record's image is a tar member, which ``os.path.abspath`` cannot
+    take; the cache builder died with a TypeError instead of naming the record."""
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("k0.png", _png()), ("k0.txt", b"a red card")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = load_config(PRETRAIN_CFG)
+    cfg = replace(cfg, data=replace(cfg.data, train=[DatasetConfig(ann_path=str(shard), format="webdataset")]))
+    with pytest.raises(CacheError, match=r"00000\.tar.*k0\.png is a member of a tar shard .*extract the shards"):
+        collect_items(cfg, 0, [])
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()

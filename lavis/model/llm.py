@@ -11,13 +11,31 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
 from lavis.config.schema import LLMConfig
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class DecoderStack(nn.Module):
+        """``CausalLM.model``, as :func:`_check_layout` finds it (a type-checker view, never instantiated)."""
+
+        embed_tokens: nn.Embedding
+        layers: nn.ModuleList
+        norm: nn.Module
+        rotary_emb: nn.Module
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What :func:`build_llm` returns: a transformers ``*ForCausalLM`` with the layout of the module docstring
+        (a type-checker view, never instantiated)."""
+
+        model: DecoderStack
+        lm_head: nn.Linear
 
 
 def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
@@ -45,10 +63,10 @@ def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
     return hf
 
 
-def build_llm(hf: PretrainedConfig) -> nn.Module:
+def build_llm(hf: PretrainedConfig) -> CausalLM:
     model = AutoModelForCausalLM.from_config(hf, attn_implementation=hf._attn_implementation)
     _check_layout(model)
-    return model
+    return cast("CausalLM", model)
 
 
 @dataclass(frozen=True)

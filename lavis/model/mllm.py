@@ -13,6 +13,8 @@ Shapes: B batch, L tokens, D LLM width, N images (video frames count as images),
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +27,14 @@ from lavis.model.init import init_modules_
 from lavis.model.llm import build_llm, llm_hf_config
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
 
+if TYPE_CHECKING:
+    from timm.models.eva import Eva
+    from transformers import Blip2QFormerModel
 
-def build_qformer_parts(cfg: QFormerConfig, encoder_width: int) -> tuple[nn.Module | None, nn.Parameter | None]:
+
+def build_qformer_parts(
+    cfg: QFormerConfig, encoder_width: int
+) -> tuple[Blip2QFormerModel | None, nn.Parameter | None]:
     """The Q-Former and its ``query_tokens``, or ``(None, None)`` when ``cfg.enabled`` is false."""
     if not cfg.enabled:
         return None, None
@@ -53,9 +61,9 @@ def _trains(module: nn.Module | nn.Parameter) -> bool:
 
 
 def encode_media(
-    visual_encoder: nn.Module,
+    visual_encoder: Eva,
     ln_vision: nn.Module,
-    qformer: nn.Module | None,
+    qformer: Blip2QFormerModel | None,
     query_tokens: nn.Parameter | None,
     llm_proj: nn.Module,
     pixels_NCHW: torch.Tensor,
@@ -67,7 +75,7 @@ def encode_media(
     return project_queries(llm_proj, encode_queries(qformer, query_tokens, feats_NPW, patch_concat))
 
 
-def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+def encode_vision(visual_encoder: Eva, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
     """Images -> ``[N, 1 + patches, W]`` ``ln_vision`` features (without autograd when both are frozen)."""
     with torch.set_grad_enabled(_trains(visual_encoder) or _trains(ln_vision)):
         w = visual_encoder.patch_embed.proj.weight
@@ -75,7 +83,7 @@ def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: 
 
 
 def encode_queries(
-    qformer: nn.Module | None, query_tokens: nn.Parameter | None, feats_NPW: torch.Tensor, patch_concat: int = 0
+    qformer: Blip2QFormerModel | None, query_tokens: nn.Parameter | None, feats_NPW: torch.Tensor, patch_concat: int = 0
 ) -> torch.Tensor:
     """``ln_vision`` features -> ``[N, Q, H]`` Q-Former query outputs (without autograd when frozen); with
     ``qformer`` None, ``patch_concat`` (>= 1) concatenated patch tokens per image token (:func:`concat_patches`)."""
