@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         model: DecoderStack
         lm_head: nn.Linear
 
+        def get_input_embeddings(self) -> nn.Embedding: ...  # model.embed_tokens
+
 
 def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
     """The transformers config: ``path``'s config.json updated by ``hf_config``, or ``hf_config`` alone."""
