@@ -334,7 +334,7 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
     return load_config(preset_path(model_type) if model_type else cfg_path).model
 
 
-def lora_cli(args: object, pth: Path) -> bool:
+def lora_cli(args: Any, pth: Path) -> bool:
     """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run."""
     tag_dir = resolve_tag_dir(args.ckpt_dir)
     cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
