@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +21,7 @@ from lavis.data.formats import FORMATS, DatasetFormat
 from lavis.data.templates import TEMPLATES, TemplateName
 from lavis.features import collect_items
 
-from .conftest import PRETRAIN_CFG
+from .conftest import PRETRAIN_CFG, REPO
 
 
 def test_template_names_are_the_template_table() -> None:
@@ -48,3 +51,14 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (250, 0, 0)).save(buf, "PNG")
     return buf.getvalue()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("module", ["lavis.plan", "lavis.config.migrate"])
+def test_cli_help_without_docstrings(module: str) -> None:
+    """Bug found by the type checker: ``__doc__`` is None under ``python -OO``, and the commands took their
+    description from ``__doc__.split(...)``, so ``--help`` died with an AttributeError."""
+    res = subprocess.run([sys.executable, "-OO", "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage:" in res.stdout
