@@ -380,7 +380,9 @@ def restore(run: Run, tag: str | None) -> None:
         print0(f"WARNING: {tag} was written with {relayout.describe(meta['parts'], int(meta['dp_size']))} by an "
                f"older version that does not name its optimizer state per parameter; this run uses "
                f"{relayout.describe(run.boundaries, run.dp)}: module weights were loaded, optimizer state was reset")
-    apply_schedule(run.engine.lr_scheduler, run.cfg.train.optim.lr)
+    scheduler = run.engine.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR), "build_run gives DeepSpeed our LambdaLR"
+    apply_schedule(scheduler, run.cfg.train.optim.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
