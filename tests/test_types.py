@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lavis import plan
 from lavis.config.load import load_config
 from lavis.config.schema import DatasetConfig
 from lavis.data.cache_features import CacheError
@@ -43,7 +44,7 @@ def _png() -> bytes:
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("module", ["lavis.plan", "lavis.config.migrate"])
+@pytest.mark.parametrize("module", ["lavis.config.migrate"])
 def test_cli_help_without_docstrings(module: str) -> None:
     """Bug found by the type checker: ``__doc__`` is None under ``python -OO``, and the commands took their
     description from ``__doc__.split(...)``, so ``--help`` died with an AttributeError."""
@@ -51,3 +52,14 @@ def test_cli_help_without_docstrings(module: str) -> None:
                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage:" in res.stdout
+
+
+def test_plan_help_without_docstrings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same bug in ``python -m lavis.plan``, checked in-process with its docstring removed: under ``-OO``
+    transformers itself does not import (its models' ``auto_docstring`` needs their docstrings), so the planner,
+    which imports the model families, cannot start there at all."""
+    monkeypatch.setattr(plan, "__doc__", None)
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python -m lavis.plan" in capsys.readouterr().out
