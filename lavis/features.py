@@ -41,6 +41,7 @@ from lavis.data.cache_features import (
 )
 from lavis.data.check import Finding, _media_reason, _sort_key, _split, _structural_reason
 from lavis.data.datasets import load_records
+from lavis.data.formats import TarMember
 from lavis.data.records import file_digest
 from lavis.model.eva_vit import build_eva_vit, build_ln_vision
 from lavis.model.init import init_modules_
@@ -143,8 +144,14 @@ def collect_items(cfg: Config, views: int, findings: list[Any]) -> list[Item]:
     for ds in cfg.data.train:
         errors: list[tuple[str, str]] = []
         for r in load_records(ds, errors):
-            files = [(p, "image") for p in r.images] + ([(r.video, "video")] if r.video is not None else [])
+            files: list[tuple[Path | TarMember, Literal["image", "video"]]] = [(p, "image") for p in r.images]
+            if r.video is not None:
+                files.append((r.video, "video"))
             for p, kind in files:
+                if isinstance(p, TarMember):
+                    raise CacheError(f"{r.where}: {p} is a member of a tar shard (format: webdataset); the feature "
+                                     "cache reads media files only: extract the shards, or train without "
+                                     "data.feature_cache")
                 key = (os.path.abspath(p), kind)
                 if key not in seen:
                     seen[key] = Item(Path(key[0]), kind, 0, r.where, r.id)

@@ -78,6 +78,7 @@ def run_suite(device: str, output_dir: Path, out: Path | None = None) -> dict[st
 
 def _part(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
+    res: dict[str, Any]
     try:
         res = fn()
     except Exception as e:  # recorded in the JSON with its traceback, so one failing part keeps the others' numbers

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m lavis.inspect", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.inspect", description=(__doc__ or "").split("\n\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-type", help=f"a shipped model config: {', '.join(model_types())}")
     which.add_argument("--cfg-path", help="a recipe YAML")

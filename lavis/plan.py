@@ -37,7 +37,7 @@ DEFAULT_GPU_GIB = 24.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m lavis.plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.plan", description=(__doc__ or "").split("\n\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--cfg-path", help="a recipe YAML")
     which.add_argument("--fits-table", action="store_true",

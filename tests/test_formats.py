@@ -31,9 +31,9 @@ def test_schema_format_names_are_the_table() -> None:
     name outside them is refused at load time naming the key and every name."""
     hint = typing.get_type_hints(DatasetConfig)["format"]
     assert set(typing.get_args(hint)) == set(FORMATS)
-    with pytest.raises(ConfigError, match=r"`data\.train\[0\]\.format` must be one of \['canonical', .*'webdataset'\], "
-                       r"got 'sharegpt'"):
-        from_dict(DatasetConfig, {"ann_path": "a.json", "format": "sharegpt"}, source="r.yaml", prefix="data.train[0].")
+    with pytest.raises(ConfigError, match=r"`data\.train\[0\]\.format` must be one of \['canonical', .*'sharegpt'\], "
+                       r"got 'alpaca'"):
+        from_dict(DatasetConfig, {"ann_path": "a.json", "format": "alpaca"}, source="r.yaml", prefix="data.train[0].")
 
 
 def test_videochatgpt_raw_instruction_file(tmp_path: Path) -> None:

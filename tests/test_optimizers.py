@@ -66,7 +66,9 @@ def test_the_fp32_optimizer_is_still_pipeadamw():
 
 
 def test_missing_bitsandbytes_is_named(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    # Not installed: neither the package nor any of its modules (an earlier test may have imported some).
+    for name in ["bitsandbytes", *(n for n in sys.modules if n.startswith("bitsandbytes."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(RuntimeError, match=r"train.optim.optimizer: adamw8bit needs bitsandbytes: pip install"):
         build_optimizer("adamw8bit", [{"params": [_param()]}], clip=0.0, norm_group=None, lr=1e-3)
 

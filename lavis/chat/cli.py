@@ -280,7 +280,7 @@ def run_batch(session: ChatSession, src: Path, dest: Path, resume: bool = False,
 
 def parse_conf(items: list[str], settings: GenerationSettings) -> list[str]:
     """Apply ``key=value`` items with literal parsing only; returns error messages (settings untouched on error)."""
-    names = {f.name: f.type for f in fields(GenerationSettings)}
+    names = {f.name: str(f.type) for f in fields(GenerationSettings)}  # annotations are strings here
     updates, errors = {}, []
     for item in items:
         key, sep, text = item.partition("=")

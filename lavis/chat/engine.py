@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -194,8 +194,8 @@ def plan_llm_device_map(
     """
     from accelerate import infer_auto_device_map
 
-    budget = {k: v - reserve_first if k == 0 else v for k, v in max_memory.items()}
-    if budget.get(0, 0) <= 0:
+    budget: dict[int | str, int | str] = {k: v - reserve_first if k == 0 else v for k, v in max_memory.items()}
+    if max_memory.get(0, 0) - reserve_first <= 0:
         raise ValueError(f"GPU 0 has no room for the LLM beside the vision side ({reserve_first / 2**30:.1f} GiB)")
     no_split = list(getattr(llm, "_no_split_modules", None) or [])
     dmap = infer_auto_device_map(llm, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
@@ -209,7 +209,7 @@ def plan_llm_device_map(
     if dmap[owner] != 0:
         raise ValueError(f"accelerate put the token embeddings on GPU {dmap[owner]}, not 0 beside the vision side: "
                          f"{dmap}")
-    return dmap
+    return cast(dict[str, int], dmap)  # every value is a GPU index: offload was refused above
 
 
 def dispatch_auto(model: MultimodalLM) -> torch.device:
@@ -226,11 +226,12 @@ def dispatch_auto(model: MultimodalLM) -> torch.device:
         model.query_tokens.data = model.query_tokens.data.to(first)
     vision_bytes = sum(p.numel() * p.element_size() for m in vision_modules(model) for p in m.parameters())
     no_split = list(getattr(llm, "_no_split_modules", None) or [])
-    max_memory = get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split)
-    max_memory = {k: v for k, v in max_memory.items() if isinstance(k, int)}
+    balanced = get_balanced_memory(llm, dtype=dtype, no_split_module_classes=no_split) or {}
+    max_memory: dict[int | str, int] = {k: int(v) for k, v in balanced.items() if isinstance(k, int)}  # bytes
     dmap = plan_llm_device_map(llm, max_memory, dtype, reserve_first=vision_bytes + 2**30)
-    dispatch_model(llm, device_map=dmap)
-    llm.hf_device_map = dmap
+    dispatch_model(llm, device_map=dict(dmap))
+    # torch annotates Module.__setattr__ for tensors and modules only; transformers reads this plain attribute.
+    llm.hf_device_map = dmap  # pyright: ignore[reportArgumentType]
     used = sorted({d for d in dmap.values()})
     print(f"LLM spread over cuda:{', cuda:'.join(map(str, used))}; vision on cuda:0", file=sys.stderr)
     return first
@@ -239,16 +240,18 @@ def dispatch_auto(model: MultimodalLM) -> torch.device:
 def quantize_llm_8bit(model: MultimodalLM) -> int:
     """Swap the LLM's decoder ``nn.Linear`` layers for bitsandbytes ``Linear8bitLt`` (weights quantized when moved
     to CUDA). The LM head, embeddings, norms and the vision side stay in 16-bit. Returns the number swapped."""
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Int8Params, Linear8bitLt
 
     count = 0
     for block in model.llm_model.model.layers:
         for name, lin in list(block.named_modules()):
             if type(lin) is not nn.Linear:
                 continue
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0)
-            q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+            q = Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                             threshold=6.0)
+            # Int8Params takes its options in __new__; torch's Parameter.__init__, also matched, does not name them.
+            q.weight = Int8Params(lin.weight.data, requires_grad=False,
+                                  has_fp16_weights=False)  # pyright: ignore[reportCallIssue]
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
@@ -502,7 +505,9 @@ class ChatEngine:
         )
         if seed is not None:
             torch.manual_seed(seed)
-        out = self.model.llm_model.generate(
+        # transformers types generate()'s self with a protocol its own PreTrainedModel does not satisfy (device and
+        # dtype are properties there).
+        out = self.model.llm_model.generate(  # pyright: ignore[reportAttributeAccessIssue]
             inputs_embeds=embeds, attention_mask=mask, generation_config=gen,
             stopping_criteria=StoppingCriteriaList([_RowsDone(rows, s.num_beams)]),
         )

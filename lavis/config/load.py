@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+import yaml.composer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -223,7 +224,7 @@ def refuse_predecessor_config(path: Path, raw: Any) -> None:
                       f"translate it with: {migrate_command(path)}")
 
 
-def from_dict(cls: type, data: dict[str, Any], *, source: str, prefix: str = "") -> Any:
+def from_dict(cls: type, data: Any, *, source: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, recursively; every key must be a field of the dataclass. A whole
     :class:`Config` (a run's saved config too) has its old flat ``train`` keys read by their new names, quietly
     (files and ``--options`` were warned about on loading)."""
@@ -260,7 +261,7 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{source}: `{key}` must be {expected}, got {value!r}")
 
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source=source, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         if value is None:

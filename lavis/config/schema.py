@@ -13,7 +13,7 @@ from typing import Any, Literal
 from lavis.vlm.config import VLMConfig
 
 DatasetFormat = Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt", "minigpt4_captions",
-                        "webdataset"]
+                        "webdataset", "sharegpt"]
 """``data.train[].format``: the names of ``lavis.data.formats.FORMATS``, one reader and converter each (a test keeps the
 two equal; config sits below data, so the schema names them and the table implements them)."""
 TemplateName = Literal["chatml", "qwen3", "llama3", "vicuna_v0", "minigpt4_vicuna", "minigpt4_llama2", "vicuna_v1_1",

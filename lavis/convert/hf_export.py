@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from lavis.data.tokenizer import load_tokenizer
 from lavis.engine.checkpoint import META_FILE, load_meta
 from lavis.model.spec import ModelSpec
 from lavis.weights.load import load_model
+
+if TYPE_CHECKING:
+    from lavis.model.mllm import MultimodalLM
 
 
 def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -39,7 +43,7 @@ def export_hf(tag_dir: Path, pth: Path, out_dir: str | Path, dtype: torch.dtype 
     return write_hf_dir(model, cfg, tok_file, out_dir)
 
 
-def write_hf_dir(model: torch.nn.Module, cfg: Config, tok_file: Path, out_dir: str | Path) -> Path:
+def write_hf_dir(model: MultimodalLM, cfg: Config, tok_file: Path, out_dir: str | Path) -> Path:
     """The layout above from a loaded plain model (its ``llm_model`` has no adapter layers)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,7 @@ def write_hf_dir(model: torch.nn.Module, cfg: Config, tok_file: Path, out_dir: s
     return out
 
 
-def write_sidecar(model: torch.nn.Module, cfg: Config, tok_file: Path, out: Path) -> None:
+def write_sidecar(model: MultimodalLM, cfg: Config, tok_file: Path, out: Path) -> None:
     """The tokenizer, ``projector.pth`` and ``mm_config.yaml`` beside an exported LLM (or adapter) directory."""
     shutil.copy2(tok_file, out / tok_file.name)
     proj = {f"llm_proj.{k}": v.detach().clone() for k, v in model.llm_proj.state_dict().items()}

@@ -297,7 +297,7 @@ def _model_arg(model_type: str | None, cfg_path: str | None) -> ModelConfig | No
     return load_config(preset_path(model_type) if model_type else cfg_path).model
 
 
-def lora_cli(args: object, pth: Path, spec: ModelSpec | None = None) -> bool:
+def lora_cli(args: Any, pth: Path, spec: ModelSpec | None = None) -> bool:
     """``--merge-lora`` / ``--hf-out`` for a LoRA run (``lavis.convert.lora_export``); False if not a LoRA run.
     ``spec``: the run's model description (the converter's)."""
     tag_dir = resolve_tag_dir(args.ckpt_dir)

@@ -118,7 +118,7 @@ def shard_problem(root: Path, name: str, identity: dict[str, Any]) -> tuple[str 
                 + (fp if "fingerprint" in other else "")), meta
     st = npy.stat() if npy.is_file() else None
     size = st.st_size if st else None
-    if size != meta.get("bytes"):
+    if st is None or size != meta.get("bytes"):
         return f"it is {size} bytes, {meta.get('bytes')} were written (truncated or damaged)", meta
     seen = (str(npy), meta["blake2b"], st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if seen not in _VERIFIED:  # layer 0 and the dataset of one process open the same cache: hash it once

@@ -41,7 +41,7 @@ from lavis.data.templates import (
     TemplateSpec,
     get_template,
 )
-from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, SentencePieceTokenizer, TextTokenizer
+from lavis.data.tokenizer import LLAMA_IMAGE_PLACEHOLDER, AnyTokenizer, SentencePieceTokenizer
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -64,7 +64,7 @@ class SampleError(ValueError):
 class ChatTemplate:
     """A template of the table bound to a tokenizer, a system prompt and the image-token counts."""
 
-    tokenizer: TextTokenizer
+    tokenizer: AnyTokenizer
     system_prompt: str
     placeholder: str
     num_query: int
@@ -162,7 +162,7 @@ IMAGE_PLACEHOLDERS = ("<|extra_0|>", "<|image_pad|>", "<|reserved_special_token_
 sentencepiece (LLaMA / Vicuna) tokenizer uses ``<unk>`` (``LLAMA_IMAGE_PLACEHOLDER``)."""
 
 
-def default_image_placeholder(tok: TextTokenizer) -> str:
+def default_image_placeholder(tok: AnyTokenizer) -> str:
     """The image placeholder of the family ``tok`` belongs to (the presets' ``model.llm.image_placeholder``)."""
     if isinstance(tok, SentencePieceTokenizer):
         return LLAMA_IMAGE_PLACEHOLDER
@@ -172,7 +172,7 @@ def default_image_placeholder(tok: TextTokenizer) -> str:
     return LLAMA_IMAGE_PLACEHOLDER if tok.is_special(LLAMA_IMAGE_PLACEHOLDER) else IMAGE_PLACEHOLDERS[0]
 
 
-def template_from_config(tok: TextTokenizer, cfg: Config) -> ChatTemplate:
+def template_from_config(tok: AnyTokenizer, cfg: Config) -> ChatTemplate:
     """The one place a run's template is built from its config (training, chat, bench, checker)."""
     llm = cfg.model.llm
     system = SYSTEM_PROMPTS[llm.template] if llm.system_prompt is None else llm.system_prompt

@@ -17,14 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-from lavis.config.schema import DatasetConfig
+from lavis.config.schema import DatasetConfig, DatasetFormat
 from lavis.data.datasets import parse_record
 from lavis.data.formats import FORMATS, to_canonical
 
 JSON_FORMATS = [name for name in FORMATS if name != "webdataset"]
 
 
-def convert(ann: Path, fmt: str, out: Path, *, skip_bad: bool = False, vis_root: str = "") -> tuple[int, list[str]]:
+def convert(
+    ann: Path, fmt: DatasetFormat, out: Path, *, skip_bad: bool = False, vis_root: str = ""
+) -> tuple[int, list[str]]:
     """Write ``out``; returns (records written, messages of the records left out)."""
     bad: list[str] = []
     lines: list[str] = []

@@ -216,7 +216,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.data = data
         self.image_size = image_size
         self.load_media = load_media
-        self.label_mode = label_mode
+        self.label_mode: LabelMode = label_mode
         t = data.transform
         kind = t.kind if train else "eval"
         self.transform = media.image_transform(kind, image_size, min_scale=t.min_scale, hflip=t.hflip and train)
@@ -346,10 +346,11 @@ class StepSampler:
         """Keys of optimizer step ``step`` as ``[micro][dp_rank][slot]``."""
         keys = [[[(self.index_at(p), self.seed * 1_000_003 + p) for p in self.positions(step, mb, r)]
                  for r in range(self.dp_size)] for mb in range(self.gas)]
-        if self.length_of is None:
+        length_of = self.length_of
+        if length_of is None:
             return keys
         flat = [k for mb in keys for rank in mb for k in rank]
-        flat.sort(key=lambda k: (-self.length_of(k[0]), k[1]))
+        flat.sort(key=lambda k: (-length_of(k[0]), k[1]))
         chunks = [flat[c * self.m:(c + 1) * self.m] for c in range(self.gas * self.dp_size)]
         return [[chunks[mb * self.dp_size + r] for r in range(self.dp_size)] for mb in range(self.gas)]
 

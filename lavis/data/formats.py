@@ -255,7 +255,7 @@ def from_llava(r: dict[str, Any], where: str, index: int, ds: DatasetConfig) -> 
     first = ds.image_first if ds.image_first is not None else ds.format in ("llava", "llava_pretrain")
     out = []
     for i, turn in enumerate(convs):
-        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        role = LLAVA_ROLES.get(str(turn.get("from"))) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise ValueError(f"{where}: turn {i} needs `from` in {sorted(LLAVA_ROLES)} and a string `value`")
         value = _image_first(turn["value"]) if first else turn["value"]

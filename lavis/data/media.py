@@ -100,6 +100,7 @@ def load_image(
         reason = "file is empty" if path.is_file() and path.stat().st_size == 0 else "not a recognised image format"
         raise MediaError(f"{path}: cannot identify image ({reason})") from error
     except Image.DecompressionBombError as error:
+        assert Image.MAX_IMAGE_PIXELS is not None  # PIL raises this error only while its limit is set
         raise MediaError(
             f"{path}: rejected by PIL's decompression-bomb guard ({error}); the limit is "
             f"{max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS} pixels"
@@ -238,9 +239,9 @@ def _decoder_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        import av
+        from av.error import FFmpegError
 
-        errors.append(av.FFmpegError)
+        errors.append(FFmpegError)
     except ImportError:
         pass
     return tuple(errors)

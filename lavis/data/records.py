@@ -118,7 +118,7 @@ class RecordStore(Sequence["Record"]):
 
 
 class ConcatRecords(Sequence["Record"]):
-    """Several record sequences end to end (``sum(stores, [])`` in the trainer builds one)."""
+    """Several record sequences end to end (the trainer's dataset over ``data.train``; ``+`` of stores builds one)."""
 
     def __init__(self, parts: list[Sequence[Record]]) -> None:
         self.parts = [p for part in parts for p in (part.parts if isinstance(part, ConcatRecords) else [part])]

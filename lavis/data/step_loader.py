@@ -30,11 +30,12 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from lavis.cli import InputError
 from lavis.data.collate import PipeBatch
 from lavis.data.conversation import SampleError, TooLongError
-from lavis.data.datasets import ConversationDataset, Key, Sample
+from lavis.data.datasets import ConversationDataset, Key, Sample, StepSampler
 from lavis.data.media import MediaError
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class StepLoader:
     def __init__(
         self,
         dataset: ConversationDataset | None,
-        sampler: Iterator[list[Key]] | None,
+        sampler: StepSampler | None,
         collate: Callable[[list[Sample]], PipeBatch] | None,
         *,
         grad_accum_steps: int,
@@ -115,7 +116,7 @@ class StepLoader:
         """``(step, record id, reason)`` of every skipped sample (all DP ranks; identical on every rank)."""
         self.sampler = sampler
         self._flags = torch.zeros(dp_size, grad_accum_steps, micro_batch_size, dtype=torch.int32)
-        self._iter = None
+        self._iter: Iterator[list[Fetched]] | None = None
         if dataset is not None:
             # Workers may run a whole optimizer step ahead (prefetch_factor x workers >= GAS micro-batches), so the
             # next step decodes while this one trains even though next_step() pulls all GAS micro-batches at once.
@@ -146,7 +147,7 @@ class StepLoader:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         flags = self._flags = flags.cpu()
         if bool(flags.any()):
-            mine = [(self.dp_rank, mb, slot, self.dataset.records[f.key[0]].id, f.error)
+            mine = [(self.dp_rank, mb, slot, self._record_id(f), f.error)
                     for mb, batch in enumerate(fetched) for slot, f in enumerate(batch) if f.error is not None]
             gathered: list[list | None] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
@@ -171,27 +172,36 @@ class StepLoader:
                     logger.warning("skipped %s", line)
         if self._iter is None:
             return None
+        assert self.collate is not None  # given with the dataset, as _iter is
         out = []
         for mb, batch in enumerate(fetched):
-            keep = [f.sample for slot, f in enumerate(batch) if not flags[self.dp_rank, mb, slot]]
+            keep = [f.sample for slot, f in enumerate(batch)
+                    if not flags[self.dp_rank, mb, slot] and f.sample is not None]  # unflagged: sample is set
             out.append(self.collate(keep))
         return out
 
+    def _record_id(self, f: Fetched) -> str:
+        assert self.dataset is not None  # only ranks with a dataset fetch samples
+        return self.dataset.records[f.key[0]].id
+
     def _stream(self, step: int) -> Iterator[PipeBatch]:
+        assert self._iter is not None and self.collate is not None  # next_step streams only where they are set
         for mb in range(self.gas):
             batch = next(self._iter)
             bad = [f"step {step + 1}, dp rank {self.dp_rank}, micro-batch {mb}: record "
-                   f"{self.dataset.records[f.key[0]].id}: {f.error}" for f in batch if f.error is not None]
+                   f"{self._record_id(f)}: {f.error}" for f in batch if f.error is not None]
             if bad:
                 raise BadSampleError(
                     "bad training sample(s) (data.on_bad_sample=raise; fix the data, run `python -m lavis.data.check`"
                     ", or set data.on_bad_sample=skip):\n  " + "\n  ".join(bad))
-            yield self.collate([f.sample for f in batch])
+            yield self.collate([f.sample for f in batch if f.sample is not None])  # no error: sample is set
 
     def step_tokens(self, step: int) -> int:
         """Non-pad tokens of the samples the last :meth:`next_step` kept, over all DP ranks (needs the sampler)."""
+        assert self.sampler is not None and self.dataset is not None, "step_tokens needs the sampler and dataset"
         keys = self.sampler.step_keys(step)
-        return sum(self.dataset.num_tokens(i) for mb, ranks in enumerate(keys) for r, rank in enumerate(ranks)
+        dataset = self.dataset
+        return sum(dataset.num_tokens(i) for mb, ranks in enumerate(keys) for r, rank in enumerate(ranks)
                    for slot, (i, _) in enumerate(rank) if not self._flags[r, mb, slot])
 
     def step_skips(self, step: int) -> int:
@@ -204,7 +214,7 @@ class StepLoader:
         ``_shutdown_workers``), checked against torch 2.14."""
         it, self._iter = self._iter, None
         workers = list(getattr(it, "_workers", []))
-        if hasattr(it, "_shutdown_workers"):
+        if isinstance(it, _MultiProcessingDataLoaderIter):  # the only iterator with workers
             it._shutdown_workers()
         for w in workers:
             if w.is_alive():

@@ -277,6 +277,10 @@ class SentencePieceTokenizer:
         return dest
 
 
+AnyTokenizer = TextTokenizer | QwenTokenizer | SentencePieceTokenizer
+"""What :func:`load_tokenizer` returns: each class has the interface of the module docstring."""
+
+
 def build_demo_tokenizer() -> TextTokenizer:
     """Train the demo's byte-level BPE on the shapes generator's fixed corpus (deterministic, < 1 s)."""
     tok = Tokenizer(models.BPE())
@@ -301,10 +305,6 @@ def resolve_tokenizer_ref(ref: str, cfg_path: str | Path | None) -> str:
         return ref
     beside = Path(cfg_path).parent / Path(ref).name
     return str(beside) if beside.exists() else ref
-
-
-AnyTokenizer = TextTokenizer | QwenTokenizer | SentencePieceTokenizer
-"""Any tokenizer :func:`load_tokenizer` returns (they share :class:`TextTokenizer`'s operations)."""
 
 
 def load_tokenizer(ref: str) -> AnyTokenizer:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ DATA_DIR = Path("cache/dataset/shapes")
 BENCH_DIR = Path("cache/dataset/shapes_bench")
 DEMO_PROMPT = "{question}"
 """The demo model was trained on bare questions, so the benchmarks ask them without the tasks' answer-style hints."""
-DATA_SPEC = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
+DATA_SPEC: dict[str, Any] = {"num_single": 8000, "num_multi_turn": 600, "num_pairs": 600, "num_videos": 300,
              "num_video_frames": 4, "seed": 0}
 DATA_VERSION = 5  # bump when the generator's output changes, so `make demo` regenerates
 

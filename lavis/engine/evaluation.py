@@ -99,9 +99,9 @@ def gather_plain_state(pipe: LavisPipelineModule, table: list[LayerEntry],
     if dp_rank == 0:
         mine = {i: {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
                 for i, layer in pipe.local_layers().items()}
-    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
-    if dist.get_rank() != 0:
+    if gathered is None:  # not rank 0
         return None
     states = {i: sd for part in gathered for i, sd in part.items()}
     return layers_to_plain(table, states)

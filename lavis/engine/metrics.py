@@ -25,7 +25,7 @@ class MetricsLogger:
         self.wandb = None
         if t.log.wandb_project:
             try:
-                import wandb
+                import wandb  # pyright: ignore[reportMissingImports] - optional, not in the dev extras
             except ImportError as e:
                 raise ImportError("train.log.wandb_project is set but wandb is not installed: pip install wandb "
                                   "(or unset train.log.wandb_project; TensorBoard logs are in <output_dir>/tensorboard)"

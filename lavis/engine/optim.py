@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,10 @@ class GlobalNormClip:
     """Mixed into an optimizer class: with ``norm_group``, the gradient norm over every pipeline stage, a skipped
     step when it is not finite, and clipping to ``clip`` before the base class steps."""
 
-    def __init__(self, params: list[dict], *, clip: float, norm_group: object | None, **kwargs: object) -> None:
+    param_groups: list[dict[str, Any]]  # the optimizer's, which this class is mixed into
+
+    def __init__(self, params: list[dict], *, clip: float, norm_group: dist.ProcessGroup | None,
+                 **kwargs: object) -> None:
         super().__init__(params, **kwargs)  # type: ignore[call-arg]
         self.clip = clip
         self.norm_group = norm_group
@@ -107,6 +111,7 @@ class KahanAdamW(torch.optim.Optimizer):
         bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
         if not p.is_contiguous():
             raise ValueError(f"train.optim.optimizer: adamw_bf16 needs contiguous weights (shape {tuple(p.shape)})")
+        assert p.grad is not None  # step() updates only weights with a gradient
         chunks = zip(*(t.view(-1).split(self.CHUNK) for t in (p, p.grad.contiguous(), state["exp_avg"],
                                                                 state["exp_avg_sq"], state["comp"])))
         for w, g, m, v, c in chunks:
@@ -137,7 +142,7 @@ class PipeKahanAdamW(GlobalNormClip, KahanAdamW):
     """:class:`KahanAdamW` under the all-stage gradient-norm clipping (``train.optim.optimizer: adamw_bf16``)."""
 
 
-def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: object | None,
+def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: dist.ProcessGroup | None,
                     **kwargs: object) -> torch.optim.Optimizer:
     """``train.optim.optimizer`` -> the optimizer with our global-norm clipping (see :class:`GlobalNormClip`)."""
     if kind == "adamw":
@@ -145,11 +150,11 @@ def build_optimizer(kind: str, groups: list[dict], *, clip: float, norm_group: o
     if kind == "adamw_bf16":
         return PipeKahanAdamW(groups, clip=clip, norm_group=norm_group, **kwargs)
     try:
-        import bitsandbytes as bnb
+        from bitsandbytes.optim.adamw import AdamW8bit, PagedAdamW8bit
     except ImportError as e:
         raise RuntimeError(f"train.optim.optimizer: {kind} needs bitsandbytes: pip install -e '.[quant]' (or use "
                            "train.optim.optimizer: adamw)") from e
-    base = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[kind]
+    base = {"adamw8bit": AdamW8bit, "paged_adamw8bit": PagedAdamW8bit}[kind]
     cls = type(f"Pipe{base.__name__}", (GlobalNormClip, base), {})
     return cls(groups, clip=clip, norm_group=norm_group, **kwargs)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -47,8 +48,10 @@ def to_layer_specs(layers: list[LayerRecipe]) -> list[LayerSpec]:
 
 
 class LavisPipelineModule(PipelineModule):
+    _planned_boundaries: list[int]
+
     def __init__(self, specs: list[LayerSpec], boundaries: list[int], offload_stages: frozenset[int] = frozenset(),
-                 **kwargs: object) -> None:
+                 **kwargs: Any) -> None:
         """``offload_stages``: stages whose forward keeps its saved activations in host memory
         (``train.parallel.activation_offload``, :func:`lavis.pipeline.plan.offloaded_stages`)."""
         object.__setattr__(self, "_planned_boundaries", list(boundaries))
@@ -117,7 +120,7 @@ class LavisPipelineModule(PipelineModule):
         with activation_offload(self.offload_activations):
             out = super().forward(forward_input)
         if len(self.group_anchors):
-            zero = sum(0.0 * a.sum() for a in self.group_anchors)
+            zero = cast(torch.Tensor, sum(0.0 * a.sum() for a in self.group_anchors))  # non-empty: a tensor
             if isinstance(out, tuple):  # StageIO, or another family's inter-stage tuple (lavis.vlm.layers)
                 out = (out[0] + zero.to(out[0].dtype), *out[1:])
             else:

@@ -53,5 +53,5 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 def install(engine: Any) -> None:
     """Make ``engine`` (a DeepSpeed engine) read every checkpoint file through :func:`safe_torch_load`."""
     safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
-    safe.__dict__.update(ds_compat.checkpoint_engine(engine).__dict__)
+    vars(safe).update(vars(ds_compat.checkpoint_engine(engine)))
     ds_compat.set_checkpoint_engine(engine, safe)

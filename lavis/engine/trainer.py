@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
 from lavis.data.conversation import ChatTemplate, template_from_config
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
+from lavis.data.records import ConcatRecords
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
 from lavis.engine import checkpoint, ds_compat, relayout, safe_load
@@ -41,7 +42,7 @@ from lavis.engine.guards import (
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
 from lavis.engine.metrics import MetricsLogger
-from lavis.engine.optim import build_optimizer, lr_lambda, param_groups
+from lavis.engine.optim import GlobalNormClip, build_optimizer, lr_lambda, param_groups
 from lavis.engine.pipe_module import LavisPipelineModule, cast_float_buffers_, cast_float_params_, to_layer_specs
 from lavis.engine.run_dir import (
     RunDirError,
@@ -205,13 +206,13 @@ def train(
         _check_resume_data(run, tag)
         write_run_files(run)
         fit(run, hooks, stop_at_step=stop_at_step, save=save, stop_signal=stop_signal)
+        return run
     finally:  # no collective here: a failing rank must not wait for the others
         stop_signal.uninstall()
         if run is not None and run.steps is not None:
             run.steps.close()  # data workers ignore SIGTERM (preemption), so they are ended explicitly
         if lock is not None:
             lock.release()
-    return run
 
 
 def _lock_run_dir(out: Path) -> RunLock | None:
@@ -307,7 +308,9 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
         norm_group=ds_compat.pipe_parallel_group(pipe) if own_clip else None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
+    # DeepSpeed annotates lr_scheduler with torch's old _LRScheduler; LambdaLR is an LRScheduler, which it takes.
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer,
+                                           lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
                                            config=deepspeed_config(t, dp))
     assert isinstance(engine, deepspeed.PipelineEngine), "a PipelineModule gets DeepSpeed's pipeline engine"
     safe_load.install(engine)
@@ -377,7 +380,9 @@ def restore(run: Run, tag: str | None) -> None:
         print0(f"WARNING: {tag} was written with {relayout.describe(meta['parts'], int(meta['dp_size']))} by an "
                f"older version that does not name its optimizer state per parameter; this run uses "
                f"{relayout.describe(run.boundaries, run.dp)}: module weights were loaded, optimizer state was reset")
-    apply_schedule(run.engine.lr_scheduler, run.cfg.train.optim.lr)
+    scheduler = run.engine.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR), "build_run gives DeepSpeed our LambdaLR"
+    apply_schedule(scheduler, run.cfg.train.optim.lr)
     run.start_step = int(meta["step"])
     run.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
     print0(f"resumed from {run.out / tag} at step {run.start_step}")
@@ -453,7 +458,7 @@ def build_data(run: Run) -> StepLoader:
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
         if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
             run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
-        dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
+        dataset = ConversationDataset(ConcatRecords(records), run.tpl, cfg.data, cfg.model.vision.image_size,
                                       load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.batch.micro_batch_size, grad_accum_steps=t.batch.grad_accum_steps,
@@ -476,6 +481,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
     end = t.max_steps if stop_at_step is None else min(stop_at_step, t.max_steps)
     own_signal = stop_signal is None
     stop_signal = stop_signal or StopSignal().install()
+    assert run.steps is not None  # build_data ran
     rank0 = run.rank == 0
     counter = _PadCounter(None) if rank0 else None  # padding efficiency of the batches stage 0 of replica 0 runs
     bar = _Progress(run.start_step, t.max_steps) if rank0 else None
@@ -490,7 +496,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
             row, verdict = _train_step(run, step, counter, stop_signal.requested)
             for h in hooks:
                 h.after_step(run, done, row)
-            if rank0:
+            if logger is not None and bar is not None and row is not None:  # rank 0
                 logger.log(row)
                 bar.update(row)
             if verdict.nonfinite:
@@ -512,7 +518,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
     finally:
         if own_signal:
             stop_signal.uninstall()
-        if rank0:
+        if bar is not None and logger is not None:  # rank 0
             bar.close()
             logger.close()
     if run.steps.summary():
@@ -522,6 +528,7 @@ def fit(run: Run, hooks: Sequence[Hook] = (), *, stop_at_step: int | None = None
 def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) -> tuple[dict[str, Any] | None, Any]:
     """One optimizer step (0-based ``step``) and the guards' collective; returns (rank 0's metrics row, verdict)."""
     t = run.cfg.train
+    assert run.steps is not None  # build_data ran
     lr = run.optimizer.param_groups[0]["lr"]
     t0 = time.perf_counter()
     batches = run.steps.next_step(step)  # a collective on every rank, outside train_batch
@@ -530,7 +537,8 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
         counter.it, data_iter = data_iter, counter
     loss = float(run.engine.train_batch(data_iter))
     dt = time.perf_counter() - t0
-    grad_norm = run.optimizer.last_grad_norm if run.own_clip else run.engine.get_global_grad_norm()
+    ours = cast(GlobalNormClip, run.optimizer)  # build_optimizer's, which records the norm it clipped with
+    grad_norm = ours.last_grad_norm if run.own_clip else run.engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm)
     verdict = agree(not (is_finite(loss) and is_finite(grad_norm)), stop)
     verdict.loss, verdict.grad_norm = loss, grad_norm  # every rank holds them (DeepSpeed broadcasts the loss)
@@ -538,6 +546,7 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
         _report_memory(run.stage)
     if run.rank != 0:
         return None, verdict
+    assert counter is not None  # rank 0 counts padding
     skipped = run.steps.step_skips(step)
     row = {"step": step + 1, "loss": loss if is_finite(loss) else None, "lr": lr,
            "grad_norm": grad_norm if is_finite(grad_norm) else None,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from lavis.chat.engine import ChatEngine, GenerationSettings
 from lavis.eval.common import BenchmarkFileError, Prompt, Sample, check_unique_ids
@@ -127,6 +127,12 @@ def answer_all(
     return [done[s.id] for s in samples], len(todo)
 
 
+@overload
+def full_identity(model: dict[str, Any], settings: GenerationSettings) -> dict[str, Any]: ...
+@overload
+def full_identity(model: None, settings: GenerationSettings) -> None: ...
+@overload
+def full_identity(model: dict[str, Any] | None, settings: GenerationSettings) -> dict[str, Any] | None: ...
 def full_identity(model: dict[str, Any] | None, settings: GenerationSettings) -> dict[str, Any] | None:
     """The model's identity (:func:`lavis.eval.identity.model_identity`) with the generation settings."""
     return None if model is None else {**model, "generation": asdict(settings)}

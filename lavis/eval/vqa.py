@@ -15,7 +15,7 @@ from typing import Any
 
 from lavis.eval.common import BenchmarkFileError, Prompt, Sample, fmt, index_unique, media_path, need, read_json
 
-CONTRACTIONS = {
+CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
     "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
@@ -63,7 +63,7 @@ def process_punctuation(text: str) -> str:
 
 
 def process_digits_articles(text: str) -> str:
-    words = []
+    words: list[str] = []
     for word in text.lower().split():
         word = NUMBER_WORDS.get(word, word)
         if word not in ARTICLES:

@@ -56,7 +56,8 @@ def convert_vit_weights_to_fp16_(vit: nn.Module) -> None:
 
 def is_lavis_fp16(vit: Eva) -> bool:
     """True when the ViT holds LAVIS's mixed layout (fp16 Conv/Linear weights, fp32 ``cls_token``)."""
-    return vit.patch_embed.proj.weight.dtype == torch.float16 and vit.cls_token.dtype == torch.float32
+    cls = vit.cls_token  # None only for a ViT built without a class token, which build_eva_vit never does
+    return vit.patch_embed.proj.weight.dtype == torch.float16 and cls is not None and cls.dtype == torch.float32
 
 
 def vit_features(vit: Eva, pixels_NCHW: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ components through the same function in the same order, so PP=1, PP=2 and the pl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ INIT_STD = 0.02
 
 
 @torch.no_grad()
-def init_modules_(modules: list[nn.Module | nn.Parameter | None], seed: int, std: float = INIT_STD) -> None:
+def init_modules_(modules: Sequence[nn.Module | nn.Parameter | None], seed: int, std: float = INIT_STD) -> None:
     """Norm weights 1, biases 0, everything else N(0, std), drawn in registration order from ``seed``; None entries
     (an absent component, e.g. no Q-Former) are skipped."""
     with torch.random.fork_rng(devices=[]):

@@ -11,13 +11,33 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
 from lavis.config.schema import LLMConfig
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class DecoderStack(nn.Module):
+        """``CausalLM.model``, as :func:`_check_layout` finds it (a type-checker view, never instantiated)."""
+
+        embed_tokens: nn.Embedding
+        layers: nn.ModuleList
+        norm: nn.Module
+        rotary_emb: nn.Module
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What :func:`build_llm` returns: a transformers ``*ForCausalLM`` with the layout of the module docstring
+        (a type-checker view, never instantiated)."""
+
+        model: DecoderStack
+        lm_head: nn.Linear
+
+        def get_input_embeddings(self) -> nn.Embedding: ...  # model.embed_tokens
 
 
 def llm_hf_config(cfg: LLMConfig, published: dict[str, Any] | None = None) -> PretrainedConfig:
@@ -64,10 +84,10 @@ def _published_hf_config(raw: dict[str, Any], overrides: dict[str, Any]) -> Pret
     return hf
 
 
-def build_llm(hf: PretrainedConfig) -> nn.Module:
+def build_llm(hf: PretrainedConfig) -> CausalLM:
     model = AutoModelForCausalLM.from_config(hf, attn_implementation=hf._attn_implementation)
     _check_layout(model)
-    return model
+    return cast("CausalLM", model)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,16 @@ the model's output unchanged.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lavis.config.schema import LORA_ALL_LINEAR, LoRAConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from lavis.model.llm import CausalLM
+    from lavis.model.mllm import MultimodalLM
 
 ADAPTER_NAME = "default"
 ADAPTER_SEED_OFFSET = 1_000_003
@@ -56,7 +61,9 @@ def resolve_targets(cfg: LoRAConfig, block: nn.Module) -> list[str]:
 def peft_config(cfg: LoRAConfig, targets: list[str]):  # noqa: ANN201 - peft.LoraConfig, imported lazily
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    # peft annotates lora_alpha as int, but scales by lora_alpha / r, so any number works (model.llm.lora.alpha).
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,  # pyright: ignore[reportArgumentType]
+                      lora_dropout=cfg.dropout, target_modules=targets, bias="none")
 
 
 def add_block_adapters(block: nn.Module, cfg: LoRAConfig, block_seed_: int) -> nn.Module:
@@ -70,7 +77,7 @@ def add_block_adapters(block: nn.Module, cfg: LoRAConfig, block_seed_: int) -> n
     return block
 
 
-def add_llm_adapters(llm_model: nn.Module, cfg: ModelConfig) -> int:
+def add_llm_adapters(llm_model: CausalLM, cfg: ModelConfig) -> int:
     """Adapters in every decoder block of a whole transformers LLM (``model.layers``), seeded as the pipeline's
     blocks are. Returns the number of adapter parameters."""
     assert cfg.llm.lora is not None
@@ -94,7 +101,7 @@ def plain_targets(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {plain_key(k): v for k, v in state.items() if not is_adapter_key(k)}
 
 
-def model_targets(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def model_targets(model: MultimodalLM, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """For loaders of the plain model (chat, converters): inject the configured adapters into ``model.llm_model``
     (seeded as in training) and return its live tensors under plain names (``state_dict(keep_vars=True)`` with
     ``base_layer.`` dropped), so base files fill the base weights and an adapter checkpoint fills the adapters.
@@ -141,7 +148,7 @@ def check_quantize_runtime(cfg: ModelConfig) -> None:
 def quantize_block_(block: nn.Module, kind: str) -> int:
     """Replace the block's linear layers by bitsandbytes ones (frozen; quantized when moved to the GPU, after the
     base weights were copied in). Compute dtype bf16. Returns the number of layers replaced."""
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Int8Params, Linear4bit, Linear8bitLt, Params4bit
 
     count = 0
     for name, m in list(block.named_modules()):
@@ -149,19 +156,22 @@ def quantize_block_(block: nn.Module, kind: str) -> int:
             continue
         has_bias = m.bias is not None
         if kind == "nf4":
-            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=has_bias, compute_dtype=torch.bfloat16,
-                                  quant_type="nf4", device="cpu")
-            q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4")
+            q = Linear4bit(m.in_features, m.out_features, bias=has_bias, compute_dtype=torch.bfloat16,
+                           quant_type="nf4", device="cpu")
+            # The bitsandbytes parameter classes take their options in __new__; torch's Parameter.__init__, which
+            # the checker also matches the call against, does not name them.
+            q.weight = Params4bit(m.weight.data, requires_grad=False, quant_type="nf4")  # pyright: ignore[reportCallIssue]
         else:
-            q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=has_bias, has_fp16_weights=False,
-                                    device="cpu")
-            q.weight = bnb.nn.Int8Params(m.weight.data, requires_grad=False, has_fp16_weights=False)
+            q = Linear8bitLt(m.in_features, m.out_features, bias=has_bias, has_fp16_weights=False, device="cpu")
+            q.weight = Int8Params(m.weight.data, requires_grad=False,
+                                  has_fp16_weights=False)  # pyright: ignore[reportCallIssue] (as Params4bit above)
         if has_bias:
             q.bias = nn.Parameter(m.bias.data, requires_grad=False)
         parent_name, _, leaf = name.rpartition(".")
         setattr(block.get_submodule(parent_name) if parent_name else block, leaf, q)
         count += 1
     # peft reads these model flags to wrap bitsandbytes layers in its bnb-aware LoRA layers (dequantizing merge).
-    block.is_loaded_in_4bit = kind == "nf4"
-    block.is_loaded_in_8bit = kind == "int8"
+    # torch annotates Module.__setattr__ for tensors and modules only; other values are plain attributes.
+    block.is_loaded_in_4bit = kind == "nf4"  # pyright: ignore[reportArgumentType]
+    block.is_loaded_in_8bit = kind == "int8"  # pyright: ignore[reportArgumentType]
     return count

@@ -13,7 +13,7 @@ Shapes: B batch, L tokens, D LLM width, N images (video frames count as images),
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,10 @@ from lavis.model.llm import build_llm, llm_hf_config
 from lavis.model.qformer import build_qformer, build_query_tokens, qformer_queries
 from lavis.model.spec import ModelSpec, layer_table
 
+if TYPE_CHECKING:
+    from timm.models.eva import Eva
+    from transformers import Blip2QFormerModel
+
 FAMILY = "blip2"
 """This model's family name (``lavis.pipeline.family.FAMILIES``)."""
 
@@ -40,7 +44,9 @@ def describe(cfg: ModelConfig, published: dict[str, Any] | None = None) -> Model
                      trains=tuple(c for c in COMPONENTS if component_trains(c, cfg)))
 
 
-def build_qformer_parts(cfg: QFormerConfig, encoder_width: int) -> tuple[nn.Module | None, nn.Parameter | None]:
+def build_qformer_parts(
+    cfg: QFormerConfig, encoder_width: int
+) -> tuple[Blip2QFormerModel | None, nn.Parameter | None]:
     """The Q-Former and its ``query_tokens``, or ``(None, None)`` when ``cfg.enabled`` is false."""
     if not cfg.enabled:
         return None, None
@@ -67,9 +73,9 @@ def _trains(module: nn.Module | nn.Parameter) -> bool:
 
 
 def encode_media(
-    visual_encoder: nn.Module,
+    visual_encoder: Eva,
     ln_vision: nn.Module,
-    qformer: nn.Module | None,
+    qformer: Blip2QFormerModel | None,
     query_tokens: nn.Parameter | None,
     llm_proj: nn.Module,
     pixels_NCHW: torch.Tensor,
@@ -81,7 +87,7 @@ def encode_media(
     return project_queries(llm_proj, encode_queries(qformer, query_tokens, feats_NPW, patch_concat))
 
 
-def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+def encode_vision(visual_encoder: Eva, ln_vision: nn.Module, pixels_NCHW: torch.Tensor) -> torch.Tensor:
     """Images -> ``[N, 1 + patches, W]`` ``ln_vision`` features (without autograd when both are frozen)."""
     with torch.set_grad_enabled(_trains(visual_encoder) or _trains(ln_vision)):
         w = visual_encoder.patch_embed.proj.weight
@@ -89,7 +95,7 @@ def encode_vision(visual_encoder: nn.Module, ln_vision: nn.Module, pixels_NCHW: 
 
 
 def encode_queries(
-    qformer: nn.Module | None, query_tokens: nn.Parameter | None, feats_NPW: torch.Tensor, patch_concat: int = 0
+    qformer: Blip2QFormerModel | None, query_tokens: nn.Parameter | None, feats_NPW: torch.Tensor, patch_concat: int = 0
 ) -> torch.Tensor:
     """``ln_vision`` features -> ``[N, Q, H]`` Q-Former query outputs (without autograd when frozen); with
     ``qformer`` None, ``patch_concat`` (>= 1) concatenated patch tokens per image token (:func:`concat_patches`)."""

@@ -35,7 +35,7 @@ from torch import nn
 from lavis.config.schema import Config, ModelConfig
 from lavis.data.cache_features import cache_level
 from lavis.data.conversation import ChatTemplate, template_from_config
-from lavis.data.tokenizer import TextTokenizer
+from lavis.data.tokenizer import AnyTokenizer
 from lavis.model import mllm
 from lavis.model.llm import DecoderParts, decoder_parts
 from lavis.model.lora import check_quantize_runtime
@@ -65,7 +65,7 @@ class ModelFamily(Protocol):
 
     def build(self, spec: ModelSpec, cfg: ModelConfig, placeholder_id: int) -> nn.Module: ...
 
-    def template(self, tok: TextTokenizer, cfg: Config) -> ChatTemplate: ...
+    def template(self, tok: AnyTokenizer, cfg: Config) -> ChatTemplate: ...
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]: ...
 
@@ -111,7 +111,7 @@ class Blip2Family:
     def build(self, spec: ModelSpec, cfg: ModelConfig, placeholder_id: int) -> nn.Module:
         return mllm.MultimodalLM(cfg, placeholder_id, spec)
 
-    def template(self, tok: TextTokenizer, cfg: Config) -> ChatTemplate:
+    def template(self, tok: AnyTokenizer, cfg: Config) -> ChatTemplate:
         return template_from_config(tok, cfg)
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:

@@ -144,10 +144,9 @@ class DecoderBlockPipe(nn.Module):
             attn_mask = mask_BL
         else:
             make_mask = create_sliding_window_causal_mask if self.sliding else create_causal_mask
-            attn_mask = make_mask(
-                config=self.hf, inputs_embeds=hidden_BLD, attention_mask=mask_BL, past_key_values=None,
-                position_ids=pos_1L,
-            )
+            # No KV cache: the 4th parameter, named past_key_values before transformers 5.24 and cache since (the
+            # old keyword goes in 5.40), so it is passed by position.
+            attn_mask = make_mask(self.hf, hidden_BLD, mask_BL, None, position_ids=pos_1L)
         cos_sin = rotary(hidden_BLD, pos_1L)
         if self.recompute and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._block, hidden_BLD, attn_mask, pos_1L, *cos_sin,

@@ -245,6 +245,7 @@ def plan_stages(
                 if cand < best[s][i] or (cand == best[s][i] and j > back[s][i]):
                     best[s][i], back[s][i] = cand, j
     if best[num_stages][n] == inf:
+        assert memory_limit_bytes is not None  # without a limit every split fits
         raise ValueError(
             f"no split of {n} layers into {num_stages} stages fits {memory_limit_bytes / 2**30:.1f} GiB per GPU: "
             "use more stages, activation checkpointing, or a smaller micro-batch"

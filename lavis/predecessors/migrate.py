@@ -933,7 +933,7 @@ def refuse_overwriting_input(src: str | Path, out: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an input error (one ``error:`` line), 2 a malformed command line (argparse)."""
-    ap = argparse.ArgumentParser(prog="python -m lavis.config.migrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.config.migrate", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("path", nargs="?", help="an MPP-Qwen-Next (lavis/projects/pp_qwen*/...) or MiniGPT-4 "
                                             "(train_configs/, eval_configs/) YAML")
     ap.add_argument("--table-md", action="store_true",

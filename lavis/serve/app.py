@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -166,7 +167,7 @@ async def _result(events: _Events) -> Answer:
         if kind == "done":
             if isinstance(value, Exception):
                 raise APIError(500, f"generation failed: {value}", None, "generation_error", kind="server_error")
-            return value
+            return cast(Answer, value)  # a "done" event carries an Answer or an Exception
 
 
 def _finish(ans: Answer) -> str:
@@ -183,7 +184,7 @@ async def _complete(events: _Events, job: Job, meta: dict, request: Request) -> 
     try:
         while not waiter.done():
             await asyncio.wait({waiter}, timeout=1.0)
-            if not waiter.done() and await request.is_disconnected():
+            if not waiter.done() and await request.is_disconnected() and job.request.cancel is not None:
                 job.request.cancel.set()  # the client gave up: stop spending the model on it
         ans = waiter.result()
     finally:
@@ -212,14 +213,15 @@ async def _sse(events: _Events, job: Job, meta: dict, include_usage: bool) -> As
                 err = APIError(500, f"generation failed: {value}", None, "generation_error", kind="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
             else:
-                yield chunk({}, _finish(value))
+                ans = cast(Answer, value)  # a "done" event carries an Answer or an Exception
+                yield chunk({}, _finish(ans))
                 if include_usage:
-                    body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)}
+                    body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ans)}
                     yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             return
     finally:
-        if not finished:  # the client closed the stream: end this generation only
+        if not finished and job.request.cancel is not None:  # the client closed the stream: end this generation only
             job.request.cancel.set()
 
 

@@ -21,6 +21,10 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 from lavis.data import shapes
 
@@ -56,7 +60,8 @@ def start_server(args: argparse.Namespace, max_batch: int, port: int, log: Path)
             time.sleep(0.5)
 
 
-def measure(url: str, clients: int, requests: int, messages: list[list[dict]], max_tokens: int) -> dict:
+def measure(url: str, clients: int, requests: int, messages: list[list[ChatCompletionMessageParam]],
+            max_tokens: int) -> dict:
     """``requests`` requests spread over ``clients`` threads; each thread sends its share one after another."""
     import openai
 
@@ -67,6 +72,7 @@ def measure(url: str, clients: int, requests: int, messages: list[list[dict]], m
         for i in range(k, requests, clients):
             res = api.chat.completions.create(model="bench", messages=messages[i % len(messages)], temperature=0,
                                               max_tokens=max_tokens)
+            assert res.usage is not None  # lavis.serve reports usage with every answer
             tokens[k] += res.usage.completion_tokens
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -80,8 +86,8 @@ def measure(url: str, clients: int, requests: int, messages: list[list[dict]], m
             "requests_per_s": round(requests / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1)}
 
 
-def sample_messages(n: int, tmp: Path) -> list[list[dict]]:
-    out = []
+def sample_messages(n: int, tmp: Path) -> list[list[ChatCompletionMessageParam]]:
+    out: list[list[ChatCompletionMessageParam]] = []
     for path, _ in shapes.generate_eval_images(tmp, n, seed=0):
         url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
         out.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},

@@ -220,10 +220,10 @@ def write_mpp_sft(path: str | Path, raw: dict[str, Any], *, mangled_7b: bool, qf
     give a 7B model (``llm_model.transformer.final_h.{L}norm.weight``, ``llm_model.transformer.lm_head.weight``)."""
     shapes = llm_file_shapes(raw)
     gen = torch.Generator().manual_seed(seed)
-    hidden = int(raw.get("hidden_size", raw.get("n_embd")))
+    hidden = int(raw.get("hidden_size") or raw["n_embd"])
     state = {k: random_tensor(k, s, torch.bfloat16, gen) for k, s in
              {"llm_proj.weight": (hidden, qformer_hidden), "llm_proj.bias": (hidden,)}.items()}
-    n = int(raw.get("num_hidden_layers", raw.get("n_layer")))
+    n = int(raw.get("num_hidden_layers") or raw["n_layer"])
     for k, s in shapes.items():
         name = "llm_model." + k
         if mangled_7b and k == "transformer.ln_f.weight":
@@ -284,8 +284,8 @@ def write_mpp_pipeline_dir(
     tag = Path(run_dir) / f"global_step{step}"
     tag.mkdir(parents=True, exist_ok=True)
     llm = llm_file_shapes(raw)
-    hidden = int(raw.get("hidden_size", raw.get("n_embd")))
-    n = int(raw.get("num_hidden_layers", raw.get("n_layer")))
+    hidden = int(raw.get("hidden_size") or raw["n_embd"])
+    n = int(raw.get("num_hidden_layers") or raw["n_layer"])
 
     def fill(shapes: dict[str, Shape]) -> dict[str, torch.Tensor]:
         return {k: (torch.arange(s[-1]).expand(s).clone() if k.endswith("position_ids")
@@ -298,7 +298,7 @@ def write_mpp_pipeline_dir(
                "wtepipe.word_embeddings.weight": llm["transformer.wte.weight"]}
     layers: list[dict[str, torch.Tensor]] = [fill(layer0)]
     if inv_freq:
-        head_dim = hidden // int(raw.get("num_attention_heads", raw.get("n_head")))
+        head_dim = hidden // int(raw.get("num_attention_heads") or raw["n_head"])
         layers[0]["rotary_emb.inv_freq"] = torch.rand(head_dim // 2, generator=gen)
     layers += [{} for _ in range(4)]
     for j in range(n):
@@ -337,6 +337,7 @@ def write_preset(
     cfg: ModelConfig = load_config(preset_path(model_type), opts).model
     raw = llm_config_json(model_type, num_layers, tiny)
     out: dict[str, Path] = {}
+    assert cfg.vision.checkpoint is not None and cfg.llm.path is not None, f"{model_type}: a preset names its files"
     vpath = root / cfg.vision.checkpoint
     write_synthetic_eva_vit(vpath, cfg.vision, extra_block=True)
     out["eva"] = vpath
@@ -369,7 +370,7 @@ def write_preset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m lavis.testing.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.testing.synthetic", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--model-type", required=True, help=", ".join(model_types()))
     ap.add_argument("--root", required=True, help="directory to write cache/ckpt/... under (run inspect there)")
     ap.add_argument("--num-layers", type=int, default=2, help="LLM decoder blocks (real: 28-40)")

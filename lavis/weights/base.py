@@ -139,7 +139,7 @@ def stream_into(
 
 def copy_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], to_local: Callable[[str], str | None]) -> int:
     """Copy plain-named ``tensors`` into ``module``'s parameters/buffers (dtype converted); returns the count."""
-    own = dict(module.named_parameters())
+    own: dict[str, torch.Tensor] = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
     n = 0
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 
 from lavis.config.schema import Config
 from lavis.data.conversation import template_from_config
-from lavis.data.tokenizer import TextTokenizer
+from lavis.data.tokenizer import AnyTokenizer
 from lavis.model.lora import model_targets
 from lavis.model.mllm import MultimodalLM
 from lavis.model.spec import ModelSpec
@@ -17,7 +17,7 @@ from lavis.weights.base import stream_into
 
 
 def load_model(
-    cfg: Config, checkpoint: str | Path | None, tok: TextTokenizer, device: torch.device, dtype: torch.dtype,
+    cfg: Config, checkpoint: str | Path | None, tok: AnyTokenizer, device: torch.device, dtype: torch.dtype,
     spec: ModelSpec | None = None,
 ) -> MultimodalLM:
     """Construct, seed-init, load every file the config names (base weights, then ``checkpoint`` or

@@ -575,7 +575,8 @@ def prepare(meta_dir: str | Path, out: str | Path, delta: str | Path | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lavis.weights.prepare_llama", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lavis.weights.prepare_llama",
+                                 description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--meta-dir", required=True, help="Meta's folder: params.json, consolidated.XX.pth, checklist.chk")
     ap.add_argument("--delta", help="Vicuna delta directory (transformers layout), e.g. vicuna-13b-delta-v0")
     ap.add_argument("--out", required=True, help="output directory, e.g. cache/ckpt/vicuna-13b-v0")

@@ -278,7 +278,9 @@ def _materialise(take: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
     for our, fkey in take.items():
         t = tensors[fkey]
         if tuple(t.shape) != tuple(want[our]):  # planned: a pos_embed for another grid
-            t = interpolate_pos_embed(t, _grid(want[our][1]))
+            grid = _grid(want[our][1])
+            assert grid is not None  # planned only between square grids (_pos_embed_resizable)
+            t = interpolate_pos_embed(t, grid)
         out[our] = t
     return out
 
