@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
+from lavis.engine.vlm_pipe import vlm_plan
 from lavis.model.llm import is_qwen_v1, llm_hf_config, qwen_v1_to_qwen2_config
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
 from lavis.pipeline.plan import LLM_DIMS, format_plan, plan_for_config, stage_memory_bytes
+from lavis.vlm.arch import read_hf_config
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -49,6 +51,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
     """The cost model's LLM dimensions and where they came from; reads at most a ``config.json``."""
+    if cfg.model.vlm is not None:  # a transformers VLM: its language model's shape
+        vlm = cfg.model.vlm
+        text = read_hf_config(vlm).text_config
+        return {k: getattr(text, k) for k in LLM_DIMS}, f"{vlm.path}/config.json" if vlm.path else "model.vlm.hf_config"
     llm = cfg.model.llm
     if llm.path is None or (Path(llm.path) / "config.json").is_file():
         hf = llm_hf_config(llm)
@@ -96,16 +102,24 @@ class Verdict:
         return max(self.stage_gib) <= self.limit_gib
 
 
+def plan_of(cfg: Config, dims: dict[str, int], dp: int) -> StagePlan:
+    """The trainer's plan: ``lavis.engine.vlm_pipe.vlm_plan`` for a ``model.vlm`` run (vision blocks, merger and
+    decoder at the recipe's micro-batch), else the BLIP-2-style model's ``plan_for_config``."""
+    if cfg.model.vlm is not None:
+        return vlm_plan(cfg, read_hf_config(cfg.model.vlm), dp)
+    return plan_for_config(cfg, dims, dp)
+
+
 def assess(cfg: Config, dims: dict[str, int], dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
     limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
     try:
-        plan = plan_for_config(limited, dims, dp)
+        plan = plan_of(limited, dims, dp)
     except ValueError as e:
         if "fits" not in str(e):
             raise
-        plan = plan_for_config(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dims, dp)
+        plan = plan_of(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dims, dp)
     n = len(plan.parts) - 1
     gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
            for s in range(n)]
@@ -124,7 +138,8 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
         stages = t.parallel.num_stages * 2
         knobs.append((f"more stages on more GPUs: train.parallel.num_stages={stages} (needs {stages} GPUs)",
                       [f"train.parallel.num_stages={stages}"]))
-    if t.parallel.activation_checkpoint_interval == 0:
+    vlm = cfg.model.vlm is not None  # recomputation and LoRA are not supported with model.vlm yet
+    if t.parallel.activation_checkpoint_interval == 0 and not vlm:
         knobs.append(("recompute every decoder block: train.parallel.activation_checkpoint_interval=1",
                       ["train.parallel.activation_checkpoint_interval=1"]))
     if t.optim.optimizer == "adamw" and t.optim.zero_stage == 0 and not t.optim.offload_optimizer:
@@ -138,7 +153,7 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if not t.optim.offload_optimizer and t.precision != "fp32" and t.optim.optimizer != "adamw_bf16":
         knobs.append(("optimizer state in host RAM: train.optim.zero_stage=1 train.optim.offload_optimizer=true",
                       ["train.optim.zero_stage=1", "train.optim.offload_optimizer=true"]))
-    if not llm.frozen and llm.lora is None:
+    if not llm.frozen and llm.lora is None and not vlm:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
     if cfg.data.max_txt_len >= 256:
