@@ -64,6 +64,10 @@ from lavis.pipeline.plan import (
     plan_for_config,
 )
 from lavis.predecessors.keys import flag_hint
+from lavis.vlm.collate import VLMStageInputs
+from lavis.vlm.data import build_vlm_data, processor_ref, save_run_processor
+from lavis.vlm.data_config import VLMDataConfig
+from lavis.vlm.processor_files import load_processor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -155,6 +159,9 @@ class Run:
     steps: StepLoader | None = None
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
+    processor: Any = None
+    """A ``model.vlm`` run's processor (``data.vlm.processor`` or the model directory's): its tokenizer, chat
+    template and image / video processors make the samples; saved in the run directory."""
 
     @property
     def rank(self) -> int:
@@ -261,8 +268,10 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
     if resume_tag is not None:
         cfg = _check_resume(out / resume_tag, cfg, tok, dp)
         t = cfg.train
-    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm)
-        tpl = template_from_config(tok, cfg)
+    processor = None
+    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm): the model's own processor
+        processor = load_processor(processor_ref(cfg.data.vlm or VLMDataConfig(), cfg.model.vlm.path))
+        tpl = template_from_config(tok, cfg)  # only the run's meta reads it; the samples are the processor's
         pipe, table, plan, reports = build_vlm_pipe(cfg, dp)
         boundaries = plan.parts
         print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
@@ -320,7 +329,7 @@ def build_run(cfg: Config, resume_tag: str | None) -> Run:
            f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
-               boundaries=boundaries, dp=dp, own_clip=own_clip)
+               boundaries=boundaries, dp=dp, own_clip=own_clip, processor=processor)
 
 
 def _lr_lambda(t: Any) -> Any:
@@ -439,6 +448,8 @@ def write_run_files(run: Run) -> None:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.out / "config.yaml")
         run.tok.save_to(run.out)
+        if run.processor is not None:
+            save_run_processor(run.processor, run.out)
     dist.barrier()
 
 
@@ -456,14 +467,18 @@ def build_data(run: Run) -> StepLoader:
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
         if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
             run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
-        dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
-                                      load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
+        if cfg.model.vlm is not None:
+            dataset, collate = build_vlm_data(sum(records, []), cfg.data, cfg.data.vlm, cfg.model.vlm.path,
+                                              run.processor)
+        else:
+            dataset = ConversationDataset(sum(records, []), run.tpl, cfg.data, cfg.model.vision.image_size,
+                                          load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
+            collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+                               cfg.data.fixed_length)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.batch.micro_batch_size, grad_accum_steps=t.batch.grad_accum_steps,
                               dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,
                               length_of=dataset.num_tokens if cfg.data.group_by_length else None)
-        collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
-                           cfg.data.fixed_length)
     return StepLoader(dataset, sampler, collate, grad_accum_steps=t.batch.grad_accum_steps,
                       micro_batch_size=t.batch.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,
                       on_bad_sample=cfg.data.on_bad_sample,
@@ -580,7 +595,8 @@ class _PadCounter:
     def __next__(self) -> PipeBatch:
         assert self.it is not None, "set .it before iterating"
         batch = next(self.it)
-        self.images += batch.inputs.media.shape[0]
+        inputs = batch.inputs
+        self.images += (inputs.grid_thw if isinstance(inputs, VLMStageInputs) else inputs.media).shape[0]
         self.real += int(batch.inputs.mask_BL.sum())
         self.padded += batch.inputs.mask_BL.numel()
         return batch
