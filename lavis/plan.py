@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
+from lavis.engine.vlm_pipe import vlm_plan
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
-from lavis.model.spec import ModelSpec
+from lavis.model.spec import LLM_DIMS, ModelSpec
 from lavis.pipeline.family import describe
 from lavis.pipeline.family import plan as plan_model
-from lavis.pipeline.plan import format_plan, stage_memory_bytes
+from lavis.pipeline.plan import StagePlan, format_plan, stage_memory_bytes
+from lavis.vlm.arch import read_hf_config
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
-    from lavis.pipeline.plan import StagePlan
 
 DEFAULT_GPU_GIB = 24.0
 """The card this trainer is built for (RTX 3090 / 4090) when neither the recipe nor ``--gpu-memory-gib`` says."""
@@ -49,8 +50,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def model_spec(cfg: Config) -> tuple[ModelSpec, str]:
-    """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``."""
+def model_spec(cfg: Config) -> tuple[ModelSpec | None, str]:
+    """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``.
+    None for a ``model.vlm`` recipe (a transformers VLM: :func:`plan_of` plans it from its own config)."""
+    if cfg.model.vlm is not None:
+        return None, f"{cfg.model.vlm.path}/config.json" if cfg.model.vlm.path else "model.vlm.hf_config"
     llm = cfg.model.llm
     if llm.path is None or (Path(llm.path) / "config.json").is_file():
         spec = describe(cfg.model)
@@ -63,8 +67,13 @@ def model_spec(cfg: Config) -> tuple[ModelSpec, str]:
 
 
 def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
-    """The cost model's LLM dimensions and where they came from (:func:`model_spec`)."""
+    """The cost model's LLM dimensions and where they came from (:func:`model_spec`; a ``model.vlm`` recipe: its
+    language model's)."""
     spec, where = model_spec(cfg)
+    if spec is None:
+        assert cfg.model.vlm is not None
+        text = read_hf_config(cfg.model.vlm).text_config
+        return {k: getattr(text, k) for k in LLM_DIMS}, where
     return spec.dims, where
 
 
@@ -89,16 +98,25 @@ class Verdict:
         return max(self.stage_gib) <= self.limit_gib
 
 
-def assess(cfg: Config, spec: ModelSpec, dp: int, limit_gib: float) -> Verdict:
+def plan_of(cfg: Config, spec: ModelSpec | None, dp: int) -> StagePlan:
+    """The trainer's plan: ``lavis.engine.vlm_pipe.vlm_plan`` for a ``model.vlm`` run (vision blocks, merger and
+    decoder at the recipe's micro-batch), else the model family's plan of ``spec``."""
+    if cfg.model.vlm is not None:
+        return vlm_plan(cfg, read_hf_config(cfg.model.vlm), dp)
+    assert spec is not None, "a model without model.vlm has a ModelSpec (model_spec)"
+    return plan_model(spec, cfg, dp)
+
+
+def assess(cfg: Config, spec: ModelSpec | None, dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
     limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
     try:
-        plan = plan_model(spec, limited, dp)
+        plan = plan_of(limited, spec, dp)
     except ValueError as e:
         if "fits" not in str(e):
             raise
-        plan = plan_model(spec, with_values(cfg, {"train.parallel.gpu_memory_gib": None}), dp)
+        plan = plan_of(with_values(cfg, {"train.parallel.gpu_memory_gib": None}), spec, dp)
     n = len(plan.parts) - 1
     gib = [stage_memory_bytes(plan.costs[plan.parts[s]:plan.parts[s + 1]], s, n, plan.work, plan.optim_bytes) / 2**30
            for s in range(n)]
@@ -117,7 +135,8 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
         stages = t.parallel.num_stages * 2
         knobs.append((f"more stages on more GPUs: train.parallel.num_stages={stages} (needs {stages} GPUs)",
                       [f"train.parallel.num_stages={stages}"]))
-    if t.parallel.activation_checkpoint_interval == 0:
+    vlm = cfg.model.vlm is not None  # recomputation and LoRA are not supported with model.vlm yet
+    if t.parallel.activation_checkpoint_interval == 0 and not vlm:
         knobs.append(("recompute every decoder block: train.parallel.activation_checkpoint_interval=1",
                       ["train.parallel.activation_checkpoint_interval=1"]))
     if t.optim.optimizer == "adamw" and t.optim.zero_stage == 0 and not t.optim.offload_optimizer:
@@ -131,7 +150,7 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if not t.optim.offload_optimizer and t.precision != "fp32" and t.optim.optimizer != "adamw_bf16":
         knobs.append(("optimizer state in host RAM: train.optim.zero_stage=1 train.optim.offload_optimizer=true",
                       ["train.optim.zero_stage=1", "train.optim.offload_optimizer=true"]))
-    if not llm.frozen and llm.lora is None:
+    if not llm.frozen and llm.lora is None and not vlm:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
     if cfg.data.max_txt_len >= 256:
@@ -186,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.cfg_path, a.options)
     gpus, dp = _layout(cfg, a.gpus)
     limit = a.gpu_memory_gib or cfg.train.parallel.gpu_memory_gib or DEFAULT_GPU_GIB
-    spec, where = model_spec(cfg)
-    dims = spec.dims
+    spec, _ = model_spec(cfg)
+    dims, where = llm_dims(cfg)
     t = cfg.train
     print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
           f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} "

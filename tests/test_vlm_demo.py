@@ -53,6 +53,19 @@ def test_recipe_special_ids_are_the_builtin_processors(recipe: dict[str, Any], p
     VLMDataConfig(**recipe["data"]["vlm"])  # the budget keys are valid
 
 
+def test_builtin_processor_keeps_chat_markers_whole_as_its_saved_copy_does(tmp_path: Path, processor: Any) -> None:
+    # The demo BPE already holds <|im_start|> / <|im_end|> / <|endoftext|>; as plain vocabulary entries the in-memory
+    # tokenizer split them into characters (trained on those, while the exported processor reads one id).
+    text = "<|im_start|>user\nHi<|im_end|>\n<|vision_start|><|endoftext|>"
+    ids = processor(text=[text])["input_ids"][0]
+    tok = processor.tokenizer
+    markers = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|endoftext|>"]
+    assert [i for i in ids if i in tok.convert_tokens_to_ids(markers)] == tok.convert_tokens_to_ids(markers)
+    assert tok.convert_tokens_to_ids("<") not in ids, tok.convert_ids_to_tokens(ids)
+    loaded = AutoProcessor.from_pretrained(write_shapes_processor(tmp_path / "proc"))
+    assert loaded(text=[text])["input_ids"][0] == ids
+
+
 def test_builtin_processor_saves_and_loads(tmp_path: Path, processor: Any) -> None:
     loaded = AutoProcessor.from_pretrained(write_shapes_processor(tmp_path / "proc"))
     assert type(loaded).__name__ == "Qwen2_5_VLProcessor"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lavis.vlm.config import VLMConfig
+from lavis.vlm.data_config import VLMDataConfig
 
 DatasetFormat = Literal["canonical", "mpp", "llava", "llava_pretrain", "videochatgpt", "minigpt4_captions",
                         "webdataset", "sharegpt"]
@@ -291,6 +292,9 @@ class DataConfig:
     """Directory written by ``python -m lavis.data.cache_features``: stage 0 reads the frozen vision side's outputs
     from it instead of decoding pixels, and does not build the frozen modules (refused if built from other weights
     or with another transform)."""
+    vlm: VLMDataConfig | None = None
+    """A ``model.vlm`` run's processor and pixel / frame budgets (``lavis.vlm.data_config``); None = the model
+    directory's processor as published."""
 
     def __post_init__(self) -> None:
         for name in ("max_txt_len", "num_video_frames", "pad_to_multiple_of"):

@@ -3,7 +3,8 @@
 ``AutoModelForImageTextToText.from_pretrained(DIR)`` loads it: ``config.json`` and safetensors written by transformers'
 own ``save_pretrained`` from the trained weights (the checkpoint's trained tensors over the source directory's, which
 hold the frozen parts); the source directory's other files (processor, tokenizer, chat template, generation config)
-are copied beside them so ``AutoProcessor.from_pretrained(DIR)`` loads too.
+are copied beside them so ``AutoProcessor.from_pretrained(DIR)`` loads too; a run without ``model.vlm.path`` (from
+scratch) copies the processor its run directory saved (``RUN/processor``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lavis.engine.checkpoint import META_FILE
 from lavis.pipeline.plan import layers_to_plain
 from lavis.vlm.arch import family_of, read_hf_config
 from lavis.vlm.config import VLMConfig
+from lavis.vlm.data import RUN_PROCESSOR_DIR
 from lavis.vlm.layers import build_layers, layer_table
 from lavis.vlm.weights import load_stage
 
@@ -90,8 +92,9 @@ def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out)
-    if vlm.path is not None:
-        for f in sorted(Path(vlm.path).iterdir()):
+    source = Path(vlm.path) if vlm.path is not None else tag_dir.parent / RUN_PROCESSOR_DIR  # from scratch: the run's
+    if source.is_dir():
+        for f in sorted(source.iterdir()):
             if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, out / f.name)
     return out

@@ -26,16 +26,15 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from lavis.cli import InputError
-from lavis.data.collate import PipeBatch
 from lavis.data.conversation import SampleError, TooLongError
-from lavis.data.datasets import ConversationDataset, Key, Sample, StepSampler
+from lavis.data.datasets import Key, Sample, StepSampler
 from lavis.data.media import MediaError
 
 logger = logging.getLogger(__name__)
@@ -61,10 +60,28 @@ def reason_of(error: Exception) -> str:
     return "malformed"
 
 
+MicroBatch = tuple[Any, ...]
+"""What a dataset's ``collate`` makes of a micro-batch's samples (:class:`lavis.data.collate.PipeBatch`, or another
+model family's named tuple): the ``(inputs, labels)`` DeepSpeed's pipeline reads."""
+
+
+class StepDataset(Protocol):
+    """What the loader reads from a dataset: a :class:`ConversationDataset`, or another model family's (the VLM's
+    ``VLMConversationDataset``), whose samples its ``collate`` turns into a micro-batch."""
+
+    records: Any
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Key) -> Any: ...
+
+    def num_tokens(self, index: int) -> int: ...
+
+
 class SafeDataset(torch.utils.data.Dataset):
     """Wraps a :class:`ConversationDataset`: ``__getitem__`` returns a :class:`Fetched` instead of raising."""
 
-    def __init__(self, dataset: ConversationDataset) -> None:
+    def __init__(self, dataset: StepDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -96,9 +113,9 @@ class StepLoader:
 
     def __init__(
         self,
-        dataset: ConversationDataset | None,
+        dataset: StepDataset | None,
         sampler: StepSampler | None,
-        collate: Callable[[list[Sample]], PipeBatch] | None,
+        collate: Callable[[list[Any]], MicroBatch] | None,
         *,
         grad_accum_steps: int,
         micro_batch_size: int,
@@ -128,7 +145,7 @@ class StepLoader:
             )
             self._iter = iter(loader)
 
-    def next_step(self, step: int) -> Iterator[PipeBatch] | list[PipeBatch] | None:
+    def next_step(self, step: int) -> Iterator[MicroBatch] | list[MicroBatch] | None:
         """This rank's micro-batches of ``step`` (None on stages that read no data). ``skip``: a collective that
         fetches the whole step, agrees on bad samples across all ranks and drops them; ``raise``: a lazy stream."""
         if self.on_bad_sample == "raise":
@@ -184,7 +201,7 @@ class StepLoader:
         assert self.dataset is not None  # only ranks with a dataset fetch samples
         return self.dataset.records[f.key[0]].id
 
-    def _stream(self, step: int) -> Iterator[PipeBatch]:
+    def _stream(self, step: int) -> Iterator[MicroBatch]:
         assert self._iter is not None and self.collate is not None  # next_step streams only where they are set
         for mb in range(self.gas):
             batch = next(self._iter)

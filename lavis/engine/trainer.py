@@ -59,6 +59,10 @@ from lavis.pipeline.family import describe, family_named
 from lavis.pipeline.family import plan as plan_model
 from lavis.pipeline.plan import format_plan, offloaded_stages
 from lavis.predecessors.keys import flag_hint
+from lavis.vlm.collate import VLMPipeBatch, VLMStageInputs
+from lavis.vlm.data import build_vlm_data, processor_ref, save_run_processor
+from lavis.vlm.data_config import VLMDataConfig
+from lavis.vlm.processor_files import load_processor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -152,6 +156,9 @@ class Run:
     """The model's description, resolved once by :func:`build_run`."""
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
+    processor: Any = None
+    """A ``model.vlm`` run's processor (``data.vlm.processor`` or the model directory's): its tokenizer, chat
+    template and image / video processors make the samples; saved in the run directory."""
 
     @property
     def rank(self) -> int:
@@ -260,8 +267,10 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
     if resume_tag is not None:
         cfg = _check_resume(out / resume_tag, cfg, tok, dp)
         t = cfg.train
-    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm)
-        tpl = template_from_config(tok, cfg)
+    processor = None
+    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm): the model's own processor
+        processor = load_processor(processor_ref(cfg.data.vlm or VLMDataConfig(), cfg.model.vlm.path))
+        tpl = template_from_config(tok, cfg)  # only the run's meta reads it; the samples are the processor's
         pipe, table, plan, reports = build_vlm_pipe(cfg, dp)
         boundaries = plan.parts
         print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
@@ -320,7 +329,7 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
            f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
     return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
-               boundaries=boundaries, dp=dp, own_clip=own_clip, spec=spec)
+               boundaries=boundaries, dp=dp, own_clip=own_clip, spec=spec, processor=processor)
 
 
 def _lr_lambda(t: Any) -> Any:
@@ -441,6 +450,8 @@ def write_run_files(run: Run) -> None:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.out / "config.yaml")
         run.tok.save_to(run.out)
+        if run.processor is not None:
+            save_run_processor(run.processor, run.out)
     dist.barrier()
 
 
@@ -458,14 +469,18 @@ def build_data(run: Run) -> StepLoader:
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
         if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
             run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
-        dataset = ConversationDataset(ConcatRecords(records), run.tpl, cfg.data, cfg.model.vision.image_size,
-                                      load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
+        if cfg.model.vlm is not None:
+            dataset, collate = build_vlm_data(ConcatRecords(records), cfg.data, cfg.data.vlm, cfg.model.vlm.path,
+                                              run.processor)
+        else:
+            dataset = ConversationDataset(ConcatRecords(records), run.tpl, cfg.data, cfg.model.vision.image_size,
+                                          load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
+            collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+                               cfg.data.fixed_length)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.batch.micro_batch_size, grad_accum_steps=t.batch.grad_accum_steps,
                               dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,
                               length_of=dataset.num_tokens if cfg.data.group_by_length else None)
-        collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
-                           cfg.data.fixed_length)
     return StepLoader(dataset, sampler, collate, grad_accum_steps=t.batch.grad_accum_steps,
                       micro_batch_size=t.batch.micro_batch_size, dp_rank=dp_rank, dp_size=run.dp,
                       on_bad_sample=cfg.data.on_bad_sample,
@@ -533,8 +548,8 @@ def _train_step(run: Run, step: int, counter: _PadCounter | None, stop: bool) ->
     t0 = time.perf_counter()
     batches = run.steps.next_step(step)  # a collective on every rank, outside train_batch
     data_iter = iter(batches) if batches is not None else None
-    if counter is not None:
-        counter.it, data_iter = data_iter, counter
+    if counter is not None:  # the run's collate (Collator or VLMCollator) made these micro-batches
+        counter.it, data_iter = cast("Iterator[PipeBatch | VLMPipeBatch] | None", data_iter), counter
     loss = float(run.engine.train_batch(data_iter))
     dt = time.perf_counter() - t0
     ours = cast(GlobalNormClip, run.optimizer)  # build_optimizer's, which records the norm it clipped with
@@ -577,16 +592,17 @@ class _PadCounter:
     """Passes batches through, counting real (mask 1) and padded (mask numel) token slots and images (video frames)
     since the last take()."""
 
-    def __init__(self, it: Iterator[PipeBatch] | None) -> None:
+    def __init__(self, it: Iterator[PipeBatch | VLMPipeBatch] | None) -> None:
         self.it, self.real, self.padded, self.images = it, 0, 0, 0
 
     def __iter__(self) -> _PadCounter:
         return self
 
-    def __next__(self) -> PipeBatch:
+    def __next__(self) -> PipeBatch | VLMPipeBatch:
         assert self.it is not None, "set .it before iterating"
         batch = next(self.it)
-        self.images += batch.inputs.media.shape[0]
+        inputs = batch.inputs
+        self.images += (inputs.grid_thw if isinstance(inputs, VLMStageInputs) else inputs.media).shape[0]
         self.real += int(batch.inputs.mask_BL.sum())
         self.padded += batch.inputs.mask_BL.numel()
         return batch

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText, PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
 from lavis.vlm.arch import mm_token_types
+from lavis.vlm.collate import MEDIA_IMAGE, MEDIA_VIDEO, VLMStageInputs
 
 IMAGE_ID, VIDEO_ID, VISION_START, VISION_END = 190, 191, 192, 193
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -84,7 +85,8 @@ def two_image_batch(seed: int = 0, batch: int = 2, pad_last: int = 2) -> tuple[t
     labels[:, : ids.shape[1] - 4] = -100
     labels[mask == 0] = -100
     n = len(grid)
-    inputs = (torch.cat(pix), torch.tensor(grid), torch.ones(n, dtype=torch.long), torch.ones(n), ids, mask)
+    inputs = VLMStageInputs(torch.cat(pix), torch.tensor(grid), torch.full((n,), MEDIA_IMAGE), torch.ones(n), ids,
+                            mask)
     return inputs, labels
 
 
@@ -101,23 +103,25 @@ def image_and_video_batch(family: str, seed: int = 0) -> tuple[tuple[torch.Tenso
     grid = torch.tensor([[1, 4, 6], [2, 4, 4]])
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
     ids_t = torch.tensor([ids])
-    inputs = (pixels, grid, torch.tensor([1, 2]), torch.tensor([1.0, 2.0]), ids_t, torch.ones_like(ids_t))
+    inputs = VLMStageInputs(pixels, grid, torch.tensor([MEDIA_IMAGE, MEDIA_VIDEO]), torch.tensor([1.0, 2.0]), ids_t,
+                            torch.ones_like(ids_t))
     return inputs, ids_t.clone()
 
 
 def reference_forward(model: Any, inputs: tuple[torch.Tensor, ...],
                       labels: torch.Tensor | None = None) -> Any:
     """transformers' own forward on the same batch (images / videos split back out of the stage-0 tuple)."""
-    pixels, grid, kind, second_per_grid, ids, mask = inputs
+    pixels, grid, kind, second_per_grid, ids, mask = VLMStageInputs(*inputs)
     sizes = grid.prod(-1).tolist()
     parts = torch.split(pixels, sizes)
     kwargs: dict[str, Any] = {}
-    for code, name, grid_name in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+    for code, name, grid_name in ((MEDIA_IMAGE, "pixel_values", "image_grid_thw"),
+                                  (MEDIA_VIDEO, "pixel_values_videos", "video_grid_thw")):
         sel = [i for i, k in enumerate(kind.tolist()) if k == code]
         if sel:
             kwargs[name] = torch.cat([parts[i] for i in sel])
             kwargs[grid_name] = grid[sel]
-    if (kind == 2).any() and model.config.model_type == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = second_per_grid[kind == 2]
+    if (kind == MEDIA_VIDEO).any() and model.config.model_type == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = second_per_grid[kind == MEDIA_VIDEO]
     return model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_token_types(model.config, ids),
                  labels=labels, **kwargs)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lavis.config.schema import DataConfig
@@ -15,6 +16,18 @@ from lavis.vlm.collate import VLMCollator
 from lavis.vlm.data_config import VLMDataConfig
 from lavis.vlm.processor import VLMConversationDataset
 from lavis.vlm.processor_files import load_processor
+
+RUN_PROCESSOR_DIR = "processor"
+"""Where a run directory keeps its processor (``save_pretrained``); ``--hf-out`` copies it when the run has no
+``model.vlm.path`` (a from-scratch run such as the shapes demo)."""
+
+
+def save_run_processor(processor: Any, run_dir: Path) -> Path:
+    """``processor.save_pretrained(run_dir / processor)``: tokenizer, chat template, image and video processor
+    configs, which ``AutoProcessor.from_pretrained`` loads back."""
+    out = Path(run_dir) / RUN_PROCESSOR_DIR
+    processor.save_pretrained(str(out))
+    return out
 
 
 def processor_ref(budget: VLMDataConfig, model_path: str | None) -> str:

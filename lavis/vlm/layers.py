@@ -5,9 +5,10 @@
 What travels (DeepSpeed pipes tuples of tensors; the one float tensor of each tuple takes part in autograd, the
 rest are int64, see ``lavis.pipeline.stage_io``):
 
-- stage 0's input (``batch[0]``), :data:`VLM_INPUT`: ``(pixels [Np, C*T*P*P] float, grid_thw [n, 3], media_kind [n]
-  (1 image, 2 video), second_per_grid [n] float (video seconds per temporal patch; images 1.0), input_ids [B, L],
-  mask [B, L])``; rows of ``pixels`` / ``grid_thw`` are all images in sequence order, then all videos.
+- stage 0's input (``batch[0]``), :class:`lavis.vlm.collate.VLMStageInputs` (what ``VLMCollator`` yields):
+  ``(pixels [Np, C*T*P*P] float, grid_thw [n, 3], media_kind [n] (``MEDIA_IMAGE`` / ``MEDIA_VIDEO``),
+  second_per_grid [n] float (video seconds per temporal patch; images 1.0), input_ids [B, L], mask [B, L])``;
+  rows of ``pixels`` / ``grid_thw`` are all images in sequence order, then all videos.
 - inside the vision tower, :class:`VisionIO`: ``(vis [Np, Dv * (1 + k)], grid_thw, media_kind, input_ids, mask,
   pos [3, B, L])``: the M-RoPE positions are computed once, in the first layer, by the family's own
   ``get_rope_index``; ``k`` DeepStack features (Qwen3-VL) collected so far are concatenated to the patch states.
@@ -35,9 +36,7 @@ from transformers.vision_utils import (
 
 from lavis.pipeline.plan import LayerEntry
 from lavis.vlm.arch import RopeIndex, family_of
-
-IMAGE, VIDEO = 1, 2
-"""``media_kind`` values."""
+from lavis.vlm.collate import MEDIA_IMAGE, MEDIA_VIDEO, VLMStageInputs
 
 
 class VisionIO(NamedTuple):
@@ -78,11 +77,11 @@ class PatchEmbedPipe(nn.Module):
         self.rope_index = RopeIndex(hf)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> VisionIO:
-        pixels, grid, kind, second_per_grid, ids_BL, mask_BL = inputs
+        pixels, grid, kind, second_per_grid, ids_BL, mask_BL = VLMStageInputs(*inputs)
         check_placeholders(self.hf, grid, kind, ids_BL)
-        images, videos = grid[kind == IMAGE], grid[kind == VIDEO]
+        images, videos = grid[kind == MEDIA_IMAGE], grid[kind == MEDIA_VIDEO]
         pos = self.rope_index(ids_BL, mask_BL, images if len(images) else None, videos if len(videos) else None,
-                              second_per_grid[kind == VIDEO] if len(videos) else None)
+                              second_per_grid[kind == MEDIA_VIDEO] if len(videos) else None)
         vis = self.patch_embed(pixels)
         v = self.hf.vision_config
         if self.fam.windowed:
@@ -183,7 +182,7 @@ class MergerEmbedPipe(nn.Module):
         parts = torch.split(tokens, sizes)
         out = base_BLD
         check_placeholders(self.hf, grid, kind, ids_BL)
-        for code, token_id in ((IMAGE, self.hf.image_token_id), (VIDEO, self.hf.video_token_id)):
+        for code, token_id in ((MEDIA_IMAGE, self.hf.image_token_id), (MEDIA_VIDEO, self.hf.video_token_id)):
             rows = [p for p, k in zip(parts, kind.tolist()) if k == code]
             if rows:
                 mask = (ids_BL == token_id).unsqueeze(-1)
@@ -195,7 +194,7 @@ def check_placeholders(hf: PretrainedConfig, grid: torch.Tensor, kind: torch.Ten
     """The batch holds as many image / video placeholders as the grids give merged tokens."""
     merge = hf.vision_config.spatial_merge_size
     tokens = (grid.prod(-1) // merge**2).tolist()
-    for code, token_id, what in ((IMAGE, hf.image_token_id, "image"), (VIDEO, hf.video_token_id, "video")):
+    for code, token_id, what in ((MEDIA_IMAGE, hf.image_token_id, "image"), (MEDIA_VIDEO, hf.video_token_id, "video")):
         n_feat = sum(n for n, k in zip(tokens, kind.tolist()) if k == code)
         n_ids = int((ids_BL == token_id).sum())
         if n_ids != n_feat:

@@ -237,9 +237,10 @@ def build_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], family
     # None as the published tokenizer_config.json
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|endoftext|>",  # type: ignore[arg-type]
                          pad_token="<|endoftext|>", unk_token=None)  # type: ignore[arg-type]
+    # Every added token is registered, also one the vocabulary already holds (it keeps its id): as a plain vocabulary
+    # entry the BPE would split ``<|im_end|>`` into characters, unlike the saved and reloaded tokenizer.
     for text, special in _added_tokens(family):
-        if text not in vocab and text != "<|endoftext|>":
-            tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
+        tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
     tok.eos_token = "<|im_end|>"
     return tok
 

@@ -19,12 +19,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lavis.config.schema import Config, ModelConfig, TrainConfig
+from lavis.config.schema import (
+    BatchConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
 from lavis.engine.checkpoint import read_latest
 from lavis.engine.distributed import init_distributed, shutdown
 from lavis.engine.trainer import build_run, restore
 from lavis.testing.vlm import MICRO_BATCH, two_image_batch
 from lavis.vlm.config import VLMConfig
+from lavis.vlm.data_config import VLMDataConfig
 
 MICRO, GAS = MICRO_BATCH, 2
 
@@ -41,9 +51,13 @@ def main() -> None:
     init_distributed()
     cfg = Config(
         model=ModelConfig(vlm=VLMConfig(path=directory, freeze_vision=False, freeze_merger=False, freeze_llm=False)),
-        train=TrainConfig(num_stages=int(stages), partition=[int(p) for p in partition.split(",")],
-                          micro_batch_size=MICRO, grad_accum_steps=GAS, precision="fp32", lr=1e-3, warmup_steps=0,
-                          grad_clip=1.0, output_dir=str(Path(out).parent / f"run{stages}"), save_every=0),
+        # build_run loads the run's processor; the directory holds none and the batches here are fixed tensors
+        data=DataConfig(vlm=VLMDataConfig(processor="builtin:shapes")),
+        train=TrainConfig(
+            parallel=ParallelConfig(num_stages=int(stages), partition=[int(p) for p in partition.split(",")]),
+            batch=BatchConfig(micro_batch_size=MICRO, grad_accum_steps=GAS), precision="fp32",
+            optim=OptimConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0),
+            output_dir=str(Path(out).parent / f"run{stages}"), checkpoint=CheckpointConfig(save_every=0)),
     )
     tag = read_latest(Path(cfg.train.output_dir)) if mode == "resume" else None
     run = build_run(cfg, tag)

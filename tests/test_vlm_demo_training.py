@@ -1,0 +1,53 @@
+"""The tiny Qwen2.5-VL demo recipe trains end to end through ``train_pipeline.py`` under torchrun (gloo, CPU): the
+data side (``build_vlm_data``, the builtin processor, dynamic-shape micro-batches of images, pairs, multi-turn
+samples and video clips) feeds the model side's pipeline layers; 1 and 2 stages give the same losses; the run saves
+its processor and ``pipemodel2pth.py --hf-out`` of the 2-stage run loads in transformers."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lavis.vlm.data import RUN_PROCESSOR_DIR
+
+from .conftest import REPO, data_options, launch, losses
+
+RECIPE = REPO / "lavis/projects/demo/shapes_qwen2_5_vl.yaml"
+STEPS = 5
+OPTIONS = ["train.batch.micro_batch_size=4", "train.batch.grad_accum_steps=2", "train.optim.warmup_steps=0",
+           "train.optim.lr=1e-3", "train.precision=fp32", "train.checkpoint.save_every=0", "train.num_threads=1"]
+
+
+def train_demo(tmp: Path, stages: int, data: Path) -> Path:
+    out = tmp / f"pp{stages}"
+    proc = launch(stages, ["--cfg-path", str(RECIPE), "--num-stages", str(stages), "--max-steps", str(STEPS),
+                           "--output-dir", str(out), "--options", *OPTIONS, *data_options(data)])
+    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)
+    return out
+
+
+@pytest.mark.process
+def test_demo_recipe_trains_with_1_and_2_stages_to_the_same_losses(tiny_data: Path, tmp_path: Path) -> None:
+    one, two = train_demo(tmp_path, 1, tiny_data), train_demo(tmp_path, 2, tiny_data)
+    a, b = losses(one), losses(two)
+    assert len(a) == STEPS and all(math.isfinite(x) for x in a), a
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    assert a[-1] < a[0], a  # lr 1e-3 without warmup: five steps on the shapes data lower the loss
+    log = (tmp_path / "pp2.log").read_text()
+    assert "boundaries [0, " in log and "rank 1 (stage 1)" in log  # really two stages
+    saved = AutoProcessor.from_pretrained(str(two / RUN_PROCESSOR_DIR))
+    assert type(saved).__name__ == "Qwen2_5_VLProcessor"
+
+    hf_out = tmp_path / "hf"
+    subprocess.run([sys.executable, str(REPO / "pipemodel2pth.py"), "--ckpt-dir", str(two), "--hf-out", str(hf_out)],
+                   cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    model = AutoModelForImageTextToText.from_pretrained(str(hf_out))
+    processor = AutoProcessor.from_pretrained(str(hf_out))
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    text = "What colour is the shape?"
+    assert processor.tokenizer.encode(text) == saved.tokenizer.encode(text)
