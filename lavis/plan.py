@@ -66,10 +66,10 @@ def model_spec(cfg: Config) -> tuple[ModelSpec | None, str]:
     return spec, where
 
 
-def llm_dims(cfg: Config) -> tuple[dict[str, int], str]:
-    """The cost model's LLM dimensions and where they came from (:func:`model_spec`; a ``model.vlm`` recipe: its
-    language model's)."""
-    spec, where = model_spec(cfg)
+def llm_dims(cfg: Config, described: tuple[ModelSpec | None, str] | None = None) -> tuple[dict[str, int], str]:
+    """The cost model's LLM dimensions and where they came from (``described``: :func:`model_spec`'s answer, asked
+    here when not given; a ``model.vlm`` recipe: its language model's)."""
+    spec, where = described or model_spec(cfg)
     if spec is None:
         assert cfg.model.vlm is not None
         text = read_hf_config(cfg.model.vlm).text_config
@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.cfg_path, a.options)
     gpus, dp = _layout(cfg, a.gpus)
     limit = a.gpu_memory_gib or cfg.train.parallel.gpu_memory_gib or DEFAULT_GPU_GIB
-    spec, _ = model_spec(cfg)
-    dims, where = llm_dims(cfg)
+    described = model_spec(cfg)
+    spec = described[0]
+    dims, where = llm_dims(cfg, described)
     t = cfg.train
     print(f"config: {a.cfg_path}\nLLM: hidden {dims['hidden_size']}, {dims['num_hidden_layers']} blocks, vocab "
           f"{dims['vocab_size']} ({where})\nlayout: {t.parallel.num_stages} stage(s) x {dp} replica(s) on {gpus} "
