@@ -33,6 +33,12 @@ class StageInputs(NamedTuple):
     """``[B, L]`` int64 attention mask: 1 for tokens, 0 for padding."""
 
 
+def round_up_length(longest: int, multiple: int, max_len: int) -> int:
+    """A micro-batch's padded length: ``longest`` rounded up to ``multiple`` (``data.pad_to_multiple_of``), at most
+    ``max_len`` (``data.max_txt_len``)."""
+    return min(max_len, -(-longest // multiple) * multiple) if multiple > 1 else longest
+
+
 class PipeBatch(NamedTuple):
     """One micro-batch as the data iterator yields it to DeepSpeed's ``train_batch`` / ``eval_batch``."""
 
@@ -52,8 +58,7 @@ class Collator:
     def padded_length(self, longest: int) -> int:
         if self.fixed_length:
             return self.max_txt_len
-        m = self.pad_to_multiple_of
-        return min(self.max_txt_len, -(-longest // m) * m) if m > 1 else longest
+        return round_up_length(longest, self.pad_to_multiple_of, self.max_txt_len)
 
     def __call__(self, samples: list[Sample]) -> PipeBatch:
         longest = max(len(s.input_ids) for s in samples)

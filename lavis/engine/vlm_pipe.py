@@ -10,14 +10,7 @@ from transformers import PretrainedConfig
 
 from lavis.config.schema import Config
 from lavis.engine.pipe_module import LavisPipelineModule
-from lavis.pipeline.plan import (
-    StagePlan,
-    Workload,
-    check_partition,
-    offloaded_stages,
-    optimizer_bytes_per_param,
-    plan_stages,
-)
+from lavis.pipeline.plan import StagePlan, Workload, offloaded_stages, stage_plan
 from lavis.vlm.arch import read_hf_config
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.layers import build_layer_specs, layer_table
@@ -35,15 +28,7 @@ def vlm_plan(cfg: Config, hf: PretrainedConfig, dp: int) -> StagePlan:
     work = Workload(tokens=tokens, seq_len=cfg.data.max_txt_len, images=t.batch.micro_batch_size,
                     param_bytes=4 if t.precision == "fp32" else 2, offloaded_stages=offloaded_stages(t))
     merge = hf.vision_config.spatial_merge_size
-    costs = layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2)
-    o = t.optim
-    optim_bytes = optimizer_bytes_per_param(t.precision, o.zero_stage, o.offload_optimizer, dp, o.optimizer)
-    if t.parallel.partition is not None:
-        parts = check_partition(list(t.parallel.partition), len(costs), t.parallel.num_stages)
-    else:
-        limit = None if t.parallel.gpu_memory_gib is None else t.parallel.gpu_memory_gib * 2**30
-        parts = plan_stages(costs, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
-    return StagePlan(parts, costs, work, optim_bytes)
+    return stage_plan(t, layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2), work, dp)
 
 
 def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, StagePlan, list[FileReport]]:

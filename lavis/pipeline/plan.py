@@ -342,14 +342,20 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int,
         layer_list = layer_costs(cfg.model, dims, work, cached)
     else:
         layer_list = costs(work)
+    return stage_plan(t, layer_list, work, dp)
+
+
+def stage_plan(t: TrainConfig, costs: list[LayerCost], work: Workload, dp: int) -> StagePlan:
+    """Stage boundaries for ``costs`` (any model family's layers): ``train.parallel.partition`` if given
+    (validated), else :func:`plan_stages` within ``train.parallel.gpu_memory_gib``."""
     o = t.optim
     optim_bytes = optimizer_bytes_per_param(t.precision, o.zero_stage, o.offload_optimizer, dp, o.optimizer)
     if t.parallel.partition is not None:
-        parts = check_partition(list(t.parallel.partition), len(layer_list), t.parallel.num_stages)
+        parts = check_partition(list(t.parallel.partition), len(costs), t.parallel.num_stages)
     else:
         limit = None if t.parallel.gpu_memory_gib is None else t.parallel.gpu_memory_gib * 2**30
-        parts = plan_stages(layer_list, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
-    return StagePlan(parts, layer_list, work, optim_bytes)
+        parts = plan_stages(costs, t.parallel.num_stages, work, memory_limit_bytes=limit, optim_bytes=optim_bytes)
+    return StagePlan(parts, costs, work, optim_bytes)
 
 
 def layers_to_plain(table: list[LayerEntry], layer_states: dict[int, dict]) -> dict:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from lavis.data.collate import round_up_length
 from lavis.data.conversation import IGNORE_INDEX
 from lavis.vlm.processor import VLMSample
 
@@ -55,8 +56,7 @@ class VLMCollator:
     pad_to_multiple_of: int = 64
 
     def padded_length(self, longest: int) -> int:
-        m = self.pad_to_multiple_of
-        return max(longest, min(self.max_txt_len, -(-longest // m) * m) if m > 1 else longest)
+        return max(longest, round_up_length(longest, self.pad_to_multiple_of, self.max_txt_len))
 
     def __call__(self, samples: list[VLMSample]) -> VLMPipeBatch:
         if not samples:
