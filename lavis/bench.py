@@ -49,9 +49,9 @@ from lavis.engine import ds_compat
 from lavis.engine.distributed import init_distributed, print0, shutdown
 from lavis.engine.hardware import known_peak_tflops
 from lavis.engine.hooks import Hook
+from lavis.families import describe
 from lavis.features import build_cache
 from lavis.model.spec import ModelSpec
-from lavis.pipeline.family import describe
 from lavis.pipeline.plan import Workload, layer_costs
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from lavis.bench import apply_variant, bench_config, parse_args
 from lavis.chat.engine import ChatEngine, GenerationSettings
 from lavis.config.presets import preset_path
 from lavis.data import shapes
-from lavis.pipeline.family import plan as plan_model
+from lavis.families import plan as plan_model
 from lavis.pipeline.plan import stage_memory_bytes
 from lavis.testing.synthetic import TINY_OPTIONS, llm_config_json, write_preset
 

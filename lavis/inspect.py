@@ -24,9 +24,9 @@ from lavis.data import shapes
 from lavis.data.conversation import encode_prompt, template_from_config
 from lavis.data.media import image_transform
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
+from lavis.families import describe
 from lavis.model.mllm import MultimodalLM
 from lavis.model.spec import ModelSpec
-from lavis.pipeline.family import describe
 from lavis.weights.base import default_init_keys, load_weights, model_shapes, stream_into
 
 if TYPE_CHECKING:

@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from lavis.config.load import load_config, with_values
 from lavis.config.presets import model_types, preset_path
-from lavis.engine.vlm_pipe import vlm_plan
+from lavis.families import describe, family_of
+from lavis.families import plan as plan_model
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
-from lavis.model.spec import LLM_DIMS, ModelSpec
-from lavis.pipeline.family import describe
-from lavis.pipeline.family import plan as plan_model
+from lavis.model.spec import ModelSpec
 from lavis.pipeline.plan import StagePlan, format_plan, stage_memory_bytes
-from lavis.vlm.arch import read_hf_config
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -50,41 +48,31 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def model_spec(cfg: Config) -> tuple[ModelSpec | None, str]:
-    """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``.
-    None for a ``model.vlm`` recipe (a transformers VLM: :func:`plan_of` plans it from its own config)."""
-    if cfg.model.vlm is not None:
-        return None, f"{cfg.model.vlm.path}/config.json" if cfg.model.vlm.path else "model.vlm.hf_config"
-    llm = cfg.model.llm
-    if llm.path is None or (Path(llm.path) / "config.json").is_file():
-        spec = describe(cfg.model)
-        where = f"{llm.path}/config.json" if llm.path else "model.llm.hf_config"
-    else:
-        name, raw = published_config_for(llm.path)
-        spec = describe(cfg.model, published=raw)
-        where = f"the published shape of {name} ({llm.path} holds no config.json yet)"
-    return spec, where
+def model_spec(cfg: Config) -> tuple[ModelSpec, str]:
+    """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``."""
+    family = family_of(cfg.model)
+    path = family.model_dir(cfg.model)
+    if path is None or (Path(path) / "config.json").is_file():
+        return describe(cfg.model), f"{path}/config.json" if path else f"{family.section}.hf_config"
+    name, raw = published_config_for(path, family.section)
+    return describe(cfg.model, published=raw), f"the published shape of {name} ({path} holds no config.json yet)"
 
 
-def llm_dims(cfg: Config, described: tuple[ModelSpec | None, str] | None = None) -> tuple[dict[str, int], str]:
+def llm_dims(cfg: Config, described: tuple[ModelSpec, str] | None = None) -> tuple[dict[str, int], str]:
     """The cost model's LLM dimensions and where they came from (``described``: :func:`model_spec`'s answer, asked
     here when not given; a ``model.vlm`` recipe: its language model's)."""
     spec, where = described or model_spec(cfg)
-    if spec is None:
-        assert cfg.model.vlm is not None
-        text = read_hf_config(cfg.model.vlm).text_config
-        return {k: getattr(text, k) for k in LLM_DIMS}, where
     return spec.dims, where
 
 
-def published_config_for(llm_path: str) -> tuple[str, dict[str, Any]]:
-    """The shipped model config whose ``model.llm.path`` is ``llm_path``, and its LLM's published config.json."""
+def published_config_for(path: str, section: str = "model.llm") -> tuple[str, dict[str, Any]]:
+    """The shipped model config whose ``model.llm.path`` is ``path``, and its LLM's published config.json."""
     for name in model_types():
-        if name in PUBLISHED_LLM_CONFIGS and load_config(preset_path(name)).model.llm.path == llm_path:
+        if name in PUBLISHED_LLM_CONFIGS and load_config(preset_path(name)).model.llm.path == path:
             return name, PUBLISHED_LLM_CONFIGS[name]
     raise FileNotFoundError(
-        f"model.llm.path={llm_path}: no config.json there and no shipped model config uses this path, so its shape "
-        "is unknown; put the model's config.json there (no weights needed) or set model.llm.hf_config")
+        f"{section}.path={path}: no config.json there and no shipped model config uses this path, so its shape "
+        f"is unknown; put the model's config.json there (no weights needed) or set {section}.hf_config")
 
 
 @dataclass(frozen=True)
@@ -98,16 +86,12 @@ class Verdict:
         return max(self.stage_gib) <= self.limit_gib
 
 
-def plan_of(cfg: Config, spec: ModelSpec | None, dp: int) -> StagePlan:
-    """The trainer's plan: ``lavis.engine.vlm_pipe.vlm_plan`` for a ``model.vlm`` run (vision blocks, merger and
-    decoder at the recipe's micro-batch), else the model family's plan of ``spec``."""
-    if cfg.model.vlm is not None:
-        return vlm_plan(cfg, read_hf_config(cfg.model.vlm), dp)
-    assert spec is not None, "a model without model.vlm has a ModelSpec (model_spec)"
+def plan_of(cfg: Config, spec: ModelSpec, dp: int) -> StagePlan:
+    """The trainer's plan: the model family's plan of ``spec`` (``lavis.families.plan``)."""
     return plan_model(spec, cfg, dp)
 
 
-def assess(cfg: Config, spec: ModelSpec | None, dp: int, limit_gib: float) -> Verdict:
+def assess(cfg: Config, spec: ModelSpec, dp: int, limit_gib: float) -> Verdict:
     """The plan the trainer would make (within ``limit_gib`` where any split fits, else the FLOP-balanced one) and
     each stage's estimated GiB."""
     limited = with_values(cfg, {"train.parallel.gpu_memory_gib": limit_gib})
@@ -124,7 +108,8 @@ def assess(cfg: Config, spec: ModelSpec | None, dp: int, limit_gib: float) -> Ve
 
 
 def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
-    """What could make a run fit, cheapest first, as ``--options`` to try; only knobs not already turned."""
+    """What could make a run fit, cheapest first, as ``--options`` to try; only knobs not already turned and none
+    whose key the model family's list of unsupported options names."""
     t, llm = cfg.train, cfg.model.llm
     knobs: list[tuple[str, list[str]]] = []
     for stages in range(t.parallel.num_stages + 1, gpus + 1):
@@ -135,8 +120,7 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
         stages = t.parallel.num_stages * 2
         knobs.append((f"more stages on more GPUs: train.parallel.num_stages={stages} (needs {stages} GPUs)",
                       [f"train.parallel.num_stages={stages}"]))
-    vlm = cfg.model.vlm is not None  # recomputation and LoRA are not supported with model.vlm yet
-    if t.parallel.activation_checkpoint_interval == 0 and not vlm:
+    if t.parallel.activation_checkpoint_interval == 0:
         knobs.append(("recompute every decoder block: train.parallel.activation_checkpoint_interval=1",
                       ["train.parallel.activation_checkpoint_interval=1"]))
     if t.optim.optimizer == "adamw" and t.optim.zero_stage == 0 and not t.optim.offload_optimizer:
@@ -150,13 +134,14 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if not t.optim.offload_optimizer and t.precision != "fp32" and t.optim.optimizer != "adamw_bf16":
         knobs.append(("optimizer state in host RAM: train.optim.zero_stage=1 train.optim.offload_optimizer=true",
                       ["train.optim.zero_stage=1", "train.optim.offload_optimizer=true"]))
-    if not llm.frozen and llm.lora is None and not vlm:
+    if not llm.frozen and llm.lora is None:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
     if cfg.data.max_txt_len >= 256:
         half = cfg.data.max_txt_len // 2
         knobs.append((f"shorter samples: data.max_txt_len={half}", [f"data.max_txt_len={half}"]))
-    return knobs
+    refused = " ".join(key for key, _ in family_of(cfg.model).unsupported_options(cfg))  # the family's refusals
+    return [(text, options) for text, options in knobs if not any(o.split("=")[0] in refused for o in options)]
 
 
 def _layout(cfg: Config, gpus: int | None) -> tuple[int, int]:

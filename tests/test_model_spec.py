@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lavis import families
 from lavis import plan as plan_cli
 from lavis.config.load import deepspeed_config, load_config, optimizer_clips, with_values
 from lavis.config.schema import Config, OptimConfig, TrainConfig
+from lavis.families import FAMILIES, describe, family_named, family_of
 from lavis.model import mllm
 from lavis.model.spec import LLM_DIMS, ModelSpec, layer_table
-from lavis.pipeline import family as families
-from lavis.pipeline.family import FAMILIES, Blip2Family, describe, family_named, family_of
+from lavis.pipeline.family import Blip2Family
 
 from .conftest import DEMO_CFG, REPO, data_options
 
@@ -180,3 +181,118 @@ def test_the_converter_with_hf_out_describes_once(runs: dict[str, Path], tmp_pat
                       "--hf-out", str(tmp_path / "hf"), "--hf-dtype", "fp32"])
     assert (tmp_path / "m.pth").is_file() and (tmp_path / "hf" / "config.json").is_file()
     assert hf_builds == ["qwen2"]
+
+
+# The VLM family (model.vlm): the second entry of the table, through the same interface.
+
+VLM_RECIPE = REPO / "lavis/projects/demo/shapes_qwen2_5_vl.yaml"
+
+
+def _vlm_cfg(*options: str) -> Config:
+    from lavis.testing.vlm import tiny_hf_dict
+
+    cfg = load_config(VLM_RECIPE, list(options))
+    assert cfg.model.vlm is not None
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vlm=dataclasses.replace(cfg.model.vlm, hf_config=tiny_hf_dict("qwen3_vl"))))
+
+
+def test_the_vlm_family_describes_a_model_vlm_config(hf_builds: list[str]):
+    from lavis.vlm.layers import layer_table as vlm_layer_table
+
+    cfg = _vlm_cfg("model.vlm.vision_blocks_per_layer=2", "model.vlm.freeze_merger=true")
+    spec = describe(cfg.model)
+    assert family_of(cfg.model) is FAMILIES["vlm"] and spec.family == "vlm" and spec.hf.model_type == "qwen3_vl"
+    assert list(FAMILIES)[-1] == "blip2"  # the default is asked last
+    text = spec.hf.text_config
+    assert spec.dims == {k: getattr(text, k) for k in LLM_DIMS} and spec.num_blocks == text.num_hidden_layers
+    assert spec.table == vlm_layer_table(spec.hf, 2)
+    assert spec.trains == ("vision", "llm")  # the demo trains its tower from scratch; the option freezes the merger
+    assert hf_builds == []  # the BLIP-2-style LLM config is never built for a VLM
+
+
+def test_the_vlm_family_plan_is_its_costs_at_the_workloads_patches():
+    """The family's plan: the vision blocks costed at merge^2 x the micro-batch's tokens (the most a sample holds)."""
+    from lavis.pipeline.plan import plan_for_config, stage_plan
+    from lavis.vlm.costs import layer_costs as vlm_costs
+
+    cfg = with_values(_vlm_cfg(), {"train.parallel.num_stages": 2})
+    spec = describe(cfg.model)
+    got = families.plan(spec, cfg, 1)
+    assert cfg.model.vlm is not None
+    merge = spec.hf.vision_config.spatial_merge_size
+    costs = vlm_costs(spec.hf, cfg.model.vlm, got.work, patches=got.work.tokens * merge**2)
+    assert got == stage_plan(cfg.train, costs, got.work, 1) and len(got.costs) == len(spec.layers)
+    assert got.work == plan_for_config(cfg, spec.dims, 1).work  # the same workload as every family's
+    assert [c.kind for c in got.costs][:2] == ["vision", "vision"] and got.parts[0] == 0 and len(got.parts) == 3
+
+
+def test_vlm_pipeline_layers_and_their_weights_from_one_spec():
+    """What build_run does per rank for a model.vlm run, without DeepSpeed: the family's layers (allocated, not
+    initialised), their weights from transformers' own init, the logits of transformers' model."""
+    from lavis.engine.pipe_module import to_layer_specs
+    from lavis.testing.vlm import reference_forward, two_image_batch
+    from lavis.vlm.arch import reference_model
+    from lavis.vlm.layers import run_layers
+
+    cfg = _vlm_cfg("model.vlm.freeze_vision=true")
+    spec = describe(cfg.model)
+    fam = family_named(spec.family)
+    recipes = fam.pipeline_layers(spec, cfg, placeholder_id=-1)
+    assert len(recipes) == len(spec.layers) and all(r.allocate_only for r in recipes)
+    layers = {i: s.build() for i, s in enumerate(to_layer_specs(recipes))}
+    reports = fam.load_layer_weights(spec, cfg.model, layers)
+    assert sum(len(r.loaded) for r in reports) == sum(len(m.state_dict()) for m in layers.values())
+    inputs, _ = two_image_batch(seed=1)
+    assert cfg.model.vlm is not None
+    with torch.no_grad():
+        got = run_layers([layers[i].eval() for i in range(len(layers))], inputs)
+        want = reference_forward(reference_model(spec.hf, cfg.model.vlm.init_seed).eval(), inputs).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    assert not fam.is_trainable(cfg.model, "visual.blocks.0.attn.qkv.weight")  # the option freezes the tower
+    assert fam.is_trainable(cfg.model, "visual.merger.mlp.0.weight") and fam.is_trainable(cfg.model, "lm_head.weight")
+
+
+def test_the_vlm_plain_model_is_transformers_own_with_the_tables_weights():
+    from transformers import AutoModelForImageTextToText
+
+    from lavis.vlm.weights import model_shapes, published_key
+
+    cfg = _vlm_cfg()
+    spec = describe(cfg.model)
+    model = family_named(spec.family).build(spec, cfg.model, -1)
+    assert isinstance(model, AutoModelForImageTextToText._model_mapping[type(spec.hf)])
+    shapes = {published_key(k): tuple(t.shape) for k, t in model.state_dict().items()}
+    assert shapes == model_shapes(spec.hf)
+
+
+@pytest.mark.parametrize("option,match", [
+    ("data.feature_cache=cache", "data.feature_cache: not supported with model.vlm"),
+    ("data.fixed_length=true", "data.fixed_length: not supported with model.vlm"),
+    ("train.parallel.activation_checkpoint_interval=1", "activation_checkpoint_interval"),
+])
+def test_the_vlm_family_refuses_the_options_it_lacks_before_building(option: str, match: str):
+    cfg = _vlm_cfg(option)
+    spec = describe(cfg.model)
+    with pytest.raises(ValueError, match=match):
+        family_named(spec.family).pipeline_layers(spec, cfg, -1)
+
+
+def test_the_vlm_family_has_no_template_of_ours():
+    cfg = _vlm_cfg()
+    with pytest.raises(ValueError, match="processor's own chat template"):
+        FAMILIES["vlm"].template(None, cfg)  # type: ignore[arg-type]
+
+
+def test_plan_cli_plans_a_vlm_recipe_through_its_family(capsys: pytest.CaptureFixture[str]):
+    """``python -m lavis.plan`` on the VLM demo recipe: the family's plan, its language model's shape, and no knob
+    the family refuses (recomputation, model.llm LoRA)."""
+    assert plan_cli.main(["--cfg-path", str(VLM_RECIPE)]) == 0
+    out = capsys.readouterr().out
+    assert "(model.vlm.hf_config)" in out and "fits: every stage" in out
+    spec, _ = plan_cli.model_spec(load_config(VLM_RECIPE))
+    assert spec.family == "vlm"
+    cfg = load_config(VLM_RECIPE, ["data.max_txt_len=512"])
+    knobs = " ".join(" ".join(opts) for _, opts in plan_cli.knob_options(cfg, 4))
+    assert "activation_checkpoint_interval" not in knobs and "model.llm.lora" not in knobs
+    assert "train.parallel.activation_offload=true" in knobs  # the ones it takes are offered

@@ -19,7 +19,7 @@ from lavis.config.load import ConfigError, from_dict
 from lavis.config.schema import Config, DataConfig, ModelConfig
 from lavis.convert.pipe_to_pth import load_plain_state
 from lavis.convert.vlm_export import trained_layers
-from lavis.engine.vlm_pipe import build_vlm_pipe
+from lavis.families import describe, family_named
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload, plan_stages
 from lavis.testing.vlm import (
@@ -251,13 +251,18 @@ def test_model_vlm_section_loads_strictly() -> None:
         from_dict(Config, {"model": {"vlm": {"hf_config": {"model_type": "llava"}}}}, source="recipe.yaml")
 
 
+def _pipeline_layers(cfg: Config) -> list:
+    spec = describe(cfg.model)
+    return family_named(spec.family).pipeline_layers(spec, cfg, -1)
+
+
 def test_options_this_family_lacks_and_tied_training_are_refused() -> None:
     vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
     with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
-        build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
+        _pipeline_layers(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")))
     tied = VLMConfig(hf_config={**tiny_hf_dict("qwen2_5_vl"), "tie_word_embeddings": True})
     with pytest.raises(ValueError, match="tie_word_embeddings is true"):
-        build_vlm_pipe(Config(model=ModelConfig(vlm=tied)), dp=1)
+        _pipeline_layers(Config(model=ModelConfig(vlm=tied)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

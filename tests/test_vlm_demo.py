@@ -150,3 +150,35 @@ def test_step_loader_streams_vlm_micro_batches(demo_dataset: VLMConversationData
     assert processor_ref(VLMDataConfig(), "/m") == "/m"
     with pytest.raises(ValueError, match="needs data.vlm.processor"):
         processor_ref(VLMDataConfig(), None)
+
+
+def test_step_tokens_count_the_workers_samples_without_processing_them_again(
+        demo_dataset: VLMConversationDataset, processor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With data.num_workers >= 1 the processor runs in the workers; the step's token count (rank 0's metrics row)
+    reads the fetched samples' lengths, so each sample goes through the processor once."""
+    from collections import Counter
+
+    from lavis.vlm import processor as vlm_processor
+
+    calls = tmp_path / "calls.txt"
+    real = vlm_processor.encode_sample
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with calls.open("a") as f:  # the workers are other processes: count through a file
+            f.write(f"{args[5]}\n")  # the record id
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm_processor, "encode_sample", counted)
+    dataset, collate = build_vlm_data(demo_dataset.records, demo_dataset.data, demo_dataset.budget, None, processor)
+    sampler = StepSampler([len(dataset)], [1.0], seed=1, micro_batch_size=2, grad_accum_steps=2, dp_rank=0, dp_size=1)
+    loader = StepLoader(dataset, sampler, collate, grad_accum_steps=2, micro_batch_size=2, dp_rank=0, dp_size=1,
+                        on_bad_sample="raise", num_workers=1)
+    try:
+        batches = list(loader.next_step(0) or [])
+        tokens = loader.step_tokens(0)
+    finally:
+        loader.close()
+    step_ids = [dataset.records[i].id for mb in sampler.step_keys(0) for rank in mb for i, _ in rank]
+    made = Counter(calls.read_text().split())
+    assert all(made[rid] == 1 for rid in step_ids), made  # each once (in the worker), none again for the count
+    assert tokens == sum(int(b.inputs.mask_BL.sum()) for b in batches) > 0

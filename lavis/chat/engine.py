@@ -49,8 +49,8 @@ from lavis.config.presets import model_types
 from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, encode_prompt
 from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
+from lavis.families import describe, family_named
 from lavis.model.mllm import MultimodalLM
-from lavis.pipeline.family import describe, family_named
 from lavis.weights.load import load_model
 
 __all__ = ["Answer", "ChatEngine", "ContextError", "GenerationSettings", "Media", "MediaMarkerError", "Request",

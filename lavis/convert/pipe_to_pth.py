@@ -38,9 +38,9 @@ from lavis.convert import lora_export
 from lavis.convert.hf_export import export_hf
 from lavis.convert.vlm_export import export_vlm_hf, is_vlm_run
 from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
+from lavis.families import describe, family_named
 from lavis.model.freezing import is_trainable
 from lavis.model.spec import ModelSpec
-from lavis.pipeline.family import describe, family_named
 from lavis.pipeline.plan import layers_to_plain
 from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint, resolve_mpp_tag_dir
 from lavis.weights.release import (

@@ -133,6 +133,9 @@ class StepLoader:
         """``(step, record id, reason)`` of every skipped sample (all DP ranks; identical on every rank)."""
         self.sampler = sampler
         self._flags = torch.zeros(dp_size, grad_accum_steps, micro_batch_size, dtype=torch.int32)
+        self._fetched_tokens: dict[int, int] = {}
+        """Record index -> token count of the samples this process fetched in the last step: a sample made in a
+        DataLoader worker is not made again to be counted (:meth:`step_tokens`)."""
         self._iter: Iterator[list[Fetched]] | None = None
         if dataset is not None:
             # Workers may run a whole optimizer step ahead (prefetch_factor x workers >= GAS micro-batches), so the
@@ -153,9 +156,11 @@ class StepLoader:
             return None if self._iter is None else self._stream(step)
         flags = torch.zeros(self.dp_size, self.gas, self.m, dtype=torch.int32)
         fetched: list[list[Fetched]] = []
+        self._fetched_tokens.clear()
         if self._iter is not None:
             for mb in range(self.gas):
                 batch = next(self._iter)
+                self._note_tokens(batch)
                 fetched.append(batch)
                 for slot, f in enumerate(batch):
                     if f.error is not None:
@@ -203,8 +208,10 @@ class StepLoader:
 
     def _stream(self, step: int) -> Iterator[MicroBatch]:
         assert self._iter is not None and self.collate is not None  # next_step streams only where they are set
+        self._fetched_tokens.clear()
         for mb in range(self.gas):
             batch = next(self._iter)
+            self._note_tokens(batch)
             bad = [f"step {step + 1}, dp rank {self.dp_rank}, micro-batch {mb}: record "
                    f"{self._record_id(f)}: {f.error}" for f in batch if f.error is not None]
             if bad:
@@ -213,13 +220,19 @@ class StepLoader:
                     ", or set data.on_bad_sample=skip):\n  " + "\n  ".join(bad))
             yield self.collate([f.sample for f in batch if f.sample is not None])  # no error: sample is set
 
+    def _note_tokens(self, batch: list[Fetched]) -> None:
+        for f in batch:
+            if f.sample is not None:
+                self._fetched_tokens[f.key[0]] = len(f.sample.input_ids)
+
     def step_tokens(self, step: int) -> int:
-        """Non-pad tokens of the samples the last :meth:`next_step` kept, over all DP ranks (needs the sampler)."""
+        """Non-pad tokens of the samples the last :meth:`next_step` kept, over all DP ranks (needs the sampler):
+        this rank's samples as fetched, the other replicas' from the dataset's ``num_tokens``."""
         assert self.sampler is not None and self.dataset is not None, "step_tokens needs the sampler and dataset"
         keys = self.sampler.step_keys(step)
-        dataset = self.dataset
-        return sum(dataset.num_tokens(i) for mb, ranks in enumerate(keys) for r, rank in enumerate(ranks)
-                   for slot, (i, _) in enumerate(rank) if not self._flags[r, mb, slot])
+        dataset, fetched = self.dataset, self._fetched_tokens
+        return sum(fetched[i] if i in fetched else dataset.num_tokens(i) for mb, ranks in enumerate(keys)
+                   for r, rank in enumerate(ranks) for slot, (i, _) in enumerate(rank) if not self._flags[r, mb, slot])
 
     def step_skips(self, step: int) -> int:
         return sum(1 for s, _, _ in self.skipped if s == step + 1)

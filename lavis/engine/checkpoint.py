@@ -114,8 +114,8 @@ def save(engine: PipelineEngine, output_dir: Path, step: int, meta: dict[str, An
     if rank0:
         try:
             write_atomic(tmp_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag}, indent=1))
-            tok = output_dir / meta["tokenizer"]
-            if tok.is_file():
+            tok = output_dir / meta["tokenizer"] if meta["tokenizer"] else None  # None: the run keeps a processor
+            if tok is not None and tok.is_file():
                 shutil.copy2(tok, tmp_dir / tok.name)
             write_checksums(tmp_dir)
         except OSError as e:

@@ -31,6 +31,7 @@ from lavis.model.lora import is_adapter_key
 from lavis.model.mllm import lm_loss
 from lavis.model.spec import LayerEntry, ModelSpec
 from lavis.pipeline.family import LayerRecipe, ModelFamily, blip2_layers
+from lavis.vlm.layers import meta_built
 from lavis.weights.report import FileReport
 
 
@@ -44,7 +45,14 @@ def layer_specs(
 
 def to_layer_specs(layers: list[LayerRecipe]) -> list[LayerSpec]:
     """A family's layer list (``ModelFamily.pipeline_layers``) as DeepSpeed layer specs."""
-    return [LayerSpec(r.cls, *r.args) for r in layers]
+    return [(AllocatedLayerSpec if r.allocate_only else LayerSpec)(r.cls, *r.args) for r in layers]
+
+
+class AllocatedLayerSpec(LayerSpec):
+    """A layer built on the meta device, then allocated uninitialised (``LayerRecipe.allocate_only``)."""
+
+    def build(self, log: bool = False) -> nn.Module:
+        return meta_built(cast(type[nn.Module], self.typename), *self.module_args, **self.module_kwargs)
 
 
 class LavisPipelineModule(PipelineModule):

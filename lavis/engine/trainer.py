@@ -23,11 +23,11 @@ from lavis.config.load import deepspeed_config, load_config, optimizer_clips, sa
 from lavis.config.old_keys import upgrade_config
 from lavis.config.schema import Config
 from lavis.data.collate import Collator, PipeBatch
-from lavis.data.conversation import ChatTemplate, template_from_config
+from lavis.data.conversation import ChatTemplate
 from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
 from lavis.data.records import ConcatRecords
 from lavis.data.step_loader import StepLoader
-from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
+from lavis.data.tokenizer import AnyTokenizer
 from lavis.engine import checkpoint, ds_compat, relayout, safe_load
 from lavis.engine.distributed import init_distributed, local_world_size, print0, shutdown
 from lavis.engine.guards import (
@@ -53,16 +53,14 @@ from lavis.engine.run_dir import (
     find_resume_tag,
     resume_grad_accum,
 )
-from lavis.engine.vlm_pipe import build_vlm_pipe
+from lavis.families import describe, family_named
+from lavis.families import plan as plan_model
 from lavis.model.spec import LayerEntry, ModelSpec
-from lavis.pipeline.family import describe, family_named
-from lavis.pipeline.family import plan as plan_model
+from lavis.pipeline.family import RunText
 from lavis.pipeline.plan import format_plan, offloaded_stages
 from lavis.predecessors.keys import flag_hint
 from lavis.vlm.collate import VLMPipeBatch, VLMStageInputs
-from lavis.vlm.data import build_vlm_data, processor_ref, save_run_processor
-from lavis.vlm.data_config import VLMDataConfig
-from lavis.vlm.processor_files import load_processor
+from lavis.vlm.data import build_vlm_data, save_run_processor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -137,8 +135,8 @@ class Run:
     engine: PipelineEngine
     pipe: LavisPipelineModule
     optimizer: torch.optim.Optimizer
-    tok: AnyTokenizer
-    tpl: ChatTemplate
+    text: RunText
+    """What makes the samples, from the model family: a tokenizer and template, or a transformers processor."""
     table: list[LayerEntry]
     """The model's layer list in pipeline order (``lavis.pipeline.plan.layer_table``)."""
     boundaries: list[int]
@@ -156,9 +154,15 @@ class Run:
     """The model's description, resolved once by :func:`build_run`."""
     data: list[dict[str, Any]] = field(default_factory=list)
     """Each training dataset's path, format, record count and content fingerprint (rank 0, which writes the meta)."""
-    processor: Any = None
-    """A ``model.vlm`` run's processor (``data.vlm.processor`` or the model directory's): its tokenizer, chat
-    template and image / video processors make the samples; saved in the run directory."""
+
+    @property
+    def tpl(self) -> ChatTemplate:
+        """The run's chat template (a family whose samples its processor makes has none)."""
+        if self.text.template is None:
+            family = self.spec.family if self.spec is not None else "this"
+            raise ValueError(f"the {family} model family's prompts are its processor's chat template: our templates' "
+                             "tools (train.eval.data, train.eval.generate) do not take its runs yet; unset them")
+        return self.text.template
 
     @property
     def rank(self) -> int:
@@ -178,9 +182,10 @@ class Run:
 
     def meta(self) -> dict[str, Any]:
         """What ``lavis_meta.json`` records besides the step (converters and resume read it)."""
+        tok = self.text.tokenizer
         return {"layers": checkpoint.table_to_json(self.table), "parts": self.boundaries, "dp_size": self.dp,
-                "config": to_dict(self.cfg), "tokenizer": self.tok.file_name,
-                "placeholder_id": self.tpl.placeholder_id, "nonfinite_steps": self.nonfinite_steps, "data": self.data}
+                "config": to_dict(self.cfg), "tokenizer": tok.file_name if tok is not None else None,
+                "placeholder_id": self.text.placeholder_id, "nonfinite_steps": self.nonfinite_steps, "data": self.data}
 
     def save(self, step: int) -> Path:
         """Collective: write the checkpoint of ``step`` (never one with non-finite weights) and make it ``latest``."""
@@ -250,7 +255,7 @@ def _set_threads(t: Any) -> None:
 def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None) -> Run:
     """Tokenizer and template, the stage plan, this rank's layers with their weights, optimizer and engine. With
     ``resume_tag``, first refuse a config that changes what the checkpoint fixes (nothing is built or written).
-    ``spec``: the model's description (``lavis.pipeline.family.describe``), resolved here when not given."""
+    ``spec``: the model's description (``lavis.families.describe``), resolved here when not given."""
     import deepspeed
 
     t = cfg.train
@@ -261,49 +266,33 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
     dp = world // t.parallel.num_stages
     _set_threads(t)
 
-    tok = load_tokenizer(cfg.model.llm.tokenizer)
-    # The run's saved config names the tokenizer file it wrote, so chat never rebuilds or re-downloads it.
-    cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, tokenizer=str(out / tok.file_name))))
+    spec = spec or describe(cfg.model)  # the one description of the model this process uses
+    family = family_named(spec.family)
+    text = family.run_text(spec, cfg)  # the family's tokenizer and template, or its processor
+    tok = text.tokenizer
+    if tok is not None:  # the run's saved config names the tokenizer file it wrote, so chat never rebuilds it
+        cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, tokenizer=str(out / tok.file_name))))
     if resume_tag is not None:
         cfg = _check_resume(out / resume_tag, cfg, tok, dp)
         t = cfg.train
-    processor = None
-    if cfg.model.vlm is not None:  # a transformers VLM directory (lavis.vlm): the model's own processor
-        processor = load_processor(processor_ref(cfg.data.vlm or VLMDataConfig(), cfg.model.vlm.path))
-        tpl = template_from_config(tok, cfg)  # only the run's meta reads it; the samples are the processor's
-        pipe, table, plan, reports = build_vlm_pipe(cfg, dp)
-        boundaries = plan.parts
-        print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
-               + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
-        for rep in reports:
-            print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
-    else:
-        spec = spec or describe(cfg.model)  # the one description of the model this process uses
-        family = family_named(spec.family)
-        hf = spec.hf
-        if tok.vocab_size > hf.vocab_size:
-            raise ValueError(
-                f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {hf.vocab_size}"
-            )
-        tpl = family.template(tok, cfg)
 
-        table = spec.table
-        plan = plan_model(spec, cfg, dp)
-        boundaries = plan.parts
-        print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
-               + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
+    table = spec.table
+    plan = plan_model(spec, cfg, dp)
+    boundaries = plan.parts
+    print0(f"pipeline: {t.parallel.num_stages} stage(s) x {dp} data-parallel replica(s), boundaries {boundaries}\n"
+           + format_plan(boundaries, plan.costs, plan.work, plan.optim_bytes, known_peak_tflops()))
 
-        pipe = LavisPipelineModule(
-            to_layer_specs(family.pipeline_layers(spec, cfg, tpl.placeholder_id)),
-            boundaries,
-            offload_stages=offloaded_stages(t),
-            activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
-            checkpointable_layers=["DecoderBlockPipe"],
-            dynamic_shape=not cfg.data.fixed_length,
-        )
-        for rep in pipe.load_weights(family, spec, cfg.model):  # this rank's layers only; raises if a file does not fit
-            print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
-        pipe.apply_trainable(cfg.model, table)
+    pipe = LavisPipelineModule(
+        to_layer_specs(family.pipeline_layers(spec, cfg, text.placeholder_id)),
+        boundaries,
+        offload_stages=offloaded_stages(t),
+        activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
+        checkpointable_layers=["DecoderBlockPipe"],
+        dynamic_shape=not cfg.data.fixed_length,
+    )
+    for rep in pipe.load_weights(family, spec, cfg.model):  # this rank's layers only; raises if a file does not fit
+        print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
+    pipe.apply_trainable_by(lambda plain: family.is_trainable(cfg.model, plain), table)
     if pipe.offload_activations:
         print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
     if t.optim.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)
@@ -328,15 +317,15 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
     print0(f"optimizer: {t.optim.optimizer}, {type(engine.optimizer).__name__} ({t.precision}, "
            f"ZeRO stage {engine.zero_optimization_stage()}"
            f"{', optimizer state offloaded to CPU' if engine.zero_cpu_offload() else ''})")
-    return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, tok=tok, tpl=tpl, table=table,
-               boundaries=boundaries, dp=dp, own_clip=own_clip, spec=spec, processor=processor)
+    return Run(cfg=cfg, out=out, engine=engine, pipe=pipe, optimizer=optimizer, text=text, table=table,
+               boundaries=boundaries, dp=dp, own_clip=own_clip, spec=spec)
 
 
 def _lr_lambda(t: Any) -> Any:
     return lr_lambda(warmup=t.optim.warmup_steps, total=t.max_steps, lr=t.optim.lr, min_lr=t.optim.min_lr)
 
 
-def _check_resume(tag_dir: Path, cfg: Config, tok: AnyTokenizer, dp: int) -> Config:
+def _check_resume(tag_dir: Path, cfg: Config, tok: AnyTokenizer | None, dp: int) -> Config:
     """Refuse a resume that changes what the checkpoint fixes; print what changes from the resumed step. Returns
     ``cfg`` with the gradient accumulation that keeps the checkpoint's global batch on ``dp`` replicas."""
     saved = checkpoint.load_meta(tag_dir)
@@ -347,7 +336,8 @@ def _check_resume(tag_dir: Path, cfg: Config, tok: AnyTokenizer, dp: int) -> Con
     cfg = with_values(cfg, {"train.batch.grad_accum_steps": gas}) if gas != b.grad_accum_steps else cfg
     meta, changes = check_resume_config(tag_dir, to_dict(cfg), defaults=to_dict(Config()))
     _verify_checkpoint_files(tag_dir)
-    check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
+    if tok is not None:  # a family whose processor makes the samples has no tokenizer file of ours
+        check_tokenizer(tag_dir / meta.get("tokenizer", tok.file_name), tok)
     for line in changes:
         print0(f"resume: {line} (from step {meta['step']} on)")
     return cfg
@@ -445,13 +435,15 @@ def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> N
 
 
 def write_run_files(run: Run) -> None:
-    """``config.yaml`` (atomically, only now that the model and checkpoint loaded) and the tokenizer file."""
+    """``config.yaml`` (atomically, only now that the model and checkpoint loaded) and the tokenizer file or the
+    processor (``processor/``)."""
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.out / "config.yaml")
-        run.tok.save_to(run.out)
-        if run.processor is not None:
-            save_run_processor(run.processor, run.out)
+        if run.text.tokenizer is not None:
+            run.text.tokenizer.save_to(run.out)
+        if run.text.processor is not None:
+            save_run_processor(run.text.processor, run.out)
     dist.barrier()
 
 
@@ -471,7 +463,7 @@ def build_data(run: Run) -> StepLoader:
             run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
         if cfg.model.vlm is not None:
             dataset, collate = build_vlm_data(ConcatRecords(records), cfg.data, cfg.data.vlm, cfg.model.vlm.path,
-                                              run.processor)
+                                              run.text.processor)
         else:
             dataset = ConversationDataset(ConcatRecords(records), run.tpl, cfg.data, cfg.model.vision.image_size,
                                           load_media=run.is_first_stage, label_mode=cfg.data.label_mode)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from transformers import Blip2QFormerModel
 
 FAMILY = "blip2"
-"""This model's family name (``lavis.pipeline.family.FAMILIES``)."""
+"""This model's family name (``lavis.families.FAMILIES``)."""
 
 
 def describe(cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:

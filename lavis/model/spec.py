@@ -1,7 +1,8 @@
 """One description of the model (``ModelSpec``), resolved once per process at the entry point.
 
-A model family (``lavis.pipeline.family``) turns a config into a ``ModelSpec``: the family's name, the LLM's
-transformers config (built by ``lavis.model.llm.llm_hf_config``, called from nowhere else), its dimensions, the
+A model family (``lavis.pipeline.family``, the table ``lavis.families``) turns a config into a ``ModelSpec``: the
+family's name, the model's transformers config (the BLIP-2-style family's LLM config is built by
+``lavis.model.llm.llm_hf_config``, called from nowhere else; a VLM's is its directory's), its LLM's dimensions, the
 pipeline's layer table (which layer holds which plain-model weights) and which components train. The trainer, the
 planner, the pipeline layers, the weight readers, the converters, chat, eval, the feature cache and the tools receive
 it instead of re-deriving these facts from the config. Nothing here reads a file or builds a module.
@@ -68,31 +69,40 @@ def layer_of_plain_key(table: list[LayerEntry], plain_key: str) -> tuple[int, st
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What every consumer knows about the model, resolved once (``lavis.pipeline.family.describe``).
+    """What every consumer knows about the model, resolved once (``lavis.families.describe``).
 
     ``hf`` is a transformers ``PretrainedConfig`` (mutable by its own design): consumers read it and never set
     attributes on it.
     """
 
     family: str
-    """The family's name in ``lavis.pipeline.family.FAMILIES``."""
+    """The family's name in ``lavis.families.FAMILIES``."""
     hf: Any
-    """The LLM's transformers config (``PretrainedConfig``), with ``model.llm.hf_config`` and the attention
-    implementation applied."""
+    """The family's transformers config (``PretrainedConfig``): the LLM's for the BLIP-2-style family (with
+    ``model.llm.hf_config`` and the attention implementation applied), the whole VLM's (``text_config``,
+    ``vision_config``) for the VLM family. :attr:`llm_hf` is the language model's part either way."""
     layers: tuple[LayerEntry, ...]
     """The pipeline's layer table, in layer order."""
     trains: tuple[str, ...]
-    """The components that train (``lavis.model.components.COMPONENTS`` names, LoRA adapters count for ``llm``)."""
+    """The components that train: the family's component names (the BLIP-2-style family's
+    ``lavis.model.components.COMPONENTS``, LoRA adapters count for ``llm``; the VLM family's
+    ``lavis.vlm.family.COMPONENTS``)."""
+
+    @property
+    def llm_hf(self) -> Any:
+        """The language model's transformers config: ``hf`` itself, or a multimodal config's text part
+        (transformers' ``get_text_config``)."""
+        return self.hf.get_text_config()
 
     @property
     def dims(self) -> dict[str, int]:
         """The LLM dimensions the planner's cost model reads (``LLM_DIMS``)."""
-        return {k: getattr(self.hf, k) for k in LLM_DIMS}
+        return {k: getattr(self.llm_hf, k) for k in LLM_DIMS}
 
     @property
     def num_blocks(self) -> int:
         """The LLM's decoder blocks."""
-        return int(self.hf.num_hidden_layers)
+        return int(self.llm_hf.num_hidden_layers)
 
     @property
     def table(self) -> list[LayerEntry]:
@@ -102,4 +112,4 @@ class ModelSpec:
     @property
     def llm_type(self) -> str:
         """The LLM's transformers ``model_type`` (``qwen2``, ``llama``, ...)."""
-        return str(self.hf.model_type)
+        return str(self.llm_hf.model_type)

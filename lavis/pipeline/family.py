@@ -1,17 +1,25 @@
-"""Model families: ``FAMILIES`` maps a name to the one object that provides a family's pieces.
+"""Model families: the interface (``ModelFamily``) and the BLIP-2-style family's object.
 
-A family is how an architecture plugs in (docs/CONTRIBUTING.md, "Add a model family"). Its object (``ModelFamily``)
-provides:
+A family is how an architecture plugs in (docs/CONTRIBUTING.md, "Add a model family"). The table of families
+(``FAMILIES``, with ``describe`` / ``plan``) is ``lavis.families``, a floor above both this module and the families
+whose modules sit above the pipeline floor (``lavis.vlm.family``). A family's object (``ModelFamily``) provides:
 
 - ``name``, and ``converter_names``: the weight-name conventions the converters may write for it (``--names``);
-- ``claims(cfg)``: whether a model config (``ModelConfig``) is this family's. :func:`family_of` asks the families in
-  table order; the BLIP-2-style family claims every config and comes last, so a new family goes before it;
+- ``section``: the config section that names the model's files (``model.llm``), and ``model_dir(cfg)``: the
+  directory whose ``config.json`` ``describe`` reads (None: the section's ``hf_config`` alone);
+- ``claims(cfg)``: whether a model config (``ModelConfig``) is this family's. ``lavis.families.family_of`` asks the
+  families in table order; the BLIP-2-style family claims every config and comes last, so a new family goes before
+  it;
 - ``describe(cfg, published)``: the ``lavis.model.spec.ModelSpec``: the LLM's transformers config (the family's
   ``describe`` is the only caller of ``lavis.model.llm.llm_hf_config``), dimensions, layer table, which components
   train. ``published``: a config.json's content for planning before the weights are downloaded;
 - ``build(spec, cfg, placeholder_id)``: the plain model, an ``nn.Module`` whose ``state_dict`` keys are the layer
-  table's plain names (chat, eval, inspect and the converters' checks run it);
-- ``template(tok, cfg)``: the chat template (``lavis.data.conversation.ChatTemplate``) for a ``Config``;
+  table's plain names, or map onto them by the family's own rule (chat, eval, inspect and the converters' checks run
+  it);
+- ``template(tok, cfg)``: the chat template (``lavis.data.conversation.ChatTemplate``) for a ``Config``, where the
+  family's prompts are ours (a family whose prompts are its processor's refuses);
+- ``run_text(spec, cfg)``: what makes a training run's samples (:class:`RunText`): a tokenizer and template, or a
+  transformers processor; the trainer saves it in the run directory;
 - ``pipeline_layers(spec, cfg, placeholder_id)``: the pipeline's layer list for a ``Config``, one ``LayerRecipe``
   (class and arguments, built only on the rank that holds the layer) per entry of ``spec.layers``. What travels
   between layers (hidden states, masks, position ids such as M-RoPE's 3 x L, features that later layers add) is the
@@ -19,10 +27,13 @@ provides:
 - ``load_layer_weights(spec, cfg, layers)``: fill one stage's layers (``{layer index: module}``) from the files the
   model config names, every key accounted for (raises on a file that does not fit);
 - ``layer_costs(spec, cfg, work)``: the planner's per-layer estimates (``lavis.pipeline.plan.LayerCost``, one per
-  entry of ``spec.layers``) for a ``Config`` and a ``Workload``.
+  entry of ``spec.layers``) for a ``Config`` and a ``Workload``;
+- ``is_trainable(cfg, plain_key)``: whether the weight of that plain name trains under a model config;
+- ``unsupported_options(cfg)``: (option, set in ``cfg``) pairs of the config's options this family does not support
+  (yet); ``pipeline_layers`` refuses those set, ``python -m lavis.plan`` offers none of them as a knob.
 
 Every entry point (the trainer's ``build_run``, ``python -m lavis.plan``, the converters, chat's model loading, eval,
-the feature cache builder, bench, the GPU check, inspect) calls :func:`describe` once and hands the spec on.
+the feature cache builder, bench, the GPU check, inspect) calls ``lavis.families.describe`` once and hands the spec on.
 """
 
 from __future__ import annotations
@@ -35,13 +46,14 @@ from torch import nn
 from lavis.config.schema import Config, ModelConfig
 from lavis.data.cache_features import cache_level
 from lavis.data.conversation import ChatTemplate, template_from_config
-from lavis.data.tokenizer import AnyTokenizer
+from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
 from lavis.model import mllm
+from lavis.model.freezing import is_trainable
 from lavis.model.llm import DecoderParts, decoder_parts
 from lavis.model.lora import check_quantize_runtime
 from lavis.model.spec import ModelSpec
 from lavis.pipeline.layers import DecoderBlockPipe, FinalNormPipe, LMHeadPipe, VisionEmbedPipe, load_layer_weights
-from lavis.pipeline.plan import LayerCost, StagePlan, Workload, checkpoint_blocks, layer_costs, plan_for_config
+from lavis.pipeline.plan import LayerCost, Workload, checkpoint_blocks, layer_costs
 from lavis.weights.report import FileReport
 
 
@@ -51,6 +63,24 @@ class LayerRecipe:
 
     cls: type[nn.Module]
     args: tuple[Any, ...]
+    allocate_only: bool = False
+    """Built on the meta device, then allocated uninitialised: its weights are read next, so no random init is
+    drawn for them (a large published model's layers)."""
+
+
+@dataclass(frozen=True)
+class RunText:
+    """What makes a training run's samples, from its family (``ModelFamily.run_text``); the run directory keeps it."""
+
+    placeholder_id: int
+    """The token id that stands for visual features in the prompt (``lavis_meta.json`` records it)."""
+    tokenizer: AnyTokenizer | None = None
+    """``model.llm.tokenizer`` (the BLIP-2-style family): the run directory keeps its file, a resume compares it."""
+    template: ChatTemplate | None = None
+    """The chat template over ``tokenizer`` (the BLIP-2-style family)."""
+    processor: Any = None
+    """A transformers processor (the VLM family): its tokenizer, chat template and image / video processors make the
+    samples; the run directory keeps it under ``processor/``."""
 
 
 class ModelFamily(Protocol):
@@ -58,8 +88,11 @@ class ModelFamily(Protocol):
 
     name: str
     converter_names: tuple[str, ...]
+    section: str
 
     def claims(self, cfg: ModelConfig) -> bool: ...
+
+    def model_dir(self, cfg: ModelConfig) -> str | None: ...
 
     def describe(self, cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec: ...
 
@@ -67,12 +100,18 @@ class ModelFamily(Protocol):
 
     def template(self, tok: AnyTokenizer, cfg: Config) -> ChatTemplate: ...
 
+    def run_text(self, spec: ModelSpec, cfg: Config) -> RunText: ...
+
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]: ...
 
     def load_layer_weights(self, spec: ModelSpec, cfg: ModelConfig, layers: dict[int, nn.Module]) -> list[FileReport]:
         ...
 
     def layer_costs(self, spec: ModelSpec, cfg: Config, work: Workload) -> list[LayerCost]: ...
+
+    def is_trainable(self, cfg: ModelConfig, plain_key: str) -> bool: ...
+
+    def unsupported_options(self, cfg: Config) -> list[tuple[str, bool]]: ...
 
 
 def blip2_layers(
@@ -101,9 +140,13 @@ class Blip2Family:
 
     name: str = mllm.FAMILY
     converter_names: tuple[str, ...] = ("auto", "ours", "qwen_v1", "minigpt4")
+    section: str = "model.llm"
 
     def claims(self, cfg: ModelConfig) -> bool:
         return True  # the default: every config no other family claims
+
+    def model_dir(self, cfg: ModelConfig) -> str | None:
+        return cfg.llm.path
 
     def describe(self, cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:
         return mllm.describe(cfg, published)
@@ -113,6 +156,16 @@ class Blip2Family:
 
     def template(self, tok: AnyTokenizer, cfg: Config) -> ChatTemplate:
         return template_from_config(tok, cfg)
+
+    def run_text(self, spec: ModelSpec, cfg: Config) -> RunText:
+        """``model.llm.tokenizer`` (which must fit the LLM's vocabulary) and the template over it."""
+        tok = load_tokenizer(cfg.model.llm.tokenizer)
+        if tok.vocab_size > spec.hf.vocab_size:
+            raise ValueError(
+                f"tokenizer {tok.source} has {tok.vocab_size} tokens but model.llm vocab_size is {spec.hf.vocab_size}"
+            )
+        tpl = self.template(tok, cfg)
+        return RunText(tpl.placeholder_id, tokenizer=tok, template=tpl)
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:
         t = cfg.train
@@ -127,29 +180,9 @@ class Blip2Family:
         cached = cache_level(cfg.model) if cfg.data.feature_cache is not None else None
         return layer_costs(cfg.model, spec.dims, work, cached)
 
+    def is_trainable(self, cfg: ModelConfig, plain_key: str) -> bool:
+        return is_trainable(plain_key, cfg)
 
-FAMILIES: dict[str, ModelFamily] = {mllm.FAMILY: Blip2Family()}
-"""Every model family by name, in the order :func:`family_of` asks them (the default last)."""
+    def unsupported_options(self, cfg: Config) -> list[tuple[str, bool]]:
+        return []  # the options of the config schema are this family's
 
-
-def family_of(cfg: ModelConfig) -> ModelFamily:
-    """The first family in ``FAMILIES`` that claims ``cfg``."""
-    return next(f for f in FAMILIES.values() if f.claims(cfg))
-
-
-def family_named(name: str) -> ModelFamily:
-    """The family a ``ModelSpec`` names."""
-    if name not in FAMILIES:
-        raise ValueError(f"model family {name!r} is not one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
-
-
-def describe(cfg: ModelConfig, published: dict[str, Any] | None = None) -> ModelSpec:
-    """The model's description: what an entry point resolves once and hands to every consumer."""
-    return family_of(cfg).describe(cfg, published)
-
-
-def plan(spec: ModelSpec, cfg: Config, dp: int) -> StagePlan:
-    """The run's stage plan from the family's layer costs (``lavis.pipeline.plan.plan_for_config``)."""
-    family = family_named(spec.family)
-    return plan_for_config(cfg, spec.dims, dp, costs=lambda work: family.layer_costs(spec, cfg, work))

@@ -327,7 +327,7 @@ def plan_for_config(cfg: Config, dims: dict[str, int], dp: int,
                     costs: Callable[[Workload], list[LayerCost]] | None = None) -> StagePlan:
     """The run's plan: ``train.parallel.partition`` if given (validated), else :func:`plan_stages` within
     ``train.parallel.gpu_memory_gib``; the workload is one micro-batch of ``data.max_txt_len`` tokens and one image per
-    sample. ``costs``: the model family's per-layer estimates for a workload (``lavis.pipeline.family.plan``);
+    sample. ``costs``: the model family's per-layer estimates for a workload (``lavis.families.plan``);
     by default the BLIP-2-style model's :func:`layer_costs`."""
     t = cfg.train
     work = Workload(tokens=t.batch.micro_batch_size * cfg.data.max_txt_len, seq_len=cfg.data.max_txt_len,

@@ -33,10 +33,10 @@ import torch
 
 from lavis.config.schema import ModelConfig
 from lavis.engine.checkpoint import META_FILE
+from lavis.families import describe
 from lavis.model.components import component_of
 from lavis.model.freezing import is_trainable
 from lavis.model.llm import qwen_v1_targets, take_third
-from lavis.pipeline.family import describe
 from lavis.predecessors.checkpoints import is_mpp_layer_dir, mpp_llm_frozen
 from lavis.weights.release import OUTPUT_NAME, check_against_model, describe_run, kind_mismatch, release_names
 from lavis.weights.report import FileReport

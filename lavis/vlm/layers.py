@@ -18,7 +18,7 @@ rest are int64, see ``lavis.pipeline.stage_io``):
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -265,26 +265,14 @@ def vision_groups(hf: PretrainedConfig, per_layer: int) -> list[tuple[int, int]]
 
 
 def layer_classes(hf: PretrainedConfig, per_layer: int = 1) -> list[tuple[type[nn.Module], tuple]]:
-    """The layer list as ``(class, args)``: what :func:`build_layer_specs` wraps in ``LayerSpec`` and what
-    :func:`build_layers` instantiates in one process."""
+    """The layer list as ``(class, args)``: what the family's ``pipeline_layers`` hands the pipeline
+    (``lavis.vlm.family``) and what :func:`build_layers` instantiates in one process."""
     out: list[tuple[type[nn.Module], tuple]] = [(PatchEmbedPipe, (hf,))]
     out += [(VisionBlocksPipe, (hf, first, count)) for first, count in vision_groups(hf, per_layer)]
     out.append((MergerEmbedPipe, (hf,)))
     out += [(DecoderBlockPipe, (hf, j)) for j in range(hf.text_config.num_hidden_layers)]
     out += [(FinalNormPipe, (hf,)), (LMHeadPipe, (hf,))]
     return out
-
-
-def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1) -> list:
-    """DeepSpeed ``LayerSpec``s: each stage builds only its own layers, allocated but not initialised (weights are
-    then streamed in by :func:`lavis.vlm.weights.load_stage`)."""
-    from deepspeed.pipe import LayerSpec
-
-    class MetaLayerSpec(LayerSpec):
-        def build(self, log: bool = False) -> nn.Module:
-            return meta_built(cast(type[nn.Module], self.typename), *self.module_args, **self.module_kwargs)
-
-    return [MetaLayerSpec(cls, *args) for cls, args in layer_classes(hf, per_layer)]
 
 
 def meta_built(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Module:
