@@ -296,3 +296,52 @@ def test_plan_cli_plans_a_vlm_recipe_through_its_family(capsys: pytest.CaptureFi
     knobs = " ".join(" ".join(opts) for _, opts in plan_cli.knob_options(cfg, 4))
     assert "activation_checkpoint_interval" not in knobs and "model.llm.lora" not in knobs
     assert "train.parallel.activation_offload=true" in knobs  # the ones it takes are offered
+
+
+@pytest.mark.process
+def test_the_trainer_builds_a_vlm_run_through_its_family(tmp_path: Path, hf_builds: list[str],
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """build_run + write_run_files in this process (a one-rank group) for model.vlm: one describe (one read of the
+    VLM config), the family's processor saved, no BLIP tokenizer loaded and no tokenizer file in the run."""
+    import os
+
+    import torch.distributed as dist
+
+    from lavis.engine.distributed import init_distributed
+    from lavis.engine.trainer import build_run, write_run_files
+    from lavis.pipeline import family as pipeline_family
+    from lavis.vlm import family as vlm_family
+    from lavis.vlm.data import RUN_PROCESSOR_DIR
+
+    reads: list[str] = []
+    real = vlm_family.read_hf_config
+
+    def counted(vlm: object) -> object:
+        hf = real(vlm)  # type: ignore[arg-type]
+        reads.append(hf.model_type)
+        return hf
+
+    def no_tokenizer(ref: str) -> object:
+        raise AssertionError(f"a model.vlm run loaded the BLIP-2-style tokenizer {ref}")
+
+    monkeypatch.setattr(vlm_family, "read_hf_config", counted)
+    monkeypatch.setattr(pipeline_family, "load_tokenizer", no_tokenizer)
+    out = tmp_path / "run"
+    cfg = with_values(_vlm_cfg(), {"train.output_dir": str(out), "train.parallel.num_stages": 1})
+    created, saved = not dist.is_initialized(), dict(os.environ)
+    init_distributed()
+    try:
+        run = build_run(cfg, None)
+        write_run_files(run)
+        meta = run.meta()
+    finally:
+        if created:
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+    assert reads == ["qwen3_vl"] and hf_builds == [] and run.spec is not None and run.spec.family == "vlm"
+    assert run.table == run.spec.table and run.text.processor is not None and run.text.tokenizer is None
+    assert meta["tokenizer"] is None and meta["placeholder_id"] == run.spec.hf.image_token_id
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", RUN_PROCESSOR_DIR]  # no stray tokenizer file
+    with pytest.raises(ValueError, match="train.eval.data"):
+        run.tpl  # noqa: B018 - the property refuses: a VLM run has no template of ours
