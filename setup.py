@@ -13,7 +13,10 @@ setup(
         "torch>=2.4",  # everything
         "torchvision",  # BLIP-2 image transforms (and timm needs it)
         "deepspeed==0.19.8",  # pipeline engine; docs/PIPELINE.md and engine/ds_compat.py are checked against it
-        "transformers>=5.0",  # LLM decoder classes, Blip2QFormerModel, masks, generation
+        # LLM decoder classes, Blip2QFormerModel, masks, generation, Qwen2.5-VL / Qwen3-VL. 5.24: create_causal_mask's
+        # 4th parameter is `cache` (lavis/vlm/layers.py passes it by name; 5.0 had cache_position there, 5.23 named
+        # it past_key_values); tests/test_vlm.py fails on 5.23 and passes on 5.24 and 5.25.
+        "transformers>=5.24",
         "timm>=1.0",  # EVA ViT (same parameter names as LAVIS)
         "omegaconf>=2.3",  # YAML + dot-list overrides (then converted strictly to our dataclasses)
         "tokenizers",  # the demo's local BPE; HF tokenizer.json files
