@@ -166,7 +166,8 @@ def check_converter_names(spec: ModelSpec, names: str) -> None:
     """Refuse ``--names`` that the run's model family does not write."""
     allowed = family_named(spec.family).converter_names
     if names not in allowed:
-        raise ValueError(f"--names {names}: the {spec.family} model family's converters write {', '.join(allowed)}")
+        writes = ", ".join(allowed) or "no .pth names (export its runs with pipemodel2pth.py --hf-out DIR)"
+        raise ValueError(f"--names {names}: the {spec.family} model family's converters write {writes}")
 
 
 def convert(ckpt_dir: str | Path, kind: Kind, out: str | Path | None = None, names: Names = "auto",

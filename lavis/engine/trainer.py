@@ -22,9 +22,9 @@ import torch.distributed as dist
 from lavis.config.load import deepspeed_config, load_config, optimizer_clips, save_config, to_dict, with_values
 from lavis.config.old_keys import upgrade_config
 from lavis.config.schema import Config
-from lavis.data.collate import Collator, PipeBatch
+from lavis.data.collate import PipeBatch
 from lavis.data.conversation import ChatTemplate
-from lavis.data.datasets import ConversationDataset, StepSampler, dataset_fingerprint, load_records
+from lavis.data.datasets import StepSampler, dataset_fingerprint, load_records
 from lavis.data.records import ConcatRecords
 from lavis.data.step_loader import StepLoader
 from lavis.data.tokenizer import AnyTokenizer
@@ -60,7 +60,7 @@ from lavis.pipeline.family import RunText
 from lavis.pipeline.plan import format_plan, offloaded_stages
 from lavis.predecessors.keys import flag_hint
 from lavis.vlm.collate import VLMPipeBatch, VLMStageInputs
-from lavis.vlm.data import build_vlm_data, save_run_processor
+from lavis.vlm.data import save_run_processor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -461,14 +461,9 @@ def build_data(run: Run) -> StepLoader:
         records = [load_records(d, allow_outside_root=cfg.data.allow_outside_root) for d in cfg.data.train]
         if run.rank == 0:  # what lavis_meta.json records (rank 0 writes it)
             run.data = [dataset_fingerprint(d, r) for d, r in zip(cfg.data.train, records)]
-        if cfg.model.vlm is not None:
-            dataset, collate = build_vlm_data(ConcatRecords(records), cfg.data, cfg.data.vlm, cfg.model.vlm.path,
-                                              run.text.processor)
-        else:
-            dataset = ConversationDataset(ConcatRecords(records), run.tpl, cfg.data, cfg.model.vision.image_size,
-                                          load_media=run.is_first_stage, label_mode=cfg.data.label_mode)
-            collate = Collator(run.tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
-                               cfg.data.fixed_length)
+        assert run.spec is not None  # build_run described the model
+        dataset, collate = family_named(run.spec.family).training_data(run.text, ConcatRecords(records), cfg,
+                                                                       load_media=run.is_first_stage)
         sampler = StepSampler([len(r) for r in records], [d.weight for d in cfg.data.train], seed=t.seed,
                               micro_batch_size=t.batch.micro_batch_size, grad_accum_steps=t.batch.grad_accum_steps,
                               dp_rank=dp_rank, dp_size=run.dp, start_step=run.start_step,

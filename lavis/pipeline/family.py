@@ -20,6 +20,8 @@ whose modules sit above the pipeline floor (``lavis.vlm.family``). A family's ob
   family's prompts are ours (a family whose prompts are its processor's refuses);
 - ``run_text(spec, cfg)``: what makes a training run's samples (:class:`RunText`): a tokenizer and template, or a
   transformers processor; the trainer saves it in the run directory;
+- ``training_data(text, records, cfg, load_media)``: the dataset over a run's records and its collator, for the
+  shared sampler and ``lavis.data.step_loader.StepLoader``;
 - ``pipeline_layers(spec, cfg, placeholder_id)``: the pipeline's layer list for a ``Config``, one ``LayerRecipe``
   (class and arguments, built only on the rank that holds the layer) per entry of ``spec.layers``. What travels
   between layers (hidden states, masks, position ids such as M-RoPE's 3 x L, features that later layers add) is the
@@ -38,6 +40,7 @@ the feature cache builder, bench, the GPU check, inspect) calls ``lavis.families
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,7 +48,10 @@ from torch import nn
 
 from lavis.config.schema import Config, ModelConfig
 from lavis.data.cache_features import cache_level
+from lavis.data.collate import Collator
 from lavis.data.conversation import ChatTemplate, template_from_config
+from lavis.data.datasets import ConversationDataset, Record
+from lavis.data.step_loader import MicroBatch, StepDataset
 from lavis.data.tokenizer import AnyTokenizer, load_tokenizer
 from lavis.model import mllm
 from lavis.model.freezing import is_trainable
@@ -101,6 +107,9 @@ class ModelFamily(Protocol):
     def template(self, tok: AnyTokenizer, cfg: Config) -> ChatTemplate: ...
 
     def run_text(self, spec: ModelSpec, cfg: Config) -> RunText: ...
+
+    def training_data(self, text: RunText, records: Sequence[Record], cfg: Config,
+                      load_media: bool) -> tuple[StepDataset, Callable[[list[Any]], MicroBatch]]: ...
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]: ...
 
@@ -166,6 +175,17 @@ class Blip2Family:
             )
         tpl = self.template(tok, cfg)
         return RunText(tpl.placeholder_id, tokenizer=tok, template=tpl)
+
+    def training_data(self, text: RunText, records: Sequence[Record], cfg: Config,
+                      load_media: bool) -> tuple[StepDataset, Callable[[list[Any]], MicroBatch]]:
+        """``ConversationDataset`` over ``text``'s template (``load_media``: False on the last stage, which reads
+        only labels) and the padding ``Collator``."""
+        assert text.template is not None, "this family's run_text gives a template"
+        tpl = text.template
+        dataset = ConversationDataset(records, tpl, cfg.data, cfg.model.vision.image_size, load_media=load_media,
+                                      label_mode=cfg.data.label_mode)
+        return dataset, Collator(tpl.special_ids().pad, cfg.data.max_txt_len, cfg.data.pad_to_multiple_of,
+                                 cfg.data.fixed_length)
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:
         t = cfg.train

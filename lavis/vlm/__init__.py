@@ -8,4 +8,6 @@
 - ``data_config``, ``conversation``, ``processor``, ``processor_files``, ``collate``, ``data``: the data side (the
   model's own processor and chat template, labels on assistant turns, pixel budgets, dynamic-shape micro-batches).
 - ``costs``: per-layer parameter / FLOP / activation estimates for ``lavis.pipeline.plan``'s boundary search.
+- ``family``: ``VLMFamily``, these pieces as a model family (``lavis.families.FAMILIES``), and the one list of the
+  options it does not support yet.
 """

@@ -1,7 +1,8 @@
 """The VLM data side assembled for the trainer: the processor, the dataset and the collator of a run.
 
-``build_data`` (``lavis.engine.trainer``) calls :func:`build_vlm_data` in place of ``ConversationDataset`` /
-``Collator`` when ``model.vlm`` is set; the sampler and ``StepLoader`` are shared with the BLIP-2 path.
+The VLM family's ``training_data`` (``lavis.vlm.family``, which the trainer's ``build_data`` asks) is
+:func:`build_vlm_data`, where the BLIP-2-style family's is ``ConversationDataset`` / ``Collator``; the sampler and
+``StepLoader`` are shared.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ are refused in one place (:func:`unsupported_vlm_options`), before any layer is 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,8 @@ from transformers import AutoModelForImageTextToText
 
 from lavis.config.schema import Config, ModelConfig
 from lavis.data.conversation import ChatTemplate
+from lavis.data.datasets import Record
+from lavis.data.step_loader import MicroBatch, StepDataset
 from lavis.data.tokenizer import AnyTokenizer
 from lavis.model.spec import ModelSpec
 from lavis.pipeline.family import LayerRecipe, RunText
@@ -24,7 +27,7 @@ from lavis.pipeline.plan import LayerCost, Workload
 from lavis.vlm.arch import _merge, read_hf_config
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import is_trainable, layer_costs
-from lavis.vlm.data import processor_ref
+from lavis.vlm.data import build_vlm_data, processor_ref
 from lavis.vlm.data_config import VLMDataConfig
 from lavis.vlm.layers import layer_classes, layer_table
 from lavis.vlm.processor_files import load_processor
@@ -111,6 +114,11 @@ class VLMFamily:
         placeholder is the config's ``image_token_id``."""
         processor = load_processor(processor_ref(cfg.data.vlm or VLMDataConfig(), _vlm(cfg.model).path))
         return RunText(int(spec.hf.image_token_id), processor=processor)
+
+    def training_data(self, text: RunText, records: Sequence[Record], cfg: Config,
+                      load_media: bool) -> tuple[StepDataset, Callable[[list[Any]], MicroBatch]]:
+        """``build_vlm_data`` with ``text``'s processor (``load_media``: unused, the processor makes every sample)."""
+        return build_vlm_data(records, cfg.data, cfg.data.vlm, _vlm(cfg.model).path, text.processor)
 
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:
         """Every layer allocated uninitialised (each stage reads its own weights next); the options this family does
