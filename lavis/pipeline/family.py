@@ -10,9 +10,10 @@ whose modules sit above the pipeline floor (``lavis.vlm.family``). A family's ob
 - ``claims(cfg)``: whether a model config (``ModelConfig``) is this family's. ``lavis.families.family_of`` asks the
   families in table order; the BLIP-2-style family claims every config and comes last, so a new family goes before
   it;
-- ``describe(cfg, published)``: the ``lavis.model.spec.ModelSpec``: the LLM's transformers config (the family's
-  ``describe`` is the only caller of ``lavis.model.llm.llm_hf_config``), dimensions, layer table, which components
-  train. ``published``: a config.json's content for planning before the weights are downloaded;
+- ``describe(cfg, published)``: the ``lavis.model.spec.ModelSpec``: the family's transformers config (the
+  BLIP-2-style family's ``describe`` is the only caller of ``lavis.model.llm.llm_hf_config``; a VLM's is its
+  directory's), the LLM's dimensions, layer table, which components train. ``published``: a config.json's content
+  for planning before the weights are downloaded;
 - ``build(spec, cfg, placeholder_id)``: the plain model, an ``nn.Module`` whose ``state_dict`` keys are the layer
   table's plain names, or map onto them by the family's own rule (chat, eval, inspect and the converters' checks run
   it);
