@@ -251,13 +251,10 @@ def test_model_vlm_section_loads_strictly() -> None:
         from_dict(Config, {"model": {"vlm": {"hf_config": {"model_type": "llava"}}}}, source="recipe.yaml")
 
 
-def test_options_this_family_lacks_and_tied_training_are_refused() -> None:
+def test_options_this_family_lacks_are_refused() -> None:
     vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
     with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
         build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
-    tied = VLMConfig(hf_config={**tiny_hf_dict("qwen2_5_vl"), "tie_word_embeddings": True})
-    with pytest.raises(ValueError, match="tie_word_embeddings is true"):
-        build_vlm_pipe(Config(model=ModelConfig(vlm=tied)), dp=1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,12 +10,16 @@ from transformers import PretrainedConfig
 
 from lavis.config.schema import Config
 from lavis.engine.pipe_module import LavisPipelineModule
-from lavis.pipeline.plan import StagePlan, Workload, offloaded_stages, stage_plan
+from lavis.pipeline.plan import StagePlan, Workload, checkpoint_blocks, offloaded_stages, stage_plan
 from lavis.vlm.arch import read_hf_config
 from lavis.vlm.costs import is_trainable, layer_costs
-from lavis.vlm.layers import build_layer_specs, layer_table
+from lavis.vlm.layers import build_layer_specs, layer_table, tied_embedding
 from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
+
+RECOMPUTED_LAYERS = ["DecoderBlockPipe", "VisionBlocksPipe"]
+"""What ``train.parallel.activation_checkpoint_interval`` recomputes in backward: groups of that many consecutive
+layers of this stage, all of these classes (DeepSpeed's ``checkpointable_layers``; non-reentrant)."""
 
 
 def vlm_plan(cfg: Config, hf: PretrainedConfig, dp: int) -> StagePlan:
@@ -26,7 +30,9 @@ def vlm_plan(cfg: Config, hf: PretrainedConfig, dp: int) -> StagePlan:
     t = cfg.train
     tokens = t.batch.micro_batch_size * cfg.data.max_txt_len
     work = Workload(tokens=tokens, seq_len=cfg.data.max_txt_len, images=t.batch.micro_batch_size,
-                    param_bytes=4 if t.precision == "fp32" else 2, offloaded_stages=offloaded_stages(t))
+                    param_bytes=4 if t.precision == "fp32" else 2, offloaded_stages=offloaded_stages(t),
+                    activation_checkpointing=t.parallel.activation_checkpoint_interval > 0,
+                    checkpointed_blocks=checkpoint_blocks(t, hf.text_config.num_hidden_layers))
     merge = hf.vision_config.spatial_merge_size
     return stage_plan(t, layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2), work, dp)
 
@@ -38,13 +44,7 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
     assert vlm is not None
     t = cfg.train
     hf = read_hf_config(vlm)
-    if hf.tie_word_embeddings and not vlm.freeze_llm:
-        raise ValueError(f"{vlm.path or 'model.vlm.hf_config'}: tie_word_embeddings is true (the LM head is the token "
-                         "embedding); training the LLM with tied embeddings across stages is not supported yet: set "
-                         "model.vlm.freeze_llm: true (or train a model with untied embeddings)")
     unsupported = [name for name, on in (
-        ("train.parallel.activation_checkpoint_interval / activation_checkpoint_blocks",
-         t.parallel.activation_checkpoint_interval or t.parallel.activation_checkpoint_blocks),
         ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
         ("data.feature_cache", cfg.data.feature_cache is not None)) if on]
     if unsupported:
@@ -52,8 +52,13 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
                          "model's options)")
     table = layer_table(hf, vlm.vision_blocks_per_layer)
     plan = vlm_plan(cfg, hf, dp)
-    pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer), plan.parts,
-                               offload_stages=offloaded_stages(t), dynamic_shape=True)
+    recompute = checkpoint_blocks(t, hf.text_config.num_hidden_layers)
+    pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer, recompute), plan.parts,
+                               offload_stages=offloaded_stages(t), dynamic_shape=True,
+                               activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
+                               checkpointable_layers=RECOMPUTED_LAYERS)
     reports = load_stage(vlm, hf, table, pipe.local_layers())
     pipe.apply_trainable_by(lambda plain: is_trainable(plain, vlm), table)
+    if hf.tie_word_embeddings:  # the head is the token embedding: one weight on one stage, summed grads across two
+        pipe.tie_weights(*tied_embedding(table))
     return pipe, table, plan, reports

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple, cast
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -205,14 +206,17 @@ def check_placeholders(hf: PretrainedConfig, grid: torch.Tensor, kind: torch.Ten
 
 class DecoderBlockPipe(nn.Module):
     """One transformers decoder layer with the M-RoPE positions that travel; adds the next DeepStack feature (if
-    one is still in the tuple) to its output."""
+    one is still in the tuple) to its output. ``recompute``: the layer runs under non-reentrant
+    ``torch.utils.checkpoint`` (``train.parallel.activation_checkpoint_blocks``), keeping only its input for backward.
+    The class name is what ``train.parallel.activation_checkpoint_interval`` checkpoints (``checkpointable_layers``)."""
 
-    def __init__(self, hf: PretrainedConfig, index: int) -> None:
+    def __init__(self, hf: PretrainedConfig, index: int, recompute: bool = False) -> None:
         super().__init__()
         self.hf, self.fam = hf, family_of(hf)
         t = hf.text_config
         self.text = t
         self.index = index
+        self.recompute = recompute
         self.layer = self.fam.decoder_layer(t, index)
         layer_types = getattr(t, "layer_types", None)
         self.sliding = bool(layer_types) and layer_types[index] == "sliding_attention"
@@ -227,11 +231,19 @@ class DecoderBlockPipe(nn.Module):
         attn_mask = make_mask(config=self.text, inputs_embeds=h, attention_mask=mask_BL, cache=None,
                               position_ids=None)
         rotary = self._rotary[0] = _held(self._rotary[0], h.device)
-        out = self.layer(h, attention_mask=attn_mask, position_ids=None, position_embeddings=rotary(h, pos))
-        out = out[0] if isinstance(out, tuple) else out
+        cos, sin = rotary(h, pos)
+        if self.recompute and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._block, h, attn_mask, cos, sin, use_reentrant=False)
+        else:
+            out = self._block(h, attn_mask, cos, sin)
         if hidden.shape[-1] > d:  # the next DeepStack feature belongs to this layer
             out = torch.cat([out + hidden[..., d:2 * d], hidden[..., 2 * d:]], dim=-1)
         return TextIO(out, mask_BL, pos)
+
+    def _block(self, h: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        out = self.layer(h, attention_mask=attn_mask, position_ids=None, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out
 
 
 class FinalNormPipe(nn.Module):
@@ -264,18 +276,19 @@ def vision_groups(hf: PretrainedConfig, per_layer: int) -> list[tuple[int, int]]
     return [(i, min(per_layer, depth - i)) for i in range(0, depth, per_layer)]
 
 
-def layer_classes(hf: PretrainedConfig, per_layer: int = 1) -> list[tuple[type[nn.Module], tuple]]:
+def layer_classes(hf: PretrainedConfig, per_layer: int = 1,
+                  recompute_blocks: frozenset[int] = frozenset()) -> list[tuple[type[nn.Module], tuple]]:
     """The layer list as ``(class, args)``: what :func:`build_layer_specs` wraps in ``LayerSpec`` and what
-    :func:`build_layers` instantiates in one process."""
+    :func:`build_layers` instantiates in one process. ``recompute_blocks``: decoder blocks recomputed in backward."""
     out: list[tuple[type[nn.Module], tuple]] = [(PatchEmbedPipe, (hf,))]
     out += [(VisionBlocksPipe, (hf, first, count)) for first, count in vision_groups(hf, per_layer)]
     out.append((MergerEmbedPipe, (hf,)))
-    out += [(DecoderBlockPipe, (hf, j)) for j in range(hf.text_config.num_hidden_layers)]
+    out += [(DecoderBlockPipe, (hf, j, j in recompute_blocks)) for j in range(hf.text_config.num_hidden_layers)]
     out += [(FinalNormPipe, (hf,)), (LMHeadPipe, (hf,))]
     return out
 
 
-def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1) -> list:
+def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1, recompute_blocks: frozenset[int] = frozenset()) -> list:
     """DeepSpeed ``LayerSpec``s: each stage builds only its own layers, allocated but not initialised (weights are
     then streamed in by :func:`lavis.vlm.weights.load_stage`)."""
     from deepspeed.pipe import LayerSpec
@@ -284,7 +297,7 @@ def build_layer_specs(hf: PretrainedConfig, per_layer: int = 1) -> list:
         def build(self, log: bool = False) -> nn.Module:
             return meta_built(cast(type[nn.Module], self.typename), *self.module_args, **self.module_kwargs)
 
-    return [MetaLayerSpec(cls, *args) for cls, args in layer_classes(hf, per_layer)]
+    return [MetaLayerSpec(cls, *args) for cls, args in layer_classes(hf, per_layer, recompute_blocks)]
 
 
 def meta_built(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Module:
@@ -295,10 +308,11 @@ def meta_built(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Modu
     return module.to_empty(device="cpu")
 
 
-def build_layers(hf: PretrainedConfig, per_layer: int = 1, meta: bool = True) -> list[nn.Module]:
+def build_layers(hf: PretrainedConfig, per_layer: int = 1, meta: bool = True,
+                 recompute_blocks: frozenset[int] = frozenset()) -> list[nn.Module]:
     """Every layer, in one process (tests, converters, chat)."""
     make = meta_built if meta else (lambda cls, *args: cls(*args))
-    return [make(cls, *args) for cls, args in layer_classes(hf, per_layer)]
+    return [make(cls, *args) for cls, args in layer_classes(hf, per_layer, recompute_blocks)]
 
 
 def layer_table(hf: PretrainedConfig, per_layer: int = 1) -> list[LayerEntry]:
@@ -316,6 +330,14 @@ def layer_table(hf: PretrainedConfig, per_layer: int = 1) -> list[LayerEntry]:
     table.append(LayerEntry(len(table), "norm", (("norm.", "model.norm."),)))
     table.append(LayerEntry(len(table), "head", (("lm_head.", "lm_head."),)))
     return table
+
+
+def tied_embedding(table: list[LayerEntry]) -> tuple[tuple[int, str], tuple[int, str]]:
+    """``((layer, parameter), (layer, parameter))`` of the token embedding and the LM head, which
+    ``tie_word_embeddings`` makes one weight (``LavisPipelineModule.tie_weights``)."""
+    embed = next(e.index for e in table if e.kind == "embed")
+    head = next(e.index for e in table if e.kind == "head")
+    return (embed, "embed_tokens.weight"), (head, "lm_head.weight")
 
 
 def run_layers(layers: list[nn.Module], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""model.vlm training options: activation recomputation (same gradients, planner counts it), tied embeddings trained
+across stages (the embedding on stage 0, the head on the last stage, kept equal), and a video sample through the
+trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
+
+from lavis.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from lavis.convert.pipe_to_pth import load_plain_state
+from lavis.convert.vlm_export import trained_layers
+from lavis.engine.vlm_pipe import build_vlm_pipe, vlm_plan
+from lavis.model.mllm import lm_loss
+from lavis.pipeline.plan import Workload
+from lavis.testing.vlm import (
+    FAMILIES,
+    MICRO_BATCH,
+    image_and_video_batch,
+    reference_forward,
+    tiny_hf_dict,
+    two_image_batch,
+    write_tiny_dir,
+)
+from lavis.vlm.arch import read_hf_config
+from lavis.vlm.config import VLMConfig
+from lavis.vlm.costs import layer_costs
+from lavis.vlm.layers import build_layers, layer_table, run_layers
+from lavis.vlm.weights import load_stage
+
+from .conftest import REPO
+
+TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
+
+
+def _layers(family: str, recompute: frozenset[int] = frozenset()) -> list[torch.nn.Module]:
+    cfg = VLMConfig(hf_config=tiny_hf_dict(family))
+    hf = read_hf_config(cfg)
+    layers = build_layers(hf, recompute_blocks=recompute)
+    load_stage(cfg, hf, layer_table(hf), dict(enumerate(layers)))
+    return layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_decoder_blocks_give_the_same_loss_and_gradients(family: str) -> None:
+    """``activation_checkpoint_blocks``: the chosen decoder blocks run under non-reentrant recomputation; the loss and
+    every gradient equal the plain layers' (an image + a video, DeepStack features crossing the blocks)."""
+    inputs, labels = image_and_video_batch(family)
+    grads = []
+    for recompute in (frozenset(), frozenset({0, 2})):
+        layers = _layers(family, recompute)
+        assert [getattr(layer, "recompute", False) for layer in layers].count(True) == len(recompute)
+        loss = lm_loss(run_layers(layers, inputs), labels)
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for layer in layers for p in layer.parameters()]))
+    (plain_loss, plain), (loss, got) = grads
+    assert loss == plain_loss
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))
+
+
+def test_the_planner_counts_recomputed_blocks() -> None:
+    cfg = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"), freeze_vision=False)
+    hf = read_hf_config(cfg)
+    base = Workload(tokens=2 * 64, seq_len=64, images=4)
+    plain = layer_costs(hf, cfg, base, patches=96)
+    some = layer_costs(hf, cfg, Workload(**{**base.__dict__, "checkpointed_blocks": frozenset({1})}), patches=96)
+    every = layer_costs(hf, cfg, Workload(**{**base.__dict__, "activation_checkpointing": True}), patches=96)
+    blocks = [i for i, c in enumerate(plain) if c.kind == "block"]
+    vision = [i for i, c in enumerate(plain) if c.kind == "vision"][1:]
+    d = hf.text_config.hidden_size
+    assert [some[i].act_bytes for i in blocks] == [plain[blocks[0]].act_bytes, base.tokens * d * 2.0,
+                                                   plain[blocks[2]].act_bytes]
+    assert all(every[i].act_bytes == base.tokens * d * 2.0 < plain[i].act_bytes for i in blocks)
+    assert all(every[i].act_bytes < plain[i].act_bytes for i in vision)
+    assert [c.flops for c in every] == [c.flops for c in plain]
+    run = Config(model=ModelConfig(vlm=cfg), train=TrainConfig(parallel=ParallelConfig(
+        activation_checkpoint_blocks=[0, 1, 2])))
+    assert vlm_plan(run, hf, dp=1).work.checkpointed_blocks == frozenset({0, 1, 2})
+    with pytest.raises(ValueError, match=r"activation_checkpoint_blocks \[3\]"):
+        vlm_plan(Config(model=ModelConfig(vlm=cfg), train=TrainConfig(parallel=ParallelConfig(
+            activation_checkpoint_blocks=[3]))), hf, dp=1)
+
+
+def _launch(directory: Path, stages: int, partition: str, out: Path, options: list[str]) -> list[float]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = out / f"losses{stages}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
+           str(TRAIN_SCRIPT), str(directory), str(stages), partition, str(result), "4", *options]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(result.read_text())["losses"]
+
+
+def _layer_tensor(run: Path, layer: int, key: str) -> torch.Tensor:
+    tag = run / (run / "latest").read_text().strip()
+    return torch.load(tag / f"layer_{layer:02d}-model_states.pt", map_location="cpu", weights_only=True)[key]
+
+
+@pytest.mark.process
+def test_tied_embeddings_recomputation_and_video_train_like_one_plain_stage(tmp_path: Path) -> None:
+    """A tied Qwen2.5-VL (``tie_word_embeddings``, as the 3B) trained through ``build_run`` and DeepSpeed's engine on
+    micro-batches that alternate two images and an image + a video: 1 stage without recomputation, and 2 stages with
+    the embedding on stage 0, the head on stage 1 and ``activation_checkpoint_interval: 1`` (vision block groups and
+    decoder blocks recomputed) give the same 4 losses (fp32, rel <= 1e-5); the first is transformers' tied model's.
+    The 2-stage checkpoint holds equal, trained embedding and head; its ``--hf-out`` export holds one tied tensor
+    and loads in transformers with our logits."""
+    directory = write_tiny_dir(tmp_path / "model", "qwen2_5_vl", tied=True)
+    ref = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
+    assert ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        first = (float(reference_forward(ref, *two_image_batch(seed=0, batch=MICRO_BATCH)).loss)
+                 + float(reference_forward(ref, *image_and_video_batch("qwen2_5_vl", seed=1)).loss)) / 2
+    one = _launch(directory, 1, "0,10", tmp_path, ["video"])
+    two = _launch(directory, 2, "0,6,10", tmp_path, ["video", "recompute", "save"])
+    assert len(one) == 4 and all(torch.isfinite(torch.tensor(one)))
+    assert abs(one[0] - first) <= 1e-5 * first
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two, one)), (two, one)
+    assert one[-1] < one[0]
+    run = tmp_path / "run2"
+    embed, head = _layer_tensor(run, 4, "embed_tokens.weight"), _layer_tensor(run, 9, "lm_head.weight")
+    assert torch.equal(embed, head)
+    assert not torch.equal(embed, ref.lm_head.weight)  # trained
+    _check_tied_export(run, ref)
+
+
+def _check_tied_export(run: Path, before: torch.nn.Module) -> None:
+    out = run.parent / "exported"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "pipemodel2pth.py"), "--ckpt-dir", str(run), "--hf-out", str(out),
+                           "--hf-dtype", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    keys = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys |= set(f.keys())
+    assert "lm_head.weight" not in keys and any(k.endswith("embed_tokens.weight") for k in keys)
+    exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert exported.config.tie_word_embeddings
+    assert exported.lm_head.weight is exported.model.language_model.embed_tokens.weight
+    tag = run / (run / "latest").read_text().strip()
+    layers, _, _ = trained_layers(tag, *load_plain_state(tag))
+    inputs, _ = two_image_batch(seed=99)
+    with torch.no_grad():
+        ours = run_layers([layer.eval() for layer in layers], inputs)
+        theirs = reference_forward(exported, inputs).logits
+        untrained = reference_forward(before, inputs).logits
+    assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-5
+    assert float((theirs - untrained).abs().max() / untrained.abs().max()) > 1e-3
+
+
+def test_feature_cache_is_still_refused() -> None:
+    vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
+        build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
