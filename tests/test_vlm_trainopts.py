@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
-from lavis.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from lavis.config.schema import Config, ModelConfig, ParallelConfig, TrainConfig
 from lavis.convert.pipe_to_pth import load_plain_state
 from lavis.convert.vlm_export import trained_layers
-from lavis.engine.vlm_pipe import build_vlm_pipe, vlm_plan
+from lavis.engine.vlm_pipe import vlm_plan
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload
 from lavis.testing.vlm import (
@@ -155,8 +155,3 @@ def _check_tied_export(run: Path, before: torch.nn.Module) -> None:
     assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-5
     assert float((theirs - untrained).abs().max() / untrained.abs().max()) > 1e-3
 
-
-def test_feature_cache_is_still_refused() -> None:
-    vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
-    with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
-        build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
