@@ -15,9 +15,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
+from lavis.config.load import load_config
 from lavis.config.schema import Config, ModelConfig, ParallelConfig, TrainConfig
 from lavis.convert.pipe_to_pth import load_plain_state
 from lavis.convert.vlm_export import trained_layers
+from lavis.data.datasets import StepSampler, load_records
 from lavis.engine.vlm_pipe import vlm_plan
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload
@@ -31,12 +33,15 @@ from lavis.testing.vlm import (
     write_tiny_dir,
 )
 from lavis.vlm.arch import read_hf_config
+from lavis.vlm.collate import MEDIA_VIDEO, VLMStageInputs
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import layer_costs
+from lavis.vlm.data import build_vlm_data
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import load_stage
 
-from .conftest import REPO
+from .conftest import REPO, data_options
+from .test_vlm_demo_training import OPTIONS, RECIPE, STEPS
 
 TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
 
@@ -155,3 +160,25 @@ def _check_tied_export(run: Path, before: torch.nn.Module) -> None:
     assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-5
     assert float((theirs - untrained).abs().max() / untrained.abs().max()) > 1e-3
 
+
+
+def test_the_demo_training_launch_trains_video_clips(tiny_data: Path) -> None:
+    """``tests/test_vlm_demo_training.py``'s launch (the demo recipe on the generated shapes data, which holds mp4
+    clips in the VideoChatGPT-style ``video`` field) reaches video samples within its steps: the step sampler of
+    ``build_data`` picks them, and the recipe's processor turns them into video patches that the collator hands to
+    stage 0 as ``MEDIA_VIDEO`` rows. So the 1-stage = 2-stage losses of that test include video samples."""
+    cfg = load_config(RECIPE, [*OPTIONS, *data_options(tiny_data)])
+    t = cfg.train
+    records = load_records(cfg.data.train[0])
+    dataset, collate = build_vlm_data(records, cfg.data, cfg.data.vlm, None)
+    sampler = StepSampler([len(records)], [1.0], seed=t.seed, micro_batch_size=t.batch.micro_batch_size,
+                          grad_accum_steps=t.batch.grad_accum_steps, dp_rank=0, dp_size=1, start_step=0,
+                          length_of=dataset.num_tokens if cfg.data.group_by_length else None)  # as build_data
+    seen = [sampler.index_at(p) for step in range(STEPS) for micro in range(t.batch.grad_accum_steps)
+            for p in sampler.positions(step, micro, 0)]
+    videos = [i for i in seen if records[i].video is not None]
+    assert videos, "the demo launch's steps hold no video sample"
+    batch = collate([dataset[(videos[0], 0)]])
+    inputs = VLMStageInputs(*batch[0])
+    assert (inputs.media_kind == MEDIA_VIDEO).sum() == 1
+    assert inputs.pixels.shape[0] == int(inputs.grid_thw.prod(-1).sum()) > 0
