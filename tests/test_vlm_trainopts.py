@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ from lavis.config.load import load_config
 from lavis.config.schema import Config, ModelConfig, ParallelConfig, TrainConfig
 from lavis.convert.pipe_to_pth import load_plain_state
 from lavis.convert.vlm_export import trained_layers
+from lavis.data.cache_features import CacheError, FeatureCache
 from lavis.data.datasets import StepSampler, load_records
-from lavis.engine.vlm_pipe import vlm_plan
+from lavis.engine.vlm_pipe import build_vlm_pipe, vlm_plan
 from lavis.model.mllm import lm_loss
 from lavis.pipeline.plan import Workload
 from lavis.testing.vlm import (
@@ -37,6 +39,7 @@ from lavis.vlm.collate import MEDIA_VIDEO, VLMStageInputs
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import layer_costs
 from lavis.vlm.data import build_vlm_data
+from lavis.vlm.feature_cache import build_vlm_cache, check_model, item_features, vision_layers
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import load_stage
 
@@ -182,3 +185,60 @@ def test_the_demo_training_launch_trains_video_clips(tiny_data: Path) -> None:
     inputs = VLMStageInputs(*batch[0])
     assert (inputs.media_kind == MEDIA_VIDEO).sum() == 1
     assert inputs.pixels.shape[0] == int(inputs.grid_thw.prod(-1).sum()) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_merger_features_give_the_logits_of_the_full_layers(family: str) -> None:
+    """``data.feature_cache``: each image's / clip's merger outputs (and DeepStack features), computed alone, fed to
+    the cached layer list (no tower, no mergers) give the full layers' logits for the same batch."""
+    vlm = VLMConfig(hf_config=tiny_hf_dict(family))
+    hf = read_hf_config(vlm)
+    full = _layers(family)
+    cached = build_layers(hf, cached=True)
+    load_stage(vlm, hf, layer_table(hf), dict(enumerate(cached)))
+    assert all(not list(layer.parameters()) for layer in cached[:4])  # the tower and the mergers are not built
+    assert [n for n, _ in cached[4].named_parameters()] == ["embed_tokens.weight"]
+    vision, _ = vision_layers(vlm)
+    for inputs, _ in (two_image_batch(seed=3), image_and_video_batch(family, seed=4)):
+        pixels, grid, kind, spg, ids, mask = VLMStageInputs(*inputs)
+        rows, start = [], 0
+        for g in grid:
+            n = int(g.prod())
+            rows.append(item_features(vision, pixels[start:start + n], g).flatten(1))
+            start += n
+        with torch.no_grad():
+            want = run_layers([layer.eval() for layer in full], inputs)
+            got = run_layers([layer.eval() for layer in cached], (torch.cat(rows), grid, kind, spg, ids, mask))
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def _cache_cfg(tiny_data: Path, out: Path, *extra: str) -> Config:
+    return load_config(RECIPE, [*OPTIONS, *data_options(tiny_data), "model.vlm.freeze_vision=true",
+                                "model.vlm.freeze_merger=true", f"data.feature_cache={out}", *extra])
+
+
+def test_a_vlm_feature_cache_is_built_read_and_refused_when_it_does_not_fit(tiny_data: Path, tmp_path: Path) -> None:
+    """``python -m lavis.vlm.feature_cache``'s builder over the demo recipe's shapes data (images and mp4 clips):
+    the dataset's samples then carry one cached row per visual token; another budget, other weights or a trainable
+    tower is refused, naming what differs."""
+    out = tmp_path / "cache"
+    cfg = _cache_cfg(tiny_data, out)
+    assert build_vlm_cache(cfg, out, dtype="fp32") == []
+    records = load_records(cfg.data.train[0])
+    dataset, collate = build_vlm_data(records, cfg.data, cfg.data.vlm, None)
+    plain, _ = build_vlm_data(records, replace(cfg.data, feature_cache=None), cfg.data.vlm, None)
+    video = next(i for i in range(len(records)) if records[i].video is not None)
+    for i in (0, video):
+        s, p = dataset[(i, 0)], plain[(i, 0)]
+        assert torch.equal(s.input_ids, p.input_ids) and torch.equal(s.image_grid_thw, p.image_grid_thw)
+        assert s.pixel_values.shape == (int(p.image_grid_thw.prod(-1).sum()) // 4, 128)
+        assert s.pixel_values_videos.shape == (int(p.video_grid_thw.prod(-1).sum()) // 4, 128)
+    batch = collate([dataset[(0, 0)], dataset[(video, 0)]])
+    assert batch.inputs.pixels.shape[1] == 128
+    with pytest.raises(CacheError, match="budget"):
+        other = _cache_cfg(tiny_data, out, "data.vlm.image_max_pixels=6272")
+        build_vlm_data(records, other.data, other.data.vlm, None)
+    with pytest.raises(CacheError, match="stale feature cache"):
+        check_model(FeatureCache.open(out), replace(cfg.model.vlm, init_seed=1))
+    with pytest.raises(ValueError, match="freeze_vision: true"):
+        build_vlm_pipe(_cache_cfg(tiny_data, out, "model.vlm.freeze_vision=false"), dp=1)

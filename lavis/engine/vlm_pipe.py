@@ -9,10 +9,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from lavis.config.schema import Config
+from lavis.data.cache_features import FeatureCache
 from lavis.engine.pipe_module import LavisPipelineModule
 from lavis.pipeline.plan import StagePlan, Workload, checkpoint_blocks, offloaded_stages, stage_plan
 from lavis.vlm.arch import read_hf_config
 from lavis.vlm.costs import is_trainable, layer_costs
+from lavis.vlm.feature_cache import check_model
 from lavis.vlm.layers import build_layer_specs, layer_table, tied_embedding
 from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
@@ -34,7 +36,8 @@ def vlm_plan(cfg: Config, hf: PretrainedConfig, dp: int) -> StagePlan:
                     activation_checkpointing=t.parallel.activation_checkpoint_interval > 0,
                     checkpointed_blocks=checkpoint_blocks(t, hf.text_config.num_hidden_layers))
     merge = hf.vision_config.spatial_merge_size
-    return stage_plan(t, layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2), work, dp)
+    return stage_plan(t, layer_costs(hf, cfg.model.vlm, work, patches=tokens * merge**2,
+                                     cached=cfg.data.feature_cache is not None), work, dp)
 
 
 def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, StagePlan, list[FileReport]]:
@@ -46,17 +49,23 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
     hf = read_hf_config(vlm)
     unsupported = [name for name, on in (
         ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
-        ("data.feature_cache", cfg.data.feature_cache is not None)) if on]
+        ) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
                          "model's options)")
     table = layer_table(hf, vlm.vision_blocks_per_layer)
     plan = vlm_plan(cfg, hf, dp)
     recompute = checkpoint_blocks(t, hf.text_config.num_hidden_layers)
-    pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer, recompute), plan.parts,
+    cached = cfg.data.feature_cache is not None
+    if cached and (not vlm.freeze_vision or not vlm.freeze_merger):
+        raise ValueError("data.feature_cache with model.vlm needs model.vlm.freeze_vision: true and "
+                         "model.vlm.freeze_merger: true (the cache replaces the tower and the mergers)")
+    pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer, recompute, cached), plan.parts,
                                offload_stages=offloaded_stages(t), dynamic_shape=True,
                                activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
                                checkpointable_layers=RECOMPUTED_LAYERS)
+    if cached and 0 in pipe.local_layers():  # the stage that reads the cache: built from these weights?
+        check_model(FeatureCache.open(cfg.data.feature_cache), vlm)
     reports = load_stage(vlm, hf, table, pipe.local_layers())
     pipe.apply_trainable_by(lambda plain: is_trainable(plain, vlm), table)
     if hf.tie_word_embeddings:  # the head is the token embedding: one weight on one stage, summed grads across two

@@ -31,14 +31,15 @@ def is_trainable(plain_key: str, cfg: VLMConfig) -> bool:
 
 
 def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: int,
-                grid_hw: tuple[int, int] = (32, 32)) -> list[LayerCost]:
+                grid_hw: tuple[int, int] = (32, 32), cached: bool = False) -> list[LayerCost]:
     """One :class:`LayerCost` per layer of :func:`lavis.vlm.layers.layer_table`, for a micro-batch of
     ``work.tokens`` tokens in sequences of ``work.seq_len`` and ``patches`` vision patches in images of
-    ``grid_hw`` patches (the real sample's grids give the real costs)."""
+    ``grid_hw`` patches (the real sample's grids give the real costs). ``cached``: ``data.feature_cache`` (the
+    tower and the mergers are not built: no weights, no compute)."""
     per = cfg.vision_blocks_per_layer
     table = layer_table(hf, per)
     with torch.device("meta"):
-        layers = build_layers(hf, per, meta=False)
+        layers = build_layers(hf, per, meta=False, cached=cached)
     v, t = hf.vision_config, hf.text_config
     merged = patches // v.spatial_merge_size**2
     image_patches = grid_hw[0] * grid_hw[1]
@@ -57,7 +58,9 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
     upstream = False  # something before this layer trains: gradients must cross it
     for i, entry in enumerate(table):
         params, train = counts[i], trainable[i]
-        if entry.kind == "vision" and i == 0:
+        if entry.kind == "vision" and cached:
+            fwd, act = 0.0, 0.0
+        elif entry.kind == "vision" and i == 0:
             fwd, act = 2.0 * params * patches, patches * v.hidden_size * 2.0
         elif entry.kind == "vision":
             blocks = [int(plain.split(".")[2]) for _, plain in entry.prefixes]  # "visual.blocks.N."
