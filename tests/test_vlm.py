@@ -253,8 +253,11 @@ def test_model_vlm_section_loads_strictly() -> None:
 
 def test_options_this_family_lacks_are_refused() -> None:
     vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
-    with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
+    with pytest.raises(ValueError, match="feature_cache with model.vlm needs model.vlm.freeze_vision: true and"):
         build_vlm_pipe(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")), dp=1)
+    frozen = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"), freeze_merger=True)
+    with pytest.raises(ValueError, match="build it with `python -m lavis.vlm.feature_cache"):
+        build_vlm_pipe(Config(model=ModelConfig(vlm=frozen), data=DataConfig(feature_cache="cache")), dp=1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

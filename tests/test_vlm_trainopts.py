@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -34,16 +35,17 @@ from lavis.testing.vlm import (
     two_image_batch,
     write_tiny_dir,
 )
-from lavis.vlm.arch import read_hf_config
+from lavis.vlm.arch import read_hf_config, reference_model
 from lavis.vlm.collate import MEDIA_VIDEO, VLMStageInputs
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import layer_costs
 from lavis.vlm.data import build_vlm_data
 from lavis.vlm.feature_cache import build_vlm_cache, check_model, item_features, vision_layers
+from lavis.vlm.feature_cache import main as cache_main
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import load_stage
 
-from .conftest import REPO, data_options
+from .conftest import REPO, data_options, launch, losses
 from .test_vlm_demo_training import OPTIONS, RECIPE, STEPS
 
 TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
@@ -242,3 +244,31 @@ def test_a_vlm_feature_cache_is_built_read_and_refused_when_it_does_not_fit(tiny
         check_model(FeatureCache.open(out), replace(cfg.model.vlm, init_seed=1))
     with pytest.raises(ValueError, match="freeze_vision: true"):
         build_vlm_pipe(_cache_cfg(tiny_data, out, "model.vlm.freeze_vision=false"), dp=1)
+
+
+@pytest.mark.process
+def test_the_demo_recipe_trains_from_a_feature_cache_like_from_pixels(tiny_data: Path, tmp_path: Path) -> None:
+    """The demo recipe with a frozen tower and mergers: 1 stage from pixels and 2 stages from a cache built by
+    ``python -m lavis.vlm.feature_cache`` (fp32) give the same 3 losses (rel <= 1e-5) through ``train_pipeline.py``;
+    the planner's table shows the tower's layers without weights."""
+    frozen = ["model.vlm.freeze_vision=true", "model.vlm.freeze_merger=true"]
+    cache = tmp_path / "cache"
+    assert cache_main(["--cfg-path", str(RECIPE), "--out", str(cache), "--dtype", "fp32", "--options", *frozen,
+                       *data_options(tiny_data)]) == 0
+    runs = {}
+    for stages, extra in ((1, []), (2, [f"data.feature_cache={cache}"])):
+        out = tmp_path / f"pp{stages}"
+        proc = launch(stages, ["--cfg-path", str(RECIPE), "--num-stages", str(stages), "--max-steps", "3",
+                               "--output-dir", str(out), "--options", *OPTIONS, *frozen, *extra,
+                               *data_options(tiny_data)])
+        runs[stages] = (losses(out), proc.stdout + proc.stderr)
+    (a, plain_log), (b, log) = runs[1], runs[2]
+    assert len(a) == 3 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    assert "boundaries [0, " in log and "rank 1 (stage 1)" in log
+
+    def loaded(text: str) -> int:  # tensors the stages read ("[stage S] random init (...): N loaded")
+        return sum(int(n) for n in re.findall(r"\[stage \d\] random init \(.*?\): (\d+) loaded", text))
+
+    vision_tensors = sum(1 for k in reference_model(read_hf_config(VLMConfig(
+        hf_config=load_config(RECIPE).model.vlm.hf_config)), 0).state_dict() if ".visual." in f".{k}")
+    assert vision_tensors > 0 and loaded(log) == loaded(plain_log) - vision_tensors  # no tower, no merger built

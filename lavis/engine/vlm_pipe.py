@@ -9,10 +9,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from lavis.config.schema import Config
-from lavis.data.cache_features import FeatureCache
 from lavis.engine.pipe_module import LavisPipelineModule
 from lavis.pipeline.plan import StagePlan, Workload, checkpoint_blocks, offloaded_stages, stage_plan
 from lavis.vlm.arch import read_hf_config
+from lavis.vlm.cached_features import check_present, open_cache
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.feature_cache import check_model
 from lavis.vlm.layers import build_layer_specs, layer_table, tied_embedding
@@ -49,7 +49,7 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
     hf = read_hf_config(vlm)
     unsupported = [name for name, on in (
         ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
-        ) if on]
+    ) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
                          "model's options)")
@@ -60,12 +60,14 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
     if cached and (not vlm.freeze_vision or not vlm.freeze_merger):
         raise ValueError("data.feature_cache with model.vlm needs model.vlm.freeze_vision: true and "
                          "model.vlm.freeze_merger: true (the cache replaces the tower and the mergers)")
+    if cached:
+        check_present(cfg.data.feature_cache)  # every rank, before the collective build; stage 0 verifies it below
     pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer, recompute, cached), plan.parts,
                                offload_stages=offloaded_stages(t), dynamic_shape=True,
                                activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
                                checkpointable_layers=RECOMPUTED_LAYERS)
     if cached and 0 in pipe.local_layers():  # the stage that reads the cache: built from these weights?
-        check_model(FeatureCache.open(cfg.data.feature_cache), vlm)
+        check_model(open_cache(cfg.data.feature_cache), vlm)
     reports = load_stage(vlm, hf, table, pipe.local_layers())
     pipe.apply_trainable_by(lambda plain: is_trainable(plain, vlm), table)
     if hf.tie_word_embeddings:  # the head is the token embedding: one weight on one stage, summed grads across two

@@ -32,9 +32,23 @@ def transform_spec(processor: Any, budget: VLMDataConfig) -> dict[str, Any]:
             "video_processor": settings(processor.video_processor)}
 
 
+def check_present(root: str | Path) -> None:
+    """Raise :class:`CacheError` with this family's build command when ``root`` holds no cache."""
+    if not (Path(root) / "index.json").is_file():
+        raise CacheError(f"{root}: no feature cache here (index.json missing); build it with "
+                         f"`python -m lavis.vlm.feature_cache --cfg-path CFG --out {root}`")
+
+
+def open_cache(root: str | Path) -> FeatureCache:
+    """``FeatureCache.open`` (every shard verified) with this family's build command in the error for a directory
+    that holds none."""
+    check_present(root)
+    return FeatureCache.open(root)
+
+
 def open_for_data(root: str, processor: Any, budget: VLMDataConfig) -> FeatureCache:
     """Open ``root`` for the dataset: refused unless its processor settings and budgets are this run's."""
-    cache = FeatureCache.open(root)
+    cache = open_cache(root)
     if cache.index.get("level") != LEVEL:
         raise CacheError(f"{root}: not a model.vlm feature cache (level {cache.index.get('level')}); rebuild it")
     want = transform_spec(processor, budget)

@@ -3,7 +3,7 @@ mergers' outputs of every training image and clip, computed once; training then 
 
     python -m lavis.vlm.feature_cache --cfg-path CFG [--out DIR] [--dtype fp32|bf16|fp16]
 
-The format is :mod:`lavis.data.cache_features`'s (shards with checksums, ``index.json``, resumable build), level
+The format is :mod:`lavis.data.cache_features`'s (shards with checksums, ``index.json``; a build starts over), level
 ``merger``: one row per merged visual token, ``[1 + k, D]`` (the merged token, then Qwen3-VL's ``k`` DeepStack
 features, each from its own merger), so an item has as many rows as the processor gives it visual tokens
 (``grid_t * grid_h * grid_w / merge^2``). Keys are the media file's absolute path (view 0).
@@ -111,25 +111,30 @@ def item_features(layers: list[torch.nn.Module], pixels: torch.Tensor, grid: tor
     """``[tokens, 1 + k, D]`` of one image / clip: patch embedding, vision blocks, mergers."""
     patch, *blocks, merger = layers
     assert isinstance(patch, PatchEmbedPipe) and isinstance(merger, MergerEmbedPipe)
-    grid = grid.reshape(1, 3)
-    vis = patch.embed(pixels, grid)
-    empty = torch.zeros(0, dtype=torch.long)
+    device = next(patch.parameters()).device
+    grid = grid.reshape(1, 3).to(device)
+    vis = patch.embed(pixels.to(device), grid)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
     for block in blocks:
         assert isinstance(block, VisionBlocksPipe)
         vis = block((vis, grid, empty, empty, empty, empty))[0]
     merged = merger.merge(vis, grid)
-    return merged.reshape(merged.shape[0], -1, merger.hf.text_config.hidden_size)
+    return merged.reshape(merged.shape[0], -1, merger.hf.text_config.hidden_size).cpu()
 
 
-def build_vlm_cache(cfg: Config, out: Path, dtype: str = "bf16", shard_rows: int = 16384) -> list[str]:
-    """Build ``out`` from ``cfg``'s training records (every image and clip once); returns the failures
-    (``file:index (id ...): message``), empty when every item is cached."""
+def build_vlm_cache(cfg: Config, out: Path, dtype: str = "bf16", shard_rows: int = 16384,
+                    device: str | None = None) -> list[str]:
+    """Build ``out`` from ``cfg``'s training records (every image and clip once, on ``device``: the GPU when there
+    is one); returns the failures (``file:index (id ...): message``), empty when every item is cached."""
     vlm = cfg.model.vlm
     assert vlm is not None
     budget = cfg.data.vlm or VLMDataConfig()
     processor = load_processor(processor_ref(budget, vlm.path))
     layers, hf = vision_layers(vlm)
-    head = {"version": FORMAT_VERSION, "level": LEVEL, "fingerprint": fingerprint(vlm, layers, hf),
+    fp = fingerprint(vlm, layers, hf)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = [layer.to(dev) for layer in layers]
+    head = {"version": FORMAT_VERSION, "level": LEVEL, "fingerprint": fp,
             "transform": transform_spec(processor, budget), "feature_shape": feature_shape(hf), "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
     old = _read_index(out)
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-path", required=True)
     p.add_argument("--out", help="cache directory (default: data.feature_cache of the recipe)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--options", nargs="+", default=[], help="config overrides key=value")
     args = p.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.vlm is None or not cfg.data.train:
         raise SystemExit(f"{args.cfg_path}: needs a model.vlm section and data.train (for a BLIP-2-style recipe use "
                          "python -m lavis.data.cache_features)")
-    failures = build_vlm_cache(cfg, Path(out), dtype=args.dtype)
+    failures = build_vlm_cache(cfg, Path(out), dtype=args.dtype, device=args.device)
     print(f"feature cache {out}: {len(failures)} failure(s)")
     for message in failures:
         print(f"  {message}")
@@ -204,4 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lavis.cli import run_cli
+
+    run_cli(main)
