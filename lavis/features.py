@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give --out DIR (or set data.feature_cache in the recipe)")
     if not cfg.data.train:
         raise SystemExit(f"{args.cfg_path}: data.train is empty")
+    if cfg.model.vlm is not None:  # the tower is built above this layer (lavis.vlm.feature_cache)
+        raise SystemExit(f"{args.cfg_path} has a model.vlm section: build its cache with "
+                         f"python -m lavis.vlm.feature_cache --cfg-path {args.cfg_path}")
     findings = build_cache(cfg, Path(out), workers=args.workers, views=args.views, dtype=args.dtype,
                            batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty())
     print(f"feature cache {out}: {len(findings)} failure(s)")

@@ -267,9 +267,8 @@ def test_the_vlm_plain_model_is_transformers_own_with_the_tables_weights():
 
 
 @pytest.mark.parametrize("option,match", [
-    ("data.feature_cache=cache", "data.feature_cache: not supported with model.vlm"),
+    ("data.feature_cache=cache", "data.feature_cache with model.vlm needs model.vlm.freeze_vision: true"),
     ("data.fixed_length=true", "data.fixed_length: not supported with model.vlm"),
-    ("train.parallel.activation_checkpoint_interval=1", "activation_checkpoint_interval"),
 ])
 def test_the_vlm_family_refuses_the_options_it_lacks_before_building(option: str, match: str):
     cfg = _vlm_cfg(option)
@@ -286,7 +285,7 @@ def test_the_vlm_family_has_no_template_of_ours():
 
 def test_plan_cli_plans_a_vlm_recipe_through_its_family(capsys: pytest.CaptureFixture[str]):
     """``python -m lavis.plan`` on the VLM demo recipe: the family's plan, its language model's shape, and no knob
-    the family refuses (recomputation, model.llm LoRA)."""
+    the family refuses (model.llm LoRA); recomputation is offered."""
     assert plan_cli.main(["--cfg-path", str(VLM_RECIPE)]) == 0
     out = capsys.readouterr().out
     assert "(model.vlm.hf_config)" in out and "fits: every stage" in out
@@ -294,7 +293,7 @@ def test_plan_cli_plans_a_vlm_recipe_through_its_family(capsys: pytest.CaptureFi
     assert spec.family == "vlm"
     cfg = load_config(VLM_RECIPE, ["data.max_txt_len=512"])
     knobs = " ".join(" ".join(opts) for _, opts in plan_cli.knob_options(cfg, 4))
-    assert "activation_checkpoint_interval" not in knobs and "model.llm.lora" not in knobs
+    assert "model.llm.lora" not in knobs and "activation_checkpoint_interval=1" in knobs
     assert "train.parallel.activation_offload=true" in knobs  # the ones it takes are offered
 
 

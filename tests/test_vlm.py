@@ -256,13 +256,15 @@ def _pipeline_layers(cfg: Config) -> list:
     return family_named(spec.family).pipeline_layers(spec, cfg, -1)
 
 
-def test_options_this_family_lacks_and_tied_training_are_refused() -> None:
+def test_options_this_family_lacks_are_refused() -> None:
     vlm = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"))
-    with pytest.raises(ValueError, match="data.feature_cache: not supported with model.vlm"):
+    with pytest.raises(ValueError, match="feature_cache with model.vlm needs model.vlm.freeze_vision: true and"):
         _pipeline_layers(Config(model=ModelConfig(vlm=vlm), data=DataConfig(feature_cache="cache")))
-    tied = VLMConfig(hf_config={**tiny_hf_dict("qwen2_5_vl"), "tie_word_embeddings": True})
-    with pytest.raises(ValueError, match="tie_word_embeddings is true"):
-        _pipeline_layers(Config(model=ModelConfig(vlm=tied)))
+    frozen = VLMConfig(hf_config=tiny_hf_dict("qwen2_5_vl"), freeze_merger=True)
+    with pytest.raises(ValueError, match="build it with `python -m lavis.vlm.feature_cache"):
+        _pipeline_layers(Config(model=ModelConfig(vlm=frozen), data=DataConfig(feature_cache="cache")))
+    with pytest.raises(ValueError, match="data.fixed_length: not supported with model.vlm"):
+        _pipeline_layers(Config(model=ModelConfig(vlm=vlm), data=DataConfig(fixed_length=True)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -84,6 +84,10 @@ def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, o
     missing, unexpected = model.load_state_dict({in_memory_key(k): v for k, v in state.items()}, strict=False,
                                                 assign=True)
     tied = {"lm_head.weight"} if hf.tie_word_embeddings else set()
+    if tied and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        raise ValueError(f"{tag_dir}: tie_word_embeddings is true but the checkpoint's lm_head.weight differs from "
+                         "model.embed_tokens.weight (a run that did not keep its tied copies equal); export from a "
+                         "checkpoint of this trainer's tied-embedding training")
     if set(missing) - tied or unexpected:
         raise ValueError(f"{tag_dir}: the trained weights do not fill {type(model).__name__}: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -52,6 +52,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(PIPE_MODULE, "forward_funcs", "instance_attr", "this stage's layers, in order"),
     Requirement(PIPE_MODULE, "ckpt_layer_path_list", "method", "layer files of a local layer (resume check)",
                 ("self", "ckpt_dir", "local_layer_idx")),
+    Requirement(PIPE_MODULE, "get_tied_weights_and_groups", "method", "overridden: our tied weights (tied "
+                "embeddings across stages) join the gradient sum DeepSpeed's ReduceTiedGrads instruction runs",
+                ("self",)),
+    Requirement(PIPE_MODULE, "stage_owner", "method", "the stage that holds a layer", ("self", "layer_idx")),
     Requirement(PIPE_MODULE, "load_state_dir", "method", "overridden: non-strict per-layer load plus our check",
                 ("self", "load_dir", "checkpoint_engine", "strict")),
     Requirement(PIPE_ENGINE, "_INSTRUCTION_MAP", "class_attr", "schedule instruction -> method; an instance copy "
@@ -71,6 +75,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 _USED_IN_SOURCE: tuple[tuple[str, str, str], ...] = (
     (PIPE_MODULE, "__init__", "self._partition_layers("),
     (PIPE_ENGINE, "_exec_schedule", "self._INSTRUCTION_MAP["),
+    (PIPE_ENGINE, "_exec_reduce_tied_grads", "self.module.get_tied_weights_and_groups()"),
 )
 """(class, method, text): how DeepSpeed must use an attribute for our override / instance copy to take effect."""
 
@@ -149,6 +154,16 @@ def layer_files(module: Any, load_dir: str, local_index: int) -> list[str]:
 def pipe_parallel_group(module: Any) -> Any:
     """The process group of this rank's pipeline (all its stages)."""
     return module._grid.get_pipe_parallel_group()
+
+
+def data_parallel_size(module: Any) -> int:
+    """How many data-parallel replicas of the pipeline run."""
+    return module._grid.data_parallel_size
+
+
+def stage_rank(module: Any, stage: int, replica: int) -> int:
+    """The global rank of ``stage`` in data-parallel replica ``replica``."""
+    return module._grid.stage_to_global(stage_id=stage, data=replica)
 
 
 # --- PipelineEngine / DeepSpeedEngine -----------------------------------------------------------------------------

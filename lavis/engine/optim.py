@@ -39,10 +39,12 @@ class GlobalNormClip:
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
         self.overflow = False
         if self.norm_group is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
             sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-            for g in grads:
-                sq += g.double().pow(2).sum()
+            for p in params:  # a tied weight's copy on a later stage (pipe_module.tie_weights) counts once
+                if not getattr(p, "ds_pipe_replicated", False):
+                    sq += p.grad.double().pow(2).sum()
             dist.all_reduce(sq, group=self.norm_group)
             norm = float(sq.sqrt())
             self.last_grad_norm = norm

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from torch.autograd.graph import save_on_cpu
@@ -66,6 +67,8 @@ class LavisPipelineModule(PipelineModule):
         super().__init__(specs, num_stages=len(boundaries) - 1, partition_method="uniform", loss_fn=lm_loss, **kwargs)
         self.group_anchors = nn.ParameterList()
         self.offload_activations = self.stage_id in offload_stages
+        self._tied: list[tuple[nn.Parameter, Any]] = []
+        """This stage's copies of weights tied across stages, with the group of the stages holding a copy."""
 
     def _partition_layers(self, method: str = "uniform") -> None:
         ds_compat.set_stage_bounds(self, self._planned_boundaries)
@@ -102,6 +105,37 @@ class LavisPipelineModule(PipelineModule):
         if not has_vector:
             self.group_anchors.append(nn.Parameter(torch.zeros(1)))
         return count
+
+    def tie_weights(self, first: tuple[int, str], second: tuple[int, str]) -> None:
+        """Tie parameter ``second[1]`` of layer ``second[0]`` to ``first[1]`` of layer ``first[0]`` (tied
+        embeddings: the LM head is the token embedding); both hold the same values when this is called. Collective:
+        every rank calls it, after the weights are loaded and ``requires_grad`` is set.
+
+        On one stage the second becomes the same ``Parameter`` (autograd sums both uses). Across stages each holds a
+        copy, and DeepSpeed's ReduceTiedGrads instruction (before the data-parallel gradient all-reduce and the
+        optimizer step) sums the copies' gradients over the two stages (:meth:`get_tied_weights_and_groups`), so
+        both take the same step and stay equal; the second copy is marked ``ds_pipe_replicated`` so gradient norms
+        count the weight once."""
+        owners = [self.stage_owner(first[0]), self.stage_owner(second[0])]
+        local = self.local_layers()
+        if owners[0] == owners[1]:
+            if first[0] in local:
+                holder, attr = _owner_of(local[second[0]], second[1])
+                setattr(holder, attr, local[first[0]].get_parameter(first[1]))
+            return
+        for replica in range(ds_compat.data_parallel_size(self)):
+            ranks = [ds_compat.stage_rank(self, s, replica) for s in owners]
+            group = dist.new_group(ranks=ranks)  # every rank creates every group, in the same order
+            if self.global_rank in ranks:
+                idx, name = first if self.stage_id == owners[0] else second
+                weight = local[idx].get_parameter(name)
+                weight.ds_pipe_replicated = self.stage_id == owners[1]  # pyright: ignore[reportAttributeAccessIssue]
+                self._tied.append((weight, group))
+
+    def get_tied_weights_and_groups(self) -> list:
+        """DeepSpeed's ReduceTiedGrads all-reduces the gradient of each ``(weight, group)``: its own tied layers'
+        and those of :meth:`tie_weights`."""
+        return super().get_tied_weights_and_groups() + self._tied
 
     def load_state_dir(self, load_dir, checkpoint_engine, strict=True) -> None:  # noqa: ANN001 - DeepSpeed's signature
         """Resume: layer files hold only the weights that train (saved with ``exclude_frozen_parameters``), so
@@ -141,6 +175,12 @@ def activation_offload(active: bool) -> contextlib.AbstractContextManager:
     """While active, every tensor autograd saves for backward is kept in host memory (pinned on CUDA) and copied
     back when backward needs it; under recomputation only what the checkpointed blocks still save moves."""
     return save_on_cpu(pin_memory=torch.cuda.is_available()) if active else contextlib.nullcontext()
+
+
+def _owner_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding parameter ``name`` (dotted) and the parameter's attribute name."""
+    path, _, attr = name.rpartition(".")
+    return module.get_submodule(path), attr
 
 
 def _adapter_count(module: nn.Module) -> int:

@@ -287,12 +287,13 @@ def build_run(cfg: Config, resume_tag: str | None, spec: ModelSpec | None = None
         boundaries,
         offload_stages=offloaded_stages(t),
         activation_checkpoint_interval=t.parallel.activation_checkpoint_interval,
-        checkpointable_layers=["DecoderBlockPipe"],
+        checkpointable_layers=list(family.recomputed_layers),
         dynamic_shape=not cfg.data.fixed_length,
     )
     for rep in pipe.load_weights(family, spec, cfg.model):  # this rank's layers only; raises if a file does not fit
         print(f"[stage {pipe.stage_id}] {rep.summary()}", flush=True)
     pipe.apply_trainable_by(lambda plain: family.is_trainable(cfg.model, plain), table)
+    family.prepare_stage(spec, cfg, pipe)  # tied weights, checks of what the stage reads besides its weights
     if pipe.offload_activations:
         print(f"[stage {pipe.stage_id}] activation offload: saved activations kept in host memory", flush=True)
     if t.optim.optimizer == "adamw_bf16":  # bf16 weights are ours, not DeepSpeed's (its bf16 mode adds fp32 masters)

@@ -90,12 +90,22 @@ class RunText:
     samples; the run directory keeps it under ``processor/``."""
 
 
+class BuiltStage(Protocol):
+    """What :meth:`ModelFamily.prepare_stage` may do with one built pipeline stage (``LavisPipelineModule``)."""
+
+    def local_layers(self) -> dict[int, nn.Module]: ...
+
+    def tie_weights(self, first: tuple[int, str], second: tuple[int, str]) -> None: ...
+
+
 class ModelFamily(Protocol):
     """The pieces a model family provides (see the module docstring)."""
 
     name: str
     converter_names: tuple[str, ...]
     section: str
+    recomputed_layers: tuple[str, ...]
+    """Class names of the layers ``train.parallel.activation_checkpoint_interval`` recomputes in backward."""
 
     def claims(self, cfg: ModelConfig) -> bool: ...
 
@@ -122,6 +132,11 @@ class ModelFamily(Protocol):
     def is_trainable(self, cfg: ModelConfig, plain_key: str) -> bool: ...
 
     def unsupported_options(self, cfg: Config) -> list[tuple[str, bool]]: ...
+
+    def prepare_stage(self, spec: ModelSpec, cfg: Config, stage: BuiltStage) -> None:
+        """After the stage's weights are read and ``requires_grad`` set (collective: every rank calls it): weights
+        tied across layers, checks of what the stage reads besides its weights."""
+        ...
 
 
 def blip2_layers(
@@ -151,6 +166,7 @@ class Blip2Family:
     name: str = mllm.FAMILY
     converter_names: tuple[str, ...] = ("auto", "ours", "qwen_v1", "minigpt4")
     section: str = "model.llm"
+    recomputed_layers: tuple[str, ...] = ("DecoderBlockPipe",)
 
     def claims(self, cfg: ModelConfig) -> bool:
         return True  # the default: every config no other family claims
@@ -206,4 +222,7 @@ class Blip2Family:
 
     def unsupported_options(self, cfg: Config) -> list[tuple[str, bool]]:
         return []  # the options of the config schema are this family's
+
+    def prepare_stage(self, spec: ModelSpec, cfg: Config, stage: BuiltStage) -> None:
+        return None  # no tied weights; the feature cache is checked by the vision layer that reads it
 

@@ -40,16 +40,19 @@ def tiny_hf_dict(family: str) -> dict[str, Any]:
     raise ValueError(family)
 
 
-def tiny_hf_config(family: str) -> PretrainedConfig:
+def tiny_hf_config(family: str, tied: bool = False) -> PretrainedConfig:
+    """``tied``: ``tie_word_embeddings`` (the LM head is the token embedding, as in Qwen2.5-VL-3B)."""
     raw = tiny_hf_dict(family)
     raw.pop("model_type")
+    raw["tie_word_embeddings"] = tied
     return (Qwen2_5_VLConfig if family == "qwen2_5_vl" else Qwen3VLConfig)(**raw)
 
 
-def write_tiny_dir(path: Path, family: str, seed: int = 0, max_shard_size: str = "20KB") -> Path:
+def write_tiny_dir(path: Path, family: str, seed: int = 0, max_shard_size: str = "20KB", tied: bool = False) -> Path:
     """A random tiny model saved by transformers' ``save_pretrained`` (several shards + index)."""
     torch.manual_seed(seed)
-    AutoModelForImageTextToText.from_config(tiny_hf_config(family)).save_pretrained(path, max_shard_size=max_shard_size)
+    model = AutoModelForImageTextToText.from_config(tiny_hf_config(family, tied))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 

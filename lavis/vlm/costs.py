@@ -6,7 +6,9 @@ merger) plus attention, ``4 x span^2 x width`` per attention segment (a vision b
 frame, or within Qwen2.5-VL's windows; a decoder block within a sequence); backward is 2x forward for trainable
 layers, 1x for frozen ones that gradients must cross, 0 for frozen layers with nothing trainable before them (which
 then keep no activations either). Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
-bytes per row for a block, a bf16 row of the output for the other layers.
+bytes per row for a block, a bf16 row of the output for the other layers; a block recomputed in backward
+(``Workload.activation_checkpointing``: every decoder block and vision block group; ``Workload.checkpointed_blocks``:
+those decoder blocks) keeps only its input row, ``width x 2`` bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from lavis.pipeline.plan import LayerCost, Workload
+from lavis.pipeline.plan import LayerCost, LayerEntry, Workload
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.layers import build_layers, layer_table
 
@@ -29,14 +31,15 @@ def is_trainable(plain_key: str, cfg: VLMConfig) -> bool:
 
 
 def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: int,
-                grid_hw: tuple[int, int] = (32, 32)) -> list[LayerCost]:
+                grid_hw: tuple[int, int] = (32, 32), cached: bool = False) -> list[LayerCost]:
     """One :class:`LayerCost` per layer of :func:`lavis.vlm.layers.layer_table`, for a micro-batch of
     ``work.tokens`` tokens in sequences of ``work.seq_len`` and ``patches`` vision patches in images of
-    ``grid_hw`` patches (the real sample's grids give the real costs)."""
+    ``grid_hw`` patches (the real sample's grids give the real costs). ``cached``: ``data.feature_cache`` (the
+    tower and the mergers are not built: no weights, no compute)."""
     per = cfg.vision_blocks_per_layer
     table = layer_table(hf, per)
     with torch.device("meta"):
-        layers = build_layers(hf, per, meta=False)
+        layers = build_layers(hf, per, meta=False, cached=cached)
     v, t = hf.vision_config, hf.text_config
     merged = patches // v.spatial_merge_size**2
     image_patches = grid_hw[0] * grid_hw[1]
@@ -55,7 +58,9 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
     upstream = False  # something before this layer trains: gradients must cross it
     for i, entry in enumerate(table):
         params, train = counts[i], trainable[i]
-        if entry.kind == "vision" and i == 0:
+        if entry.kind == "vision" and cached:
+            fwd, act = 0.0, 0.0
+        elif entry.kind == "vision" and i == 0:
             fwd, act = 2.0 * params * patches, patches * v.hidden_size * 2.0
         elif entry.kind == "vision":
             blocks = [int(plain.split(".")[2]) for _, plain in entry.prefixes]  # "visual.blocks.N."
@@ -63,12 +68,15 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
             for b in blocks:
                 span = min(window, image_patches) if b not in full_blocks else image_patches
                 fwd += 4.0 * (patches // span) * span**2 * v.hidden_size
-            act = patches * (16 * v.hidden_size + 2 * v.intermediate_size) * 2.0 * len(blocks)
+            act = patches * (v.hidden_size * 2.0 if work.activation_checkpointing
+                             else (16 * v.hidden_size + 2 * v.intermediate_size) * 2.0 * len(blocks))
         elif entry.kind == "embed":
             fwd, act = 2.0 * (params - t.vocab_size * t.hidden_size) * merged, work.tokens * t.hidden_size * 2.0
         elif entry.kind == "block":
             fwd = 2.0 * params * work.tokens + 4.0 * seqs * work.seq_len**2 * t.hidden_size
-            act = work.tokens * (16 * t.hidden_size + 2 * t.intermediate_size) * 2.0
+            recomputed = work.activation_checkpointing or block_index(entry) in work.checkpointed_blocks
+            per_row = t.hidden_size if recomputed else 16 * t.hidden_size + 2 * t.intermediate_size
+            act = work.tokens * per_row * 2.0
         else:
             fwd = 2.0 * params * work.tokens
             act = work.tokens * (t.vocab_size if entry.kind == "head" else t.hidden_size) * 6.0
@@ -78,3 +86,8 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
             act = 0.0
         costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act))
     return costs
+
+
+def block_index(entry: LayerEntry) -> int:
+    """The decoder block index of a ``block`` entry of :func:`lavis.vlm.layers.layer_table` (``model.layers.N.``)."""
+    return int(entry.prefixes[0][1].split(".")[2])

@@ -13,6 +13,7 @@ from typing import Any
 
 from lavis.config.schema import DataConfig
 from lavis.data.datasets import Record
+from lavis.vlm.cached_features import open_for_data
 from lavis.vlm.collate import VLMCollator
 from lavis.vlm.data_config import VLMDataConfig
 from lavis.vlm.processor import VLMConversationDataset
@@ -49,5 +50,8 @@ def build_vlm_data(records: Sequence[Record], data: DataConfig, budget: VLMDataC
     pad = processor.tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the VLM processor's tokenizer has no pad token (pad_token in tokenizer_config.json)")
-    dataset = VLMConversationDataset(records, processor, data, budget)
+    cache = None
+    if data.feature_cache is not None:
+        cache = open_for_data(data.feature_cache, processor, budget)
+    dataset = VLMConversationDataset(records, processor, data, budget, cache)
     return dataset, VLMCollator(int(pad), data.max_txt_len, data.pad_to_multiple_of)

@@ -22,14 +22,16 @@ from lavis.data.datasets import Record
 from lavis.data.step_loader import MicroBatch, StepDataset
 from lavis.data.tokenizer import AnyTokenizer
 from lavis.model.spec import ModelSpec
-from lavis.pipeline.family import LayerRecipe, RunText
-from lavis.pipeline.plan import LayerCost, Workload
+from lavis.pipeline.family import BuiltStage, LayerRecipe, RunText
+from lavis.pipeline.plan import LayerCost, Workload, checkpoint_blocks
 from lavis.vlm.arch import _merge, read_hf_config
+from lavis.vlm.cached_features import check_present, open_cache
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.data import build_vlm_data, processor_ref
 from lavis.vlm.data_config import VLMDataConfig
-from lavis.vlm.layers import layer_classes, layer_table
+from lavis.vlm.feature_cache import check_model
+from lavis.vlm.layers import layer_classes, layer_table, tied_embedding
 from lavis.vlm.processor_files import load_processor
 from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
@@ -43,27 +45,26 @@ COMPONENTS = ("vision", "merger", "llm")
 
 def unsupported_vlm_options(cfg: Config) -> list[tuple[str, bool]]:
     """The (option, set in ``cfg``) pairs of the options this family does not support yet."""
-    t = cfg.train
     return [
-        ("train.parallel.activation_checkpoint_interval / activation_checkpoint_blocks",
-         bool(t.parallel.activation_checkpoint_interval or t.parallel.activation_checkpoint_blocks)),
-        ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
-        ("data.feature_cache", cfg.data.feature_cache is not None),
+        ("model.llm.lora / model.llm.quantize (use model.vlm.lora / model.vlm.quantize)",
+         cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
         ("data.fixed_length", cfg.data.fixed_length)]  # the visual tokens' count differs per sample
 
 
-def check_vlm_options(cfg: Config, hf: Any) -> None:
-    """Refuse :func:`unsupported_vlm_options` that ``cfg`` sets, and training the LLM with tied embeddings."""
+def check_vlm_options(cfg: Config) -> None:
+    """Refuse :func:`unsupported_vlm_options` that ``cfg`` sets, and a feature cache over a tower or merger that
+    trains; every rank checks the cache is there before the collective build (stage 0 checks its model later)."""
     vlm = cfg.model.vlm
     assert vlm is not None
-    if hf.tie_word_embeddings and not vlm.freeze_llm:
-        raise ValueError(f"{vlm.path or 'model.vlm.hf_config'}: tie_word_embeddings is true (the LM head is the token "
-                         "embedding); training the LLM with tied embeddings across stages is not supported yet: set "
-                         "model.vlm.freeze_llm: true (or train a model with untied embeddings)")
     unsupported = [name for name, on in unsupported_vlm_options(cfg) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
                          "model's options)")
+    if cfg.data.feature_cache is not None:
+        if not vlm.freeze_vision or not vlm.freeze_merger:
+            raise ValueError("data.feature_cache with model.vlm needs model.vlm.freeze_vision: true and "
+                             "model.vlm.freeze_merger: true (the cache replaces the tower and the mergers)")
+        check_present(cfg.data.feature_cache)
 
 
 def _vlm(cfg: ModelConfig) -> VLMConfig:
@@ -84,6 +85,7 @@ class VLMFamily:
     converter_names: tuple[str, ...] = ()
     """None: a run of this family is exported as a transformers directory (``pipemodel2pth.py --hf-out``)."""
     section: str = "model.vlm"
+    recomputed_layers: tuple[str, ...] = ("DecoderBlockPipe", "VisionBlocksPipe")
 
     def claims(self, cfg: ModelConfig) -> bool:
         return cfg.vlm is not None
@@ -123,9 +125,11 @@ class VLMFamily:
     def pipeline_layers(self, spec: ModelSpec, cfg: Config, placeholder_id: int) -> list[LayerRecipe]:
         """Every layer allocated uninitialised (each stage reads its own weights next); the options this family does
         not support yet are refused first."""
-        check_vlm_options(cfg, spec.hf)
+        check_vlm_options(cfg)
         per = _vlm(cfg.model).vision_blocks_per_layer
-        return [LayerRecipe(cls, args, allocate_only=True) for cls, args in layer_classes(spec.hf, per)]
+        recompute = checkpoint_blocks(cfg.train, spec.num_blocks)
+        return [LayerRecipe(cls, args, allocate_only=True)
+                for cls, args in layer_classes(spec.hf, per, recompute, cfg.data.feature_cache is not None)]
 
     def load_layer_weights(self, spec: ModelSpec, cfg: ModelConfig, layers: dict[int, nn.Module]) -> list[FileReport]:
         """From ``model.vlm.path`` (the whole directory checked, only these layers' tensors read), or transformers'
@@ -135,10 +139,19 @@ class VLMFamily:
     def layer_costs(self, spec: ModelSpec, cfg: Config, work: Workload) -> list[LayerCost]:
         """The workload's tokens may all be visual tokens (patches = merge^2 x tokens), the most a sample holds."""
         merge = spec.hf.vision_config.spatial_merge_size
-        return layer_costs(spec.hf, _vlm(cfg.model), work, patches=work.tokens * merge**2)
+        return layer_costs(spec.hf, _vlm(cfg.model), work, patches=work.tokens * merge**2,
+                           cached=cfg.data.feature_cache is not None)
 
     def is_trainable(self, cfg: ModelConfig, plain_key: str) -> bool:
         return is_trainable(plain_key, _vlm(cfg))
 
     def unsupported_options(self, cfg: Config) -> list[tuple[str, bool]]:
         return unsupported_vlm_options(cfg)
+
+    def prepare_stage(self, spec: ModelSpec, cfg: Config, stage: BuiltStage) -> None:
+        """Tied embeddings (the head is the token embedding): one weight on one stage, gradients summed across two;
+        the stage reading a feature cache checks it was built from these tower and merger weights."""
+        if spec.hf.tie_word_embeddings:
+            stage.tie_weights(*tied_embedding(list(spec.table)))
+        if cfg.data.feature_cache is not None and 0 in stage.local_layers():
+            check_model(open_cache(cfg.data.feature_cache), _vlm(cfg.model))

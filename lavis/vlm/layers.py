@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -64,11 +65,15 @@ class PatchEmbedPipe(nn.Module):
     """Patches -> vision width (Qwen3-VL: plus the learned position embedding resampled to each grid); Qwen2.5-VL
     permutes them into attention windows here. Also computes the M-RoPE positions once."""
 
-    def __init__(self, hf: PretrainedConfig) -> None:
+    def __init__(self, hf: PretrainedConfig, cached: bool = False) -> None:
         super().__init__()
         v = hf.vision_config
         self.hf, self.fam = hf, family_of(hf)
-        if self.fam.windowed:
+        self.cached = cached
+        """``data.feature_cache``: stage 0 reads the merger's cached outputs; only the positions are computed."""
+        if cached:
+            pass
+        elif self.fam.windowed:
             self.patch_embed = Qwen2_5_VisionPatchEmbed(v.patch_size, v.temporal_patch_size, v.in_channels,
                                                         v.hidden_size)
         else:
@@ -82,6 +87,12 @@ class PatchEmbedPipe(nn.Module):
         images, videos = grid[kind == MEDIA_IMAGE], grid[kind == MEDIA_VIDEO]
         pos = self.rope_index(ids_BL, mask_BL, images if len(images) else None, videos if len(videos) else None,
                               second_per_grid[kind == MEDIA_VIDEO] if len(videos) else None)
+        if self.cached:  # [tokens, D * (1 + k)]: the merged tokens (and DeepStack features) of lavis.vlm.feature_cache
+            return VisionIO(pixels, grid, kind, ids_BL, mask_BL, pos)
+        return VisionIO(self.embed(pixels, grid), grid, kind, ids_BL, mask_BL, pos)
+
+    def embed(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Patches -> vision width (Qwen2.5-VL: in window order)."""
         vis = self.patch_embed(pixels)
         v = self.hf.vision_config
         if self.fam.windowed:
@@ -92,7 +103,7 @@ class PatchEmbedPipe(nn.Module):
                 grid, num_grid_per_side=int(v.num_position_embeddings**0.5), mode="bilinear", align_corners=True,
                 spatial_merge_size=v.spatial_merge_size)
             vis = vis + (self.pos_embed(idx) * weights[:, :, None]).sum(1).to(vis.dtype)
-        return VisionIO(vis, grid, kind, ids_BL, mask_BL, pos)
+        return vis
 
 
 def permute_windows(x: torch.Tensor, window_index: torch.Tensor, merge: int) -> torch.Tensor:
@@ -104,17 +115,21 @@ def permute_windows(x: torch.Tensor, window_index: torch.Tensor, merge: int) -> 
 class VisionBlocksPipe(nn.Module):
     """Vision blocks ``first .. first + count - 1``; Qwen3-VL's DeepStack blocks append a copy of their output."""
 
-    def __init__(self, hf: PretrainedConfig, first: int, count: int) -> None:
+    def __init__(self, hf: PretrainedConfig, first: int, count: int, cached: bool = False) -> None:
         super().__init__()
         self.hf, self.fam = hf, family_of(hf)
         self.first = first
+        self.cached = cached
+        """``data.feature_cache``: no blocks; the cached features pass through."""
         v = hf.vision_config
-        self.blocks = nn.ModuleList(self.fam.vision_block(v) for _ in range(count))
+        self.blocks = nn.ModuleList(self.fam.vision_block(v) for _ in range(0 if cached else count))
         with torch.device("cpu"):  # also when the layer is built on the meta device
             self._rotary = [self.fam.vision_rotary(v)]
 
     def forward(self, io: tuple[torch.Tensor, ...]) -> VisionIO:
         vis, grid, kind, ids_BL, mask_BL, pos = io
+        if self.cached:
+            return VisionIO(vis, grid, kind, ids_BL, mask_BL, pos)
         v = self.hf.vision_config
         width = v.hidden_size
         main, extras = vis[:, :width], [vis[:, width:]] if vis.shape[1] > width else []
@@ -140,11 +155,15 @@ class MergerEmbedPipe(nn.Module):
     """Patch merger (Qwen2.5-VL: back from window order) and Qwen3-VL's DeepStack mergers, then the token
     embeddings with the visual tokens written at the image / video placeholders."""
 
-    def __init__(self, hf: PretrainedConfig) -> None:
+    def __init__(self, hf: PretrainedConfig, cached: bool = False) -> None:
         super().__init__()
         self.hf, self.fam = hf, family_of(hf)
         v, t = hf.vision_config, hf.text_config
-        if self.fam.windowed:
+        self.cached = cached
+        """``data.feature_cache``: no mergers; the input already holds their outputs (:meth:`merge`)."""
+        if cached:
+            pass
+        elif self.fam.windowed:
             self.merger = self.fam.merger(dim=v.out_hidden_size, context_dim=v.hidden_size,
                                           spatial_merge_size=v.spatial_merge_size)
         else:
@@ -155,23 +174,32 @@ class MergerEmbedPipe(nn.Module):
 
     def forward(self, io: tuple[torch.Tensor, ...]) -> TextIO:
         vis, grid, kind, ids_BL, mask_BL, pos = io
-        v = self.hf.vision_config
         embeds = self.embed_tokens(ids_BL)
         if vis.shape[0] == 0:
             return TextIO(embeds, mask_BL, pos)
+        merged = vis if self.cached else self.merge(vis, grid)
+        d = self.hf.text_config.hidden_size
+        hidden = [self.place(embeds if s == 0 else torch.zeros_like(embeds), merged[:, s * d:(s + 1) * d], grid, kind,
+                             ids_BL) for s in range(merged.shape[1] // d)]
+        return TextIO(torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0], mask_BL, pos)
+
+    def merge(self, vis: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """``[tokens, D * (1 + k)]``: the merged visual tokens in grid order, then (Qwen3-VL) the ``k`` DeepStack
+        features, each merged by its own merger (what ``data.feature_cache`` stores per image / clip)."""
+        v = self.hf.vision_config
         width = v.hidden_size
         merged = self.merger(vis[:, :width].contiguous())
+        order = None
         if self.fam.windowed:
             window_index, _ = get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
-            merged = merged[torch.argsort(window_index)]
-        hidden = [self.place(embeds, merged, grid, kind, ids_BL)]
+            order = torch.argsort(window_index)
+            merged = merged[order]
+        out = [merged]
         if self.fam.deepstack:
-            order = sorted(v.deepstack_visual_indexes)
-            for slot, block in enumerate(order):
+            for slot, block in enumerate(sorted(v.deepstack_visual_indexes)):
                 feats = vis[:, width * (1 + slot): width * (2 + slot)].contiguous()
-                ds = self.deepstack_merger_list[v.deepstack_visual_indexes.index(block)](feats)
-                hidden.append(self.place(torch.zeros_like(embeds), ds, grid, kind, ids_BL))
-        return TextIO(torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0], mask_BL, pos)
+                out.append(self.deepstack_merger_list[v.deepstack_visual_indexes.index(block)](feats))
+        return torch.cat(out, dim=1) if len(out) > 1 else merged
 
     def place(self, base_BLD: torch.Tensor, tokens: torch.Tensor, grid: torch.Tensor, kind: torch.Tensor,
               ids_BL: torch.Tensor) -> torch.Tensor:
@@ -205,14 +233,17 @@ def check_placeholders(hf: PretrainedConfig, grid: torch.Tensor, kind: torch.Ten
 
 class DecoderBlockPipe(nn.Module):
     """One transformers decoder layer with the M-RoPE positions that travel; adds the next DeepStack feature (if
-    one is still in the tuple) to its output."""
+    one is still in the tuple) to its output. ``recompute``: the layer runs under non-reentrant
+    ``torch.utils.checkpoint`` (``train.parallel.activation_checkpoint_blocks``), keeping only its input for backward.
+    The class name is what ``train.parallel.activation_checkpoint_interval`` checkpoints (``checkpointable_layers``)."""
 
-    def __init__(self, hf: PretrainedConfig, index: int) -> None:
+    def __init__(self, hf: PretrainedConfig, index: int, recompute: bool = False) -> None:
         super().__init__()
         self.hf, self.fam = hf, family_of(hf)
         t = hf.text_config
         self.text = t
         self.index = index
+        self.recompute = recompute
         self.layer = self.fam.decoder_layer(t, index)
         layer_types = getattr(t, "layer_types", None)
         self.sliding = bool(layer_types) and layer_types[index] == "sliding_attention"
@@ -227,11 +258,19 @@ class DecoderBlockPipe(nn.Module):
         attn_mask = make_mask(config=self.text, inputs_embeds=h, attention_mask=mask_BL, cache=None,
                               position_ids=None)
         rotary = self._rotary[0] = _held(self._rotary[0], h.device)
-        out = self.layer(h, attention_mask=attn_mask, position_ids=None, position_embeddings=rotary(h, pos))
-        out = out[0] if isinstance(out, tuple) else out
+        cos, sin = rotary(h, pos)
+        if self.recompute and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._block, h, attn_mask, cos, sin, use_reentrant=False)
+        else:
+            out = self._block(h, attn_mask, cos, sin)
         if hidden.shape[-1] > d:  # the next DeepStack feature belongs to this layer
             out = torch.cat([out + hidden[..., d:2 * d], hidden[..., 2 * d:]], dim=-1)
         return TextIO(out, mask_BL, pos)
+
+    def _block(self, h: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        out = self.layer(h, attention_mask=attn_mask, position_ids=None, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out
 
 
 class FinalNormPipe(nn.Module):
@@ -264,13 +303,17 @@ def vision_groups(hf: PretrainedConfig, per_layer: int) -> list[tuple[int, int]]
     return [(i, min(per_layer, depth - i)) for i in range(0, depth, per_layer)]
 
 
-def layer_classes(hf: PretrainedConfig, per_layer: int = 1) -> list[tuple[type[nn.Module], tuple]]:
+def layer_classes(hf: PretrainedConfig, per_layer: int = 1, recompute_blocks: frozenset[int] = frozenset(),
+                  cached: bool = False) -> list[tuple[type[nn.Module], tuple]]:
     """The layer list as ``(class, args)``: what the family's ``pipeline_layers`` hands the pipeline
-    (``lavis.vlm.family``) and what :func:`build_layers` instantiates in one process."""
-    out: list[tuple[type[nn.Module], tuple]] = [(PatchEmbedPipe, (hf,))]
-    out += [(VisionBlocksPipe, (hf, first, count)) for first, count in vision_groups(hf, per_layer)]
-    out.append((MergerEmbedPipe, (hf,)))
-    out += [(DecoderBlockPipe, (hf, j)) for j in range(hf.text_config.num_hidden_layers)]
+    (``lavis.vlm.family``) and what :func:`build_layers` instantiates in one process. ``recompute_blocks``: decoder
+    blocks recomputed in backward; ``cached``: ``data.feature_cache`` (the vision layers and the mergers hold nothing
+    and pass the cached features on; the list keeps its length, so layer indices, checkpoints and exports are those
+    of the full model)."""
+    out: list[tuple[type[nn.Module], tuple]] = [(PatchEmbedPipe, (hf, cached))]
+    out += [(VisionBlocksPipe, (hf, first, count, cached)) for first, count in vision_groups(hf, per_layer)]
+    out.append((MergerEmbedPipe, (hf, cached)))
+    out += [(DecoderBlockPipe, (hf, j, j in recompute_blocks)) for j in range(hf.text_config.num_hidden_layers)]
     out += [(FinalNormPipe, (hf,)), (LMHeadPipe, (hf,))]
     return out
 
@@ -283,10 +326,11 @@ def meta_built(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Modu
     return module.to_empty(device="cpu")
 
 
-def build_layers(hf: PretrainedConfig, per_layer: int = 1, meta: bool = True) -> list[nn.Module]:
+def build_layers(hf: PretrainedConfig, per_layer: int = 1, meta: bool = True,
+                 recompute_blocks: frozenset[int] = frozenset(), cached: bool = False) -> list[nn.Module]:
     """Every layer, in one process (tests, converters, chat)."""
     make = meta_built if meta else (lambda cls, *args: cls(*args))
-    return [make(cls, *args) for cls, args in layer_classes(hf, per_layer)]
+    return [make(cls, *args) for cls, args in layer_classes(hf, per_layer, recompute_blocks, cached)]
 
 
 def layer_table(hf: PretrainedConfig, per_layer: int = 1) -> list[LayerEntry]:
@@ -304,6 +348,14 @@ def layer_table(hf: PretrainedConfig, per_layer: int = 1) -> list[LayerEntry]:
     table.append(LayerEntry(len(table), "norm", (("norm.", "model.norm."),)))
     table.append(LayerEntry(len(table), "head", (("lm_head.", "lm_head."),)))
     return table
+
+
+def tied_embedding(table: list[LayerEntry]) -> tuple[tuple[int, str], tuple[int, str]]:
+    """``((layer, parameter), (layer, parameter))`` of the token embedding and the LM head, which
+    ``tie_word_embeddings`` makes one weight (``LavisPipelineModule.tie_weights``)."""
+    embed = next(e.index for e in table if e.kind == "embed")
+    head = next(e.index for e in table if e.kind == "head")
+    return (embed, "embed_tokens.weight"), (head, "lm_head.weight")
 
 
 def run_layers(layers: list[nn.Module], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

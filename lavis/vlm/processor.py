@@ -26,6 +26,7 @@ from lavis.config.schema import DataConfig
 from lavis.data import media
 from lavis.data.conversation import IGNORE_INDEX, SampleError, TooLongError
 from lavis.data.datasets import Record, check_text_size, load_record_image
+from lavis.vlm.cached_features import media_files, with_cached_features
 from lavis.vlm.conversation import assistant_spans, to_messages
 from lavis.vlm.data_config import VLMDataConfig
 
@@ -175,11 +176,14 @@ class VLMConversationDataset(torch.utils.data.Dataset):
     processor does no random augmentation). Errors name ``file:index`` and the record id."""
 
     def __init__(self, records: Sequence[Record], processor: Any, data: DataConfig,
-                 budget: VLMDataConfig | None = None) -> None:
+                 budget: VLMDataConfig | None = None, cache: Any = None) -> None:
+        """``cache``: a ``data.feature_cache`` opened by ``lavis.vlm.cached_features.open_for_data``; each sample's
+        pixel rows are then its media's cached merger features."""
         self.records = records
         self.processor = processor
         self.data = data
         self.budget = budget or VLMDataConfig()
+        self.cache = cache
         self.vision_end_id = int(processor.tokenizer.convert_tokens_to_ids("<|vision_end|>"))
         self._lengths: dict[int, int] = {}
 
@@ -197,6 +201,9 @@ class VLMConversationDataset(torch.utils.data.Dataset):
             clips = [load_clip(r.video, self.processor, self.budget)] if r.video is not None else []
             s = encode_sample(self.processor, messages, images, clips, self.budget, r.id)
             s = fit_max_len(s, self.data.max_txt_len, self.data.length_policy, self.vision_end_id)
+            if self.cache is not None:
+                s = with_cached_features(s, media_files(r), r.video, self.cache,
+                                         int(self.processor.image_processor.merge_size))
             self._lengths[index] = len(s.input_ids)
             return s
         except media.MediaError as e:
