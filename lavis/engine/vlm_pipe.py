@@ -14,6 +14,7 @@ from lavis.pipeline.plan import StagePlan, Workload, offloaded_stages, stage_pla
 from lavis.vlm.arch import read_hf_config
 from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.layers import build_layer_specs, layer_table
+from lavis.vlm.lora import add_vlm_adapters_, check_vlm_lora
 from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
 
@@ -50,10 +51,12 @@ def build_vlm_pipe(cfg: Config, dp: int) -> tuple[LavisPipelineModule, list, Sta
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
                          "model's options)")
+    check_vlm_lora(vlm, hf)  # QLoRA needs CUDA: refuse before any layer is built
     table = layer_table(hf, vlm.vision_blocks_per_layer)
     plan = vlm_plan(cfg, hf, dp)
     pipe = LavisPipelineModule(build_layer_specs(hf, vlm.vision_blocks_per_layer), plan.parts,
                                offload_stages=offloaded_stages(t), dynamic_shape=True)
     reports = load_stage(vlm, hf, table, pipe.local_layers())
+    add_vlm_adapters_(pipe.local_layers(), vlm)  # model.vlm.lora / quantize: over the loaded base weights
     pipe.apply_trainable_by(lambda plain: is_trainable(plain, vlm), table)
     return pipe, table, plan, reports

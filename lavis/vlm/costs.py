@@ -14,13 +14,18 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from lavis.pipeline.plan import LayerCost, Workload
+from lavis.pipeline.plan import QUANT_BYTES, LayerCost, Workload
 from lavis.vlm.config import VLMConfig
-from lavis.vlm.layers import build_layers, layer_table
+from lavis.vlm.layers import DecoderBlockPipe, build_layers, layer_table
+from lavis.vlm.lora import adapter_params, linear_weights, lora_trains
 
 
 def is_trainable(plain_key: str, cfg: VLMConfig) -> bool:
-    """From ``model.vlm.freeze_*``: the mergers, the rest of ``visual.*`` (the tower), everything else (the LLM)."""
+    """From ``model.vlm.freeze_*``: the mergers, the rest of ``visual.*`` (the tower), everything else (the LLM);
+    with ``model.vlm.lora`` the adapters (and with ``train_embeddings`` the embeddings and LM head) train."""
+    by_lora = lora_trains(plain_key, cfg)
+    if by_lora is not None:
+        return by_lora
     if plain_key.startswith(("visual.merger.", "visual.deepstack_merger_list.")):
         return not cfg.freeze_merger
     if plain_key.startswith("visual."):
@@ -45,11 +50,16 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
     full_blocks = set(v.fullatt_block_indexes) if windowed else set(range(v.depth))
     seqs = max(1, work.tokens // max(1, work.seq_len))
 
-    counts, trainable = [], []
+    counts, trainable, weight_bytes = [], [], []
     for i, layer in enumerate(layers):
         named = [(table[i].to_plain(k), p.numel()) for k, p in layer.named_parameters()]
-        counts.append(sum(n for _, n in named))
-        trainable.append(sum(n for k, n in named if is_trainable(k, cfg)))
+        adapters = adapter_params(layer.layer, cfg) if isinstance(layer, DecoderBlockPipe) else 0
+        counts.append(sum(n for _, n in named) + adapters)
+        trainable.append(sum(n for k, n in named if is_trainable(k, cfg)) + adapters)
+        quantized = linear_weights(layer) if isinstance(layer, DecoderBlockPipe) and cfg.quantize else 0
+        # QLoRA: the blocks' linear weights quantized; norms, biases and adapters at param_bytes
+        weight_bytes.append(quantized * QUANT_BYTES[cfg.quantize] + (counts[-1] - quantized) * work.param_bytes
+                            if quantized else None)
 
     costs = []
     upstream = False  # something before this layer trains: gradients must cross it
@@ -76,5 +86,5 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
         upstream = upstream or train > 0
         if bwd == 0:  # no gradient passes: autograd keeps nothing (when the layer is on stage 0, see docs/PIPELINE.md)
             act = 0.0
-        costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act))
+        costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act, weight_bytes[i]))
     return costs
