@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lavis.config.lora import LORA_ALL_LINEAR, LoRAConfig
+from lavis.config.lora import LoRAConfig
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.data_config import VLMDataConfig
 

@@ -38,7 +38,7 @@ def check_vlm_lora(cfg: VLMConfig, hf: PretrainedConfig) -> None:
 
 
 def vlm_block_seed(cfg: VLMConfig, block_index: int) -> int:
-    """The seed decoder block ``block_index``'s adapters are drawn from (offset by ``lavis.model.lora.adapter_seed``)."""
+    """The seed of decoder block ``block_index``'s adapters (offset by ``lavis.model.lora.adapter_seed``)."""
     return cfg.init_seed + 1 + block_index
 
 

@@ -4,11 +4,12 @@ losses as JSON. Run under torchrun with one process per stage:
 
     torchrun --nproc_per_node S tests/scripts/vlm_train.py DIR S PARTITION OUT.json STEPS [save | resume] [--lora]
 
-The run directory is ``OUT.json``'s directory / ``runS`` (``loraS`` with ``--lora``). ``save``: checkpoints (``run.save``) after step 3 and after
-the last step. ``resume``: continue from the checkpoint ``latest`` names (``build_run`` + ``restore``, as
-train_pipeline.py resumes) up to STEPS, on the micro-batches an uninterrupted run would see. ``--lora``: ``model.vlm.lora`` (all-linear, r 4) over the
-frozen language model, the merger training, the tower frozen; every rank also writes ``OUT.json.rankR.json``: its
-parameters with a gradient after the last step and the number of parameters the optimizer holds state for.
+The run directory is ``OUT.json``'s directory / ``runS`` (``loraS`` with ``--lora``). ``save``: checkpoints
+(``run.save``) after step 3 and after the last step. ``resume``: continue from the checkpoint ``latest`` names
+(``build_run`` + ``restore``, as train_pipeline.py resumes) up to STEPS, on the micro-batches an uninterrupted run
+would see. ``--lora``: ``model.vlm.lora`` (all-linear, r 4) over the frozen language model, the merger training, the
+tower frozen; every rank also writes ``OUT.json.rankR.json``: its parameters that changed, those marked trainable and
+those the optimizer holds state for (plain names).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lavis.config.lora import VLMLoRAConfig
 from lavis.config.schema import (
     BatchConfig,
     CheckpointConfig,
@@ -33,8 +35,7 @@ from lavis.config.schema import (
 )
 from lavis.engine.checkpoint import read_latest
 from lavis.engine.distributed import init_distributed, shutdown
-from lavis.engine.trainer import build_run, restore
-from lavis.config.lora import VLMLoRAConfig
+from lavis.engine.trainer import Run, build_run, restore
 from lavis.testing.vlm import MICRO_BATCH, two_image_batch
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.data_config import VLMDataConfig
@@ -86,13 +87,13 @@ def main() -> None:
     shutdown()
 
 
-def snapshot(run) -> dict[str, torch.Tensor]:  # noqa: ANN001 - the trainer's Run
+def snapshot(run: Run) -> dict[str, torch.Tensor]:
     """This stage's parameters under their plain names (copies)."""
     return {run.table[idx].to_plain(n): p.detach().clone() for idx, layer in run.pipe.local_layers().items()
             for n, p in layer.named_parameters()}
 
 
-def trained_params(run, before: dict[str, torch.Tensor]) -> dict:  # noqa: ANN001 - the trainer's Run
+def trained_params(run: Run, before: dict[str, torch.Tensor]) -> dict:
     """This stage's parameters (plain names) that changed in training, those marked trainable, and the plain names
     of the parameters the optimizer keeps state for (DeepSpeed's optimizer wraps torch's)."""
     after = snapshot(run)
