@@ -5,7 +5,9 @@ params x rows`` forward (rows: patches for the vision tower, tokens for the lang
 merger) plus attention, ``4 x span^2 x width`` per attention segment (a vision block attends within an image or a
 frame, or within Qwen2.5-VL's windows; a decoder block within a sequence); backward is 2x forward for trainable
 layers, 1x for frozen ones that gradients must cross, 0 for frozen layers with nothing trainable before them (which
-then keep no activations either). Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
+then keep no activations either); a decoder block with LoRA adapters (``model.vlm.lora``) 1x plus the adapters' share
+(their weight gradients). Adapter parameters are counted as trainable parameters of their block (gradients, optimizer
+state); with ``model.vlm.quantize`` the blocks' linear weights are held at the quantized size. Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
 bytes per row for a block, a bf16 row of the output for the other layers.
 """
 
@@ -83,6 +85,8 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
             fwd = 2.0 * params * work.tokens
             act = work.tokens * (t.vocab_size if entry.kind == "head" else t.hidden_size) * 6.0
         bwd = 2.0 if train else (1.0 if upstream else 0.0)
+        if entry.kind == "block" and cfg.lora is not None:  # input gradients, weight gradients of the adapters only
+            bwd = 1.0 + train / params
         upstream = upstream or train > 0
         if bwd == 0:  # no gradient passes: autograd keeps nothing (when the layer is on stage 0, see docs/PIPELINE.md)
             act = 0.0
