@@ -7,8 +7,9 @@ frame, or within Qwen2.5-VL's windows; a decoder block within a sequence); backw
 layers, 1x for frozen ones that gradients must cross, 0 for frozen layers with nothing trainable before them (which
 then keep no activations either); a decoder block with LoRA adapters (``model.vlm.lora``) 1x plus the adapters' share
 (their weight gradients). Adapter parameters are counted as trainable parameters of their block (gradients, optimizer
-state); with ``model.vlm.quantize`` the blocks' linear weights are held at the quantized size. Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
-bytes per row for a block, a bf16 row of the output for the other layers.
+state); with ``model.vlm.quantize`` the blocks' linear weights are held at the quantized size. Activations kept per
+micro-batch: about ``(16 x width + 2 x intermediate) x 2`` bytes per row for a block, a bf16 row of the output for the
+other layers.
 """
 
 from __future__ import annotations
