@@ -19,7 +19,7 @@ from lavis.config.load import ConfigError, from_dict
 from lavis.config.lora import VLMLoRAConfig
 from lavis.config.schema import Config, ModelConfig
 from lavis.convert.pipe_to_pth import load_plain_state
-from lavis.convert.vlm_export import trained_layers
+from lavis.convert.vlm_export import modules_to_save, trained_layers
 from lavis.engine.vlm_pipe import build_vlm_pipe
 from lavis.model.lora import is_adapter_key
 from lavis.model.mllm import lm_loss
@@ -117,6 +117,20 @@ def test_adapters_sit_on_the_decoder_blocks_only_and_only_they_and_the_merger_ge
     assert lora_b <= with_grad
     assert with_grad - adapters and all(k.startswith(("visual.merger.", "visual.deepstack_merger_list."))
                                         for k in with_grad - adapters)
+
+
+def test_train_embeddings_trains_the_embeddings_and_head_and_the_peft_export_saves_them_beside() -> None:
+    cfg = VLMConfig(hf_config=tiny_hf_dict("qwen3_vl"), freeze_llm=True, lora=VLMLoRAConfig(train_embeddings=True))
+    assert is_trainable("model.embed_tokens.weight", cfg) and is_trainable("lm_head.weight", cfg)
+    assert is_trainable("model.layers.0.self_attn.q_proj.lora_A.default.weight", cfg)
+    assert not is_trainable("model.layers.0.self_attn.q_proj.base_layer.weight", cfg)
+    assert not is_trainable("model.norm.weight", cfg) and not is_trainable("visual.blocks.0.norm1.weight", cfg)
+    assert modules_to_save(["model.embed_tokens.weight", "lm_head.weight", "visual.merger.norm.weight",
+                            "visual.deepstack_merger_list.1.linear_fc1.bias"]) == [
+        "lm_head", "model.language_model.embed_tokens", "model.visual.deepstack_merger_list.1", "model.visual.merger"]
+    assert modules_to_save(["visual.blocks.0.norm1.weight", "visual.merger.norm.weight"]) == ["model.visual"]
+    with pytest.raises(ValueError, match="model.norm.weight is neither an adapter nor"):
+        modules_to_save(["model.norm.weight"])
 
 
 def test_unknown_targets_are_named_with_the_vlm_key() -> None:

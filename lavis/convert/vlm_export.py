@@ -88,10 +88,11 @@ def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, o
                   dtype: torch.dtype = torch.bfloat16, adapter: bool = False) -> Path:
     """Write ``out_dir`` (see the module docstring); ``trained``, ``meta``: the checkpoint's, as
     :func:`trained_layers` takes them; ``adapter``: a LoRA run as a peft adapter directory instead of merged."""
-    layers, table, vlm = trained_layers(tag_dir, trained, meta)
-    if adapter and vlm.lora is None:
+    run = run_vlm_config(meta, tag_dir)
+    if adapter and run is not None and run.lora is None:
         raise ValueError(f"{tag_dir}: not a LoRA run (model.vlm.lora is unset): there is no adapter to write; "
                          "drop --peft-adapter to write the whole model")
+    layers, table, vlm = trained_layers(tag_dir, trained, meta)
     if vlm.lora is not None and not adapter:
         for layer in layers:
             merge_adapters_(layer)
