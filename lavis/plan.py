@@ -135,7 +135,7 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
         stages = t.parallel.num_stages * 2
         knobs.append((f"more stages on more GPUs: train.parallel.num_stages={stages} (needs {stages} GPUs)",
                       [f"train.parallel.num_stages={stages}"]))
-    vlm = cfg.model.vlm is not None  # recomputation and LoRA are not supported with model.vlm yet
+    vlm = cfg.model.vlm is not None  # recomputation is not supported with model.vlm yet
     if t.parallel.activation_checkpoint_interval == 0 and not vlm:
         knobs.append(("recompute every decoder block: train.parallel.activation_checkpoint_interval=1",
                       ["train.parallel.activation_checkpoint_interval=1"]))
@@ -153,6 +153,10 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if not llm.frozen and llm.lora is None and not vlm:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
+    if cfg.model.vlm is not None and not cfg.model.vlm.freeze_llm:
+        knobs.append(("LoRA instead of training the VLM's language model: model.vlm.freeze_llm=true "
+                      "model.vlm.lora={r: 64, targets: all-linear}",
+                      ["model.vlm.freeze_llm=true", "model.vlm.lora={r: 64, targets: all-linear}"]))
     if cfg.data.max_txt_len >= 256:
         half = cfg.data.max_txt_len // 2
         knobs.append((f"shorter samples: data.max_txt_len={half}", [f"data.max_txt_len={half}"]))

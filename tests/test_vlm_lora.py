@@ -266,3 +266,32 @@ def test_peft_adapter_of_a_run_without_lora_is_refused(tmp_path: Path) -> None:
     meta = {"config": _vlm(freeze_llm=False)}
     with pytest.raises(ValueError, match="not a LoRA run .model.vlm.lora is unset.: there is no adapter to write"):
         export_vlm_hf(tmp_path, {}, meta, tmp_path / "out", adapter=True)
+
+
+def test_planner_offers_lora_for_a_vlm_that_trains_its_language_model_and_the_knob_loads(tmp_path: Path) -> None:
+    """``python -m lavis.plan``'s knobs: a recipe training the VLM's language model is offered ``model.vlm.lora``;
+    the knob's options load, and with them the planned stage memory drops (adapters instead of the LLM's gradients
+    and optimizer state)."""
+    from lavis import plan
+    from lavis.config.load import load_config
+    from lavis.engine.vlm_pipe import vlm_plan
+
+    hf = tiny_hf_dict("qwen2_5_vl")  # a language model wide enough that rank-64 adapters are a small part of it
+    hf["text_config"].update(hidden_size=1024, intermediate_size=2816, num_attention_heads=8)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"vlm": {"hf_config": hf, "freeze_llm": False}},
+                                  "train": {"parallel": {"num_stages": 2}}}))
+    cfg = load_config(recipe)
+    knobs = [opts for _, opts in plan.knob_options(cfg, 2) if any("model.vlm.lora" in o for o in opts)]
+    assert knobs == [["model.vlm.freeze_llm=true", "model.vlm.lora={r: 64, targets: all-linear}"]]
+    lora = load_config(recipe, knobs[0])
+    assert lora.model.vlm is not None and lora.model.vlm.lora == VLMLoRAConfig(r=64, targets="all-linear")
+
+    def peak(c: Config) -> float:
+        p = vlm_plan(c, read_hf_config(c.model.vlm), 1)  # type: ignore[arg-type]
+        return max(stage_memory_bytes(p.costs[lo:hi], s, len(p.parts) - 1, p.work, p.optim_bytes)
+                   for s, (lo, hi) in enumerate(zip(p.parts, p.parts[1:])))
+
+    assert peak(lora) < peak(cfg)
+    done = load_config(recipe, knobs[0])
+    assert not [opts for _, opts in plan.knob_options(done, 2) if any("model.vlm.lora" in o for o in opts)]
