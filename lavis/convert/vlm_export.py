@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lavis.config.load import from_dict
 from lavis.config.schema import Config
@@ -99,18 +100,19 @@ def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, o
     states = {i: layer.state_dict() for i, layer in enumerate(layers)}
     state = layers_to_plain(table, {i: plain_targets(sd) for i, sd in states.items()})
     model = transformers_model(tag_dir, vlm, state)
+    nn.Module.to(model, dtype)  # in place (transformers' wrapper of ``to`` confuses the type checker)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if adapter:
         adapters = {k: v for k, v in layers_to_plain(table, states).items() if is_adapter_key(k)}
-        write_peft_adapter(model.to(dtype), vlm, adapters, [k for k in trained if not is_adapter_key(k)], out)
+        write_peft_adapter(model, vlm, adapters, [k for k in trained if not is_adapter_key(k)], out)
     else:
-        model.to(dtype).save_pretrained(out)
+        model.save_pretrained(out)
     copy_processor_files(vlm, tag_dir, out)
     return out
 
 
-def transformers_model(tag_dir: Path, vlm: VLMConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def transformers_model(tag_dir: Path, vlm: VLMConfig, state: dict[str, torch.Tensor]) -> PreTrainedModel:
     """The source's transformers class holding ``state`` (published names; tensors assigned, not copied)."""
     hf = read_hf_config(vlm)
     with torch.device("meta"):

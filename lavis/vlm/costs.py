@@ -59,10 +59,11 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
         adapters = adapter_params(layer.layer, cfg) if isinstance(layer, DecoderBlockPipe) else 0
         counts.append(sum(n for _, n in named) + adapters)
         trainable.append(sum(n for k, n in named if is_trainable(k, cfg)) + adapters)
-        quantized = linear_weights(layer) if isinstance(layer, DecoderBlockPipe) and cfg.quantize else 0
-        # QLoRA: the blocks' linear weights quantized; norms, biases and adapters at param_bytes
-        weight_bytes.append(quantized * QUANT_BYTES[cfg.quantize] + (counts[-1] - quantized) * work.param_bytes
-                            if quantized else None)
+        weight_bytes.append(None)
+        if isinstance(layer, DecoderBlockPipe) and cfg.quantize is not None:
+            # QLoRA: the blocks' linear weights quantized; norms, biases and adapters at param_bytes
+            quantized = linear_weights(layer)
+            weight_bytes[-1] = quantized * QUANT_BYTES[cfg.quantize] + (counts[-1] - quantized) * work.param_bytes
 
     costs = []
     upstream = False  # something before this layer trains: gradients must cross it
