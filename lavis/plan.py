@@ -137,6 +137,10 @@ def knob_options(cfg: Config, gpus: int) -> list[tuple[str, list[str]]]:
     if not llm.frozen and llm.lora is None:
         knobs.append(("LoRA instead of full fine-tuning: model.llm.frozen=true model.llm.lora={r: 64, targets: "
                       "all-linear}", ["model.llm.frozen=true", "model.llm.lora={r: 64, targets: all-linear}"]))
+    if cfg.model.vlm is not None and not cfg.model.vlm.freeze_llm:
+        knobs.append(("LoRA instead of training the VLM's language model: model.vlm.freeze_llm=true "
+                      "model.vlm.lora={r: 64, targets: all-linear}",
+                      ["model.vlm.freeze_llm=true", "model.vlm.lora={r: 64, targets: all-linear}"]))
     if cfg.data.max_txt_len >= 256:
         half = cfg.data.max_txt_len // 2
         knobs.append((f"shorter samples: data.max_txt_len={half}", [f"data.max_txt_len={half}"]))

@@ -256,7 +256,12 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
                        help="LoRA runs: fold the adapters into the base weights (needs the base weight files) and "
                             "write the whole LLM to the .pth; with --hf-out a merged transformers directory "
                             "(without --merge-lora, --hf-out writes a peft adapter directory)")
+        p.add_argument("--peft-adapter", action="store_true",
+                       help="LoRA runs with --hf-out: a peft adapter directory (the default for model.llm.lora runs; "
+                            "a model.vlm.lora run is written merged unless this is given)")
     args = p.parse_args(argv)
+    if getattr(args, "peft_adapter", False) and (args.merge_lora or not args.hf_out):
+        p.error("--peft-adapter writes a peft adapter directory with --hf-out DIR; it excludes --merge-lora")
     if args.hf_out and (args.model_type or args.cfg_path):
         p.error("--hf-out needs a checkpoint of ours (lavis_meta.json); for MPP layer files convert first, then "
                 "train or export from the .pth")
@@ -267,7 +272,7 @@ def cli(kind: Kind, description: str, argv: list[str] | None = None) -> None:
                     "of the source's class that transformers loads")
         tag_dir = resolve_tag_dir(args.ckpt_dir)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.hf_dtype]
-        print(export_vlm_hf(tag_dir, *load_plain_state(tag_dir), args.hf_out, dtype))
+        print(export_vlm_hf(tag_dir, *load_plain_state(tag_dir), args.hf_out, dtype, adapter=args.peft_adapter))
         return
     pth, spec = convert_and_describe(args.ckpt_dir, kind, args.out, args.names,
                                      _model_arg(args.model_type, args.cfg_path), args.include_frozen,
@@ -305,8 +310,9 @@ def lora_cli(args: Any, pth: Path, spec: ModelSpec | None = None) -> bool:
     cfg = from_dict(ModelConfig, load_meta(tag_dir)["config"]["model"], source=str(tag_dir / META_FILE),
                     prefix="model.")
     if cfg.llm.lora is None:
-        if args.merge_lora:
-            raise ValueError(f"--merge-lora: {tag_dir} is not a LoRA run (model.llm.lora is unset)")
+        if args.merge_lora or args.peft_adapter:
+            flag = "--merge-lora" if args.merge_lora else "--peft-adapter"
+            raise ValueError(f"{flag}: {tag_dir} is not a LoRA run (model.llm.lora is unset)")
         return False
     adapters = pth
     if args.merge_lora:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lavis.config.schema import LORA_ALL_LINEAR, LoRAConfig, ModelConfig
+from lavis.config.schema import ModelConfig
+from lavis.lora_config import LORA_ALL_LINEAR, LoRAConfig
 
 if TYPE_CHECKING:
     from lavis.model.llm import CausalLM
@@ -53,7 +54,7 @@ def resolve_targets(cfg: LoRAConfig, block: nn.Module) -> list[str]:
         return valid
     unknown = [t for t in cfg.targets if t not in valid]
     if unknown:
-        raise ValueError(f"model.llm.lora.targets {unknown} match no linear layer of {type(block).__name__}; "
+        raise ValueError(f"{cfg.section}.targets {unknown} match no linear layer of {type(block).__name__}; "
                          f"valid names: {valid} (or {LORA_ALL_LINEAR!r})")
     return list(cfg.targets)
 
@@ -133,16 +134,20 @@ def merge_adapters_(module: nn.Module) -> int:
 
 def check_quantize_runtime(cfg: ModelConfig) -> None:
     """``model.llm.quantize`` needs CUDA and bitsandbytes; raise at start (before any layer is built) otherwise."""
-    q = cfg.llm.quantize
+    require_quantize_runtime(cfg.llm.quantize, "model.llm.quantize")
+
+
+def require_quantize_runtime(q: str | None, key: str) -> None:
+    """Quantized weights (``key``: the config key that asks for them) need CUDA and bitsandbytes."""
     if q is None:
         return
     if not torch.cuda.is_available():
-        raise RuntimeError(f"model.llm.quantize: {q} needs a CUDA GPU (bitsandbytes kernels); none is visible. "
-                           "Remove model.llm.quantize to train LoRA over unquantized weights")
+        raise RuntimeError(f"{key}: {q} needs a CUDA GPU (bitsandbytes kernels); none is visible. "
+                           f"Remove {key} to train LoRA over unquantized weights")
     try:
         import bitsandbytes  # noqa: F401 - only whether it is installed
     except ImportError as e:
-        raise RuntimeError(f"model.llm.quantize: {q} needs bitsandbytes: pip install -e '.[quant]'") from e
+        raise RuntimeError(f"{key}: {q} needs bitsandbytes: pip install -e '.[quant]'") from e
 
 
 def quantize_block_(block: nn.Module, kind: str) -> int:

@@ -5,10 +5,12 @@ params x rows`` forward (rows: patches for the vision tower, tokens for the lang
 merger) plus attention, ``4 x span^2 x width`` per attention segment (a vision block attends within an image or a
 frame, or within Qwen2.5-VL's windows; a decoder block within a sequence); backward is 2x forward for trainable
 layers, 1x for frozen ones that gradients must cross, 0 for frozen layers with nothing trainable before them (which
-then keep no activations either). Activations kept per micro-batch: about ``(16 x width + 2 x intermediate) x 2``
-bytes per row for a block, a bf16 row of the output for the other layers; a block recomputed in backward
-(``Workload.activation_checkpointing``: every decoder block and vision block group; ``Workload.checkpointed_blocks``:
-those decoder blocks) keeps only its input row, ``width x 2`` bytes.
+then keep no activations either); a decoder block with LoRA adapters (``model.vlm.lora``) 1x plus the adapters' share
+(their weight gradients). Adapter parameters are counted as trainable parameters of their block (gradients, optimizer
+state); with ``model.vlm.quantize`` the blocks' linear weights are held at the quantized size. Activations kept per
+micro-batch: about ``(16 x width + 2 x intermediate) x 2`` bytes per row for a block, a bf16 row of the output for the
+other layers; a block recomputed in backward (``Workload.activation_checkpointing``: every decoder block and vision
+block group; ``Workload.checkpointed_blocks``: those decoder blocks) keeps only its input row, ``width x 2`` bytes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from lavis.pipeline.plan import LayerCost, LayerEntry, Workload
+from lavis.pipeline.plan import QUANT_BYTES, LayerCost, LayerEntry, Workload
 from lavis.vlm.config import VLMConfig
-from lavis.vlm.layers import build_layers, layer_table
+from lavis.vlm.layers import DecoderBlockPipe, build_layers, layer_table
+from lavis.vlm.lora import adapter_params, linear_weights, lora_trains
 
 
 def is_trainable(plain_key: str, cfg: VLMConfig) -> bool:
-    """From ``model.vlm.freeze_*``: the mergers, the rest of ``visual.*`` (the tower), everything else (the LLM)."""
+    """From ``model.vlm.freeze_*``: the mergers, the rest of ``visual.*`` (the tower), everything else (the LLM);
+    with ``model.vlm.lora`` the adapters (and with ``train_embeddings`` the embeddings and LM head) train."""
+    by_lora = lora_trains(plain_key, cfg)
+    if by_lora is not None:
+        return by_lora
     if plain_key.startswith(("visual.merger.", "visual.deepstack_merger_list.")):
         return not cfg.freeze_merger
     if plain_key.startswith("visual."):
@@ -48,11 +55,17 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
     full_blocks = set(v.fullatt_block_indexes) if windowed else set(range(v.depth))
     seqs = max(1, work.tokens // max(1, work.seq_len))
 
-    counts, trainable = [], []
+    counts, trainable, weight_bytes = [], [], []
     for i, layer in enumerate(layers):
         named = [(table[i].to_plain(k), p.numel()) for k, p in layer.named_parameters()]
-        counts.append(sum(n for _, n in named))
-        trainable.append(sum(n for k, n in named if is_trainable(k, cfg)))
+        adapters = adapter_params(layer.layer, cfg) if isinstance(layer, DecoderBlockPipe) else 0
+        counts.append(sum(n for _, n in named) + adapters)
+        trainable.append(sum(n for k, n in named if is_trainable(k, cfg)) + adapters)
+        weight_bytes.append(None)
+        if isinstance(layer, DecoderBlockPipe) and cfg.quantize is not None:
+            # QLoRA: the blocks' linear weights quantized; norms, biases and adapters at param_bytes
+            quantized = linear_weights(layer)
+            weight_bytes[-1] = quantized * QUANT_BYTES[cfg.quantize] + (counts[-1] - quantized) * work.param_bytes
 
     costs = []
     upstream = False  # something before this layer trains: gradients must cross it
@@ -81,10 +94,12 @@ def layer_costs(hf: PretrainedConfig, cfg: VLMConfig, work: Workload, patches: i
             fwd = 2.0 * params * work.tokens
             act = work.tokens * (t.vocab_size if entry.kind == "head" else t.hidden_size) * 6.0
         bwd = 2.0 if train else (1.0 if upstream else 0.0)
+        if entry.kind == "block" and cfg.lora is not None:  # input gradients, weight gradients of the adapters only
+            bwd = 1.0 + train / params
         upstream = upstream or train > 0
         if bwd == 0:  # no gradient passes: autograd keeps nothing (when the layer is on stage 0, see docs/PIPELINE.md)
             act = 0.0
-        costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act))
+        costs.append(LayerCost(i, entry.kind, params, train, fwd * (1 + bwd), act, weight_bytes[i]))
     return costs
 
 

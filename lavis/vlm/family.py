@@ -32,6 +32,7 @@ from lavis.vlm.data import build_vlm_data, processor_ref
 from lavis.vlm.data_config import VLMDataConfig
 from lavis.vlm.feature_cache import check_model
 from lavis.vlm.layers import layer_classes, layer_table, tied_embedding
+from lavis.vlm.lora import add_vlm_adapters_, check_vlm_lora
 from lavis.vlm.processor_files import load_processor
 from lavis.vlm.weights import load_stage
 from lavis.weights.report import FileReport
@@ -46,8 +47,7 @@ COMPONENTS = ("vision", "merger", "llm")
 def unsupported_vlm_options(cfg: Config) -> list[tuple[str, bool]]:
     """The (option, set in ``cfg``) pairs of the options this family does not support yet."""
     return [
-        ("model.llm.lora / model.llm.quantize (use model.vlm.lora / model.vlm.quantize)",
-         cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
+        ("model.llm.lora / model.llm.quantize", cfg.model.llm.lora is not None or cfg.model.llm.quantize is not None),
         ("data.fixed_length", cfg.data.fixed_length)]  # the visual tokens' count differs per sample
 
 
@@ -59,7 +59,7 @@ def check_vlm_options(cfg: Config) -> None:
     unsupported = [name for name, on in unsupported_vlm_options(cfg) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with model.vlm yet; unset them (the BLIP-2-style "
-                         "model's options)")
+                         "model's options; a VLM's adapters are model.vlm.lora / model.vlm.quantize)")
     if cfg.data.feature_cache is not None:
         if not vlm.freeze_vision or not vlm.freeze_merger:
             raise ValueError("data.feature_cache with model.vlm needs model.vlm.freeze_vision: true and "
@@ -126,6 +126,7 @@ class VLMFamily:
         """Every layer allocated uninitialised (each stage reads its own weights next); the options this family does
         not support yet are refused first."""
         check_vlm_options(cfg)
+        check_vlm_lora(_vlm(cfg.model), spec.hf)  # QLoRA needs CUDA: refuse before any layer is built
         per = _vlm(cfg.model).vision_blocks_per_layer
         recompute = checkpoint_blocks(cfg.train, spec.num_blocks)
         return [LayerRecipe(cls, args, allocate_only=True)
@@ -133,8 +134,11 @@ class VLMFamily:
 
     def load_layer_weights(self, spec: ModelSpec, cfg: ModelConfig, layers: dict[int, nn.Module]) -> list[FileReport]:
         """From ``model.vlm.path`` (the whole directory checked, only these layers' tensors read), or transformers'
-        random init from ``model.vlm.init_seed`` without a path."""
-        return load_stage(_vlm(cfg), spec.hf, spec.table, layers)
+        random init from ``model.vlm.init_seed`` without a path; then ``model.vlm.lora``'s adapters (QLoRA's quantized
+        layers first) go into the decoder blocks among ``layers``."""
+        reports = load_stage(_vlm(cfg), spec.hf, spec.table, layers)
+        add_vlm_adapters_(layers, _vlm(cfg))  # model.vlm.lora / quantize: over the loaded base weights
+        return reports
 
     def layer_costs(self, spec: ModelSpec, cfg: Config, work: Workload) -> list[LayerCost]:
         """The workload's tokens may all be visual tokens (patches = merge^2 x tokens), the most a sample holds."""
