@@ -155,7 +155,8 @@ class VLMChatEngine(ChatEngine):
         spec = VLMConfig(path=str(path))
         check_directory(spec, read_hf_config(spec))  # raises naming every missing / unexpected / mis-shaped tensor
         processor = load_processor(str(path))
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(dev)
+        model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)  # see trained_model
+        model.to(dev)
         return cls(model, processor, dev, where=str(path))
 
     @classmethod

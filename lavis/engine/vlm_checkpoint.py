@@ -9,9 +9,11 @@ weights folded into transformers' model, every key accounted for, its rotary tab
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lavis.config.load import from_dict
 from lavis.config.schema import Config
@@ -68,10 +70,11 @@ def vlm_layers(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str,
     return layers, table
 
 
-def trained_model(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str) -> nn.Module:
+def trained_model(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str) -> Any:
     """transformers' ``...ForConditionalGeneration`` of ``vlm`` holding ``trained`` over the run's base weights
     (``trained`` empty: the model as the run started); raises naming ``where`` unless every key of transformers'
-    model is filled and every tensor placed."""
+    model is filled and every tensor placed. (Typed ``Any``: transformers' own annotations of ``to`` and
+    ``generate`` on its models do not type-check.)"""
     layers, table = vlm_layers(vlm, trained, where)
     hf = read_hf_config(vlm)
     state = layers_to_plain(table, {i: layer.state_dict() for i, layer in enumerate(layers)})
@@ -89,11 +92,10 @@ def trained_model(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str) 
     return model
 
 
-def compute_buffers(model: nn.Module) -> None:
+def compute_buffers(model: PreTrainedModel) -> None:
     """The buffers no state dict holds (the rotary tables), still on the meta device, computed by transformers' own
     ``_init_weights`` of their module (as ``from_pretrained`` does); a module that also holds weights is refused
     rather than re-initialised."""
-    init = model._init_weights  # pyright: ignore[reportAttributeAccessIssue]  # transformers' PreTrainedModel
     for name, module in model.named_modules():
         meta = [(n, b) for n, b in module.named_buffers(recurse=False) if b.is_meta]
         if not meta:
@@ -102,4 +104,4 @@ def compute_buffers(model: nn.Module) -> None:
             raise ValueError(f"{name}: buffers {[n for n, _ in meta]} were not loaded beside its weights")
         for n, b in meta:
             module.register_buffer(n, torch.empty(b.shape, dtype=b.dtype), persistent=False)
-        init(module)
+        model._init_weights(module)
