@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import AutoModelForImageTextToText
 
-from lavis.chat.vlm_engine import VLMChatEngine, check_model_dir
 from lavis.config.load import load_config
 from lavis.config.presets import model_types, preset_path
 from lavis.data import shapes
@@ -33,8 +32,10 @@ from lavis.data.tokenizer import load_tokenizer, resolve_tokenizer_ref
 from lavis.model.mllm import MultimodalLM
 from lavis.model.spec import ModelSpec
 from lavis.pipeline.family import describe
-from lavis.vlm.arch import read_hf_config
+from lavis.vlm.arch import check_model_dir, read_hf_config
 from lavis.vlm.config import VLMConfig
+from lavis.vlm.conversation import render
+from lavis.vlm.processor_files import load_processor
 from lavis.vlm.weights import DirectoryIndex, account
 from lavis.vlm.weights import model_shapes as vlm_shapes
 from lavis.weights.base import default_init_keys, load_weights, model_shapes, stream_into
@@ -100,21 +101,22 @@ def _inspect_vlm_dir(path: str, forward: bool) -> bool:
 
 
 def _forward_vlm(directory: Path) -> bool:
+    """transformers alone: the directory's model and processor, its chat template, one generated image."""
     t0 = time.perf_counter()
-    engine = VLMChatEngine.from_model_dir(directory, device="cpu")
+    processor = load_processor(str(directory))
+    model = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=torch.float32).eval()
     spec = shapes.sample_spec(random.Random(0))
-    with tempfile.TemporaryDirectory(prefix="lavis-inspect-") as tmp:
-        image = Path(tmp) / "shape.png"
-        shapes.draw(spec).save(image)
-        inputs = engine.inputs([engine.make_turn("What is in the image?", [engine.load_media(image)])])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    inputs = processor(text=[render(processor, messages, add_generation_prompt=True)], images=[shapes.draw(spec)],
+                       return_tensors="pt")
     with torch.no_grad():
-        logits = engine.model(**inputs).logits
+        logits = model(**inputs).logits
     finite = bool(torch.isfinite(logits).all())
     top = int(logits[0, -1].argmax())
-    visual = int((inputs["input_ids"] == engine.processor.image_token_id).sum())
+    visual = int((inputs["input_ids"] == processor.image_token_id).sum())
     print(f"forward: image of a {spec.colour} {spec.shape}, {inputs['input_ids'].shape[1]} prompt tokens ({visual} "
           f"visual, grid {inputs['image_grid_thw'][0].tolist()}) -> logits {list(logits.shape)}, finite={finite}, "
-          f"next token {top} {engine.tok.decode([top])!r} ({time.perf_counter() - t0:.1f} s)")
+          f"next token {top} {processor.tokenizer.decode([top])!r} ({time.perf_counter() - t0:.1f} s)")
     return finite
 
 

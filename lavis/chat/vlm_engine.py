@@ -23,7 +23,6 @@ run) and :meth:`VLMChatEngine.from_run` (a ``model.vlm`` run's ``config.yaml`` a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,8 @@ from lavis.data import media
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 from lavis.engine.checkpoint import load_plain_state, resolve_tag_dir
 from lavis.engine.vlm_checkpoint import run_vlm_config, trained_model
-from lavis.vlm.arch import read_hf_config
-from lavis.vlm.config import FAMILIES, VLMConfig
+from lavis.vlm.arch import check_model_dir, read_hf_config
+from lavis.vlm.config import VLMConfig
 from lavis.vlm.conversation import render, user_content
 from lavis.vlm.data import RUN_PROCESSOR_DIR, processor_ref
 from lavis.vlm.data_config import VLMDataConfig
@@ -81,29 +80,6 @@ class _Prompt:
     clips: list[Clip]
     decoded: bool
     """False when some media are still stand-ins (the API server measures prompts before decoding)."""
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """``--model-dir``: a transformers directory of a supported VLM family; one-line errors name the file and what
-    was expected."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model-dir {path}: not a directory (a transformers VLM directory as save_pretrained "
-                                f"writes it: config.json, *.safetensors, the processor's files)")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg} not found: --model-dir takes a transformers VLM directory (config.json, "
-                                "*.safetensors, the processor's files), e.g. a published Qwen2.5-VL / Qwen3-VL one or "
-                                "the --hf-out of a run")
-    try:
-        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{cfg}: not a JSON object ({e})") from None
-    if model_type not in FAMILIES:
-        raise ValueError(f"{cfg}: model_type {model_type!r} is not a supported VLM (expected one of "
-                         f"{', '.join(FAMILIES)}); a BLIP-2-style run is chatted with --cfg-path RUN/config.yaml -c "
-                         "M.pth")
-    return path
 
 
 def is_vlm_config(cfg_path: str | Path, options: Sequence[str] = ()) -> bool:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from lavis.chat.engine import add_model_arguments
 from lavis.chat.loading import config_path, load_engine
-from lavis.chat.vlm_engine import check_model_dir
 from lavis.config.load import load_config
 from lavis.eval.common import BenchmarkFileError
 from lavis.eval.identity import model_identity, read_identity
 from lavis.eval.runner import format_table, full_identity, refuse_foreign_predictions, run_task, task_settings
 from lavis.eval.tasks import TASKS, Source, get_task
+from lavis.vlm.arch import check_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
