@@ -315,3 +315,31 @@ def test_inspect_model_dir_accounts_for_every_tensor(chat_dirs: dict[str, Path],
     assert inspect_main(["--model-dir", str(damaged)]) == 1
     out = capsys.readouterr().out
     assert "1 missing" in out and "FAILED" in out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_follows_the_processors_frame_rules(family: str, engines: dict[str, VLMChatEngine],
+                                                  tmp_path: Path) -> None:
+    """A clip is sampled at 2 frames a second (the processor's rule; Qwen's default where the processor has none) and
+    answered as transformers answers it when its processor samples all the decoded frames itself."""
+    from transformers.video_utils import load_video
+
+    engine = engines[family]
+    clip = tmp_path / "clip.mp4"
+    shapes.write_video(clip, [Image.new("RGB", (64, 48), (20 * i, 100, 200 - 20 * i)) for i in range(8)], fps=4)
+    turn = engine.make_turn("What happens?", [engine.load_media(clip)])
+    assert turn.pixels is not None and turn.pixels.shape[0] == 4  # 8 frames at 4 fps = 2 s, sampled at 2 fps
+    ours = engine.generate([turn], GenerationSettings(max_new_tokens=MAX_NEW))
+
+    frames, meta = load_video(str(clip), backend="pyav")  # every frame; the processor picks
+    processor = engine.processor
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                           "text": "What happens?"}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[frames], video_metadata=[meta], do_sample_frames=True, fps=2.0,
+                       return_tensors="pt")
+    assert inputs["video_grid_thw"].tolist() == engine.inputs([turn])["video_grid_thw"].tolist()
+    with torch.no_grad():
+        out = engine.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=engine.stop_ids)
+    want = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert ours.text == want and want

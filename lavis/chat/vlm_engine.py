@@ -24,7 +24,7 @@ run) and :meth:`VLMChatEngine.from_run` (a ``model.vlm`` run's ``config.yaml`` a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,9 @@ from lavis.vlm.weights import check_directory
 
 __all__ = ["VLMChatEngine", "VLMMedia", "check_model_dir", "is_vlm_config"]
 
+DEFAULT_VIDEO_FPS = 2.0
+"""Frames sampled per second of a video when neither the budgets nor the processor say (Qwen's own default, as its
+``qwen-vl-utils`` samples)."""
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 
 
@@ -110,6 +113,10 @@ class VLMChatEngine(ChatEngine):
         processor's); ``where``: the directory or checkpoint, for errors."""
         self.model, self.processor, self.device = model.eval(), processor, device
         self.budget = budget or VLMDataConfig()
+        vp = processor.video_processor
+        if self.budget.video_fps is None and getattr(vp, "fps", None) is None and getattr(vp, "num_frames",
+                                                                                          None) is None:
+            self.budget = replace(self.budget, video_fps=DEFAULT_VIDEO_FPS)  # the processor samples by neither
         self.tok = processor.tokenizer
         self.tok.padding_side = "left"  # batched prompts end where their answers start
         hf: PretrainedConfig = model.config  # pyright: ignore[reportAssignmentType]
