@@ -343,3 +343,36 @@ def test_video_follows_the_processors_frame_rules(family: str, engines: dict[str
         out = engine.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=engine.stop_ids)
     want = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert ours.text == want and want
+
+
+@pytest.mark.process
+def test_serve_command_with_model_dir(chat_dirs: dict[str, Path], engines: dict[str, VLMChatEngine],
+                                      two_images: list[Path], tmp_path: Path) -> None:
+    """``python -m lavis.serve --model-dir DIR``: /v1/models names the directory, a greedy answer is the engine's."""
+    import urllib.request
+
+    from .conftest import free_port, stop_server, wait_until_served
+
+    port, log = free_port(), tmp_path / "serve.log"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "lavis.serve", "--model-dir", str(chat_dirs["qwen2_5_vl"]),
+                                 "--cpu-only", "--port", str(port), "--max-new-tokens", str(MAX_NEW),
+                                 "--allow-local-files", str(two_images[0].parent)],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_served(proc, url + "/health", log, "lavis.serve")
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["qwen2_5_vl"]
+        body = {"temperature": 0, "messages": [{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": str(p)}} for p in two_images),
+            {"type": "text", "text": QUESTION}]}]}
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    finally:
+        stop_server(proc)
+    engine = engines["qwen2_5_vl"]
+    assert answer == engine.answer(two_images, QUESTION, GenerationSettings(max_new_tokens=MAX_NEW))
