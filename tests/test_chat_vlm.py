@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,11 @@ def test_native_resolution_batching_stops_and_context(family: str, engines: dict
     cut = alone.text[3:6]
     stopped = engine.run([Request([turn], stop_strings=[cut])], settings)[0]
     assert stopped.finish_reason == "stop" and stopped.text == alone.text[:alone.text.index(cut)].strip()
+    cancel = threading.Event()
+    cancel.set()  # e.g. the client went away before the first token
+    cancelled = engine.run([Request([turn], cancel=cancel), Request([text_only])], settings)
+    assert cancelled[0].finish_reason == "cancelled" and cancelled[0].completion_tokens == 0
+    assert cancelled[1].text == batch[1].text  # the other member of the batch goes on
     long = engine.make_turn("word " * 600, [])
     with pytest.raises(ValueError, match="at or over the model's context of 512"):
         engine.encode([long])
