@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lavis.chat.engine import (
-    ChatEngine,
     GenerationSettings,
     MediaMarkerError,
     add_model_arguments,
@@ -33,8 +32,8 @@ from lavis.chat.engine import (
     place_media,
     set_seed,
 )
+from lavis.chat.loading import load_engine
 from lavis.chat.session import ChatSession
-from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER, VIDEO_MARKER
 from lavis.data.media import MediaError
 
@@ -89,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_not_input(Path(args.out), {"--batch": args.batch, "--cfg-path": args.cfg_path,
                                                 "-c": args.checkpoint_path})
     try:
-        cfg_path = args.cfg_path or preset_path(args.model_type)
         set_seed(args.seed)
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
-                                       options=args.options, load_8bit=args.load_8bit,
-                                       llm_device_map=args.llm_device_map)
+        engine = load_engine(args, device_from_args(args), args.options)
     except (ValueError, OSError) as e:  # an input error (config, checkpoint, model type, device): README says 1
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -432,7 +428,7 @@ class Interactive:
     def answer(self, query: str) -> None:
         session = self.session
         try:
-            place_media(query, session.pending, session.engine.tpl.spec.media_sep)
+            place_media(query, session.pending, session.engine.media_sep)
         except MediaMarkerError as e:
             print(f"error: {e}")
             return

@@ -94,6 +94,9 @@ class Turn:
     media_names: list[str] = field(default_factory=list)
     stopped: bool = False
     """The answer was cut short by the caller's cancel token."""
+    media: list[Media] = field(default_factory=list)
+    """The attached media, decoded, in order (what a native-resolution VLM engine reads; ``pixels`` is theirs
+    joined)."""
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -300,12 +303,14 @@ def choose_placement(
 class _Row:
     """One sequence's answer as it is generated: end tokens, stop strings, its own token limit, streamed text."""
 
-    def __init__(self, tpl: ChatTemplate, stop_sequences: list[list[int]], req: Request, max_new: int,
-                 stream: bool) -> None:
-        self.tok, self.cut, self.max_new = tpl.tokenizer, tpl.cut_answer, max_new
+    def __init__(self, decode: Callable[[list[int]], str], cut: Callable[[str], str], stop_texts: Sequence[str],
+                 stop_sequences: list[list[int]], req: Request, max_new: int, stream: bool) -> None:
+        """``decode``: answer ids -> text; ``cut``: the template's answer rule; ``stop_texts``: the template's stop
+        texts (held back while streaming)."""
+        self.decode, self.cut, self.max_new = decode, cut, max_new
         self.stop_sequences = stop_sequences
         self.stop_strings = StopStrings(list(req.stop_strings))
-        self.held = StopStrings([*req.stop_strings, *tpl.spec.stop_texts])
+        self.held = StopStrings([*req.stop_strings, *stop_texts])
         """Text whose beginning is held back while streaming (a stop text such as '###' never shows in part)."""
         self.on_text = req.on_text if stream else None
         self.cancel = req.cancel
@@ -325,9 +330,9 @@ class _Row:
         end = next((seq for seq in self.stop_sequences if self.ids[-len(seq):] == seq), None)
         if end is not None:  # the template's stop sequence (not part of the answer)
             del self.ids[-len(end):]
-            self.text, self.finish = self.cut(self.tok.decode(self.ids)), "stop"
+            self.text, self.finish = self.cut(self.decode(self.ids)), "stop"
         else:
-            self.text = self.cut(self.tok.decode(self.ids))
+            self.text = self.cut(self.decode(self.ids))
             cut = self.stop_strings.first(self.text)
             if cut >= 0:
                 self.text, self.finish = self.text[:cut], "stop"
@@ -438,7 +443,18 @@ class ChatEngine:
         directly for ChatML (MPP-Qwen's cli_demo), with one space for the Vicuna / LLaMA-2 templates (MiniGPT-4's
         demo joins ``<Img><ImageHere></Img>`` and the question with ``' '``)."""
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
-        return Turn(place_media(query, attached, self.tpl.spec.media_sep), None, pixels, [m.name for m in attached])
+        return Turn(place_media(query, attached, self.tpl.spec.media_sep), None, pixels, [m.name for m in attached],
+                    media=list(attached))
+
+    @property
+    def media_sep(self) -> str:
+        """What joins the media placed before a query without markers and its text (:func:`place_media`)."""
+        return self.tpl.spec.media_sep
+
+    @property
+    def num_video_frames(self) -> int:
+        """Frames a video becomes (what a not yet decoded video stands for when a prompt is measured)."""
+        return self.tpl.num_video_frames
 
     def encode(self, turns: Sequence[Turn], system_prompt: str | None = None) -> list[int]:
         """Prompt ids of ``turns`` (the last one's answer to be generated); raises :class:`ContextError` when the
@@ -481,8 +497,9 @@ class ChatEngine:
             raise ValueError("beam search answers one request at a time")
         prompts = [self.encode(r.turns, r.system_prompt) for r in requests]
         streamed = settings.num_beams == 1
-        rows = [_Row(self.tpl, self.stop_sequences, r, r.max_new_tokens or settings.max_new_tokens, streamed)
-                for r in requests]
+        tpl = self.tpl
+        rows = [_Row(tpl.tokenizer.decode, tpl.cut_answer, tpl.spec.stop_texts, self.stop_sequences, r,
+                     r.max_new_tokens or settings.max_new_tokens, streamed) for r in requests]
         embed_dev = self.model.llm_model.get_input_embeddings().weight.device
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=embed_dev)
@@ -538,7 +555,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--cfg-path", help="the run's config.yaml (or a model recipe)")
     which.add_argument("--model-type", help=f"a shipped model config (lavis/projects/models): "
                                             f"{', '.join(model_types()) or 'none yet'}")
-    p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py")
+    which.add_argument("--model-dir", help="a transformers VLM directory (Qwen2.5-VL / Qwen3-VL: a published one, or "
+                                           "pipemodel2pth.py --hf-out of a run)")
+    p.add_argument("-c", "--checkpoint-path", help=".pth from pipemodel2pth.py / pipe_proj2pth.py; for a model.vlm "
+                                                   "run: RUN/global_stepN, or RUN (its latest)")
     p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
     p.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=int, help="run on this CUDA device (default: the first)")
     p.add_argument("--llm_device_map", "--llm-device-map", dest="llm_device_map", choices=["auto", "cpu"],

@@ -47,8 +47,8 @@ from lavis.chat.engine import (
     device_from_args,
     set_seed,
 )
+from lavis.chat.loading import load_engine
 from lavis.chat.local_files import add_local_files_argument, admitted, local_dirs
-from lavis.config.presets import preset_path
 from lavis.data.conversation import IMAGE_MARKER
 from lavis.data.media import MediaError
 
@@ -357,10 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_seed(args.seed)
     try:
-        cfg_path = args.cfg_path or preset_path(args.model_type)
         readable = local_dirs(args.allow_local_files)
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
-                                       load_8bit=args.load_8bit, llm_device_map=args.llm_device_map)
+        engine = load_engine(args, device_from_args(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

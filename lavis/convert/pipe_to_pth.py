@@ -37,11 +37,10 @@ from lavis.config.schema import ModelConfig
 from lavis.convert import lora_export
 from lavis.convert.hf_export import export_hf
 from lavis.convert.vlm_export import export_vlm_hf, is_vlm_run
-from lavis.engine.checkpoint import META_FILE, load_meta, read_latest, table_from_json, verify_checksums
+from lavis.engine.checkpoint import META_FILE, load_meta, load_plain_state, resolve_tag_dir
 from lavis.families import describe, family_named
 from lavis.model.freezing import is_trainable
 from lavis.model.spec import ModelSpec
-from lavis.pipeline.plan import layers_to_plain
 from lavis.predecessors.mpp_layers import convert_mpp, is_mpp_checkpoint, resolve_mpp_tag_dir
 from lavis.weights.release import (
     OUTPUT_NAME,
@@ -52,31 +51,9 @@ from lavis.weights.release import (
     kind_mismatch,
     release_names,
 )
-from lavis.weights.torch_file import load_torch_file
 
 PREVIOUS_OUTPUTS = frozenset({*OUTPUT_NAME.values(), *(f"lora_{n}" for n in OUTPUT_NAME.values())})
 """Files a converter writes into a checkpoint directory itself: the only files there that an output may replace."""
-
-
-def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
-    """``ckpt_dir`` may be a run directory (its ``latest`` is used) or one ``global_step*`` directory."""
-    d = Path(ckpt_dir)
-    if (d / META_FILE).is_file():
-        return d
-    tag = read_latest(d)
-    if tag is None:
-        raise FileNotFoundError(f"{d} is neither a checkpoint directory ({META_FILE}) nor a run directory (latest)")
-    return d / tag
-
-
-def read_meta(tag_dir: Path) -> dict:
-    """``lavis_meta.json`` (``checkpoint.load_meta`` names the file when it is damaged) with the keys converters
-    read."""
-    meta = load_meta(tag_dir)
-    missing = [k for k in ("layers", "config", "placeholder_id") if k not in meta]
-    if missing:
-        raise ValueError(f"{tag_dir / META_FILE}: missing {missing}; not a checkpoint written by train_pipeline.py")
-    return meta
 
 
 def _checkpoint_tag_dir(ckpt_dir: Path) -> Path | None:
@@ -132,21 +109,6 @@ def refuse_output_over_inputs(flag: str, out: str | Path, inputs: list[Path], *,
                 what = "holds" if is_dir and not _same(out, f) else "is"
                 raise ValueError(f"{flag} {out} {what} {which}an input of this conversion; it would be overwritten. "
                                  f"Nothing was written: choose another {flag}")
-
-
-def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    meta = read_meta(tag_dir)
-    note = verify_checksums(tag_dir, only=lambda name: name == META_FILE or name.startswith("layer_"))  # the files read
-    if note:
-        print(note, file=sys.stderr)
-    table = table_from_json(meta["layers"])
-    states = {}
-    for entry in table:
-        f = tag_dir / f"layer_{entry.index:02d}-model_states.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} missing: the checkpoint in {tag_dir} is incomplete")
-        states[entry.index] = load_torch_file(f, "layer file")
-    return layers_to_plain(table, states), meta
 
 
 def nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:

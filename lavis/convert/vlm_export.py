@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from lavis.config.load import from_dict
-from lavis.config.schema import Config
-from lavis.engine.checkpoint import META_FILE
-from lavis.model.lora import ADAPTER_NAME, is_adapter_key, merge_adapters_, peft_config, plain_targets
-from lavis.pipeline.plan import layers_to_plain
-from lavis.vlm.arch import family_of, read_hf_config
+from lavis.engine.vlm_checkpoint import in_memory_key, run_vlm_config, trained_layers, trained_model
+from lavis.model.lora import ADAPTER_NAME, is_adapter_key, peft_config
 from lavis.vlm.config import VLMConfig
 from lavis.vlm.data import RUN_PROCESSOR_DIR
-from lavis.vlm.layers import build_layers, layer_table
-from lavis.vlm.lora import add_vlm_adapters_
-from lavis.vlm.weights import load_stage
+
+__all__ = ["WEIGHT_FILES", "export_vlm_hf", "is_vlm_run", "trained_layers"]  # trained_layers: its old home
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 """Written by ``save_pretrained``; every other file of the source directory is copied."""
@@ -45,91 +38,28 @@ def is_vlm_run(meta: dict) -> bool:
     return (meta.get("config", {}).get("model") or {}).get("vlm") is not None
 
 
-def run_vlm_config(meta: dict, tag_dir: Path) -> VLMConfig | None:
-    """The run's ``model.vlm`` section (None for a BLIP-2-style run)."""
-    return from_dict(Config, meta["config"], source=str(tag_dir / META_FILE)).model.vlm
-
-
-def in_memory_key(published: str) -> str:
-    """The released directories' names -> transformers' module names (``model.visual.*``,
-    ``model.language_model.*``)."""
-    if published.startswith("visual."):
-        return "model." + published
-    if published.startswith("model."):
-        return "model.language_model." + published[len("model."):]
-    return published
-
-
-def trained_layers(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict,
-                   ) -> tuple[list[nn.Module], list, VLMConfig]:
-    """Every layer of the run's model with its weights as trained: the source's tensors, then the checkpoint's
-    (``trained``: published names, ``lavis.convert.pipe_to_pth.load_plain_state``); a LoRA run's decoder blocks
-    hold its adapters (peft layers over unquantized base weights, also for QLoRA)."""
+def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, out_dir: str | Path,
+                  dtype: torch.dtype = torch.bfloat16, adapter: bool = False) -> Path:
+    """Write ``out_dir`` (see the module docstring); ``trained``, ``meta``: the checkpoint's
+    (``lavis.engine.checkpoint.load_plain_state``); ``adapter``: a LoRA run as a peft adapter directory instead of
+    merged."""
     vlm = run_vlm_config(meta, tag_dir)
     if vlm is None:
         raise ValueError(f"{tag_dir}: not a model.vlm run")
-    hf = read_hf_config(vlm)
-    layers = build_layers(hf, vlm.vision_blocks_per_layer)
-    table = layer_table(hf, vlm.vision_blocks_per_layer)
-    load_stage(vlm, hf, table, dict(enumerate(layers)))
-    add_vlm_adapters_(dict(enumerate(layers)), replace(vlm, quantize=None))
-    for entry in table:
-        state = layers[entry.index].state_dict()
-        with torch.no_grad():
-            for key, tensor in trained.items():
-                local = entry.from_plain(key)
-                if local is not None:
-                    if local not in state:
-                        raise ValueError(f"{tag_dir}: checkpoint tensor {key} fits no weight of layer {entry.index}")
-                    state[local].copy_(tensor)
-    return layers, table, vlm
-
-
-def export_vlm_hf(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict, out_dir: str | Path,
-                  dtype: torch.dtype = torch.bfloat16, adapter: bool = False) -> Path:
-    """Write ``out_dir`` (see the module docstring); ``trained``, ``meta``: the checkpoint's, as
-    :func:`trained_layers` takes them; ``adapter``: a LoRA run as a peft adapter directory instead of merged."""
-    run = run_vlm_config(meta, tag_dir)
-    if adapter and run is not None and run.lora is None:
+    if adapter and vlm.lora is None:
         raise ValueError(f"{tag_dir}: not a LoRA run (model.vlm.lora is unset): there is no adapter to write; "
                          "drop --peft-adapter to write the whole model")
-    layers, table, vlm = trained_layers(tag_dir, trained, meta)
-    if vlm.lora is not None and not adapter:
-        for layer in layers:
-            merge_adapters_(layer)
-    states = {i: layer.state_dict() for i, layer in enumerate(layers)}
-    state = layers_to_plain(table, {i: plain_targets(sd) for i, sd in states.items()})
-    model = transformers_model(tag_dir, vlm, state)
+    model = trained_model(vlm, trained, str(tag_dir), merge_lora=not adapter)
     nn.Module.to(model, dtype)  # in place (transformers' wrapper of ``to`` confuses the type checker)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if adapter:
-        adapters = {k: v for k, v in layers_to_plain(table, states).items() if is_adapter_key(k)}
+        adapters = {k: v for k, v in trained.items() if is_adapter_key(k)}
         write_peft_adapter(model, vlm, adapters, [k for k in trained if not is_adapter_key(k)], out)
     else:
         model.save_pretrained(out)
     copy_processor_files(vlm, tag_dir, out)
     return out
-
-
-def transformers_model(tag_dir: Path, vlm: VLMConfig, state: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """The source's transformers class holding ``state`` (published names; tensors assigned, not copied)."""
-    hf = read_hf_config(vlm)
-    with torch.device("meta"):
-        model = family_of(hf).model_cls(hf)
-    missing, unexpected = model.load_state_dict({in_memory_key(k): v for k, v in state.items()}, strict=False,
-                                                assign=True)
-    tied = {"lm_head.weight"} if hf.tie_word_embeddings else set()
-    if tied and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
-        raise ValueError(f"{tag_dir}: tie_word_embeddings is true but the checkpoint's lm_head.weight differs from "
-                         "model.embed_tokens.weight (a run that did not keep its tied copies equal); export from a "
-                         "checkpoint of this trainer's tied-embedding training")
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{tag_dir}: the trained weights do not fill {type(model).__name__}: missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    if tied:
-        model.tie_weights()
-    return model
 
 
 def copy_processor_files(vlm: VLMConfig, tag_dir: Path, out: Path) -> None:

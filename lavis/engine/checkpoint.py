@@ -30,13 +30,16 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
-from lavis.pipeline.plan import LayerEntry
+from lavis.pipeline.plan import LayerEntry, layers_to_plain
+from lavis.weights.torch_file import load_torch_file
 
 if TYPE_CHECKING:
     from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -271,3 +274,41 @@ def load_meta(tag_dir: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or "config" not in meta:
         raise ValueError(f"{f}: not our checkpoint metadata (no `config`); use another global_stepN")
     return meta
+
+
+def resolve_tag_dir(ckpt_dir: str | Path) -> Path:
+    """``ckpt_dir`` may be a run directory (its ``latest`` is used) or one ``global_step*`` directory."""
+    d = Path(ckpt_dir)
+    if (d / META_FILE).is_file():
+        return d
+    tag = read_latest(d)
+    if tag is None:
+        raise FileNotFoundError(f"{d} is neither a checkpoint directory ({META_FILE}) nor a run directory (latest)")
+    return d / tag
+
+
+def read_meta(tag_dir: Path) -> dict:
+    """``lavis_meta.json`` (``checkpoint.load_meta`` names the file when it is damaged) with the keys converters
+    read."""
+    meta = load_meta(tag_dir)
+    missing = [k for k in ("layers", "config", "placeholder_id") if k not in meta]
+    if missing:
+        raise ValueError(f"{tag_dir / META_FILE}: missing {missing}; not a checkpoint written by train_pipeline.py")
+    return meta
+
+
+def load_plain_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained weights of a checkpoint under plain-model names (every layer file, checked against
+    ``checksums.json``) and its metadata: what the converters and chat read from a run."""
+    meta = read_meta(tag_dir)
+    note = verify_checksums(tag_dir, only=lambda name: name == META_FILE or name.startswith("layer_"))  # the files read
+    if note:
+        print(note, file=sys.stderr)
+    table = table_from_json(meta["layers"])
+    states = {}
+    for entry in table:
+        f = tag_dir / f"layer_{entry.index:02d}-model_states.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing: the checkpoint in {tag_dir} is incomplete")
+        states[entry.index] = load_torch_file(f, "layer file")
+    return layers_to_plain(table, states), meta

@@ -3,6 +3,9 @@
     python -m lavis.eval --cfg-path RUN/config.yaml -c RUN/model.pth --task vqa --data questions.json \\
         --annotations annotations.json --images val2014/ --out eval/vqav2
 
+The model: ``--cfg-path`` / ``--model-type`` with ``-c`` as the chat front ends take them (a ``model.vlm`` run:
+``-c RUN/global_stepN`` or ``-c RUN``), or ``--model-dir DIR``, a transformers Qwen2.5-VL / Qwen3-VL directory.
+
 Tasks: vqa (VQAv2, OK-VQA, TextVQA), mcq (MMBench .tsv with circular evaluation, ScienceQA-IMG problems.json),
 yesno (POPE .json lines, an MME release directory), caption (COCO captions file), video-qa (JSON lines), gqa (GQA
 testdev_balanced_questions.json), vizwiz (VizWiz-VQA val.json), okvqa (OK-VQA questions + --annotations). Writes
@@ -16,13 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lavis.chat.engine import ChatEngine, add_model_arguments
+from lavis.chat.engine import add_model_arguments
+from lavis.chat.loading import config_path, load_engine
 from lavis.config.load import load_config
-from lavis.config.presets import preset_path
 from lavis.eval.common import BenchmarkFileError
 from lavis.eval.identity import model_identity, read_identity
 from lavis.eval.runner import format_table, full_identity, refuse_foreign_predictions, run_task, task_settings
 from lavis.eval.tasks import TASKS, Source, get_task
+from lavis.vlm.arch import check_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,21 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("eval") / f"{args.task}-{data.stem}"
     src = Source(data, Path(args.images) if args.images else None,
                  Path(args.annotations) if args.annotations else None, args.split)
-    cfg_path = args.cfg_path or preset_path(args.model_type)
     try:
         task = get_task(args.task)
         predictions = out / "predictions.jsonl"
-        identity = model_identity(cfg_path, args.options,
-                                  args.checkpoint_path or load_config(cfg_path, list(args.options)).model.checkpoint,
-                                  known=None if args.overwrite else read_identity(predictions))
+        known = None if args.overwrite else read_identity(predictions)
+        cfg_path = config_path(args)
+        if cfg_path is None:  # --model-dir: the directory is the checkpoint, its config.json the config
+            model_dir = check_model_dir(args.model_dir)
+            identity = model_identity(model_dir / "config.json", args.options, model_dir, known=known)
+        else:
+            identity = model_identity(cfg_path, args.options, args.checkpoint_path
+                                      or load_config(cfg_path, list(args.options)).model.checkpoint, known=known)
         if not args.overwrite:  # before the model loads: refuse another model's predictions at once
             refuse_foreign_predictions(predictions, full_identity(identity, task_settings(task, args.max_new_tokens)))
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device="cpu" if args.cpu_only else "auto",
-                                       options=args.options, load_8bit=args.load_8bit,
-                                       llm_device_map=args.llm_device_map)
+        engine = load_engine(args, "cpu" if args.cpu_only else "auto", args.options)
         summary = run_task(engine, args.task, src, out, prompt=args.prompt, batch_size=args.batch_size,
                            limit=args.limit, max_new_tokens=args.max_new_tokens,
-                           meta={"config": str(cfg_path), "checkpoint": args.checkpoint_path},
+                           meta={"config": str(cfg_path or args.model_dir), "checkpoint": args.checkpoint_path},
                            progress=not args.quiet, identity=identity, overwrite=args.overwrite)
     except (BenchmarkFileError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

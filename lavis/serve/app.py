@@ -39,10 +39,10 @@ from lavis.chat.engine import (
     device_from_args,
 )
 from lavis.chat.engine import Request as GenRequest
+from lavis.chat.loading import config_path, load_engine
 from lavis.chat.local_files import add_local_files_argument, local_dirs
-from lavis.config.presets import preset_path
 from lavis.serve.limits import Limits, check_request
-from lavis.serve.messages import to_conversation
+from lavis.serve.messages import Conversation, to_conversation
 from lavis.serve.protocol import APIError, ChatCompletionRequest, loc_to_param
 from lavis.serve.scheduler import Job, Scheduler
 
@@ -143,11 +143,9 @@ def _make_job(body: ChatCompletionRequest, engine: ChatEngine, opts: ServeOption
         conv = to_conversation(body, engine, opts.local_roots, opts.limits)
     except MediaMarkerError as e:  # markers typed in the text vs the images sent
         raise APIError(400, str(e), "messages") from None
-    try:
-        prompt = engine.encode(conv.turns, conv.system_prompt)
-    except ContextError as e:
-        raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+    _measure(engine, conv)  # before decoding: refuse what the text and markers alone cannot fit
     conv.decode()
+    prompt = _measure(engine, conv)  # with the decoded media (a native-resolution VLM's images vary in tokens)
     room = engine.context_length - len(prompt) if engine.context_length else None
     limit = body.token_limit() or opts.max_new_tokens
     if room is not None:
@@ -159,6 +157,14 @@ def _make_job(body: ChatCompletionRequest, engine: ChatEngine, opts: ServeOption
     req = GenRequest(conv.turns, conv.system_prompt, body.stop_strings(), limit, threading.Event(),
                      events.text if body.stream else None)
     return Job(req, settings, events.done, None if greedy else body.seed)
+
+
+def _measure(engine: ChatEngine, conv: Conversation) -> list[int]:
+    """The prompt's ids; a prompt that does not fit the context is a 400."""
+    try:
+        return engine.encode(conv.turns, conv.system_prompt)
+    except ContextError as e:
+        raise APIError(400, str(e), "messages", "context_length_exceeded") from None
 
 
 async def _result(events: _Events) -> Answer:
@@ -307,20 +313,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        cfg_path = Path(args.cfg_path or preset_path(args.model_type))
+        cfg_path = config_path(args)
         roots = local_dirs(args.allow_local_files)
         limits = Limits(max_images=args.max_images, max_text_chars=args.max_text_chars,
                         max_image_pixels=args.max_image_pixels, decode_workers=args.decode_workers)
         if min(args.max_images, args.max_text_chars, args.max_image_pixels, args.decode_workers) < 1:
             raise ValueError("--max-images, --max-text-chars, --max-image-pixels and --decode-workers must be >= 1")
-        engine = ChatEngine.from_files(cfg_path, args.checkpoint_path, device=device_from_args(args),
-                                       options=args.options, load_8bit=args.load_8bit,
-                                       llm_device_map=args.llm_device_map)
+        engine = load_engine(args, device_from_args(args), args.options)
         scheduler = Scheduler(engine, args.max_queue, args.max_batch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    name = args.model_name or args.model_type or (cfg_path.parent.name if cfg_path.stem == "config" else cfg_path.stem)
+    name = args.model_name or args.model_type or (Path(args.model_dir).resolve().name if cfg_path is None else
+                                                  cfg_path.parent.name if cfg_path.stem == "config" else cfg_path.stem)
     opts = ServeOptions(name, args.api_key, roots, args.max_new_tokens, int(args.max_request_mb * 2**20), limits)
     scheduler.start()
     uvicorn.run(build_app(engine, scheduler, opts), host=args.host, port=args.port, log_level="info")

@@ -53,7 +53,8 @@ class Conversation:
         """Decode every image and video (the expensive step) into its turn's ``pixels``."""
         for turn, pending in zip(self.turns, self.media, strict=True):
             if pending:
-                turn.pixels = torch.cat([_decode(p.load, p.param, p.name).pixels for p in pending])
+                turn.media = [_decode(p.load, p.param, p.name) for p in pending]
+                turn.pixels = torch.cat([m.pixels for m in turn.media])
 
 
 def to_conversation(req: ChatCompletionRequest, engine: ChatEngine, local_roots: Sequence[Path],
@@ -70,7 +71,7 @@ def to_conversation(req: ChatCompletionRequest, engine: ChatEngine, local_roots:
     def close_turn(answer: str | None) -> None:
         nonlocal texts, attached
         # stand-in pixels, one row per image/frame (the prompt and its context check need only the markers)
-        stand_in = [Media(p.marker, torch.empty(1 if p.marker == IMAGE_MARKER else engine.tpl.num_video_frames, 0),
+        stand_in = [Media(p.marker, torch.empty(1 if p.marker == IMAGE_MARKER else engine.num_video_frames, 0),
                           p.name) for p in attached]
         turn = engine.make_turn("\n".join(texts), stand_in)
         turn.answer = answer

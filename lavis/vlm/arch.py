@@ -7,6 +7,7 @@ embeddings, ``get_rope_index``); this module only names them per ``model_type``.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,26 @@ def reference_model(hf: PretrainedConfig, seed: int) -> nn.Module:
     every stage draws the same weights, then keeps its own)."""
     torch.manual_seed(seed)
     return family_of(hf).model_cls(hf)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``--model-dir``: a transformers directory of a supported VLM family; one-line errors name the file and what
+    was expected."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model-dir {path}: not a directory (a transformers VLM directory as save_pretrained "
+                                f"writes it: config.json, *.safetensors, the processor's files)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} not found: --model-dir takes a transformers VLM directory (config.json, "
+                                "*.safetensors, the processor's files), e.g. a published Qwen2.5-VL / Qwen3-VL one or "
+                                "the --hf-out of a run")
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{cfg}: not a JSON object ({e})") from None
+    if model_type not in FAMILIES:
+        raise ValueError(f"{cfg}: model_type {model_type!r} is not a supported VLM (expected one of "
+                         f"{', '.join(FAMILIES)}); a BLIP-2-style run is chatted with --cfg-path RUN/config.yaml -c "
+                         "M.pth")
+    return path
