@@ -28,7 +28,7 @@ from lavis.model.spec import LLM_DIMS, ModelSpec
 from lavis.pipeline.family import describe
 from lavis.pipeline.family import plan as plan_model
 from lavis.pipeline.plan import StagePlan, format_plan, stage_memory_bytes
-from lavis.vlm.arch import read_hf_config
+from lavis.vlm.arch import hf_config_source, read_hf_config
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -54,7 +54,7 @@ def model_spec(cfg: Config) -> tuple[ModelSpec | None, str]:
     """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``.
     None for a ``model.vlm`` recipe (a transformers VLM: :func:`plan_of` plans it from its own config)."""
     if cfg.model.vlm is not None:
-        return None, f"{cfg.model.vlm.path}/config.json" if cfg.model.vlm.path else "model.vlm.hf_config"
+        return None, hf_config_source(cfg.model.vlm)
     llm = cfg.model.llm
     if llm.path is None or (Path(llm.path) / "config.json").is_file():
         spec = describe(cfg.model)
