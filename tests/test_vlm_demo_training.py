@@ -1,6 +1,6 @@
 """The tiny Qwen2.5-VL demo recipe trains end to end through ``train_pipeline.py`` under torchrun (gloo, CPU): the
 data side (``build_vlm_data``, the builtin processor, dynamic-shape micro-batches of images, pairs, multi-turn
-samples and video clips) feeds the model side's pipeline layers; 1 and 2 stages give the same losses; the run saves
+samples and video clips) feeds the model side's pipeline layers; 1, 2 and 3 stages give the same losses; the run saves
 its processor and ``pipemodel2pth.py --hf-out`` of the 2-stage run loads in transformers."""
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ def train_demo(tmp: Path, stages: int, data: Path) -> Path:
 
 
 @pytest.mark.process
-def test_demo_recipe_trains_with_1_and_2_stages_to_the_same_losses(tiny_data: Path, tmp_path: Path) -> None:
-    one, two = train_demo(tmp_path, 1, tiny_data), train_demo(tmp_path, 2, tiny_data)
-    a, b = losses(one), losses(two)
+def test_demo_recipe_trains_with_1_2_and_3_stages_to_the_same_losses(tiny_data: Path, tmp_path: Path) -> None:
+    one, two, three = (train_demo(tmp_path, n, tiny_data) for n in (1, 2, 3))
+    a = losses(one)
     assert len(a) == STEPS and all(math.isfinite(x) for x in a), a
-    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    for run in (two, three):
+        b = losses(run)
+        assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (run.name, a, b)
     assert a[-1] < a[0], a  # lr 1e-3 without warmup: five steps on the shapes data lower the loss
     log = (tmp_path / "pp2.log").read_text()
     assert "boundaries [0, " in log and "rank 1 (stage 1)" in log  # really two stages
+    log = (tmp_path / "pp3.log").read_text()
+    assert "rank 2 (stage 2)" in log and "rank 3" not in log  # really three stages
     saved = AutoProcessor.from_pretrained(str(two / RUN_PROCESSOR_DIR))
     assert type(saved).__name__ == "Qwen2_5_VLProcessor"
 
