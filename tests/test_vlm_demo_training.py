@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from lavis.demo.run import evaluate_model_dir, export_hf
 from lavis.vlm.data import RUN_PROCESSOR_DIR
 
 from .conftest import REPO, data_options, launch, losses
@@ -55,3 +56,11 @@ def test_demo_recipe_trains_with_1_2_and_3_stages_to_the_same_losses(tiny_data: 
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     text = "What colour is the shape?"
     assert processor.tokenizer.encode(text) == saved.tokenizer.encode(text)
+
+    # `python -m lavis.demo --vlm`'s steps 3-4 on this run: the fp32 export, scored on the demo's benchmark files.
+    exported = export_hf(two)
+    assert exported == two / "hf"
+    res = evaluate_model_dir(exported, 3, 5, tmp_path / "eval", bench_dir=tmp_path / "bench")
+    assert (res["vqa"]["scores"]["count"], res["yesno"]["scores"]["count"]) == (3, 6)
+    rows = (tmp_path / "eval/yesno/predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 6 and res["yesno"]["config"] == str(exported)

@@ -98,15 +98,17 @@ def evaluate(cfg_path: Path, ckpt: Path, n: int, seed: int, out: Path) -> dict[s
                  out)
 
 
-def evaluate_model_dir(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, dict]:
+def evaluate_model_dir(model_dir: Path, n: int, seed: int, out: Path, bench_dir: Path = BENCH_DIR) -> dict[str, dict]:
     """Score a transformers VLM directory on the same benchmark files (``python -m lavis.eval --model-dir``'s
     engine)."""
     return score(VLMChatEngine.from_model_dir(model_dir), {"config": str(model_dir), "checkpoint": None}, n, seed,
-                 out)
+                 out, bench_dir)
 
 
-def score(engine: ChatEngine, meta: dict[str, Any], n: int, seed: int, out: Path) -> dict[str, dict]:
-    files = shapes.write_benchmarks(BENCH_DIR / str(seed), n, seed)
+def score(engine: ChatEngine, meta: dict[str, Any], n: int, seed: int, out: Path,
+          bench_dir: Path = BENCH_DIR) -> dict[str, dict]:
+    """Answer and score the held-out benchmark files (written under ``bench_dir/seed``) with ``engine``."""
+    files = shapes.write_benchmarks(bench_dir / str(seed), n, seed)
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier checkpoint must not be resumed
     summaries = {}
     for task in ("vqa", "yesno"):
