@@ -177,7 +177,7 @@ def test_model_type_and_cfg_path_exclusive(capsys: pytest.CaptureFixture) -> Non
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--query", "hi"])
-    assert "one of the arguments --cfg-path --model-type is required" in capsys.readouterr().err
+    assert "one of the arguments --cfg-path --model-type --model-dir is required" in capsys.readouterr().err
 
 
 def test_device_map_plan(tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -443,7 +443,7 @@ class ChatEngine:
         directly for ChatML (MPP-Qwen's cli_demo), with one space for the Vicuna / LLaMA-2 templates (MiniGPT-4's
         demo joins ``<Img><ImageHere></Img>`` and the question with ``' '``)."""
         pixels = torch.cat([m.pixels for m in attached]) if attached else None
-        return Turn(place_media(query, attached, self.media_sep), None, pixels, [m.name for m in attached],
+        return Turn(place_media(query, attached, self.tpl.spec.media_sep), None, pixels, [m.name for m in attached],
                     media=list(attached))
 
     @property

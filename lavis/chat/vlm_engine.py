@@ -246,6 +246,11 @@ class VLMChatEngine(ChatEngine):
                                        "do_sample_frames": False, "video_metadata": [meta for _, meta in clips]}
         return self.processor(text=[p.text for p in prompts], padding=True, return_tensors="pt", **kwargs)
 
+    def inputs(self, turns: Sequence[Turn], system_prompt: str | None = None) -> Any:
+        """The processor's batch of one conversation (``input_ids``, ``attention_mask``, patches, grids): what
+        ``model(**inputs)`` / ``model.generate(**inputs)`` take."""
+        return self._process([self._prompt(turns, system_prompt)])
+
     def encode(self, turns: Sequence[Turn], system_prompt: str | None = None) -> list[int]:
         """Prompt ids of ``turns`` (each image / clip expanded to its visual tokens); raises :class:`ContextError`
         when the prompt leaves no room for an answer. Media not yet decoded count one token each (a lower bound)."""
@@ -320,11 +325,16 @@ def _checkpoint_dir(checkpoint: Path) -> Path:
 
 
 def _check_processor_fits(processor: Any, hf: PretrainedConfig, where: str) -> None:
-    """The processor's tokenizer and media tokens are the model's (a processor of another model gives garbage)."""
+    """The processor's tokenizer, media tokens and patches are the model's (another model's processor gives
+    garbage)."""
     rows = hf.get_text_config().vocab_size
     if len(processor.tokenizer) > rows:
         raise ValueError(f"{where}: the processor's tokenizer has {len(processor.tokenizer)} tokens but the model's "
                          f"embedding {rows} rows: the processor belongs to another model")
+    ours, theirs = getattr(processor.image_processor, "patch_size", None), hf.vision_config.patch_size
+    if ours is not None and ours != theirs:
+        raise ValueError(f"{where}: the processor cuts {ours} px patches but the model's vision tower takes "
+                         f"{theirs} px ones: the processor belongs to another model")
     for name in ("image_token_id", "video_token_id"):
         ours, theirs = getattr(processor, name, None), getattr(hf, name, None)
         if ours is not None and theirs is not None and ours != theirs:
