@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision first, pinned to the releases this machine image provides (CPU use; CUDA when present).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint venv clean-demo gpu-check
+.PHONY: demo demo-vlm test test-fast lint venv clean-demo gpu-check
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(BIN)/python -m lavis.demo
+
+# The same loop on the tiny Qwen2.5-VL recipe (lavis/projects/demo/shapes_qwen2_5_vl.yaml): train with 2 stages,
+# export a transformers directory (--hf-out), score it on the same held-out benchmarks.
+demo-vlm: $(STAMP)
+	$(BIN)/python -m lavis.demo --vlm
 
 test: lint
 	$(BIN)/python -m pytest -q tests
@@ -39,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/pyright
 
 clean-demo:
-	rm -rf output/shapes cache/dataset/shapes
+	rm -rf output/shapes output/shapes_qwen2_5_vl cache/dataset/shapes
 
 # One GPU, no weight files, within 8 minutes: writes output/gpu_check/gpu_check.json (README "GPU check").
 # Needs only torch with CUDA on the machine; other dependencies come from .whl/ (scripts/prepare_gpu_wheels.sh).

@@ -27,6 +27,7 @@ from lavis.families import plan as plan_model
 from lavis.model.published import PUBLISHED_LLM_CONFIGS
 from lavis.model.spec import ModelSpec
 from lavis.pipeline.plan import StagePlan, format_plan, stage_memory_bytes
+from lavis.vlm.arch import hf_config_source
 
 if TYPE_CHECKING:
     from lavis.config.schema import Config
@@ -50,6 +51,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def model_spec(cfg: Config) -> tuple[ModelSpec, str]:
     """The model's description for the planner and where its LLM shape came from; reads at most a ``config.json``."""
+    if cfg.model.vlm is not None:  # the VLM family's config reader falls back to the published shapes itself
+        return describe(cfg.model), hf_config_source(cfg.model.vlm)
     family = family_of(cfg.model)
     path = family.model_dir(cfg.model)
     if path is None or (Path(path) / "config.json").is_file():

@@ -1,6 +1,6 @@
 """The tiny Qwen2.5-VL demo recipe trains end to end through ``train_pipeline.py`` under torchrun (gloo, CPU): the
 data side (``build_vlm_data``, the builtin processor, dynamic-shape micro-batches of images, pairs, multi-turn
-samples and video clips) feeds the model side's pipeline layers; 1 and 2 stages give the same losses; the run saves
+samples and video clips) feeds the model side's pipeline layers; 1, 2 and 3 stages give the same losses; the run saves
 its processor and ``pipemodel2pth.py --hf-out`` of the 2-stage run loads in transformers."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from lavis.demo.run import evaluate_model_dir, export_hf
 from lavis.vlm.data import RUN_PROCESSOR_DIR
 
 from .conftest import REPO, data_options, launch, losses
@@ -32,14 +33,18 @@ def train_demo(tmp: Path, stages: int, data: Path) -> Path:
 
 
 @pytest.mark.process
-def test_demo_recipe_trains_with_1_and_2_stages_to_the_same_losses(tiny_data: Path, tmp_path: Path) -> None:
-    one, two = train_demo(tmp_path, 1, tiny_data), train_demo(tmp_path, 2, tiny_data)
-    a, b = losses(one), losses(two)
+def test_demo_recipe_trains_with_1_2_and_3_stages_to_the_same_losses(tiny_data: Path, tmp_path: Path) -> None:
+    one, two, three = (train_demo(tmp_path, n, tiny_data) for n in (1, 2, 3))
+    a = losses(one)
     assert len(a) == STEPS and all(math.isfinite(x) for x in a), a
-    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    for run in (two, three):
+        b = losses(run)
+        assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (run.name, a, b)
     assert a[-1] < a[0], a  # lr 1e-3 without warmup: five steps on the shapes data lower the loss
     log = (tmp_path / "pp2.log").read_text()
     assert "boundaries [0, " in log and "rank 1 (stage 1)" in log  # really two stages
+    log = (tmp_path / "pp3.log").read_text()
+    assert "rank 2 (stage 2)" in log and "rank 3" not in log  # really three stages
     saved = AutoProcessor.from_pretrained(str(two / RUN_PROCESSOR_DIR))
     assert type(saved).__name__ == "Qwen2_5_VLProcessor"
 
@@ -51,3 +56,11 @@ def test_demo_recipe_trains_with_1_and_2_stages_to_the_same_losses(tiny_data: Pa
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     text = "What colour is the shape?"
     assert processor.tokenizer.encode(text) == saved.tokenizer.encode(text)
+
+    # `python -m lavis.demo --vlm`'s steps 3-4 on this run: the fp32 export, scored on the demo's benchmark files.
+    exported = export_hf(two)
+    assert exported == two / "hf"
+    res = evaluate_model_dir(exported, 3, 5, tmp_path / "eval", bench_dir=tmp_path / "bench")
+    assert (res["vqa"]["scores"]["count"], res["yesno"]["scores"]["count"]) == (3, 6)
+    rows = (tmp_path / "eval/yesno/predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 6 and res["yesno"]["config"] == str(exported)

@@ -19,6 +19,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
 from transformers.models.qwen3_vl import modeling_qwen3_vl as q3
 
 from lavis.vlm.config import FAMILIES, VLMConfig
+from lavis.vlm.published import PUBLISHED_VLM_CONFIGS, published_vlm_config
 
 
 @dataclass(frozen=True)
@@ -60,23 +61,46 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_hf_config(cfg: VLMConfig) -> PretrainedConfig:
     """The directory's ``config.json`` with ``model.vlm.hf_config`` merged over it (or ``hf_config`` alone), as
-    the family's transformers config class, with the attention implementation set on every sub-config."""
+    the family's transformers config class, with the attention implementation set on every sub-config. A ``path``
+    without ``config.json`` yet (planning before the download) reads the published shape named like it
+    (:func:`published_entry`)."""
     raw: dict[str, Any] = {}
     if cfg.path is not None:
-        file = Path(cfg.path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"model.vlm.path={cfg.path}: no config.json (a transformers model directory, as "
-                                    "save_pretrained writes it, is needed)")
-        raw = AutoConfig.from_pretrained(cfg.path).to_dict()
+        if (Path(cfg.path) / "config.json").is_file():
+            raw = AutoConfig.from_pretrained(cfg.path).to_dict()
+        else:
+            raw = AutoConfig.for_model(**published_entry(cfg.path)[1]).to_dict()
+    text_over = cfg.hf_config.get("text_config") or {}
+    if "num_hidden_layers" in text_over and "layer_types" not in text_over:  # derived from the old depth: re-derive
+        (raw.get("text_config") or {}).pop("layer_types", None)
     raw = _merge(raw, cfg.hf_config)
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
-        where = f"{cfg.path}/config.json" if cfg.path else "model.vlm.hf_config"
-        raise ValueError(f"{where}: model_type {model_type!r} is not a supported VLM family {FAMILIES}")
+        raise ValueError(f"{hf_config_source(cfg)}: model_type {model_type!r} is not a supported VLM family {FAMILIES}")
     hf = AutoConfig.for_model(**raw)
     for sub in (hf, hf.text_config, hf.vision_config):
         sub._attn_implementation = cfg.attn_implementation
     return hf
+
+
+def published_entry(path: str) -> tuple[str, dict[str, Any]]:
+    """The published config (``lavis/vlm/published.py``) standing in for ``path``'s missing ``config.json``."""
+    found = published_vlm_config(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"model.vlm.path={path}: no config.json there and no published shape is named like it "
+            f"({', '.join(PUBLISHED_VLM_CONFIGS)}); put the model's config.json there (no weights needed) or name "
+            "the directory after the checkpoint")
+    return found
+
+
+def hf_config_source(cfg: VLMConfig) -> str:
+    """Where :func:`read_hf_config` reads the shapes from, for messages (the table entry when it stands in)."""
+    if cfg.path is None:
+        return "model.vlm.hf_config"
+    if (Path(cfg.path) / "config.json").is_file():
+        return f"{cfg.path}/config.json"
+    return f"the published shape of {published_entry(cfg.path)[0]} ({cfg.path} holds no config.json yet)"
 
 
 def family_of(hf: PretrainedConfig) -> Family:
