@@ -41,7 +41,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--cfg-path", help="a recipe YAML")
     which.add_argument("--fits-table", action="store_true",
-                       help="print README's 'what fits' table: the shipped LLMs x full / LoRA / QLoRA x 2-8 GPUs")
+                       help="print the 'what fits' table (docs/BENCHMARKS.md): the shipped LLMs x full / LoRA / QLoRA "
+                            "x 2-8 GPUs")
     ap.add_argument("--gpus", type=int, help="GPUs of the run (default: train.parallel.num_stages, one replica)")
     ap.add_argument("--gpu-memory-gib", type=float,
                     help=f"memory per GPU (default: train.parallel.gpu_memory_gib, else {DEFAULT_GPU_GIB:g})")

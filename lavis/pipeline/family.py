@@ -33,7 +33,10 @@ whose modules sit above the pipeline floor (``lavis.vlm.family``). A family's ob
   entry of ``spec.layers``) for a ``Config`` and a ``Workload``;
 - ``is_trainable(cfg, plain_key)``: whether the weight of that plain name trains under a model config;
 - ``unsupported_options(cfg)``: (option, set in ``cfg``) pairs of the config's options this family does not support
-  (yet); ``pipeline_layers`` refuses those set, ``python -m lavis.plan`` offers none of them as a knob.
+  (yet); ``pipeline_layers`` refuses those set, ``python -m lavis.plan`` offers none of them as a knob;
+- ``recomputed_layers``: the layer class names ``train.parallel.activation_checkpoint_interval`` recomputes;
+- ``prepare_stage(spec, cfg, stage)``: after a built stage's weights are read and ``requires_grad`` set (every rank):
+  weights tied across layers (on one stage or across two), checks of what the stage reads besides its weights.
 
 Every entry point (the trainer's ``build_run``, ``python -m lavis.plan``, the converters, chat's model loading, eval,
 the feature cache builder, bench, the GPU check, inspect) calls ``lavis.families.describe`` once and hands the spec on.
