@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lavis.config.load import load_config
-from lavis.data.datasets import ConcatRecords, StepSampler, load_records
+from lavis.data.datasets import StepSampler, load_records
+from lavis.data.records import ConcatRecords
 from lavis.demo.run import evaluate_model_dir, export_hf
 from lavis.engine.vlm_checkpoint import trained_model
 from lavis.families import describe, family_named
@@ -58,8 +59,8 @@ def transformers_first_loss(data: Path) -> float:
     out = []
     with torch.no_grad():
         for micro in sampler.step_keys(0):
-            batch = collate([dataset[k] for k in micro[0]])
-            out.append(float(lm_loss(reference_forward(model, tuple(batch.inputs)).logits, batch.labels_BL)))
+            inputs, labels = collate([dataset[k] for k in micro[0]])
+            out.append(float(lm_loss(reference_forward(model, tuple(inputs)).logits, labels)))
     return sum(out) / len(out)
 
 
