@@ -32,8 +32,8 @@ from lavis.data.cache_features import (
     CacheError,
     FeatureCache,
     Level,
-    _read_index,
     cache_level,
+    check_rebuild_settings,
     feature_shape,
     media_key,
     shard_problem,
@@ -258,11 +258,7 @@ def build_cache(cfg: Config, out: Path, *, workers: int = 2, views: int = 0, dty
             "feature_shape": list(feature_shape(model, level)),
             "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
-    old = _read_index(out)
-    if old is not None and {k: old.get(k) for k in head} != head:
-        diff = sorted(k for k in head if old.get(k) != head[k])
-        raise CacheError(f"{out} holds a cache built with other settings ({', '.join(diff)} differ); delete it or "
-                         "choose another --out")
+    check_rebuild_settings(out, head)
     (out / "index.json").write_text(json.dumps({**head, "shards": [], "complete": False}, indent=1))
     for stale in out.glob("shard_*.tmp.npy"):
         stale.unlink()

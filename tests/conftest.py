@@ -79,6 +79,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+VLM_TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
+
+
+def vlm_train(directory: Path, stages: int, partition: str, result: Path, steps: int, *options: str) -> None:
+    """``tests/scripts/vlm_train.py`` on a VLM directory under torchrun (one process per stage, CPU); its losses go
+    to ``result`` (see the script for ``options``)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
+           str(VLM_TRAIN_SCRIPT), str(directory), str(stages), partition, str(result), str(steps), *options]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
 def data_options(data: Path) -> list[str]:
     return [f"data.train.0.ann_path={data / 'train.json'}", f"data.train.0.vis_root={data}"]
 

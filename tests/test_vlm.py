@@ -37,7 +37,7 @@ from lavis.vlm.costs import is_trainable, layer_costs
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import check_directory, load_stage, published_key
 
-from .conftest import REPO
+from .conftest import REPO, vlm_train
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -162,7 +162,6 @@ def test_costs_place_vision_blocks_and_freezing_follows_the_config(tiny_dir: Pat
     assert is_trainable("visual.merger.mlp.0.weight", cfg) and not is_trainable("visual.blocks.0.norm1.weight", cfg)
 
 
-TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
 PARTITIONS = {1: "0,10", 2: "0,3,10", 3: "0,2,6,10"}
 """Of the 10 layers (patch embed, 3 vision blocks, merger + embed, 3 decoder blocks, norm, head): 2 stages cut the
 vision tower (a DeepStack feature of Qwen3-VL travels with the patches); 3 stages also cut between the decoder
@@ -170,13 +169,8 @@ blocks that add DeepStack features (the second one travels with the hidden state
 
 
 def _train(directory: Path, stages: int, out: Path, steps: int = 5, mode: str | None = None) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = out / f"losses{stages}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
-           str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps),
-           *([mode] if mode else [])]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    vlm_train(directory, stages, PARTITIONS[stages], result, steps, *([mode] if mode else []))
     return json.loads(result.read_text())
 
 

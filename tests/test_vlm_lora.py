@@ -32,7 +32,7 @@ from lavis.vlm.layers import DecoderBlockPipe, build_layers, layer_table, run_la
 from lavis.vlm.lora import add_vlm_adapters_
 from lavis.vlm.weights import load_stage
 
-from .conftest import REPO
+from .conftest import REPO, vlm_train
 
 
 def _vlm(family: str = "qwen2_5_vl", **kw: object) -> dict:
@@ -185,18 +185,12 @@ def test_planner_counts_adapters_and_no_gradients_or_optimizer_state_for_the_fro
     assert all(c.weight_bytes is None for c in q if c.kind != "block")
 
 
-TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
 PARTITIONS = {1: "0,10", 2: "0,3,10"}
 
 
 def _train(directory: Path, stages: int, out: Path, steps: int = 5, mode: str | None = None) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = out / f"lora_losses{stages}{mode or ''}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
-           str(TRAIN_SCRIPT), str(directory), str(stages), PARTITIONS[stages], str(result), str(steps),
-           *([mode] if mode else []), "--lora"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    vlm_train(directory, stages, PARTITIONS[stages], result, steps, *([mode] if mode else []), "lora")
     ranks = [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(stages)]
     return {**json.loads(result.read_text()), "ranks": ranks}
 

@@ -45,10 +45,8 @@ from lavis.vlm.feature_cache import main as cache_main
 from lavis.vlm.layers import build_layers, layer_table, run_layers
 from lavis.vlm.weights import load_stage
 
-from .conftest import REPO, data_options, launch, losses
+from .conftest import REPO, data_options, launch, losses, vlm_train
 from .test_vlm_demo_training import OPTIONS, RECIPE, STEPS
-
-TRAIN_SCRIPT = Path(__file__).parent / "scripts" / "vlm_train.py"
 
 
 def _layers(family: str, recompute: frozenset[int] = frozenset()) -> list[torch.nn.Module]:
@@ -101,12 +99,8 @@ def test_the_planner_counts_recomputed_blocks() -> None:
 
 
 def _launch(directory: Path, stages: int, partition: str, out: Path, options: list[str]) -> list[float]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = out / f"losses{stages}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
-           str(TRAIN_SCRIPT), str(directory), str(stages), partition, str(result), "4", *options]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{stages} stages failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    vlm_train(directory, stages, partition, result, 4, *options)
     return json.loads(result.read_text())["losses"]
 
 

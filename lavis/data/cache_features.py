@@ -210,6 +210,16 @@ def _read_index(root: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_rebuild_settings(out: Path, head: dict[str, Any]) -> None:
+    """A builder may write into ``out`` only a cache of the same settings (``head``: what ``index.json`` records
+    besides its shards); raises naming the keys that differ."""
+    old = _read_index(out)
+    if old is not None and {k: old.get(k) for k in head} != head:
+        diff = sorted(k for k in head if old.get(k) != head[k])
+        raise CacheError(f"{out} holds a cache built with other settings ({', '.join(diff)} differ); delete it or "
+                         "choose another --out")
+
+
 if __name__ == "__main__":  # the documented command; the builder sits above model and weights (lavis/features.py)
     import runpy
 

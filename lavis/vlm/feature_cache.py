@@ -34,7 +34,7 @@ from lavis.data.cache_features import (
     FORMAT_VERSION,
     CacheError,
     FeatureCache,
-    _read_index,
+    check_rebuild_settings,
     media_key,
 )
 from lavis.data.datasets import load_records
@@ -137,11 +137,7 @@ def build_vlm_cache(cfg: Config, out: Path, dtype: str = "bf16", shard_rows: int
     head = {"version": FORMAT_VERSION, "level": LEVEL, "fingerprint": fp,
             "transform": transform_spec(processor, budget), "feature_shape": feature_shape(hf), "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
-    old = _read_index(out)
-    if old is not None and {k: old.get(k) for k in head} != head:
-        diff = sorted(k for k in head if old.get(k) != head[k])
-        raise CacheError(f"{out} holds a cache built with other settings ({', '.join(diff)} differ); delete it or "
-                         "choose another --out")
+    check_rebuild_settings(out, head)
     for stale in [*out.glob("shard_*.npy"), *out.glob("shard_*.json")]:  # a rebuild is cheap next to training
         stale.unlink()
     (out / "index.json").write_text(json.dumps({**head, "shards": [], "complete": False}, indent=1))
