@@ -203,7 +203,8 @@ def test_chat_stops_at_minigpt4s_stop_words_and_never_streams_them(tail: str, st
     generated = tok.encode(text + tail)
     assert generated[:len(answer) + len(stop)] == answer + stop  # the ids the demo's criteria look for
     pieces: list[str] = []
-    row = _Row(tpl, tpl.stop_sequences(), Request([], on_text=pieces.append), 100, stream=True)
+    row = _Row(tpl.tokenizer.decode, tpl.cut_answer, tpl.spec.stop_texts, tpl.stop_sequences(),
+               Request([], on_text=pieces.append), 100, stream=True)
     done = _RowsDone([row], num_beams=1)
     stopped_at = next(n for n in range(1, len(generated) + 1)  # generate() asks after each new token
                       if bool(done(torch.tensor([generated[:n]]), None)[0]))
