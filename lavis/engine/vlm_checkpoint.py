@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from lavis.config.load import from_dict
 from lavis.config.schema import Config
@@ -52,14 +52,14 @@ def trained_layers(tag_dir: Path, trained: dict[str, torch.Tensor], meta: dict,
     vlm = run_vlm_config(meta, tag_dir)
     if vlm is None:
         raise ValueError(f"{tag_dir}: not a model.vlm run")
-    return *vlm_layers(vlm, trained, str(tag_dir)), vlm
+    return *vlm_layers(vlm, read_hf_config(vlm), trained, str(tag_dir)), vlm
 
 
-def vlm_layers(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str,
+def vlm_layers(vlm: VLMConfig, hf: PretrainedConfig, trained: dict[str, torch.Tensor], where: str,
                ) -> tuple[list[nn.Module], list[LayerEntry]]:
-    """The layers of ``vlm``'s model loaded as a run loads them, with ``trained`` (published names) copied over;
-    a tensor that fits no layer raises naming it and ``where`` (the checkpoint)."""
-    hf = read_hf_config(vlm)
+    """The layers of ``vlm``'s model (``hf``: its config, ``read_hf_config``) loaded as a run loads them, with
+    ``trained`` (published names) copied over; a tensor that fits no layer raises naming it and ``where`` (the
+    checkpoint)."""
     layers = build_layers(hf, vlm.vision_blocks_per_layer)
     table = layer_table(hf, vlm.vision_blocks_per_layer)
     load_stage(vlm, hf, table, dict(enumerate(layers)))
@@ -82,11 +82,11 @@ def trained_model(vlm: VLMConfig, trained: dict[str, torch.Tensor], where: str, 
     out: the base weights and what else trained); raises naming ``where`` unless every key of transformers' model is
     filled and every tensor placed, or if a tied-embedding run's two copies differ. (Typed ``Any``: transformers' own
     annotations of ``to`` and ``generate`` on its models do not type-check.)"""
-    layers, table = vlm_layers(vlm, trained, where)
+    hf = read_hf_config(vlm)
+    layers, table = vlm_layers(vlm, hf, trained, where)
     if vlm.lora is not None and merge_lora:
         for layer in layers:
             merge_adapters_(layer)
-    hf = read_hf_config(vlm)
     state = layers_to_plain(table, {i: plain_targets(layer.state_dict()) for i, layer in enumerate(layers)})
     with torch.device("meta"):
         model = family_of(hf).model_cls(hf)
